@@ -1,0 +1,122 @@
+"""Loading and saving PixCell transformers from every published source, strictly.
+
+Sources: a Hugging Face hub id (`StonyBrook-CVLab/PixCell-256`), a diffusers folder (a pipeline folder with
+`transformer/`, or a transformer folder with `config.json`), or an original PixArt-style checkpoint file
+(`.pth`/`.ckpt`/`.pt` holding `state_dict`/`state_dict_ema`). Strict means no missing key, no unexpected key,
+no shape mismatch: otherwise one ValueError line that names the first offending keys.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..atomic import atomic_path
+from .original_format import diffusers_to_original, infer_config, original_to_diffusers, read_original_checkpoint
+from .pixcell_transformer import PixCellTransformer2DModel
+
+ORIGINAL_SUFFIXES = (".pth", ".ckpt", ".pt")
+
+
+def check_state_dict(model: torch.nn.Module, sd: dict[str, Tensor], source: str) -> None:
+    """Raise one ValueError line if `sd` does not match `model` key for key and shape."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    mismatched = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+
+    def first(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+    problems = []
+    if mismatched:
+        problems.append(f"shape mismatch (checkpoint vs model): {first(mismatched)}")
+    if missing:
+        problems.append(f"missing keys: {first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {first(unexpected)}")
+    if problems:
+        raise ValueError(f"{source}: does not match the model ({'; '.join(problems)})")
+
+
+def load_original_checkpoint(
+    path: str | Path,
+    ema: bool = True,
+    config: dict | None = None,
+    head_dim: int = 72,
+) -> PixCellTransformer2DModel:
+    """Build a transformer from an original checkpoint; its config is read off the shapes unless given."""
+    sd = read_original_checkpoint(path, ema=ema)
+    cfg = config if config is not None else infer_config(sd, head_dim=head_dim)
+    mapped = original_to_diffusers(sd)
+    with torch.device("meta"):
+        model = PixCellTransformer2DModel(**cfg)
+    check_state_dict(model, mapped, str(path))
+    model.load_state_dict(mapped, strict=True, assign=True)
+    # Buffers that the checkpoint does not store (the patch sin-cos table) are recomputed on the CPU.
+    model.pos_embed.pos_embed = _patch_table(model)
+    return model.eval()
+
+
+def _patch_table(model: PixCellTransformer2DModel) -> Tensor:
+    from .pixcell_transformer import sincos_2d
+
+    c = model.config
+    grid = c.sample_size // c.patch_size
+    return sincos_2d(model.inner_dim, grid, grid, model.pos_embed.interpolation_scale).unsqueeze(0)
+
+
+def save_original_checkpoint(model: PixCellTransformer2DModel, path: str | Path, as_ema: bool = False) -> Path:
+    """Write the transformer as an original PixArt-style checkpoint (atomic)."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    out = diffusers_to_original(sd, pos_embed=_patch_table(model))
+    ckpt = {"state_dict": out}
+    if as_ema:
+        ckpt["state_dict_ema"] = out
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+    return Path(path)
+
+
+def _transformer_folder(path: Path) -> Path | None:
+    """The folder holding the transformer's config.json inside a diffusers pipeline or transformer folder."""
+    for cand in (path / "transformer", path):
+        cfg = cand / "config.json"
+        if cfg.is_file():
+            try:
+                name = json.loads(cfg.read_text()).get("_class_name", "")
+            except json.JSONDecodeError:
+                raise ValueError(f"{cfg}: not valid JSON") from None
+            if name in ("PixCellTransformer2DModel", ""):
+                return cand
+    return None
+
+
+def load_transformer(
+    source: str | Path,
+    ema: bool = True,
+    torch_dtype: torch.dtype | None = None,
+    subfolder: str | None = "transformer",
+) -> PixCellTransformer2DModel:
+    """Load a PixCell transformer from a hub id, a diffusers folder or an original checkpoint file."""
+    path = Path(source)
+    if path.suffix in ORIGINAL_SUFFIXES:
+        model = load_original_checkpoint(path, ema=ema)
+    elif path.is_dir():
+        folder = _transformer_folder(path)
+        if folder is None:
+            raise ValueError(
+                f"{path}: no PixCell transformer here (expected config.json with "
+                "_class_name PixCellTransformer2DModel, or a transformer/ subfolder)"
+            )
+        model = PixCellTransformer2DModel.from_pretrained(folder)
+    elif path.exists():
+        raise ValueError(f"{path}: expected a diffusers folder or an original checkpoint ({'/'.join(ORIGINAL_SUFFIXES)})")
+    elif str(source).count("/") == 1 and not str(source).startswith((".", "/")):
+        model = PixCellTransformer2DModel.from_pretrained(str(source), subfolder=subfolder)
+    else:
+        raise FileNotFoundError(f"{source}: no such file or folder (nor a hub id of the form owner/name)")
+    return model.to(torch_dtype) if torch_dtype is not None else model
