@@ -85,7 +85,9 @@ def original_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
         if stem in _BLOCK_SPLIT and kind in ("weight", "bias"):
             parts = _BLOCK_SPLIT[stem]
             if value.shape[0] % len(parts):
-                raise ValueError(f"original key {key}: dim 0 ({value.shape[0]}) not divisible by {len(parts)}")
+                raise ValueError(
+                    f"original key {key}: dim 0 ({value.shape[0]}) not divisible by {len(parts)}"
+                )
             for name, chunk in zip(parts, value.chunk(len(parts), dim=0)):
                 out[f"{prefix}{name}.{kind}"] = chunk.clone()
             continue
@@ -183,20 +185,28 @@ def infer_config(sd: dict[str, Tensor], head_dim: int = 72) -> dict:
     )
 
 
-def read_original_checkpoint(path: str | Path, ema: bool = True) -> dict[str, Tensor]:
-    """The state dict inside an original checkpoint file (`state_dict_ema` when `ema` and present)."""
+def read_original_checkpoint(path: str | Path, ema: bool = True) -> tuple[dict[str, Tensor], dict | None]:
+    """(state dict, stored config or None) of an original checkpoint (`state_dict_ema` when `ema` and present).
+
+    The config is the `pixcell_config` entry that our writer adds beside the weights; the original code ignores it.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated file, pickle of arbitrary objects, not a torch file
-        raise ValueError(f"checkpoint {path}: cannot be read as a torch file ({type(err).__name__})") from None
+        raise ValueError(
+            f"checkpoint {path}: cannot be read as a torch file ({type(err).__name__})"
+        ) from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path}: expected a dict with 'state_dict'/'state_dict_ema'")
-    for key in (("state_dict_ema", "state_dict") if ema else ("state_dict",)):
+    config = ckpt.get("pixcell_config") if isinstance(ckpt.get("pixcell_config"), dict) else None
+    for key in ("state_dict_ema", "state_dict") if ema else ("state_dict",):
         if key in ckpt:
-            return ckpt[key]
+            return ckpt[key], config
     if all(isinstance(v, Tensor) for v in ckpt.values()):  # a bare state dict
-        return ckpt
-    raise ValueError(f"checkpoint {path}: no 'state_dict' or 'state_dict_ema' inside (keys: {sorted(ckpt)[:5]})")
+        return ckpt, None
+    raise ValueError(
+        f"checkpoint {path}: no 'state_dict' or 'state_dict_ema' inside (keys: {sorted(ckpt)[:5]})"
+    )

@@ -1,0 +1,64 @@
+"""Python config files (mmengine `Config`, the maintained home of the mmcv format), checked strictly.
+
+A config states an experiment in plain assignments and inherits defaults through `_base_`. Every key it sets must
+exist in `configs/_base_/default.py` (nested dicts key by key): a typo is an error, not a silently ignored field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mmengine.config import Config
+
+from .model.pixcell_transformer import PixCellTransformer2DModel, build_pixcell
+
+SCHEMA_FILE = Path(__file__).resolve().parents[1] / "configs" / "_base_" / "default.py"
+# Nested dicts whose keys are free-form (their content is checked by the code that reads them).
+_OPEN_DICTS = {"model_overrides", "optimizer", "lr_schedule"}
+
+
+def _check_keys(cfg: dict, schema: dict, where: str, source: str) -> None:
+    for key, value in cfg.items():
+        if key not in schema:
+            raise ValueError(
+                f"{source}: unknown config key {where}{key!r} (known: {', '.join(sorted(schema))})"
+            )
+        if isinstance(value, dict) and isinstance(schema[key], dict) and key not in _OPEN_DICTS:
+            _check_keys(value, schema[key], f"{where}{key}.", source)
+
+
+def load_config(path: str | Path, options: dict | None = None) -> Config:
+    """Load `path`, apply `options` (from `--cfg-options a.b=1`), check every key against the schema."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path}: no such file")
+    cfg = Config.fromfile(str(path))
+    if options:
+        cfg.merge_from_dict(options)
+    schema = Config.fromfile(str(SCHEMA_FILE)).to_dict()
+    _check_keys(cfg.to_dict(), schema, "", str(path))
+    # Fill keys a config does not set (a config without `_base_` is still complete).
+    full = Config(schema)
+    full.merge_from_dict(cfg.to_dict())
+    if full.data.root is None and os.environ.get("PIXCELL_DATA_ROOT"):
+        full.data.root = os.environ["PIXCELL_DATA_ROOT"]
+    if full.resolution % 256:
+        raise ValueError(
+            f"{path}: resolution {full.resolution} is not a multiple of 256 (one UNI token per tile)"
+        )
+    return full
+
+
+def build_model_from_config(cfg: Config) -> PixCellTransformer2DModel:
+    """The transformer a config trains; checks that its size and token count fit `resolution`."""
+    model = build_pixcell(cfg.model, **dict(cfg.model_overrides))
+    c = model.config
+    px = c.sample_size * 8
+    tokens = (cfg.resolution // 256) ** 2
+    if px != cfg.resolution or c.caption_num_tokens != tokens:
+        raise ValueError(
+            f"config: model {cfg.model} works at {px} px with {c.caption_num_tokens} UNI token(s), but resolution "
+            f"{cfg.resolution} needs {cfg.resolution} px and {tokens} token(s)"
+        )
+    return model

@@ -1,0 +1,144 @@
+"""Samplers (diffusers schedulers) and classifier-free guidance, in one place.
+
+Guidance convention, used everywhere in this codebase: eps = eps_u + w (eps_c - eps_u) on all 16 noise channels
+(w = 1: the conditional prediction; w = 0: unconditional). The unconditional input is the model's fixed null
+condition, fed through the same path as a real condition. (The original `forward_with_cfg` guided only 3 channels,
+and its 4K script used (w+1) eps_c - w eps_u; neither is reproduced.)
+
+Schedulers are diffusers' own. DPM-Solver++ (2M, 20 steps, `linspace` spacing, lower-order final step) is the
+default and reproduces the original PixCell DPM-Solver to ~1e-3 relative on the final latent; with `leading`
+spacing it would not. Trap: DPM-Solver and SA-Solver slice a learned variance as [:, :3], which is wrong for
+16-channel latents, so they get the 16 eps channels only; the ancestral DDPM sampler gets eps + variance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SASolverScheduler
+from torch import Tensor
+from tqdm.auto import tqdm
+
+_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+SAMPLERS: dict[str, Callable[[], object]] = {
+    "dpm-solver": lambda: DPMSolverMultistepScheduler(
+        **_SCHEDULE,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        prediction_type="epsilon",
+        timestep_spacing="linspace",
+        lower_order_final=True,
+    ),
+    "ddim": lambda: DDIMScheduler(
+        **_SCHEDULE,
+        prediction_type="epsilon",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        timestep_spacing="linspace",
+    ),
+    "sa-solver": lambda: SASolverScheduler(
+        **_SCHEDULE,
+        prediction_type="epsilon",
+        predictor_order=2,
+        corrector_order=2,
+        timestep_spacing="linspace",
+    ),
+    # Ancestral sampling with the learned variance (iDDPM), so it receives all 32 output channels.
+    "ddpm": lambda: DDPMScheduler(
+        **_SCHEDULE,
+        prediction_type="epsilon",
+        variance_type="learned_range",
+        clip_sample=False,
+        timestep_spacing="linspace",
+    ),  # fmt: skip
+}
+DEFAULT_STEPS = {"dpm-solver": 20, "ddim": 50, "sa-solver": 25, "ddpm": 100}
+
+
+def make_scheduler(name: str = "dpm-solver"):
+    """A fresh diffusers scheduler for the PixCell noise schedule (1000 linear betas 1e-4..0.02)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]()
+
+
+def sampler_name(scheduler) -> str:
+    """The SAMPLERS key of a scheduler instance (or of its class name)."""
+    cls_name = scheduler if isinstance(scheduler, str) else type(scheduler).__name__
+    for name, make in SAMPLERS.items():
+        if type(make()).__name__ == cls_name:
+            return name
+    raise ValueError(f"unsupported scheduler {cls_name!r}; PixCell samples with {', '.join(SAMPLERS)}")
+
+
+def wants_variance(scheduler) -> bool:
+    """True when the scheduler consumes the learned variance channels (ancestral DDPM)."""
+    return getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
+
+
+def guidance_active(t: Tensor | float, interval: tuple[float, float] | None) -> bool:
+    """Guidance interval (CytoSyn / Kynkaanniemi et al. 2024): guide only for timesteps t in [low, high]."""
+    if interval is None:
+        return True
+    low, high = interval
+    return low <= float(t) <= high
+
+
+def guided_prediction(
+    model: Callable[..., Tensor],
+    x: Tensor,  # (B, C, h, w) latents at timestep t
+    t: Tensor,  # scalar timestep
+    cond: Tensor,  # (B, T, C_uni) conditions
+    uncond: Tensor | None,  # (B, T, C_uni) null conditions, or None for no guidance
+    guidance_scale: float,
+    interval: tuple[float, float] | None = None,
+) -> Tensor:
+    """THE classifier-free guidance: (B, 2C, h, w) = [eps_u + w (eps_c - eps_u), conditional variance].
+
+    Conditional and unconditional passes share one batched forward. With w == 1, no guidance, or t outside
+    the guidance interval, only the conditional pass runs (exactly the conditional prediction).
+    """
+    c = x.shape[1]
+    tt = t.reshape(1).expand(x.shape[0]).to(x.device)
+    if uncond is None or guidance_scale == 1.0 or not guidance_active(t, interval):
+        return model(x, cond, tt)
+    out = model(torch.cat([x, x]), torch.cat([cond, uncond]), torch.cat([tt, tt]))
+    out_c, out_u = out.chunk(2)
+    eps = out_u[:, :c] + guidance_scale * (out_c[:, :c] - out_u[:, :c])
+    return torch.cat([eps, out_c[:, c:]], dim=1)
+
+
+def transformer_fn(transformer) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """Adapt a PixCell transformer to the (x, cond, t) -> output callable the samplers take."""
+    dtype = next(transformer.parameters()).dtype
+
+    def fn(x: Tensor, cond: Tensor, t: Tensor) -> Tensor:
+        out = transformer(x.to(dtype), encoder_hidden_states=cond.to(dtype), timestep=t, return_dict=False)[0]
+        return out.float()
+
+    return fn
+
+
+def denoise(
+    eps_fn: Callable[[Tensor, Tensor], Tensor],
+    latents: Tensor,
+    scheduler,
+    num_inference_steps: int = 20,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+) -> Tensor:
+    """Run a diffusers scheduler from noise `latents` (B, C, h, w) with `eps_fn(x, t) -> (B, 2C, h, w)`.
+
+    eps_fn is usually `lambda x, t: guided_prediction(...)`; the 4K tool passes a sliding-window version.
+    """
+    scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    x = latents * scheduler.init_noise_sigma
+    c = x.shape[1]
+    full = wants_variance(scheduler)
+    for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
+        x_in = scheduler.scale_model_input(x, t)
+        out = eps_fn(x_in, t)
+        out = out if full else out[:, :c]
+        x = scheduler.step(out, t, x, generator=generator, return_dict=False)[0]
+    return x
