@@ -290,114 +290,122 @@ def main(args: argparse.Namespace) -> int:
                 state["batch_in_epoch"] = 0
                 data_iter = None
 
-    while state["step"] < total_steps:
-        # ---- gather this step's micro-batches, then agree over processes on stopping / skipping
-        position = (state["epoch"], state["batch_in_epoch"])
-        batches = [next_batch() for _ in range(accum)]
-        missing = any(b is None for b in batches)
-        reason = stop.local_reason()
-        if accelerator.num_processes > 1:
-            flags = torch.tensor([float(reason is not None), float(missing)], device=device)
-            flags = accelerator.reduce(flags, reduction="sum")
-            reason = reason or ("another process was asked to stop" if flags[0] > 0 else None)
-            missing = bool(flags[1] > 0)
-        if reason:
-            state["epoch"], state["batch_in_epoch"] = position  # these batches were not trained on
-            data_iter = None
-            log.warning("%s: saving a checkpoint at step %d and stopping", reason, state["step"])
-            if last_saved != state["step"]:
-                save(state["step"])
-            log.info(
-                "stopped at step %d of %d; run the same command again to resume", state["step"], total_steps
-            )
-            break
-        if missing:  # every sample of a batch failed to load (logged and counted by the dataset)
-            state["skipped_samples"] += sum(cfg.train_batch_size for b in batches if b is None)
-            log.warning(
-                "step %d: a batch had no loadable sample on some process; step skipped", state["step"]
-            )
-            continue
-
-        # ---- forward / backward over the micro-batches (gradients synchronised on the last one only)
-        losses, images = [], 0
-        for micro, batch in enumerate(batches):
-            state["skipped_samples"] += batch["skipped"]
-            x0 = (batch["latent"].to(device) - cfg.vae_shift) * cfg.vae_scale  # (B, 16, h, w) model space
-            uni = batch["uni"].to(device)  # (B, T, C)
-            b = x0.shape[0]
-            t = diffusion.sample_timesteps(b, device, generator=noise_gen)
-            noise = torch.randn(x0.shape, generator=noise_gen, device=device)
-            drop = torch.rand(b, generator=noise_gen, device=device) < cfg.class_dropout_prob
-            uni = unwrapped.drop_condition(uni, drop)  # null condition through the same path as a real one
-            x_t = diffusion.q_sample(x0, t, noise)
-            sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
-                out = model(x_t, uni, t, return_dict=False)[0]
-                loss = diffusion.training_losses(out.float(), x0, x_t, t, noise).loss.mean()
-                accelerator.backward(loss / accum)
-            losses.append(loss.detach())
-            images += b
-        loss = torch.stack(losses).mean()
-        clip = cfg.gradient_clip if cfg.gradient_clip else math.inf
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)  # global norm (synchronised)
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        if accelerator.scaler is not None:  # fp16: the grad scaler skips inf/NaN steps and lowers its scale
-            optimizer.step()
-            skipped = optimizer.step_was_skipped
-        else:
-            skipped = not math.isfinite(grad_norm)
-            if not skipped:
-                optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        state["images_seen"] += images * accelerator.num_processes
-        speed.add(images * accelerator.num_processes)
-        if skipped:
-            state["nonfinite_total"] += 1
-            consecutive_bad += 1
-            log.warning("step %d: non-finite loss/gradient (loss %.4g, grad norm %.4g): step skipped "
-                        "[%d in a row, %d in total]", state["step"], loss.item(), grad_norm, consecutive_bad,
-                        state["nonfinite_total"])  # fmt: skip
-            if consecutive_bad >= cfg.max_nonfinite_steps:
-                last = latest_checkpoint(work_dir)
-                raise RuntimeError(
-                    f"{consecutive_bad} consecutive steps with a non-finite loss or gradient (up to step "
-                    f"{state['step']}): stopping. The last good checkpoint is {last or 'none (nothing saved yet)'}; "
-                    "lower optimizer.lr, use bf16 instead of fp16, or check the data, then resume"
+    try:
+        while state["step"] < total_steps:
+            # ---- gather this step's micro-batches, then agree over processes on stopping / skipping
+            position = (state["epoch"], state["batch_in_epoch"])
+            batches = [next_batch() for _ in range(accum)]
+            missing = any(b is None for b in batches)
+            reason = stop.local_reason()
+            if accelerator.num_processes > 1:
+                flags = torch.tensor([float(reason is not None), float(missing)], device=device)
+                flags = accelerator.reduce(flags, reduction="sum")
+                reason = reason or ("another process was asked to stop" if flags[0] > 0 else None)
+                missing = bool(flags[1] > 0)
+            if reason:
+                state["epoch"], state["batch_in_epoch"] = position  # these batches were not trained on
+                data_iter = None
+                log.warning("%s: saving a checkpoint at step %d and stopping", reason, state["step"])
+                if last_saved != state["step"]:
+                    save(state["step"])
+                log.info(
+                    "stopped at step %d of %d; run the same command again to resume",
+                    state["step"],
+                    total_steps,
                 )
-        else:
-            consecutive_bad = 0
-            lr_scheduler.step()
-            ema.update(ema_module)
+                break
+            if missing:  # every sample of a batch failed to load (logged and counted by the dataset)
+                state["skipped_samples"] += sum(cfg.train_batch_size for b in batches if b is None)
+                log.warning(
+                    "step %d: a batch had no loadable sample on some process; step skipped", state["step"]
+                )
+                continue
 
-        # ---- report, validate, save
-        step = state["step"]
-        bar.update(1)
-        if step % cfg.log_every_steps == 0 or step == total_steps:
-            mean_loss = accelerator.reduce(loss.reshape(1), reduction="mean").item()
-            lr = optimizer.param_groups[0]["lr"]
-            rate = speed.rate()
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-            tracker.log_scalars({"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                                 "train/images_per_s": rate, "train/nonfinite_steps": state["nonfinite_total"],
-                                 "train/skipped_samples": state["skipped_samples"]}, step)  # fmt: skip
-            log.info("step %d/%d loss %.5f lr %.3g grad_norm %.4g img/s %.1f", step, total_steps, mean_loss, lr,
-                     grad_norm, rate)  # fmt: skip
-        if validate and step % cfg.validation.every_steps == 0 and (is_main or sharded):
-            model.eval()
-            with ema.swapped(ema_module):
-                grid = validation_grid(unwrapped, vae, held_out, cfg, device, seed=cfg.seed)
-            model.train()
-            if is_main:
-                with atomic_path(work_dir / "validation" / f"step_{step:07d}.png") as tmp:
-                    Image.fromarray(grid).save(tmp, format="PNG")
-                tracker.log_image("validation/real_vs_ema", grid, step)
-        if step % cfg.save_every_steps == 0 or step == total_steps:
-            save(step)
-            last_saved = step
-    bar.close()
-    tracker.close()
-    stop.restore()
+            # ---- forward / backward over the micro-batches (gradients synchronised on the last one only)
+            losses, images = [], 0
+            for micro, batch in enumerate(batches):
+                state["skipped_samples"] += batch["skipped"]
+                x0 = (batch["latent"].to(device) - cfg.vae_shift) * cfg.vae_scale  # (B, 16, h, w) model space
+                uni = batch["uni"].to(device)  # (B, T, C)
+                b = x0.shape[0]
+                t = diffusion.sample_timesteps(b, device, generator=noise_gen)
+                noise = torch.randn(x0.shape, generator=noise_gen, device=device)
+                drop = torch.rand(b, generator=noise_gen, device=device) < cfg.class_dropout_prob
+                uni = unwrapped.drop_condition(
+                    uni, drop
+                )  # null condition through the same path as a real one
+                x_t = diffusion.q_sample(x0, t, noise)
+                sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
+                with sync, accelerator.autocast():
+                    out = model(x_t, uni, t, return_dict=False)[0]
+                    loss = diffusion.training_losses(out.float(), x0, x_t, t, noise).loss.mean()
+                    accelerator.backward(loss / accum)
+                losses.append(loss.detach())
+                images += b
+            loss = torch.stack(losses).mean()
+            clip = cfg.gradient_clip if cfg.gradient_clip else math.inf
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)  # global norm (synchronised)
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            if (
+                accelerator.scaler is not None
+            ):  # fp16: the grad scaler skips inf/NaN steps and lowers its scale
+                optimizer.step()
+                skipped = optimizer.step_was_skipped
+            else:
+                skipped = not math.isfinite(grad_norm)
+                if not skipped:
+                    optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["images_seen"] += images * accelerator.num_processes
+            speed.add(images * accelerator.num_processes)
+            if skipped:
+                state["nonfinite_total"] += 1
+                consecutive_bad += 1
+                log.warning("step %d: non-finite loss/gradient (loss %.4g, grad norm %.4g): step skipped "
+                            "[%d in a row, %d in total]", state["step"], loss.item(), grad_norm, consecutive_bad,
+                            state["nonfinite_total"])  # fmt: skip
+                if consecutive_bad >= cfg.max_nonfinite_steps:
+                    last = latest_checkpoint(work_dir)
+                    raise RuntimeError(
+                        f"{consecutive_bad} consecutive steps with a non-finite loss or gradient (up to step "
+                        f"{state['step']}): stopping. The last good checkpoint is {last or 'none (nothing saved yet)'}; "
+                        "lower optimizer.lr, use bf16 instead of fp16, or check the data, then resume"
+                    )
+            else:
+                consecutive_bad = 0
+                lr_scheduler.step()
+                ema.update(ema_module)
+
+            # ---- report, validate, save
+            step = state["step"]
+            bar.update(1)
+            if step % cfg.log_every_steps == 0 or step == total_steps:
+                mean_loss = accelerator.reduce(loss.reshape(1), reduction="mean").item()
+                lr = optimizer.param_groups[0]["lr"]
+                rate = speed.rate()
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+                tracker.log_scalars({"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                                     "train/images_per_s": rate, "train/nonfinite_steps": state["nonfinite_total"],
+                                     "train/skipped_samples": state["skipped_samples"]}, step)  # fmt: skip
+                log.info("step %d/%d loss %.5f lr %.3g grad_norm %.4g img/s %.1f", step, total_steps, mean_loss, lr,
+                         grad_norm, rate)  # fmt: skip
+            if validate and step % cfg.validation.every_steps == 0 and (is_main or sharded):
+                model.eval()
+                with ema.swapped(ema_module):
+                    grid = validation_grid(unwrapped, vae, held_out, cfg, device, seed=cfg.seed)
+                model.train()
+                if is_main:
+                    with atomic_path(work_dir / "validation" / f"step_{step:07d}.png") as tmp:
+                        Image.fromarray(grid).save(tmp, format="PNG")
+                    tracker.log_image("validation/real_vs_ema", grid, step)
+            if step % cfg.save_every_steps == 0 or step == total_steps:
+                save(step)
+                last_saved = step
+    finally:  # also on errors: signal handlers back, logs flushed
+        bar.close()
+        tracker.close()
+        stop.restore()
     if state["step"] >= total_steps:
         log.info("done: %d steps, %d non-finite steps skipped, %d samples skipped; final checkpoint in %s",
                  state["step"], state["nonfinite_total"], state["skipped_samples"], manager.root)  # fmt: skip
@@ -432,6 +440,11 @@ def cli(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:  # the run's log file handler (main is also called in-process, by tests)
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(handler)
+            handler.close()
     log.info("wall time %.1f s", time.monotonic() - t0)
     return code
 
