@@ -336,9 +336,10 @@ def main(args: argparse.Namespace) -> int:
                 )  # null condition through the same path as a real one
                 x_t = diffusion.q_sample(x0, t, noise)
                 sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
-                with sync, accelerator.autocast():
-                    out = model(x_t, uni, t, return_dict=False)[0]
-                    loss = diffusion.training_losses(out.float(), x0, x_t, t, noise).loss.mean()
+                with sync:
+                    with accelerator.autocast():
+                        out = model(x_t, uni, t, return_dict=False)[0]
+                    loss = diffusion.training_losses(out.float(), x0, x_t, t, noise).loss.mean()  # fp32
                     accelerator.backward(loss / accum)
                 losses.append(loss.detach())
                 images += b
