@@ -89,7 +89,9 @@ class UNIEncoder(torch.nn.Module):
         """images: (B, 3, H, W) float in [0, 1] (or uint8) -> (B, embed_dim)."""
         if images.dtype == torch.uint8:
             images = images.float() / 255.0
-        x = F.interpolate(images.float(), size=(self.input_size, self.input_size), mode="bilinear", antialias=True)
+        x = F.interpolate(
+            images.float(), size=(self.input_size, self.input_size), mode="bilinear", antialias=True
+        )
         x = (x - self.mean) / self.std
         param = next(self.model.parameters())
         return self.model(x.to(param.dtype)).float()
@@ -107,7 +109,9 @@ def tile_images(images: Tensor, tile: int = UNI_TILE) -> Tensor:
     """(B, C, H, W) -> (B, (H/tile)*(W/tile), C, tile, tile), tiles in row-major order."""
     b, c, h, w = images.shape
     if h % tile or w % tile:
-        raise ValueError(f"image size {h}x{w}: expected multiples of {tile} px (one UNI token per {tile} px tile)")
+        raise ValueError(
+            f"image size {h}x{w}: expected multiples of {tile} px (one UNI token per {tile} px tile)"
+        )
     x = images.reshape(b, c, h // tile, tile, w // tile, tile)
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // tile) * (w // tile), c, tile, tile)
 
@@ -138,7 +142,9 @@ def load_uni(source: str | Path = UNI2H_HUB_ID, device: str | torch.device = "cp
         if cfg_file.is_file():
             cfg = json.loads(cfg_file.read_text())
             arch, kwargs = cfg.get("architecture", arch), cfg.get("model_args", kwargs)
-        weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
+        weights = next(
+            (path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None
+        )
         if weights is None:
             raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin inside")
     elif path.is_file():
@@ -180,7 +186,11 @@ def build_tiny_uni(out_dir: str | Path, embed_dim: int = 96, depth: int = 2, see
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
-    cfg = {"architecture": UNI2H_ARCH, "model_args": kwargs, "note": "tiny random stand-in for UNI2-h (tests/demo)"}
+    cfg = {
+        "architecture": UNI2H_ARCH,
+        "model_args": kwargs,
+        "note": "tiny random stand-in for UNI2-h (tests/demo)",
+    }
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     return out
 

@@ -13,6 +13,7 @@ Writes metrics.json, report.md, report.png and pairs.csv into --out. See docs/ev
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -57,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default="fp32", choices=list(DTYPES), help="pathology encoders' dtype (Inception: fp32)"
     )
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=4, help="image decoding workers")
+    p.add_argument(
+        "--num-workers", type=int, default=min(4, len(os.sched_getaffinity(0))), help="image decoding workers"
+    )
     p.add_argument(
         "--cache-dir", help="feature cache (default: $PIXCELL_EVAL_CACHE or ~/.cache/pixcell/eval_features)"
     )

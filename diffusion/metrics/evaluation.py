@@ -11,7 +11,6 @@ NAME is an encoder preset (uni2, hoptimus0, virchow2) or one defined by a spec (
 
 from __future__ import annotations
 
-import gc
 import importlib.metadata
 import re
 import time
@@ -143,6 +142,13 @@ def evaluate(
             raise ValueError(
                 f"{folder.role} {folder.root}: FD and KID need at least 2 images, found {len(folder)}"
             )
+    if "inception" in needed:  # fail before hours of embedding, not after
+        from diffusion.metrics.inception import find_inception
+
+        inception = find_inception(inception)
+    for spec in needed.values():
+        if spec is not None and _looks_local(spec.source) and not Path(spec.source).expanduser().exists():
+            raise FileNotFoundError(f"--encoder {spec.name}={spec.source}: no such file or folder")
     hashes = {f.role: content_hash(f, progress) for f in (real_folder, syn_folder)}
     feature_cache = FeatureCache(cache_dir or default_feature_cache_dir())
 
@@ -173,8 +179,7 @@ def evaluate(
                 progress,
             )
         cache_hits[enc] = hits
-        del extractor
-        gc.collect()
+        del extractor  # free one encoder before the next is loaded
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -245,6 +250,10 @@ def _features(
     if cache == "all" or (cache == "real" and folder.role == "REAL"):
         return feature_cache.get_or_compute(folder, folder_hash, extractor, compute)
     return compute(), False
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith(("/", ".", "~")) or "/" in source and not source.startswith("hf-hub:")
 
 
 def _folder_info(folder: ImageFolder, folder_hash: str) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from diffusion.metrics.features import FeatureExtractor, weights_fingerprint
 INCEPTION_FILE = "inception-2015-12-05.pt"  # the name clean-fid's InceptionV3W loads
 INCEPTION_DIM = 2048
 INCEPTION_ENV = "PIXCELL_INCEPTION"
+CLEANFID_DIR = Path("/tmp")  # where clean-fid itself downloads the file on Linux
 
 
 class CleanResize:
@@ -68,7 +70,7 @@ def find_inception(path: str | Path | None = None, download: bool | None = None)
                 f"Inception weights {p}: clean-fid loads the file by the name {INCEPTION_FILE}; rename it"
             )
         return p
-    candidates = [default_cache_dir() / INCEPTION_FILE, Path("/tmp") / INCEPTION_FILE]
+    candidates = [default_cache_dir() / INCEPTION_FILE, CLEANFID_DIR / INCEPTION_FILE]
     for p in candidates:
         if p.is_file():
             return p
@@ -101,7 +103,11 @@ def load_inception(
     file = find_inception(path, download)
     device = torch.device(device)
     try:
-        model = InceptionV3W(str(file.parent), download=False, resize_inside=False).to(device).eval()
+        with (
+            warnings.catch_warnings()
+        ):  # torch deprecates jit.load; clean-fid's file is TorchScript regardless
+            warnings.simplefilter("ignore", FutureWarning)
+            model = InceptionV3W(str(file.parent), download=False, resize_inside=False).to(device).eval()
     except Exception as err:
         raise ValueError(f"Inception weights {file}: cannot load ({type(err).__name__}: {err})") from None
     info = {
@@ -150,6 +156,9 @@ def build_tiny_inception(out_dir: str | Path, seed: int = 0) -> Path:
     """
     torch.manual_seed(seed)
     out = Path(out_dir) / INCEPTION_FILE
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp, warnings.catch_warnings():
+        warnings.simplefilter(
+            "ignore", FutureWarning
+        )  # jit.script is deprecated, but the format is TorchScript
         torch.jit.script(_TinyInception().eval()).save(str(tmp))
     return out

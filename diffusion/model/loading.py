@@ -15,7 +15,12 @@ import torch
 from torch import Tensor
 
 from ..atomic import atomic_path
-from .original_format import diffusers_to_original, infer_config, original_to_diffusers, read_original_checkpoint
+from .original_format import (
+    diffusers_to_original,
+    infer_config,
+    original_to_diffusers,
+    read_original_checkpoint,
+)
 from .pixcell_transformer import PixCellTransformer2DModel
 
 ORIGINAL_SUFFIXES = (".pth", ".ckpt", ".pt")
@@ -26,7 +31,11 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, Tensor], source: str)
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
-    mismatched = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    mismatched = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
 
     def first(keys: list[str]) -> str:
         return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
@@ -69,7 +78,9 @@ def _patch_table(model: PixCellTransformer2DModel) -> Tensor:
     return sincos_2d(model.inner_dim, grid, grid, model.pos_embed.interpolation_scale).unsqueeze(0)
 
 
-def save_original_checkpoint(model: PixCellTransformer2DModel, path: str | Path, as_ema: bool = False) -> Path:
+def save_original_checkpoint(
+    model: PixCellTransformer2DModel, path: str | Path, as_ema: bool = False
+) -> Path:
     """Write the transformer as an original PixArt-style checkpoint (atomic)."""
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     out = diffusers_to_original(sd, pos_embed=_patch_table(model))
@@ -114,7 +125,9 @@ def load_transformer(
             )
         model = PixCellTransformer2DModel.from_pretrained(folder)
     elif path.exists():
-        raise ValueError(f"{path}: expected a diffusers folder or an original checkpoint ({'/'.join(ORIGINAL_SUFFIXES)})")
+        raise ValueError(
+            f"{path}: expected a diffusers folder or an original checkpoint ({'/'.join(ORIGINAL_SUFFIXES)})"
+        )
     elif str(source).count("/") == 1 and not str(source).startswith((".", "/")):
         model = PixCellTransformer2DModel.from_pretrained(str(source), subfolder=subfolder)
     else:

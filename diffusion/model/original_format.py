@@ -85,7 +85,9 @@ def original_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
         if stem in _BLOCK_SPLIT and kind in ("weight", "bias"):
             parts = _BLOCK_SPLIT[stem]
             if value.shape[0] % len(parts):
-                raise ValueError(f"original key {key}: dim 0 ({value.shape[0]}) not divisible by {len(parts)}")
+                raise ValueError(
+                    f"original key {key}: dim 0 ({value.shape[0]}) not divisible by {len(parts)}"
+                )
             for name, chunk in zip(parts, value.chunk(len(parts), dim=0)):
                 out[f"{prefix}{name}.{kind}"] = chunk.clone()
             continue
@@ -191,12 +193,16 @@ def read_original_checkpoint(path: str | Path, ema: bool = True) -> dict[str, Te
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated file, pickle of arbitrary objects, not a torch file
-        raise ValueError(f"checkpoint {path}: cannot be read as a torch file ({type(err).__name__})") from None
+        raise ValueError(
+            f"checkpoint {path}: cannot be read as a torch file ({type(err).__name__})"
+        ) from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path}: expected a dict with 'state_dict'/'state_dict_ema'")
-    for key in (("state_dict_ema", "state_dict") if ema else ("state_dict",)):
+    for key in ("state_dict_ema", "state_dict") if ema else ("state_dict",):
         if key in ckpt:
             return ckpt[key]
     if all(isinstance(v, Tensor) for v in ckpt.values()):  # a bare state dict
         return ckpt
-    raise ValueError(f"checkpoint {path}: no 'state_dict' or 'state_dict_ema' inside (keys: {sorted(ckpt)[:5]})")
+    raise ValueError(
+        f"checkpoint {path}: no 'state_dict' or 'state_dict_ema' inside (keys: {sorted(ckpt)[:5]})"
+    )

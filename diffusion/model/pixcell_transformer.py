@@ -150,7 +150,9 @@ class PixCellTransformer2DModel(ModelMixin, ConfigMixin):
         if norm_type != "ada_norm_single":
             raise ValueError(f"PixCell uses norm_type='ada_norm_single', got {norm_type!r}")
         if use_additional_conditions:
-            raise ValueError("PixCell has no resolution/aspect conditioning: use_additional_conditions must be False")
+            raise ValueError(
+                "PixCell has no resolution/aspect conditioning: use_additional_conditions must be False"
+            )
         if caption_channels is None:
             raise ValueError("caption_channels (the UNI embedding size, 1536 for UNI2-h) is required")
         self.inner_dim = inner_dim = num_attention_heads * attention_head_dim
@@ -171,7 +173,9 @@ class PixCellTransformer2DModel(ModelMixin, ConfigMixin):
         )
         self.adaln_single = AdaLayerNormSingle(inner_dim, use_additional_conditions=False)
         self.y_pos_embed = (
-            UNITokenPosEmbed(caption_num_tokens, caption_channels, base_size) if caption_num_tokens > 1 else None
+            UNITokenPosEmbed(caption_num_tokens, caption_channels, base_size)
+            if caption_num_tokens > 1
+            else None
         )
         self.caption_projection = UNIProjection(caption_channels, inner_dim, caption_num_tokens)
 
@@ -313,7 +317,9 @@ class PixCellTransformer2DModel(ModelMixin, ConfigMixin):
 
     def _set_gradient_checkpointing(self, *args, **kwargs) -> None:
         # diffusers' enable/disable_gradient_checkpointing hook (signature changed across versions).
-        enable = kwargs.get("enable", kwargs.get("value", args[0] if args and isinstance(args[0], bool) else True))
+        enable = kwargs.get(
+            "enable", kwargs.get("value", args[0] if args and isinstance(args[0], bool) else True)
+        )
         self.gradient_checkpointing = bool(enable)
 
 
@@ -330,12 +336,22 @@ PIXCELL_MODELS: dict[str, dict] = {
     "PixCell-XL/2-1024": dict(**_XL, sample_size=128, interpolation_scale=2.0, caption_num_tokens=16),
     # Tiny models for tests and the CPU demo (random or briefly trained weights; never a real PixCell).
     "PixCell-tiny-64": dict(
-        num_attention_heads=2, attention_head_dim=36, num_layers=2, cross_attention_dim=72,
-        sample_size=8, interpolation_scale=0.5, caption_num_tokens=1,
+        num_attention_heads=2,
+        attention_head_dim=36,
+        num_layers=2,
+        cross_attention_dim=72,
+        sample_size=8,
+        interpolation_scale=0.5,
+        caption_num_tokens=1,
     ),  # fmt: skip
     "PixCell-tiny-128-T16": dict(
-        num_attention_heads=2, attention_head_dim=36, num_layers=2, cross_attention_dim=72,
-        sample_size=16, interpolation_scale=2.0, caption_num_tokens=16,
+        num_attention_heads=2,
+        attention_head_dim=36,
+        num_layers=2,
+        cross_attention_dim=72,
+        sample_size=16,
+        interpolation_scale=2.0,
+        caption_num_tokens=16,
     ),  # fmt: skip
 }
 
