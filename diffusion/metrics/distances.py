@@ -52,8 +52,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     middle = root1 @ sigma2 @ root1
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
-    fd = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean
-    return max(float(fd), 0.0)  # mathematically >= 0; identical sets give -1e-12 from round-off
+    return _clean(diff @ diff, np.trace(sigma1) + np.trace(sigma2), tr_covmean)
 
 
 def frechet_distance_from_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
@@ -76,8 +75,14 @@ def frechet_distance_from_features(feats1: np.ndarray, feats2: np.ndarray) -> fl
     b = (feats2 - mu2) / np.sqrt(n2 - 1)  # sigma2 = b.T @ b
     tr_covmean = np.linalg.svd(a @ b.T, compute_uv=False).sum()
     diff = mu1 - mu2
-    fd = diff @ diff + (a * a).sum() + (b * b).sum() - 2 * tr_covmean
-    return max(float(fd), 0.0)
+    return _clean(diff @ diff, (a * a).sum() + (b * b).sum(), tr_covmean)
+
+
+def _clean(mean_term: float, trace_sum: float, tr_covmean: float) -> float:
+    """d^2 = mean_term + trace_sum - 2 tr_covmean, with round-off below float64 precision of the terms read as 0
+    (identical sets give +-1e-22 otherwise, which a report would print as a distance)."""
+    fd = float(mean_term + trace_sum - 2 * tr_covmean)
+    return 0.0 if fd < 1e-12 * float(mean_term + trace_sum) else fd
 
 
 #################################################################################

@@ -127,7 +127,7 @@ def _write_figure(report: dict, path: Path) -> None:
         ax.bar_label(bars, labels=[_fmt(n, v) for n, v in fd.items()], fontsize=8)
         ax.set_ylabel("Frechet distance (lower is better)")
         ax.set_title("Frechet distance per encoder")
-        if len(fd) > 1 and max(fd.values()) > 100 * max(min(fd.values()), 1e-12):
+        if len(fd) > 1 and min(fd.values()) > 0 and max(fd.values()) > 100 * min(fd.values()):
             ax.set_yscale("log")  # Inception FID and encoder FDs live on very different scales
     if pairs:
         ax = next(ax_iter)
