@@ -275,3 +275,39 @@ def test_fid_equals_clean_fid_compute_fid(setup):
         verbose=False,
     )
     assert ours == pytest.approx(theirs, rel=1e-4)
+
+
+def test_single_metric_reports(setup, tmp_path):
+    """KID alone draws KID bars; cos alone needs only one pair (FD would need two images)."""
+    vit = [setup["encoders"][1]]
+    kid = evaluate(
+        setup["root"] / "real",
+        setup["root"] / "pale",
+        out=tmp_path / "kid",
+        metrics=["kid_vit"],
+        encoders=vit,
+        device="cpu",
+        cache="none",
+        kid_subsets=5,
+        progress=False,
+    )
+    assert list(kid["metrics"]) == ["kid_vit"] and (tmp_path / "kid" / "report.png").stat().st_size > 1000
+    assert not (tmp_path / "kid" / "pairs.csv").exists()
+    for sub in ("r", "s"):
+        (tmp_path / sub).mkdir()
+        shutil.copy(setup["root"] / "real" / "00.png", tmp_path / sub / "only.png")
+    cos = evaluate(
+        tmp_path / "r",
+        tmp_path / "s",
+        out=tmp_path / "cos",
+        metrics=["cos_vit"],
+        encoders=vit,
+        device="cpu",
+        cache="none",
+        progress=False,
+    )
+    assert cos["metrics"]["cos_vit"] == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="at least 2 images, found 1"):
+        evaluate(
+            tmp_path / "r", tmp_path / "s", metrics=["fd_vit"], encoders=vit, device="cpu", progress=False
+        )

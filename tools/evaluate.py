@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument(
-        "--num-workers", type=int, default=min(4, len(os.sched_getaffinity(0))), help="image decoding workers"
+        "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding workers"
     )
     p.add_argument(
         "--cache-dir", help="feature cache (default: $PIXCELL_EVAL_CACHE or ~/.cache/pixcell/eval_features)"

@@ -113,22 +113,24 @@ def _write_figure(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fd = {n: v for n, v in report["metrics"].items() if n == "fid" or n.startswith("fd_")}
+    what = "Frechet distance"
     pairs = (report.get("pairs") or {}).get("cosine", {})
+    if not fd and not pairs:  # only KID asked for: bars of KIDs instead
+        fd, what = dict(report["metrics"]), "KID"
     panels = int(bool(fd)) + int(bool(pairs))
-    if panels == 0:  # only KID asked for: one bar panel of KIDs
-        fd = dict(report["metrics"])
-        panels = 1
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
     ax_iter = iter(axes[0])
     if fd:
         ax = next(ax_iter)
-        labels = ["inception" if n == "fid" else n.split("_", 1)[-1] for n in fd]
+        labels = ["inception" if n in ("fid", "kid") else n.split("_", 1)[-1] for n in fd]
         bars = ax.bar(labels, list(fd.values()), color="#7b4f9d")
         ax.bar_label(bars, labels=[_fmt(n, v) for n, v in fd.items()], fontsize=8)
-        ax.set_ylabel("Frechet distance (lower is better)")
-        ax.set_title("Frechet distance per encoder")
+        ax.set_ylabel(f"{what} (lower is better)")
+        ax.set_title(f"{what} per encoder")
         if len(fd) > 1 and min(fd.values()) > 0 and max(fd.values()) > 100 * min(fd.values()):
             ax.set_yscale("log")  # Inception FID and encoder FDs live on very different scales
+        else:
+            ax.set_ylim(0, max(fd.values()) * 1.15 or 1.0)  # distances are >= 0; all-zero still draws an axis
     if pairs:
         ax = next(ax_iter)
         everything = [v for values in pairs.values() for v in values]
