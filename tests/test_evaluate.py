@@ -311,3 +311,16 @@ def test_single_metric_reports(setup, tmp_path):
         evaluate(
             tmp_path / "r", tmp_path / "s", metrics=["fd_vit"], encoders=vit, device="cpu", progress=False
         )
+
+
+def test_cache_is_shared_across_encoder_names(setup, tmp_path):
+    vit_dir = setup["encoders"][1].split("=", 1)[1].split(",")[0]
+    kw = dict(metrics=None, device="cpu", cache_dir=tmp_path / "cache", progress=False)
+    kw["metrics"] = ["fd_a"]
+    first = evaluate(setup["root"] / "real", setup["root"] / "pale", encoders=[f"a={vit_dir},pool=cls"], **kw)
+    kw["metrics"] = ["fd_b"]
+    second = evaluate(
+        setup["root"] / "real", setup["root"] / "pale", encoders=[f"b={vit_dir},pool=cls"], **kw
+    )
+    assert second["settings"]["cache_hits"]["b"]["REAL"] is True
+    assert second["metrics"]["fd_b"] == first["metrics"]["fd_a"]

@@ -39,7 +39,8 @@ class FeatureCache:
 
     def path(self, folder_hash: str, extractor: FeatureExtractor) -> Path:
         key = json.dumps([CACHE_VERSION, folder_hash, extractor.fingerprint])
-        return self.root / f"{extractor.name}-{hashlib.blake2b(key.encode(), digest_size=16).hexdigest()}.npz"
+        # no encoder name in the file name: one encoder under two names or paths shares its entries
+        return self.root / f"{hashlib.blake2b(key.encode(), digest_size=16).hexdigest()}.npz"
 
     def load(self, folder: ImageFolder, folder_hash: str, extractor: FeatureExtractor) -> np.ndarray | None:
         """Cached (N, dim) features, or None when absent or unreadable (then they are recomputed)."""
