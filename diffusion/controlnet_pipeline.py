@@ -48,7 +48,9 @@ class PixCellControlNetPipeline(PixCellPipeline):
     ) -> PixCellControlNetPipeline:
         """Assemble from a base transformer source, a ControlNet source (or model) and a VAE."""
         if controlnet is None:
-            raise ValueError("controlnet: required (a hub id, a folder with config.json, or a PixCellControlNet)")
+            raise ValueError(
+                "controlnet: required (a hub id, a folder with config.json, or a PixCellControlNet)"
+            )
         if not isinstance(transformer, torch.nn.Module):
             transformer = load_transformer(transformer, torch_dtype=torch_dtype)
         if not isinstance(controlnet, torch.nn.Module):
@@ -116,7 +118,9 @@ class PixCellControlNetPipeline(PixCellPipeline):
         **kwargs,  # PixCellPipeline.__call__: guidance_scale, num_inference_steps, generator, latents, ...
     ) -> ImagePipelineOutput | tuple:
         if mask is None:
-            raise ValueError("mask: required (a mask PNG path, PIL image, array or tensor, or a list of them)")
+            raise ValueError(
+                "mask: required (a mask PNG path, PIL image, array or tensor, or a list of them)"
+            )
         uni = self.prepare_condition(uni_embeds)
         mask_latents = self.encode_masks(mask)
         if mask_latents.shape[0] == 1 and uni.shape[0] > 1:
@@ -138,6 +142,10 @@ def check_pair(transformer: PixCellTransformer2DModel, controlnet: PixCellContro
     fields = ("num_attention_heads", "attention_head_dim", "in_channels", "sample_size", "patch_size")
     diff = [f"{f} {getattr(c, f)} vs {getattr(t, f)}" for f in fields if getattr(c, f) != getattr(t, f)]
     if controlnet.num_blocks > len(transformer.transformer_blocks):
-        diff.append(f"{controlnet.num_blocks} control blocks for {len(transformer.transformer_blocks)} blocks")
+        diff.append(
+            f"{controlnet.num_blocks} control blocks for {len(transformer.transformer_blocks)} blocks"
+        )
     if diff:
-        raise ValueError(f"controlnet does not fit the transformer (controlnet vs transformer: {'; '.join(diff)})")
+        raise ValueError(
+            f"controlnet does not fit the transformer (controlnet vs transformer: {'; '.join(diff)})"
+        )

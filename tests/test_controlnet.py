@@ -16,7 +16,6 @@ from diffusion.data.mask_pairs import MaskPairDataset, masks_to_tensor, read_mas
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.model.controlnet import PixCellControlNet, controlled_forward, load_controlnet
 from diffusion.model.pixcell_transformer import build_pixcell
-from diffusion.sampling import denoise, make_scheduler
 
 
 def random_base(preset: str = "PixCell-tiny-64", seed: int = 0, **overrides):
@@ -53,7 +52,9 @@ def test_zero_init_leaves_the_base_output_unchanged():
     assert torch.equal(plain, controlled)
     assert len(residuals) == 2 and all(r.shape == (3, 16, 72) and not r.any() for r in residuals)
     # The copied blocks are the base's first blocks, and the residuals reach the base output once non-zero.
-    assert torch.equal(controlnet.transformer_blocks[1].ff.net[2].weight, base.transformer_blocks[1].ff.net[2].weight)
+    assert torch.equal(
+        controlnet.transformer_blocks[1].ff.net[2].weight, base.transformer_blocks[1].ff.net[2].weight
+    )
     torch.nn.init.normal_(controlnet.controlnet_blocks[0].weight, std=0.1)
     with torch.no_grad():
         assert not torch.allclose(controlled_forward(base, controlnet, x, mask, uni, t), plain)
@@ -72,7 +73,10 @@ def test_published_layout_weights_load_strictly(tmp_path):
     config = {k: v for k, v in source.config.items() if not k.startswith("_")}
     config.update({"_class_name": "PixCellControlNet", "_diffusers_version": "0.32.0"})
     (folder / "config.json").write_text(json.dumps(config))
-    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, folder / "diffusion_pytorch_model.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in source.state_dict().items()},
+        folder / "diffusion_pytorch_model.safetensors",
+    )
 
     loaded = load_controlnet(tmp_path / "repo")  # a pipeline folder: finds controlnet/
     for k, v in source.state_dict().items():
@@ -150,7 +154,9 @@ def _write_pairs(root, n, size=256, uni_dim=96, seed=0):
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / "images" / f"p{i}.png")
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+            root / "images" / f"p{i}.png"
+        )
         labels = np.zeros((size, size), dtype=np.uint8)
         labels[rng.integers(0, size // 2) :][:, : rng.integers(1, size)] = i + 1
         Image.fromarray(labels).save(root / "masks" / f"p{i}.png")
@@ -229,34 +235,48 @@ def _square_task(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torc
         r, c = divmod(q, 2)
         onehot[i, :, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] = 1
     x0 = (onehot * 2 - 1).expand(-1, 16, -1, -1).contiguous()  # bright square in the chosen quadrant
-    mask_latents = (onehot * 2 - 1).expand(-1, 16, -1, -1).contiguous()  # stands in for the VAE latent of the mask
+    mask_latents = (
+        (onehot * 2 - 1).expand(-1, 16, -1, -1).contiguous()
+    )  # stands in for the VAE latent of the mask
     return quadrant, x0, mask_latents
 
 
-def _quadrant_accuracy(base, controlnet, generator) -> float:
-    quadrant, _, mask_latents = _square_task(32, generator)
-    uni = base.null_condition(32)
-    noise = torch.randn(32, 16, 8, 8, generator=generator)
+def _x0_quadrant_accuracy(base, controlnet, diffusion, masks_shift: int = 0, t_value: int = 900) -> float:
+    """How often the x0 the model predicts from a very noisy latent (t = 900, where the noise hides the square)
+    is brightest in the quadrant of the square; with masks_shift > 0 each row gets another row's mask."""
+    quadrant, x0, mask_latents = _square_task(64, torch.Generator().manual_seed(3))
+    t = torch.full((64,), t_value)
+    x_t = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=torch.Generator().manual_seed(4)))
     with torch.no_grad():
-        x = denoise(
-            lambda x, t: controlled_forward(base, controlnet, x, mask_latents, uni, t.reshape(1).expand(32)),
-            noise,
-            make_scheduler("ddim"),
-            10,
-            progress=False,
+        eps = controlled_forward(
+            base, controlnet, x_t, mask_latents.roll(masks_shift, 0), base.null_condition(64), t
         )
-    means = x.mean(1).unfold(1, 4, 4).unfold(2, 4, 4).mean((-1, -2)).flatten(1)  # (B, 4) quadrant means
+    x0_pred = diffusion.predict_x0(x_t, t, eps[:, :16])
+    means = x0_pred.mean(1).unfold(1, 4, 4).unfold(2, 4, 4).mean((-1, -2)).flatten(1)  # (B, 4) quadrant means
     return (means.argmax(1) == quadrant).float().mean().item()
 
 
-def test_training_makes_the_mask_control_the_output():
-    """Base trained on 'a bright square somewhere'; the ControlNet learns where, from the mask alone."""
+@pytest.fixture
+def one_thread():
+    """Two busy cores: one thread per process makes these small matmuls ~10x faster than oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_training_makes_the_mask_control_the_output(one_thread):
+    """Base trained on 'a bright square somewhere'; the ControlNet learns where, from the mask alone.
+
+    The ControlNet trains on the noisier half of the timesteps, where the layout is decided (at low noise the
+    latent itself shows the square); the objective is the published one, eps MSE.
+    """
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     diffusion = GaussianDiffusion()
     base = build_pixcell("PixCell-tiny-64")
-    opt = torch.optim.AdamW(base.parameters(), lr=2e-3)
-    for _ in range(150):
+    opt = torch.optim.AdamW(base.parameters(), lr=1e-3)
+    for _ in range(100):
         _, x0, _ = _square_task(16, gen)
         t = torch.randint(0, 1000, (16,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
@@ -268,12 +288,11 @@ def test_training_makes_the_mask_control_the_output():
     base.requires_grad_(False).eval()
 
     controlnet = PixCellControlNet.from_transformer(base, n_controlnet_blocks=2)
-    before = _quadrant_accuracy(base, controlnet, torch.Generator().manual_seed(1))
-    opt = torch.optim.AdamW([p for p in controlnet.parameters() if p.requires_grad], lr=2e-3)
-    losses = []
-    for _ in range(150):
+    before = _x0_quadrant_accuracy(base, controlnet, diffusion)
+    opt = torch.optim.AdamW([p for p in controlnet.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(120):
         _, x0, mask_latents = _square_task(16, gen)
-        t = torch.randint(0, 1000, (16,), generator=gen)
+        t = torch.randint(500, 1000, (16,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         x_t = diffusion.q_sample(x0, t, noise)
         eps = controlled_forward(base, controlnet, x_t, mask_latents, base.null_condition(16), t)[:, :16]
@@ -281,8 +300,11 @@ def test_training_makes_the_mask_control_the_output():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-    after = _quadrant_accuracy(base.eval(), controlnet.eval(), torch.Generator().manual_seed(1))
-    print(f"quadrant accuracy before {before:.2f} after {after:.2f}; loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    assert before < 0.5  # no mask control at zero init: about chance (0.25)
-    assert after >= 0.9
+    controlnet.eval()
+    right = _x0_quadrant_accuracy(base, controlnet, diffusion)
+    wrong = _x0_quadrant_accuracy(base, controlnet, diffusion, masks_shift=1)
+    print(
+        f"x0 quadrant accuracy: before {before:.2f}, after {right:.2f} (with other rows' masks {wrong:.2f})"
+    )
+    assert before < 0.45  # zero init: no mask control, about chance (0.25)
+    assert right >= 0.6 and right - wrong >= 0.25  # the mask, not the noisy latent, decides the layout

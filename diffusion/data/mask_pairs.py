@@ -208,7 +208,10 @@ class MaskPairDataset(Dataset):
                     )
         except (UnidentifiedImageError, OSError) as err:
             raise ValueError(f"{image}: not a readable image ({type(err).__name__})") from None
-        open_mask(mask, self.size).close()
+        with open_mask(mask, self.size) as m:
+            rgb = m.mode == "RGB"
+        if rgb:  # only decoding tells a gray rendering from a colour image
+            read_mask(mask, self.size)
         if uni is not None:
             self.read_uni(uni)
 
