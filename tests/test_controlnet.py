@@ -105,6 +105,19 @@ def test_save_pretrained_round_trip(tmp_path):
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in source.state_dict().items())
 
 
+def test_published_training_recipe_config():
+    from diffusion.config import load_config
+    from train_scripts.train_controlnet import SCHEMA
+
+    cfg = load_config("configs/controlnet/pixcell_256_cell.py", schema_file=SCHEMA)
+    assert cfg.base_model == "StonyBrook-CVLab/PixCell-256" and cfg.controlnet.n_blocks == 27
+    assert cfg.optimizer.type == "AdamW" and cfg.optimizer.lr == 1e-5 and cfg.gradient_clip == 1.0
+    assert cfg.lr_schedule.type == "cosine" and cfg.lr_schedule.warmup_steps == 500
+    assert cfg.max_steps == 25000 and cfg.train_batch_size == 4 and cfg.controlnet.freeze_patch_embed
+    with pytest.raises(ValueError, match="unknown config key controlnet.'n_block'"):
+        load_config("configs/controlnet/tiny.py", {"controlnet.n_block": 3}, schema_file=SCHEMA)
+
+
 # --------------------------------------------------------------------------- masks
 
 
