@@ -28,20 +28,25 @@ def _check_keys(cfg: dict, schema: dict, where: str, source: str) -> None:
             _check_keys(value, schema[key], f"{where}{key}.", source)
 
 
-def load_config(path: str | Path, options: dict | None = None) -> Config:
-    """Load `path`, apply `options` (from `--cfg-options a.b=1`), check every key against the schema."""
+def load_config(
+    path: str | Path, options: dict | None = None, schema_file: str | Path = SCHEMA_FILE
+) -> Config:
+    """Load `path`, apply `options` (from `--cfg-options a.b=1`), check every key against the schema.
+
+    `schema_file`: the defaults file listing every key (another trainer's, e.g. `configs/_base_/controlnet.py`).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config {path}: no such file")
     cfg = Config.fromfile(str(path))
     if options:
         cfg.merge_from_dict(options)
-    schema = Config.fromfile(str(SCHEMA_FILE)).to_dict()
+    schema = Config.fromfile(str(schema_file)).to_dict()
     _check_keys(cfg.to_dict(), schema, "", str(path))
     # Fill keys a config does not set (a config without `_base_` is still complete).
     full = Config(schema)
     full.merge_from_dict(cfg.to_dict())
-    if full.data.root is None and os.environ.get("PIXCELL_DATA_ROOT"):
+    if "data" in full and full.data.root is None and os.environ.get("PIXCELL_DATA_ROOT"):
         full.data.root = os.environ["PIXCELL_DATA_ROOT"]
     if full.resolution % 256:
         raise ValueError(

@@ -10,6 +10,7 @@ The number of UNI tokens fixes the image: T = 1 -> 256 px, 16 -> 1024 px (the tr
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,10 @@ class PixCellPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ sampling
 
+    def model_fn(self) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        """The (x, cond, t) -> (B, 32, h, w) callable the sampler guides; the ControlNet pipeline extends it."""
+        return transformer_fn(self.transformer)
+
     @property
     def image_size(self) -> int:
         return self.transformer.config.sample_size * vae_scale_factor(self.vae)
@@ -135,7 +140,7 @@ class PixCellPipeline(DiffusionPipeline):
             )
             uncond = self.prepare_condition(uncond).to(device)
 
-        fn = transformer_fn(self.transformer)
+        fn = self.model_fn()
         x = denoise(
             lambda x, t: guided_prediction(fn, x, t, uni, uncond, w, guidance_interval),
             latents.to(device),

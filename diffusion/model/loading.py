@@ -106,7 +106,8 @@ def _transformer_folder(path: Path) -> Path | None:
                 name = json.loads(cfg.read_text()).get("_class_name", "")
             except json.JSONDecodeError:
                 raise ValueError(f"{cfg}: not valid JSON") from None
-            if name in ("PixCellTransformer2DModel", ""):
+            # The published ControlNet repo names its (unchanged) base transformer class differently.
+            if name in ("PixCellTransformer2DModel", "PixCellTransformer2DModelControlNet", ""):
                 return cand
     return None
 

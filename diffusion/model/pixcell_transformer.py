@@ -16,6 +16,7 @@ state dict is exactly the published Hugging Face layout of PixCell-256/1024 (`fo
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -104,11 +105,83 @@ class UNIProjection(nn.Module):
 
 
 #################################################################################
+#            Shared by the transformer and the ControlNet                       #
+#################################################################################
+
+
+class PixCellModelMixin:
+    """What the transformer and the ControlNet share: strict loading, the input path and the block step.
+
+    Both models hold the same input modules (`pos_embed`, `adaln_single`, `y_pos_embed`, `caption_projection`),
+    so the ControlNet (`diffusion/model/controlnet.py`) reuses this code instead of copying it. Put it before
+    `ModelMixin` in the bases, so `from_pretrained` wraps diffusers' own.
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' `from_pretrained`, made strict: missing, unexpected or mis-shaped keys are a ValueError.
+
+        A hub id that cannot be reached (gated, offline) raises one OSError line saying what to pass instead.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        name = str(pretrained_model_name_or_path)
+        if kwargs.get("subfolder"):
+            name += f" (subfolder {kwargs['subfolder']})"
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, output_loading_info=True, **kwargs
+            )
+        except ValueError as err:  # shape mismatch inside diffusers' loader
+            raise ValueError(
+                f"{name}: does not match its config ({str(err).splitlines()[0][:300]})"
+            ) from None
+        except OSError as err:
+            raise OSError(
+                f"cannot load a {cls.__name__} from {name} ({type(err).__name__}): pass a local folder or "
+                "original checkpoint, or log in to the Hub (HF_TOKEN) with network access"
+            ) from None
+        bad = {k: v for k, v in info.items() if k != "error_msgs" and v}
+        if bad or info.get("error_msgs"):
+            detail = "; ".join(f"{k}: {', '.join(map(str, v[:3]))}" for k, v in bad.items())
+            raise ValueError(f"{name}: does not match the model ({detail or info['error_msgs'][0]})")
+        return (model, info) if want_info else model
+
+    def embed_inputs(
+        self,
+        hidden_states: Tensor,  # (B, C_in, H, W)
+        encoder_hidden_states: Tensor,  # (B, T, C_uni)
+        timestep: Tensor,  # (B,) or scalar
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """-> patch tokens x (B, N, D) with sin-cos positions, UNI tokens y (B, T, D), the adaLN-single
+        modulation t_mod (B, 6D) and the raw timestep embedding t_emb (B, D)."""
+        batch = hidden_states.shape[0]
+        if timestep.ndim == 0:
+            timestep = timestep.expand(batch)
+        x = self.pos_embed(hidden_states)  # (B, N, D), sin-cos position added
+        t_mod, t_emb = self.adaln_single(
+            timestep, {"resolution": None, "aspect_ratio": None}, batch_size=batch, hidden_dtype=x.dtype
+        )  # (B, 6D), (B, D)
+        y = encoder_hidden_states.to(x.dtype)
+        if self.y_pos_embed is not None:
+            y = self.y_pos_embed(y)
+        y = self.caption_projection(y)  # (B, T, D)
+        return x, y, t_mod, t_emb
+
+    def run_block(self, block: nn.Module, x: Tensor, y: Tensor, t_mod: Tensor) -> Tensor:
+        """One transformer block, (B, N, D) -> (B, N, D), with gradient checkpointing when enabled."""
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return torch.utils.checkpoint.checkpoint(
+                block, x, None, y, None, t_mod, None, None, use_reentrant=False
+            )
+        return block(x, encoder_hidden_states=y, timestep=t_mod)
+
+
+#################################################################################
 #                                 The model                                     #
 #################################################################################
 
 
-class PixCellTransformer2DModel(ModelMixin, ConfigMixin):
+class PixCellTransformer2DModel(PixCellModelMixin, ModelMixin, ConfigMixin):
     """PixArt-style DiT over 16-channel SD3.5-VAE latents, cross-attending to T UNI2-h tokens.
 
     forward(hidden_states (B, 16, H, W), encoder_hidden_states (B, T, 1536), timestep (B,)) -> (B, 32, H, W):
@@ -236,35 +309,6 @@ class PixCellTransformer2DModel(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' `from_pretrained`, made strict: missing, unexpected or mis-shaped keys are a ValueError.
-
-        A hub id that cannot be reached (gated, offline) raises one OSError line saying what to pass instead.
-        """
-        want_info = kwargs.pop("output_loading_info", False)
-        name = str(pretrained_model_name_or_path)
-        if kwargs.get("subfolder"):
-            name += f" (subfolder {kwargs['subfolder']})"
-        try:
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path, output_loading_info=True, **kwargs
-            )
-        except ValueError as err:  # shape mismatch inside diffusers' loader
-            raise ValueError(
-                f"{name}: does not match its config ({str(err).splitlines()[0][:300]})"
-            ) from None
-        except OSError as err:
-            raise OSError(
-                f"cannot load a PixCell transformer from {name} ({type(err).__name__}): pass a local folder or "
-                "original checkpoint, or log in to the Hub (HF_TOKEN) with network access"
-            ) from None
-        bad = {k: v for k, v in info.items() if k != "error_msgs" and v}
-        if bad or info.get("error_msgs"):
-            detail = "; ".join(f"{k}: {', '.join(map(str, v[:3]))}" for k, v in bad.items())
-            raise ValueError(f"{name}: does not match the model ({detail or info['error_msgs'][0]})")
-        return (model, info) if want_info else model
-
     # ------------------------------------------------------------------ conditions
 
     @property
@@ -307,30 +351,24 @@ class PixCellTransformer2DModel(ModelMixin, ConfigMixin):
         timestep: Tensor,  # (B,) or scalar, in [0, 1000)
         added_cond_kwargs: dict | None = None,  # accepted for diffusers-pipeline compatibility; unused
         return_dict: bool = True,
+        block_residuals: Sequence[Tensor] | None = None,  # ControlNet: (B, N, D) added after block i
     ) -> Transformer2DModelOutput | tuple[Tensor]:
+        """`block_residuals[i]` (B, N, D), when given, is added to the hidden states after block i, for the
+        first len(block_residuals) blocks: the published PixCell ControlNet's injection point
+        (`diffusion/model/controlnet.py`). None leaves the forward exactly as before."""
         batch, _, height, width = hidden_states.shape
         p = self.config.patch_size
         h, w = height // p, width // p
-        if timestep.ndim == 0:
-            timestep = timestep.expand(batch)
+        if block_residuals is not None and len(block_residuals) > len(self.transformer_blocks):
+            raise ValueError(
+                f"block_residuals: {len(block_residuals)} given, the model has {len(self.transformer_blocks)} blocks"
+            )
 
-        x = self.pos_embed(hidden_states)  # (B, N, D), sin-cos position added
-        t_mod, t_emb = self.adaln_single(
-            timestep, {"resolution": None, "aspect_ratio": None}, batch_size=batch, hidden_dtype=x.dtype
-        )  # (B, 6D), (B, D)
-
-        y = encoder_hidden_states.to(x.dtype)
-        if self.y_pos_embed is not None:
-            y = self.y_pos_embed(y)
-        y = self.caption_projection(y)  # (B, T, D)
-
-        for block in self.transformer_blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = torch.utils.checkpoint.checkpoint(
-                    block, x, None, y, None, t_mod, None, None, use_reentrant=False
-                )
-            else:
-                x = block(x, encoder_hidden_states=y, timestep=t_mod)
+        x, y, t_mod, t_emb = self.embed_inputs(hidden_states, encoder_hidden_states, timestep)
+        for i, block in enumerate(self.transformer_blocks):
+            x = self.run_block(block, x, y, t_mod)
+            if block_residuals is not None and i < len(block_residuals):
+                x = x + block_residuals[i].to(x.dtype)
 
         shift, scale = (self.scale_shift_table[None] + t_emb[:, None].to(self.scale_shift_table.dtype)).chunk(
             2, dim=1

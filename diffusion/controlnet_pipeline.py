@@ -1,0 +1,151 @@
+"""PixCellControlNetPipeline: a UNI2-h embedding sets the style, a cell mask sets the layout.
+
+    pipe = PixCellControlNetPipeline.from_pretrained("StonyBrook-CVLab/PixCell-256-Cell-ControlNet")
+    images = pipe(uni_embeds, mask="masks/patch_0.png", controlnet_conditioning_scale=1.0).images
+
+Everything else (samplers, guidance, seeding, output types) is `PixCellPipeline`'s: this class only renders the
+mask, encodes it with the VAE and hands the sampler a model function in which the ControlNet's residuals are
+added to the base transformer. With classifier-free guidance both passes (UNI and null condition) see the mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from torch import Tensor
+
+from .data.mask_pairs import MaskLike, masks_to_tensor
+from .encoders import SD35_VAE_ID, encode_posterior, latents_to_model, load_vae
+from .model.controlnet import PixCellControlNet, controlled_forward, load_controlnet
+from .model.loading import load_transformer
+from .model.pixcell_transformer import PixCellTransformer2DModel
+from .pipeline import PixCellPipeline
+from .sampling import make_scheduler
+
+
+class PixCellControlNetPipeline(PixCellPipeline):
+    model_cpu_offload_seq = "controlnet->transformer->vae"
+
+    def __init__(self, transformer: PixCellTransformer2DModel, controlnet: PixCellControlNet, vae, scheduler):
+        super(PixCellPipeline, self).__init__()
+        self.register_modules(transformer=transformer, controlnet=controlnet, vae=vae, scheduler=scheduler)
+        self._control: tuple[Tensor, float] | None = None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_parts(
+        cls,
+        transformer: str | Path | PixCellTransformer2DModel,
+        controlnet: str | Path | PixCellControlNet | None = None,
+        vae: str | Path | object = SD35_VAE_ID,
+        sampler: str = "dpm-solver",
+        torch_dtype: torch.dtype | None = None,
+    ) -> PixCellControlNetPipeline:
+        """Assemble from a base transformer source, a ControlNet source (or model) and a VAE."""
+        if controlnet is None:
+            raise ValueError(
+                "controlnet: required (a hub id, a folder with config.json, or a PixCellControlNet)"
+            )
+        if not isinstance(transformer, torch.nn.Module):
+            transformer = load_transformer(transformer, torch_dtype=torch_dtype)
+        if not isinstance(controlnet, torch.nn.Module):
+            controlnet = load_controlnet(controlnet, torch_dtype=torch_dtype)
+        if not isinstance(vae, torch.nn.Module):
+            vae = load_vae(vae, torch_dtype=torch_dtype)
+        check_pair(transformer, controlnet)
+        return cls(transformer=transformer, controlnet=controlnet, vae=vae, scheduler=make_scheduler(sampler))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | Path,
+        vae: str | Path | None = None,
+        sampler: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        transformer: str | Path | None = None,
+        **_: object,
+    ) -> PixCellControlNetPipeline:
+        """A published-layout folder or hub id: controlnet/ + transformer/ (+ vae/); `transformer` overrides.
+
+        The VAE: `vae` if given, else the folder's vae/ when present, else SD3.5's.
+        """
+        path = Path(source)
+        if vae is None:
+            vae = path / "vae" if (path / "vae" / "config.json").is_file() else SD35_VAE_ID
+        return cls.from_parts(
+            transformer if transformer is not None else source,
+            source,
+            vae,
+            sampler or "dpm-solver",
+            torch_dtype,
+        )
+
+    # ------------------------------------------------------------------ sampling
+
+    def encode_masks(self, mask: MaskLike | Sequence[MaskLike]) -> Tensor:
+        """Masks -> model-space VAE latents (B, 16, h, w), the published conditioning (posterior mean)."""
+        rendered = masks_to_tensor(mask, self.image_size).to(self._execution_device)  # (B, 3, H, W) in {0, 1}
+        mean, _ = encode_posterior(self.vae, rendered)
+        return latents_to_model(mean, self.vae)
+
+    def model_fn(self) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        if self._control is None:
+            raise RuntimeError("PixCellControlNetPipeline: call the pipeline with a mask")
+        mask_latents, scale = self._control
+        dtype = next(self.transformer.parameters()).dtype
+
+        def fn(x: Tensor, cond: Tensor, t: Tensor) -> Tensor:
+            # Guidance batches [conditional, unconditional]: the mask goes with both halves.
+            m = mask_latents.repeat(x.shape[0] // mask_latents.shape[0], 1, 1, 1)
+            out = controlled_forward(
+                self.transformer, self.controlnet, x.to(dtype), m.to(dtype), cond.to(dtype), t, scale
+            )
+            return out.float()
+
+        return fn
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        uni_embeds: Tensor | np.ndarray,  # (B, T, C_uni): the style reference(s)
+        mask: MaskLike | Sequence[MaskLike] | None = None,  # B masks (or one, used for every row)
+        controlnet_conditioning_scale: float = 1.0,  # 0: the base model alone
+        **kwargs,  # PixCellPipeline.__call__: guidance_scale, num_inference_steps, generator, latents, ...
+    ) -> ImagePipelineOutput | tuple:
+        if mask is None:
+            raise ValueError(
+                "mask: required (a mask PNG path, PIL image, array or tensor, or a list of them)"
+            )
+        uni = self.prepare_condition(uni_embeds)
+        mask_latents = self.encode_masks(mask)
+        if mask_latents.shape[0] == 1 and uni.shape[0] > 1:
+            mask_latents = mask_latents.expand(uni.shape[0], -1, -1, -1)
+        if mask_latents.shape[0] != uni.shape[0]:
+            raise ValueError(
+                f"mask: {mask_latents.shape[0]} masks for {uni.shape[0]} UNI embeddings (give one, or one per row)"
+            )
+        self._control = (mask_latents, float(controlnet_conditioning_scale))
+        try:
+            return super().__call__(uni, **kwargs)
+        finally:
+            self._control = None
+
+
+def check_pair(transformer: PixCellTransformer2DModel, controlnet: PixCellControlNet) -> None:
+    """One ValueError line when the ControlNet was not made for this transformer (width, latent size, depth)."""
+    t, c = transformer.config, controlnet.config
+    fields = ("num_attention_heads", "attention_head_dim", "in_channels", "sample_size", "patch_size")
+    diff = [f"{f} {getattr(c, f)} vs {getattr(t, f)}" for f in fields if getattr(c, f) != getattr(t, f)]
+    if controlnet.num_blocks > len(transformer.transformer_blocks):
+        diff.append(
+            f"{controlnet.num_blocks} control blocks for {len(transformer.transformer_blocks)} blocks"
+        )
+    if diff:
+        raise ValueError(
+            f"controlnet does not fit the transformer (controlnet vs transformer: {'; '.join(diff)})"
+        )

@@ -1,0 +1,403 @@
+"""Train the PixCell cell-mask ControlNet on folders of (image, mask) pairs: one CPU to many GPUs, exact resume.
+
+    accelerate launch train_scripts/train_controlnet.py configs/controlnet/pixcell_256_cell.py \
+        --work-dir work_dirs/cell_controlnet --images data/images --masks data/masks [--uni hf-hub:MahmoodLab/UNI2-h]
+
+The base PixCell transformer is frozen; the ControlNet (a copy of its first 27 blocks, zero-initialised control
+layers) learns to steer it from the VAE latent of the mask, with the image's UNI2-h embedding as the style
+condition: epsilon MSE on the 16 noise channels, AdamW, cosine schedule after warm-up, gradient clipping (the
+published recipe, configs/_base_/controlnet.py). UNI features are read from `<name>_uni.npy` (the feature tools'
+layout); with `--uni` the missing ones are written first. To resume, run the same command again (latest complete
+checkpoint in the work dir); SIGTERM / SIGUSR1 / `--time-limit` save and stop. Checkpoints hold portable
+`controlnet/` (and `controlnet_ema/`) folders that `PixCellControlNetPipeline.from_parts` loads. See
+docs/controlnet.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from PIL import Image
+from torch.utils.data import DataLoader, default_collate
+
+from diffusion.atomic import atomic_path
+from diffusion.config import build_model_from_config, load_config
+from diffusion.controlnet_pipeline import PixCellControlNetPipeline, check_pair
+from diffusion.data.mask_pairs import MaskPairDataset, write_missing_uni
+from diffusion.encoders import encode_posterior, latents_to_model, load_uni, load_vae, to_uint8
+from diffusion.gaussian_diffusion import GaussianDiffusion
+from diffusion.model.controlnet import PixCellControlNet, load_controlnet
+from diffusion.model.loading import load_transformer
+from diffusion.sampling import make_scheduler
+from diffusion.training.checkpoint import CheckpointManager, latest_checkpoint
+from diffusion.training.ema import EMA
+from diffusion.training.optim import build_lr_scheduler, build_optimizer
+from diffusion.training.precision import set_gradient_checkpointing
+from diffusion.training.sampler import ResumableSampler
+from diffusion.training.signals import StopRequest, parse_duration
+from diffusion.training.tracking import RunTracker, Throughput, environment, progress_bar, save_run_info
+from train_scripts.train_pixcell import parse_cfg_options
+
+log = logging.getLogger("pixcell.train")
+SCHEMA = Path(__file__).resolve().parents[1] / "configs" / "_base_" / "controlnet.py"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="training config, e.g. configs/controlnet/pixcell_256_cell.py")
+    p.add_argument("--work-dir", required=True, help="run folder: checkpoints, logs, validation images")
+    p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("--images", default=None, help="folder of H&E patches (pairs.image_dir)")
+    p.add_argument("--masks", default=None, help="folder of binary/instance mask PNGs (pairs.mask_dir)")
+    p.add_argument("--features", default=None, help="folder of <name>_uni.npy (pairs.features_dir)")
+    p.add_argument("--uni", default=None, help="UNI2-h source to write missing UNI features (pairs.uni)")
+    p.add_argument("--base-model", default=None, help="frozen PixCell transformer (base_model)")
+    p.add_argument("--vae", default=None, help="SD3.5 VAE: hub id or local folder (vae)")
+    p.add_argument(
+        "--resume-from", default=None, help="checkpoint to resume from (default: latest in work dir)"
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="per-process batch size (train_batch_size)")
+    p.add_argument("--time-limit", default=None, help="save and stop after this wall time (e.g. 3:55:00, 4h)")
+    p.add_argument("--report-to", choices=["tensorboard", "wandb", "none"], default=None)
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace):
+    options = parse_cfg_options(args.cfg_options)
+    flags = {"images": "pairs.image_dir", "masks": "pairs.mask_dir", "features": "pairs.features_dir",
+             "uni": "pairs.uni", "base_model": "base_model", "vae": "vae", "batch_size": "train_batch_size",
+             "report_to": "report_to"}  # fmt: skip
+    options.update({key: getattr(args, flag) for flag, key in flags.items() if getattr(args, flag)})
+    cfg = load_config(args.config, options, schema_file=SCHEMA)
+    for key in ("image_dir", "mask_dir"):
+        if not cfg.pairs[key]:
+            raise ValueError(
+                f"pairs.{key} not set: pass --{'images' if key == 'image_dir' else 'masks'} FOLDER"
+            )
+    return cfg
+
+
+#################################################################################
+#                                   Models                                      #
+#################################################################################
+
+
+def build_models(cfg, device: torch.device):
+    """(frozen base transformer, trainable ControlNet, frozen VAE) as the config says."""
+    expected = build_model_from_config(cfg)  # the preset: checks resolution and token count
+    if cfg.base_model is None:
+        log.warning("base_model is None: training against a RANDOM base transformer (tests and demos only)")
+        base = expected
+    else:
+        base = load_transformer(cfg.base_model)
+        own, want = dict(base.config), dict(expected.config)
+        diff = [f"{k} {own.get(k)} vs {want[k]}" for k in ("sample_size", "caption_num_tokens", "caption_channels",
+                                                          "num_layers", "num_attention_heads") if own.get(k) != want[k]]  # fmt: skip
+        if diff:
+            raise ValueError(
+                f"base_model {cfg.base_model} does not match model {cfg.model}: {'; '.join(diff)}"
+            )
+    base.requires_grad_(False).eval().to(device)
+
+    c = cfg.controlnet
+    if c.load_from:
+        controlnet = load_controlnet(c.load_from)
+        check_pair(base, controlnet)
+    else:  # the published initialisation: the base's input path and first blocks, zero control layers
+        controlnet = PixCellControlNet.from_transformer(base, n_controlnet_blocks=c.n_blocks)
+    # Present in the published layout but outside the ControlNet's computation: no gradient (and DDP must not
+    # wait for one). The published recipe also keeps the copied input patch embedding frozen.
+    for module in (controlnet.norm_out, controlnet.proj_out):
+        module.requires_grad_(False)
+    controlnet.scale_shift_table.requires_grad_(False)
+    if c.freeze_patch_embed:
+        controlnet.pos_embed.requires_grad_(False)
+    set_gradient_checkpointing(controlnet, cfg.gradient_checkpointing)
+    controlnet.train()
+
+    vae = load_vae(cfg.vae).to(device).eval().requires_grad_(False)
+    return base, controlnet, vae
+
+
+@torch.no_grad()
+def encode(vae, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> model-space latents (B, 16, H/8, W/8): posterior mean, as published."""
+    mean, _ = encode_posterior(vae, images)
+    return latents_to_model(mean, vae)
+
+
+#################################################################################
+#                               Validation grid                                 #
+#################################################################################
+
+
+@torch.no_grad()
+def validation_grid(base, controlnet, vae, held_out: list[dict], cfg, device, seed: int) -> np.ndarray:
+    """Rows of [mask | reference image | samples...] for fixed held-out pairs and noise: uint8 (N*H, (2+k)*W, 3).
+
+    The reference is the image whose UNI embedding conditions the samples; the mask sets their layout.
+    """
+    v = cfg.validation
+    pipe = PixCellControlNetPipeline(base, controlnet, vae, make_scheduler("dpm-solver"))
+    k = v.samples_per_mask
+    uni = torch.stack([h["uni"] for h in held_out]).repeat_interleave(k, 0).to(device)
+    masks = torch.stack([h["mask"] for h in held_out]).repeat_interleave(k, 0)
+    size = base.config.sample_size
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn(len(uni), base.config.in_channels, size, size, generator=gen).to(device)
+    samples = pipe(uni, mask=masks, controlnet_conditioning_scale=cfg.controlnet.conditioning_scale,
+                   guidance_scale=v.guidance_scale, num_inference_steps=v.num_inference_steps, latents=latents,
+                   output_type="pt", progress=False).images  # fmt: skip
+    samples = to_uint8(samples)
+    rows = []
+    for i, h in enumerate(held_out):
+        cells = [to_uint8(h["mask"][None])[0], to_uint8(h["image"][None])[0], *samples[i * k : (i + 1) * k]]
+        rows.append(np.concatenate(cells, axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+#################################################################################
+#                                    Main                                       #
+#################################################################################
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    work_dir = Path(args.work_dir)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    is_main = accelerator.is_main_process
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(
+            "train_controlnet: DDP only (the frozen base is replicated, the ControlNet is small)"
+        )
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format=f"%(asctime)s [rank {accelerator.process_index}] %(levelname)s %(message)s",
+        force=True,
+    )
+    handler = None
+    if is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(work_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger().addHandler(handler)
+    try:
+        return train(cfg, args, accelerator, work_dir)
+    finally:
+        if handler is not None:  # several runs in one process (tests) must not log into each other's files
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def train(cfg, args: argparse.Namespace, accelerator: Accelerator, work_dir: Path) -> int:
+    is_main, device = accelerator.is_main_process, accelerator.device
+    accelerator.wait_for_everyone()
+    resume = latest_checkpoint(Path(args.resume_from) if args.resume_from else work_dir)
+    if args.resume_from and resume is None:
+        raise FileNotFoundError(
+            f"--resume-from {args.resume_from}: not a complete checkpoint or a work dir with one"
+        )
+
+    # ---- models (same seed everywhere: identical ControlNet initialisation on every process)
+    torch.manual_seed(cfg.seed)
+    base, controlnet, vae = build_models(cfg, device)
+
+    # ---- data (UNI features written first when a UNI source is given, by the main process)
+    p = cfg.pairs
+    uni_dim = base.config.caption_channels
+
+    def pairs(require_uni: bool) -> MaskPairDataset:
+        return MaskPairDataset(p.image_dir, p.mask_dir, p.features_dir, size=cfg.resolution, uni_dim=uni_dim,
+                               max_failure_rate=p.max_failure_rate, require_uni=require_uni)  # fmt: skip
+
+    if p.uni and is_main:
+        written = write_missing_uni(pairs(require_uni=False), load_uni(p.uni, device=device))
+        log.info("wrote %d missing UNI feature files with %s", written, p.uni)
+    accelerator.wait_for_everyone()
+    dataset = pairs(require_uni=True)
+    validate = cfg.validation.every_steps > 0
+    held_out_idx = list(range(len(dataset) - cfg.validation.num_images, len(dataset))) if validate else []
+    sampler = ResumableSampler(len(dataset), cfg.train_batch_size, accelerator.num_processes,
+                               accelerator.process_index, seed=cfg.seed, exclude=held_out_idx)  # fmt: skip
+    collate = lambda items: default_collate([{k: v for k, v in it.items() if k != "name"} for it in items])  # noqa: E731
+    loader = DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler, num_workers=p.num_workers,
+                        collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True)  # fmt: skip
+    accum = cfg.gradient_accumulation_steps
+    total_steps = cfg.max_steps or cfg.num_epochs * sampler.batches_per_epoch // accum
+    if total_steps < 1:
+        raise ValueError(f"config: no steps to train ({sampler.batches_per_epoch} batches per epoch)")
+
+    # ---- optimisation
+    optimizer = build_optimizer(controlnet.parameters(), cfg.optimizer)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_schedule, total_steps)
+    model, optimizer = accelerator.prepare(controlnet, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = EMA(unwrapped, cfg.ema_rate) if cfg.ema_rate else None
+    diffusion = GaussianDiffusion()
+    noise_gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + accelerator.process_index)
+    manager = CheckpointManager(work_dir, accelerator, keep_last=cfg.keep_last)
+    state = dict(step=0, epoch=0, batch_in_epoch=0, nonfinite_total=0, images_seen=0)
+    if resume is not None:
+        saved, rank_state = manager.load(resume, ema=ema)
+        lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        state.update({k: saved[k] for k in state})
+        if "noise_generator" in rank_state:
+            noise_gen.set_state(rank_state["noise_generator"].to(noise_gen.get_state().device))
+        log.info("resumed from %s at step %d", resume, state["step"])
+    if is_main:
+        env = environment(accelerator)
+        env.update(total_steps=total_steps, pairs=len(dataset), resumed_from=str(resume or ""))
+        save_run_info(work_dir, cfg.pretty_text, env)
+    held_out = [dataset[i] for i in held_out_idx] if is_main else []
+
+    def save(step: int) -> Path:
+        portable = {"controlnet": (unwrapped, accelerator.get_state_dict(model))}
+        if ema is not None:
+            with ema.swapped(unwrapped):
+                portable["controlnet_ema"] = (unwrapped, accelerator.get_state_dict(model))
+        train_state = dict(state, lr_scheduler=lr_scheduler.state_dict(), config=cfg.pretty_text)
+        return manager.save(step, train_state, {"noise_generator": noise_gen.get_state()}, ema=ema,
+                            portable=portable)  # fmt: skip
+
+    tracker = RunTracker(work_dir, cfg.report_to, enabled=is_main, config=cfg.to_dict())
+    stop = StopRequest(time_limit=parse_duration(args.time_limit))
+    bar = progress_bar(total_steps, initial=state["step"], enabled=is_main)
+    speed = Throughput()
+    consecutive_bad, last_saved = 0, state["step"] if resume is not None else -1
+    data_iter = None
+    log.info("training %d steps: %d process(es) x batch %d x accumulation %d, %d pairs", total_steps,
+             accelerator.num_processes, cfg.train_batch_size, accum, len(dataset))  # fmt: skip
+
+    def next_batch() -> dict:
+        nonlocal data_iter
+        while True:
+            if data_iter is None:
+                sampler.set_position(state["epoch"], state["batch_in_epoch"])
+                data_iter = iter(loader)
+            try:
+                batch = next(data_iter)
+                state["batch_in_epoch"] += 1
+                return batch
+            except StopIteration:
+                state["epoch"], state["batch_in_epoch"], data_iter = state["epoch"] + 1, 0, None
+
+    while state["step"] < total_steps:
+        position = (state["epoch"], state["batch_in_epoch"])
+        batches = [next_batch() for _ in range(accum)]
+        reason = stop.should_stop(accelerator)
+        if reason:
+            state["epoch"], state["batch_in_epoch"] = position  # these batches were not trained on
+            log.warning("%s: saving a checkpoint at step %d and stopping", reason, state["step"])
+            if last_saved != state["step"]:
+                save(state["step"])
+            break
+
+        # ---- forward / backward: base frozen, eps MSE on the 16 noise channels (published objective)
+        losses, images = [], 0
+        for micro, batch in enumerate(batches):
+            x0 = encode(vae, batch["image"].to(device))  # (B, 16, h, w)
+            mask_latents = encode(vae, batch["mask"].to(device))  # (B, 16, h, w)
+            uni = batch["uni"].to(device)
+            b = x0.shape[0]
+            t = diffusion.sample_timesteps(b, device, generator=noise_gen)
+            noise = torch.randn(x0.shape, generator=noise_gen, device=device)
+            if cfg.class_dropout_prob > 0:
+                drop = torch.rand(b, generator=noise_gen, device=device) < cfg.class_dropout_prob
+                uni = base.drop_condition(uni, drop)
+            x_t = diffusion.q_sample(x0, t, noise)
+            sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
+            with sync, accelerator.autocast():
+                residuals = model(
+                    x_t, mask_latents, uni, t, cfg.controlnet.conditioning_scale, return_dict=False
+                )[0]
+                out = base(x_t, uni, t, return_dict=False, block_residuals=residuals)[0]
+                loss = ((out[:, : x0.shape[1]].float() - noise) ** 2).mean()
+                accelerator.backward(loss / accum)
+            losses.append(loss.detach())
+            images += b
+        loss = torch.stack(losses).mean()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.gradient_clip or math.inf)
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if accelerator.scaler is not None:  # fp16: the grad scaler skips inf/NaN steps itself
+            optimizer.step()
+            skipped = optimizer.step_was_skipped
+        else:
+            skipped = not math.isfinite(grad_norm)
+            if not skipped:
+                optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["images_seen"] += images * accelerator.num_processes
+        speed.add(images * accelerator.num_processes)
+        if skipped:
+            state["nonfinite_total"] += 1
+            consecutive_bad += 1
+            log.warning("step %d: non-finite loss/gradient: step skipped [%d in a row]", state["step"],
+                        consecutive_bad)  # fmt: skip
+            if consecutive_bad >= cfg.max_nonfinite_steps:
+                raise RuntimeError(f"{consecutive_bad} consecutive non-finite steps: stopping; last good checkpoint "
+                                   f"{latest_checkpoint(work_dir) or 'none'} (lower optimizer.lr or use bf16)")  # fmt: skip
+        else:
+            consecutive_bad = 0
+            lr_scheduler.step()
+            if ema is not None:
+                ema.update(unwrapped)
+
+        # ---- report, validate, save
+        step = state["step"]
+        bar.update(1)
+        if step % cfg.log_every_steps == 0 or step == total_steps:
+            mean_loss = accelerator.reduce(loss.reshape(1), reduction="mean").item()
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+            tracker.log_scalars({"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                                 "train/images_per_s": speed.rate()}, step)  # fmt: skip
+            log.info(
+                "step %d/%d loss %.5f lr %.3g grad_norm %.4g", step, total_steps, mean_loss, lr, grad_norm
+            )
+        if validate and is_main and step % cfg.validation.every_steps == 0:
+            model.eval()
+            with ema.swapped(unwrapped) if ema is not None else contextlib.nullcontext():
+                grid = validation_grid(base, unwrapped, vae, held_out, cfg, device, seed=cfg.seed)
+            model.train()
+            with atomic_path(work_dir / "validation" / f"step_{step:07d}.png") as tmp:
+                Image.fromarray(grid).save(tmp, format="PNG")
+            tracker.log_image("validation/mask_reference_samples", grid, step)
+        if step % cfg.save_every_steps == 0 or step == total_steps:
+            save(step)
+            last_saved = step
+    bar.close()
+    tracker.close()
+    stop.restore()
+    if state["step"] >= total_steps:
+        log.info("done: %d steps; checkpoints in %s", state["step"], manager.root)
+    else:
+        log.info("stopped at step %d of %d; run the same command again to resume", state["step"], total_steps)
+    accelerator.end_training()
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Entry point: bad input -> one `error:` line and exit status 2 (no traceback)."""
+    t0 = time.monotonic()
+    try:
+        code = main(parse_args(argv))
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    log.info("wall time %.1f s", time.monotonic() - t0)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
