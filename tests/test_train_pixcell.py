@@ -247,6 +247,17 @@ def test_export_pipeline_loads(tmp_path, straight_run, tiny_vae_dir):
     assert images.shape == (1, 256, 256, 3)
 
 
+def test_work_dir_is_a_model_source(straight_run):
+    from diffusion.model.loading import load_transformer
+
+    ckpt = latest_checkpoint(straight_run)
+    for ema, folder in ((True, "transformer_ema"), (False, "transformer")):
+        saved = load_file(ckpt / folder / "diffusion_pytorch_model.safetensors")
+        for source in (straight_run, ckpt):  # a work dir (latest checkpoint) or one checkpoint
+            model = load_transformer(source, ema=ema)
+            assert torch.equal(model.proj_out.weight, saved["proj_out.weight"])
+
+
 def test_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, real_features, capsys):
     opts = (
         "max_steps=20",

@@ -118,12 +118,18 @@ def load_transformer(
     torch_dtype: torch.dtype | None = None,
     subfolder: str | None = "transformer",
 ) -> PixCellTransformer2DModel:
-    """Load a PixCell transformer from a hub id, a diffusers folder or an original checkpoint file."""
+    """Load a PixCell transformer from a hub id, a diffusers folder, an original checkpoint file, or a training
+    work dir / checkpoint folder (`ema`: its EMA weights, the default for sampling, else the raw weights)."""
     path = Path(source)
     if path.suffix in ORIGINAL_SUFFIXES:
         model = load_original_checkpoint(path, ema=ema)
     elif path.is_dir():
         folder = _transformer_folder(path)
+        if folder is None and ((path / "checkpoints").is_dir() or (path / "meta.json").is_file()):
+            # A training work dir (its latest complete checkpoint) or one checkpoint: its portable weights.
+            from ..training.init import resolve_init_source
+
+            folder = Path(resolve_init_source(path, use_ema=ema))
         if folder is None:
             raise ValueError(
                 f"{path}: no PixCell transformer here (expected config.json with "
