@@ -75,7 +75,9 @@ def test_fetch_slide_honours_pixcell_cache(real_slide, tmp_path, monkeypatch):
 
 def test_otsu_splits_two_populations():
     rng = np.random.default_rng(0)
-    values = np.concatenate([rng.normal(30, 5, 5000), rng.normal(150, 10, 3000)]).clip(0, 255).astype(np.uint8)
+    values = (
+        np.concatenate([rng.normal(30, 5, 5000), rng.normal(150, 10, 3000)]).clip(0, 255).astype(np.uint8)
+    )
     t = otsu_threshold(values)
     assert 45 < t < 120
     assert otsu_threshold(np.full(100, 7, np.uint8)) <= 7  # one population: nothing above it
@@ -114,7 +116,9 @@ def test_patch_count_matches_tissue_filter(real_slide, tiled_256):
     for row, col, x0, y0, frac in summary["patches"]:
         pixels = np.asarray(Image.open(folder / f"{row}_{col}.png"))
         assert pixels.shape == (256, 256, 3)
-        np.testing.assert_array_equal(pixels, np.asarray(slide.read_region((x0, y0), 0, (256, 256)).convert("RGB")))
+        np.testing.assert_array_equal(
+            pixels, np.asarray(slide.read_region((x0, y0), 0, (256, 256)).convert("RGB"))
+        )
         sat = np.asarray(Image.fromarray(pixels).convert("HSV"))[..., 1]
         assert abs((sat > summary["otsu_threshold"]).mean() - frac) < 0.2
         assert frac >= 0.25
@@ -137,7 +141,10 @@ def test_target_magnification_resamples(real_slide, tmp_path):
     s = extract_slide(SlideJob(str(real_slide), "cmu", "demo"), tmp_path, TilingParams(256, target_mpp=1.0))
     assert s.level0_step == 513 and s.grid == (2967 // 513, 2220 // 513)
     for row, col, *_ in s.patches:
-        assert Image.open(tmp_path / f"cmu/demo/single_256/cmu_small_region/{row}_{col}.png").size == (256, 256)
+        assert Image.open(tmp_path / f"cmu/demo/single_256/cmu_small_region/{row}_{col}.png").size == (
+            256,
+            256,
+        )
 
 
 def test_changed_parameters_are_an_error(real_slide, tiled_256, capsys):
@@ -155,14 +162,18 @@ def _tiff_without_mpp(real_slide: Path, path: Path) -> None:
     slide, _ = open_slide(real_slide)
     region = np.asarray(slide.read_region((0, 1000), 0, (1024, 1024)).convert("RGB"))
     slide.close()
-    tifffile.imwrite(path, region, tile=(256, 256), photometric="rgb", compression="zlib")  # no resolution tags
+    tifffile.imwrite(
+        path, region, tile=(256, 256), photometric="rgb", compression="zlib"
+    )  # no resolution tags
 
 
 def test_slide_without_mpp_needs_flag(real_slide, tmp_path, capsys):
     tiff = tmp_path / "no_mpp.tiff"
     _tiff_without_mpp(real_slide, tiff)
     out = tmp_path / "patches"
-    rc = extract_patches.main([str(tiff), "--out", str(out), "--dataset", "x", "--group", "y", "--patch-size", "256"])
+    rc = extract_patches.main(
+        [str(tiff), "--out", str(out), "--dataset", "x", "--group", "y", "--patch-size", "256"]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "no_mpp.tiff: no microns-per-pixel" in err and "--mpp" in err
     assert not list(out.rglob("*.png"))
@@ -187,7 +198,12 @@ def test_failed_slides_are_counted_against_the_allowance(real_slide, tmp_path, c
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert extract_patches.main([str(tmp_path / "nope.svs"), "--out", str(tmp_path), "--dataset", "a", "--group", "b"]) == 2
+    assert (
+        extract_patches.main(
+            [str(tmp_path / "nope.svs"), "--out", str(tmp_path), "--dataset", "a", "--group", "b"]
+        )
+        == 2
+    )
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nope.svs'}: no such slide file or folder"
     assert extract_patches.main(["--out", str(tmp_path)]) == 2
     assert "no slides given" in capsys.readouterr().err
@@ -268,7 +284,12 @@ def test_index_merge_and_subset(tmp_path, capsys):
                              str(tmp_path / "g.h5")]) == 0  # fmt: skip
     assert read_index(tmp_path / "g.h5") == {"gtex_1024": b["gtex_1024"]}
     capsys.readouterr()
-    assert build_index.main(["--from", str(tmp_path / "m.h5"), "--keys", "cptac_1024", "--output", str(tmp_path / "x")]) == 2
+    assert (
+        build_index.main(
+            ["--from", str(tmp_path / "m.h5"), "--keys", "cptac_1024", "--output", str(tmp_path / "x")]
+        )
+        == 2
+    )
     assert "no dataset key 'cptac_1024' (available: gtex_1024, tcga_1024)" in capsys.readouterr().err
     with pytest.raises(KeyError, match="cptac"):
         read_index(tmp_path / "m.h5", ["cptac_1024"])

@@ -115,7 +115,10 @@ class PatchFeatureDataset(Dataset):
                     f"{self.index_file}: no key ending in _{parent_size} (keys: {', '.join(lengths)})"
                 )
         else:
-            keys = resolve_keys(lengths, dataset_keys, self.index_file)
+            # a bare dataset name means its parent-size key: "tcga" -> "tcga_1024"
+            wanted = [k if k in lengths or f"{k}_{parent_size}" not in lengths else f"{k}_{parent_size}"
+                      for k in dataset_keys]  # fmt: skip
+            keys = resolve_keys(lengths, wanted, self.index_file)
             for key in keys:
                 if key_size(key) != parent_size:
                     raise ValueError(
@@ -212,7 +215,8 @@ class PatchFeatureDataset(Dataset):
             raise SampleError(f"{rel}: NaN or Inf in the {which} (crop {row},{col})")
         return vae, uni
 
-    def _noise(self, index: int, shape: tuple[int, ...]) -> torch.Tensor:
+    def noise(self, index: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """The standard normal draw of sample `index` for the current epoch (float32, `shape`)."""
         # SeedSequence mixes (seed, epoch, index) into independent streams; a Generator per sample keeps the
         # draw independent of worker count, batch composition and storage format.
         state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2, dtype=np.uint32)
@@ -229,7 +233,7 @@ class PatchFeatureDataset(Dataset):
             self._record_failure(rel or f"{key}[{position}]", str(err))
             return None
         mean, std = torch.from_numpy(np.array(vae, dtype=np.float32)).chunk(2)
-        latent = mean + std * self._noise(index, tuple(mean.shape))
+        latent = mean + std * self.noise(index, tuple(mean.shape))
         self.num_loaded += 1
         step = self.crop_grid
         return {
