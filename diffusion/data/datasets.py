@@ -152,6 +152,7 @@ class PatchFeatureDataset(Dataset):
                     )
         self._h5 = None
         self._h5_pid = None
+        self._h5_keys: dict[str, h5py.Dataset] = {}
         self.num_loaded = 0
         self.num_failed = 0
         self.failures: list[tuple[str, str]] = []  # (path, reason) seen by this process
@@ -173,14 +174,18 @@ class PatchFeatureDataset(Dataset):
         row, col = divmod(sub, self.crops_per_side)
         return self.keys[k], int(patch - self.offsets[k]), row, col
 
-    def _index_h5(self) -> h5py.File:
+    def _index_dataset(self, key: str) -> h5py.Dataset:
         if self._h5 is None or self._h5_pid != os.getpid():  # one handle per (forked) worker process
             self._h5 = h5py.File(self.index_file, "r")
             self._h5_pid = os.getpid()
-        return self._h5
+            self._h5_keys = {}
+        if key not in self._h5_keys:
+            self._h5_keys[key] = self._h5[key]
+        return self._h5_keys[key]
 
     def patch_path(self, key: str, position: int) -> str:
-        name = self._index_h5()[key][position]
+        """The index entry: the parent patch path relative to `root`."""
+        name = self._index_dataset(key)[position]
         return name.decode("utf-8") if isinstance(name, bytes) else str(name)
 
     # ------------------------------------------------------------------ loading
