@@ -3,6 +3,7 @@ through the real loaders, npy and packed) -> PatchFeatureDataset samples; and ev
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 from pathlib import Path
@@ -132,9 +133,24 @@ def test_repacked_npy_equals_direct_packed(chain):
 
 
 def test_extraction_resumes_without_recomputing(chain, vae_dir, tiny_uni_dir, capsys):
-    rc = extract_features.main(["--root", str(chain), "--vae", str(vae_dir), "--uni", str(tiny_uni_dir),
-                                "--shard-size", "16", "--num-workers", "0", "--format", "npy", "packed"])  # fmt: skip
-    assert rc == 0 and "0 patches encoded" in capsys.readouterr().out
+    enc = ["--root", str(chain), "--vae", str(vae_dir), "--uni", str(tiny_uni_dir), "--shard-size", "16",
+           "--num-workers", "0", "--format", "npy", "packed", "--keys", "cmu_256"]  # fmt: skip
+    assert extract_features.main(enc) == 0 and "0 patches encoded" in capsys.readouterr().out
+    # an interrupted run leaves some npy pairs and some shards missing: only those are redone, identically
+    name = read_index(chain / "metadata/patch_names_all.hdf5")["cmu_256"][5]
+    vae_path = npy_feature_paths(chain, name)[0]
+    shard = packed_shard_path(chain / "features_packed", "cmu_256", 2)
+    before = vae_path.read_bytes(), shard.read_bytes()
+    vae_path.unlink()
+    shard.unlink()
+    assert extract_features.main(enc) == 0
+    # the batch of 8 holding the missing pair is re-encoded whole (same batches -> same bytes), plus the 8
+    # patches of the missing last shard
+    assert "16 patches encoded" in capsys.readouterr().out
+    with h5py.File(shard) as a, h5py.File(io.BytesIO(before[1])) as b:
+        for k in ("vae", "uni", "paths", "valid"):
+            np.testing.assert_array_equal(a[k][()], b[k][()])
+    np.testing.assert_array_equal(np.load(vae_path), np.load(io.BytesIO(before[0])))
 
 
 def test_work_units_partition_the_index():

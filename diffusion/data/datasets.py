@@ -174,6 +174,10 @@ class PatchFeatureDataset(Dataset):
         row, col = divmod(sub, self.crops_per_side)
         return self.keys[k], int(patch - self.offsets[k]), row, col
 
+    def __getstate__(self) -> dict:
+        # the index handle is per process (spawned DataLoader workers reopen it)
+        return {**self.__dict__, "_h5": None, "_h5_pid": None, "_h5_keys": {}}
+
     def _index_dataset(self, key: str) -> h5py.Dataset:
         if self._h5 is None or self._h5_pid != os.getpid():  # one handle per (forked) worker process
             self._h5 = h5py.File(self.index_file, "r")

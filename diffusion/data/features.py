@@ -254,6 +254,10 @@ class PackedReader:
         self._files: OrderedDict[int, _OpenShard] = OrderedDict()
         self._pid = os.getpid()
 
+    def __getstate__(self) -> dict:
+        # open HDF5 handles cannot be pickled (DataLoader workers under the spawn start method); reopen lazily
+        return {**self.__dict__, "_files": OrderedDict()}
+
     def _shard(self, shard: int) -> _OpenShard:
         if self._pid != os.getpid():  # a forked DataLoader worker must not reuse the parent's handles
             self._files = OrderedDict()
