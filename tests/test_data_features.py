@@ -262,18 +262,19 @@ def test_dataset_argument_errors(chain):
 
 @pytest.fixture
 def broken(chain, tmp_path) -> tuple[Path, list[str]]:
-    """A copy of the 256 px data with four damaged feature pairs (npy) and re-packed features."""
+    """A copy of the 256 px data with five damaged feature pairs (npy)."""
     root = tmp_path / "patches"
     shutil.copytree(chain, root, ignore=shutil.ignore_patterns("features_packed", "repacked", "single_1024"))
     names = read_index(root / "metadata/patch_names_all.hdf5")["cmu_256"]
     write_index(root / "metadata/patch_names_all.hdf5", {"cmu_256": names})
-    bad = [names[3], names[10], names[17], names[30]]
+    bad = [names[3], names[10], names[17], names[20], names[30]]
     npy_feature_paths(root, bad[0])[0].write_bytes(b"")  # zero-byte
     np.save(npy_feature_paths(root, bad[1])[1], np.zeros((4, UNI_DIM), np.float16))  # wrong shape
     npy_feature_paths(root, bad[2])[0].unlink()  # missing
-    uni = np.load(npy_feature_paths(root, bad[3])[1])
+    np.save(npy_feature_paths(root, bad[3])[0], np.zeros((32, 16, 16), np.float16))  # latent of another size
+    uni = np.load(npy_feature_paths(root, bad[4])[1])
     uni[0, 5] = np.nan
-    np.save(npy_feature_paths(root, bad[3])[1], uni)  # NaN in the embedding
+    np.save(npy_feature_paths(root, bad[4])[1], uni)  # NaN in the embedding
     return root, bad
 
 
@@ -286,11 +287,15 @@ def test_bad_npy_is_skipped_counted_and_logged(broken, caplog):
     with caplog.at_level(logging.WARNING, logger="pixcell.data"):
         samples = [ds[i] for i in range(len(ds))]
     failed = [i for i, s in enumerate(samples) if s is None]
-    assert failed == [3, 10, 17, 30] and ds.num_failed == 4 and ds.num_loaded == 36
+    assert failed == [3, 10, 17, 20, 30] and ds.num_failed == 5 and ds.num_loaded == 35
     reasons = dict(ds.failures)
     assert "unreadable .npy" in reasons[bad[0]] and "shape (4, 96), expected (1, C)" in reasons[bad[1]]
-    assert "feature file missing" in reasons[bad[2]] and "NaN or Inf in the UNI embedding" in reasons[bad[3]]
-    assert all(b in caplog.text for b in bad) and "4 failed of 31 seen" in caplog.text
+    assert (
+        "feature file missing" in reasons[bad[2]]
+        and "expected (2*latent_channels, 32, 32)" in reasons[bad[3]]
+    )
+    assert "NaN or Inf in the UNI embedding" in reasons[bad[4]]
+    assert all(b in caplog.text for b in bad) and "5 failed of 31 seen" in caplog.text
     assert [line.split("\t")[0] for line in log_file.read_text().splitlines()] == bad
     batch = collate_skip_none(samples[:8])
     assert batch["skipped"] == 1 and batch["latent"].shape[0] == 7 and 3 not in batch["index"].tolist()
@@ -320,7 +325,7 @@ def test_packing_marks_bad_rows_and_packed_dataset_skips_the_same(broken, capsys
     root, bad = broken
     rc = pack_features.main(["--root", str(root), "--shard-size", "16", "--max-failure-rate", "0.2"])
     out = capsys.readouterr()
-    assert rc == 0 and "36 patches packed, 4 invalid" in out.out, out.err
+    assert rc == 0 and "35 patches packed, 5 invalid" in out.out, out.err
     assert all(b in (root / "features_packed/pack_failures.0of1.tsv").read_text() for b in bad)
     npy, packed = _datasets(root, 256, 256, max_failure_rate=0.2)
     for i in range(len(npy)):
@@ -328,7 +333,7 @@ def test_packing_marks_bad_rows_and_packed_dataset_skips_the_same(broken, capsys
         assert (a is None) == (b is None)
         if a is not None:
             assert torch.equal(a["latent"], b["latent"]) and torch.equal(a["uni"], b["uni"])
-    assert packed.num_failed == 4 and "marked invalid" in packed.failures[0][1]
+    assert packed.num_failed == 5 and "marked invalid" in packed.failures[0][1]
     # the default threshold stops packing
     assert pack_features.main(["--root", str(root), "--packed-root", str(root / "p2"), "--min-failures-before-stop",
                                "2"]) == 2  # fmt: skip

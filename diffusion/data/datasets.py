@@ -134,18 +134,14 @@ class PatchFeatureDataset(Dataset):
         self.crops_per_patch = self.crops_per_side**2
         self.parent_grid = parent_size // UNI_TILE  # UNI tokens per side of the parent
         self.crop_grid = resolution // UNI_TILE
-        self.vae_shape = (
-            None,
-            parent_size // VAE_FACTOR,
-            parent_size // VAE_FACTOR,
-        )  # channels checked as 2*k
+        self.latent_side = parent_size // VAE_FACTOR  # of the parent; channels are 2 * latent channels
 
         self._readers = None
         if feature_format == "packed":
             self._readers = {k: PackedReader(self.features_root, k, n) for k, n in zip(keys, self.lengths)}
             for key, reader in self._readers.items():
                 vae_shape, uni_shape = reader.meta["vae_shape"], reader.meta["uni_shape"]
-                if vae_shape[1:] != list(self.vae_shape[1:]) or uni_shape[0] != self.parent_grid**2:
+                if vae_shape[1:] != [self.latent_side] * 2 or uni_shape[0] != self.parent_grid**2:
                     raise ValueError(
                         f"{self.features_root / key}: packed shapes vae {vae_shape}, uni {uni_shape} "
                         f"do not fit parent_size {parent_size}"
@@ -205,10 +201,11 @@ class PatchFeatureDataset(Dataset):
         else:
             vae_path, uni_path = npy_feature_paths(self.features_root, rel, self.vae_suffix, self.uni_suffix)
             vae_all = load_npy(vae_path)
-            if vae_all.ndim != 3 or vae_all.shape[0] % 2 or vae_all.shape[1:] != self.vae_shape[1:]:
+            side = self.latent_side
+            if vae_all.ndim != 3 or vae_all.shape[0] % 2 or vae_all.shape[1:] != (side, side):
                 raise SampleError(
-                    f"{vae_path}: shape {tuple(vae_all.shape)}, expected (2*latent_channels, "
-                    f"{self.vae_shape[1]}, {self.vae_shape[2]}) for {self.parent_size} px patches"
+                    f"{vae_path}: shape {tuple(vae_all.shape)}, expected (2*latent_channels, {side}, {side}) "
+                    f"for {self.parent_size} px patches"
                 )
             uni_all = load_npy(uni_path)
             if uni_all.ndim == 1 and g == 1:  # single-token features saved as (C,)
