@@ -231,12 +231,17 @@ class PatchFeatureDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         key, position, row, col = self.locate(index)
-        rel = ""
+        rel = self.patch_path(key, position)
         try:
-            rel = self.patch_path(key, position)
             vae, uni = self._load(key, position, rel, row, col)
         except SampleError as err:
-            self._record_failure(rel or f"{key}[{position}]", str(err))
+            failure = str(err)
+        else:
+            failure = None
+        if (
+            failure is not None
+        ):  # recorded outside the except block: a TooManyFailures carries no chained traceback
+            self._record_failure(rel, failure)
             return None
         mean, std = torch.from_numpy(np.array(vae, dtype=np.float32)).chunk(2)
         latent = mean + std * self.noise(index, tuple(mean.shape))
