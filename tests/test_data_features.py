@@ -379,6 +379,23 @@ def test_truncated_image_is_skipped_in_extraction(chain, vae_dir, tiny_uni_dir, 
         assert h5["valid"][()].tolist() == [True, False, False, True]
     logged = (root / "features_packed/feature_failures.0of1.tsv").read_text()
     assert names[1] in logged and names[2] in logged
+    # the autocast path (bf16 here on CPU; the GPU default) gives the same features to bf16 precision
+    bf16 = [
+        "--features-root",
+        str(tmp_path / "bf16"),
+        "--max-failure-rate",
+        "0.6",
+        "--format",
+        "npy",
+        "--precision",
+    ]
+    assert extract_features.main([*enc[:-3], *bf16, "bf16"]) == 0
+    for name in (names[0], names[3]):
+        for ours, ref in zip(npy_feature_paths(tmp_path / "bf16", name), npy_feature_paths(root, name)):
+            a, b = np.load(ours), np.load(ref)
+            assert a.dtype == np.float16 and a.shape == b.shape
+            a, b = a.astype(np.float32), b.astype(np.float32)
+            assert np.linalg.norm(a - b) < 0.05 * np.linalg.norm(b)  # bf16: ~3 significant digits per op
     # past the threshold the run stops with a clear error
     shutil.rmtree(root / "features_packed")
     assert extract_features.main([*enc, "--min-failures-before-stop", "1"]) == 2
