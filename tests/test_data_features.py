@@ -316,9 +316,13 @@ def test_failure_threshold_stops_the_run(broken):
     ds = PatchFeatureDataset(
         root, resolution=256, parent_size=256, max_failure_rate=0.05, min_failures_before_stop=1
     )
-    loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_skip_none)
-    with pytest.raises(TooManyFailures, match="max_failure_rate"):
-        list(loader)
+    batches = iter(DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_skip_none))
+    try:
+        with pytest.raises(TooManyFailures, match="max_failure_rate"):
+            for _ in batches:
+                pass
+    finally:
+        batches._shutdown_workers()  # else the surviving worker is reaped seconds later, in another test
 
 
 def test_packing_marks_bad_rows_and_packed_dataset_skips_the_same(broken, capsys):
