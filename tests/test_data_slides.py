@@ -213,12 +213,13 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_killed_extraction_resumes_to_identical_output(real_slide, tmp_path):
+    # 128 px, no tissue filter: 391 patches, a wide window to kill the run in
     cmd = [sys.executable, "-m", "tools.extract_patches", str(real_slide), "--dataset", "cmu", "--group", "demo",
-           "--patch-size", "256", "--min-tissue", "0"]  # fmt: skip
+           "--patch-size", "128", "--min-tissue", "0"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     subprocess.run([*cmd, "--out", str(ref)], check=True, env=env, capture_output=True, cwd=REPO)
-    folder = "cmu/demo/single_256/cmu_small_region"
+    folder = "cmu/demo/single_128/cmu_small_region"
 
     proc = subprocess.Popen([*cmd, "--out", str(killed)], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
@@ -235,7 +236,7 @@ def test_killed_extraction_resumes_to_identical_output(real_slide, tmp_path):
     for p in (killed / folder).glob("*.png"):
         Image.open(p).load()
     (killed / folder / ".9_9.png.crash.tmp").write_bytes(b"\x89PNG half")  # as a kill mid-write would leave
-    assert len(scan_patches(killed).get("cmu_256", [])) == 0  # an unfinished slide is not indexed
+    assert len(scan_patches(killed).get("cmu_128", [])) == 0  # an unfinished slide is not indexed
 
     subprocess.run([*cmd, "--out", str(killed)], check=True, env=env, capture_output=True, cwd=REPO)
     assert _patch_files(ref / folder) == _patch_files(killed / folder)

@@ -217,12 +217,19 @@ def main(argv: list[str] | None = None) -> int:
             names = index[unit.key][unit.start : unit.stop]
             shard_file = packed_shard_path(packed_root, unit.key, unit.shard)
             packed_todo = want_packed and not shard_file.is_file()
-            todo = []
-            for i, name in enumerate(names):
-                npy_done = not want_npy or all(p.is_file() for p in npy_feature_paths(npy_root, name))
-                if packed_todo or not npy_done:
-                    todo.append(i)
-            if not todo:
+            # Batches have fixed boundaries inside a unit, and a batch with any missing output is encoded whole:
+            # convolution results depend (in the last float16 bit) on the batch they ran in, so a resumed run
+            # must see the same batches as an uninterrupted one to write the same bytes.
+            batches = [
+                list(range(b, min(b + args.batch_size, len(names))))
+                for b in range(0, len(names), args.batch_size)
+            ]
+            if not packed_todo:
+                batches = [
+                    b for b in batches
+                    if want_npy and not all(p.is_file() for i in b for p in npy_feature_paths(npy_root, names[i]))
+                ]  # fmt: skip
+            if not batches:
                 continue
             s = sizes[unit.key]
             writer = None
@@ -231,9 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                     shard_file, names, (latent_ch, s // factor, s // factor), ((s // 256) ** 2, uni.embed_dim)
                 )
             with writer if writer is not None else nullcontext():
-                images = PatchImages(args.root, [names[i] for i in todo], todo, s)
+                images = PatchImages(args.root, names, list(range(len(names))), s)
                 loader = DataLoader(
-                    images, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=_collate
+                    images, batch_sampler=batches, num_workers=args.num_workers, collate_fn=_collate
                 )
                 for batch in loader:
                     good = [(pos, img) for pos, img, err in batch if err is None]

@@ -115,7 +115,10 @@ class PatchFeatureDataset(Dataset):
                     f"{self.index_file}: no key ending in _{parent_size} (keys: {', '.join(lengths)})"
                 )
         else:
-            keys = resolve_keys(lengths, dataset_keys, self.index_file)
+            # a bare dataset name means its parent-size key: "tcga" -> "tcga_1024"
+            wanted = [k if k in lengths or f"{k}_{parent_size}" not in lengths else f"{k}_{parent_size}"
+                      for k in dataset_keys]  # fmt: skip
+            keys = resolve_keys(lengths, wanted, self.index_file)
             for key in keys:
                 if key_size(key) != parent_size:
                     raise ValueError(
@@ -131,24 +134,21 @@ class PatchFeatureDataset(Dataset):
         self.crops_per_patch = self.crops_per_side**2
         self.parent_grid = parent_size // UNI_TILE  # UNI tokens per side of the parent
         self.crop_grid = resolution // UNI_TILE
-        self.vae_shape = (
-            None,
-            parent_size // VAE_FACTOR,
-            parent_size // VAE_FACTOR,
-        )  # channels checked as 2*k
+        self.latent_side = parent_size // VAE_FACTOR  # of the parent; channels are 2 * latent channels
 
         self._readers = None
         if feature_format == "packed":
             self._readers = {k: PackedReader(self.features_root, k, n) for k, n in zip(keys, self.lengths)}
             for key, reader in self._readers.items():
                 vae_shape, uni_shape = reader.meta["vae_shape"], reader.meta["uni_shape"]
-                if vae_shape[1:] != list(self.vae_shape[1:]) or uni_shape[0] != self.parent_grid**2:
+                if vae_shape[1:] != [self.latent_side] * 2 or uni_shape[0] != self.parent_grid**2:
                     raise ValueError(
                         f"{self.features_root / key}: packed shapes vae {vae_shape}, uni {uni_shape} "
                         f"do not fit parent_size {parent_size}"
                     )
         self._h5 = None
         self._h5_pid = None
+        self._h5_keys: dict[str, h5py.Dataset] = {}
         self.num_loaded = 0
         self.num_failed = 0
         self.failures: list[tuple[str, str]] = []  # (path, reason) seen by this process
@@ -170,14 +170,22 @@ class PatchFeatureDataset(Dataset):
         row, col = divmod(sub, self.crops_per_side)
         return self.keys[k], int(patch - self.offsets[k]), row, col
 
-    def _index_h5(self) -> h5py.File:
+    def __getstate__(self) -> dict:
+        # the index handle is per process (spawned DataLoader workers reopen it)
+        return {**self.__dict__, "_h5": None, "_h5_pid": None, "_h5_keys": {}}
+
+    def _index_dataset(self, key: str) -> h5py.Dataset:
         if self._h5 is None or self._h5_pid != os.getpid():  # one handle per (forked) worker process
             self._h5 = h5py.File(self.index_file, "r")
             self._h5_pid = os.getpid()
-        return self._h5
+            self._h5_keys = {}
+        if key not in self._h5_keys:
+            self._h5_keys[key] = self._h5[key]
+        return self._h5_keys[key]
 
     def patch_path(self, key: str, position: int) -> str:
-        name = self._index_h5()[key][position]
+        """The index entry: the parent patch path relative to `root`."""
+        name = self._index_dataset(key)[position]
         return name.decode("utf-8") if isinstance(name, bytes) else str(name)
 
     # ------------------------------------------------------------------ loading
@@ -193,10 +201,11 @@ class PatchFeatureDataset(Dataset):
         else:
             vae_path, uni_path = npy_feature_paths(self.features_root, rel, self.vae_suffix, self.uni_suffix)
             vae_all = load_npy(vae_path)
-            if vae_all.ndim != 3 or vae_all.shape[0] % 2 or vae_all.shape[1:] != self.vae_shape[1:]:
+            side = self.latent_side
+            if vae_all.ndim != 3 or vae_all.shape[0] % 2 or vae_all.shape[1:] != (side, side):
                 raise SampleError(
-                    f"{vae_path}: shape {tuple(vae_all.shape)}, expected (2*latent_channels, "
-                    f"{self.vae_shape[1]}, {self.vae_shape[2]}) for {self.parent_size} px patches"
+                    f"{vae_path}: shape {tuple(vae_all.shape)}, expected (2*latent_channels, {side}, {side}) "
+                    f"for {self.parent_size} px patches"
                 )
             uni_all = load_npy(uni_path)
             if uni_all.ndim == 1 and g == 1:  # single-token features saved as (C,)
@@ -212,7 +221,8 @@ class PatchFeatureDataset(Dataset):
             raise SampleError(f"{rel}: NaN or Inf in the {which} (crop {row},{col})")
         return vae, uni
 
-    def _noise(self, index: int, shape: tuple[int, ...]) -> torch.Tensor:
+    def noise(self, index: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """The standard normal draw of sample `index` for the current epoch (float32, `shape`)."""
         # SeedSequence mixes (seed, epoch, index) into independent streams; a Generator per sample keeps the
         # draw independent of worker count, batch composition and storage format.
         state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2, dtype=np.uint32)
@@ -221,15 +231,20 @@ class PatchFeatureDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         key, position, row, col = self.locate(index)
-        rel = ""
+        rel = self.patch_path(key, position)
         try:
-            rel = self.patch_path(key, position)
             vae, uni = self._load(key, position, rel, row, col)
         except SampleError as err:
-            self._record_failure(rel or f"{key}[{position}]", str(err))
+            failure = str(err)
+        else:
+            failure = None
+        if (
+            failure is not None
+        ):  # recorded outside the except block: a TooManyFailures carries no chained traceback
+            self._record_failure(rel, failure)
             return None
         mean, std = torch.from_numpy(np.array(vae, dtype=np.float32)).chunk(2)
-        latent = mean + std * self._noise(index, tuple(mean.shape))
+        latent = mean + std * self.noise(index, tuple(mean.shape))
         self.num_loaded += 1
         step = self.crop_grid
         return {

@@ -251,23 +251,29 @@ class PackedReader:
                 f"{key!r} missing; finish tools.extract_features / tools.pack_features)"
             )
         self.max_open = max_open
-        self._files: OrderedDict[int, h5py.File] = OrderedDict()
+        self._files: OrderedDict[int, _OpenShard] = OrderedDict()
         self._pid = os.getpid()
 
-    def _shard(self, shard: int) -> h5py.File:
+    def __getstate__(self) -> dict:
+        # open HDF5 handles cannot be pickled (DataLoader workers under the spawn start method); reopen lazily
+        return {**self.__dict__, "_files": OrderedDict()}
+
+    def _shard(self, shard: int) -> _OpenShard:
         if self._pid != os.getpid():  # a forked DataLoader worker must not reuse the parent's handles
             self._files = OrderedDict()
             self._pid = os.getpid()
-        h5 = self._files.get(shard)
-        if h5 is None:
-            path = packed_shard_path(self.root, self.key, shard)
-            h5 = h5py.File(path, "r")
-            self._files[shard] = h5
+        entry = self._files.get(shard)
+        if entry is None:
+            h5 = h5py.File(packed_shard_path(self.root, self.key, shard), "r")
+            # names and validity are read once per opened shard; per sample only the arrays are touched
+            paths = [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in h5["paths"][()]]
+            entry = _OpenShard(h5, h5["vae"], h5["uni"], paths, h5["valid"][()])
+            self._files[shard] = entry
             if len(self._files) > self.max_open:
-                self._files.popitem(last=False)[1].close()
+                self._files.popitem(last=False)[1].h5.close()
         else:
             self._files.move_to_end(shard)
-        return h5
+        return entry
 
     def read(
         self,
@@ -278,21 +284,29 @@ class PackedReader:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Features of index entry `position`: vae (32, h, w) restricted to latent_box, uni (T', C) rows `tokens`."""
         shard, row = divmod(position, self.shard_size)
-        h5 = self._shard(shard)
-        stored = h5["paths"][row]
-        stored = stored.decode("utf-8") if isinstance(stored, bytes) else str(stored)
-        if stored != rel_path:
+        entry = self._shard(shard)
+        name = entry.h5.filename
+        if entry.paths[row] != rel_path:
             raise ValueError(
-                f"{h5.filename} row {row} holds {stored!r} but the index says {rel_path!r}: the "
+                f"{name} row {row} holds {entry.paths[row]!r} but the index says {rel_path!r}: the "
                 "packed features are stale; re-run tools.pack_features for this index"
             )
-        if not h5["valid"][row]:
+        if not entry.valid[row]:
             raise SampleError(
-                f"{rel_path}: marked invalid in {h5.filename} (feature extraction failed; see its log)"
+                f"{rel_path}: marked invalid in {name} (feature extraction failed; see its log)"
             )
         try:
-            vae = h5["vae"][row] if latent_box is None else h5["vae"][(row, slice(None), *latent_box)]
-            uni = h5["uni"][row]
+            vae = entry.vae[row] if latent_box is None else entry.vae[(row, slice(None), *latent_box)]
+            uni = entry.uni[row]
         except OSError as err:
-            raise SampleError(f"{h5.filename} row {row}: unreadable ({err})") from None
+            raise SampleError(f"{name} row {row}: unreadable ({err})") from None
         return vae, (uni if tokens is None else uni[tokens])
+
+
+@dataclass
+class _OpenShard:
+    h5: h5py.File
+    vae: h5py.Dataset
+    uni: h5py.Dataset
+    paths: list[str]
+    valid: np.ndarray
