@@ -4,7 +4,10 @@
     ihc  (N, T, C) float16   tokens of the IHC images
     metadata: names (JSON list, the pair file names in order), encoder, image_size
 
-Both trainers read this file: the flow MLP learns he -> ihc, the LoRA is conditioned on ihc. The tokens come
+    python -m virtual_staining.embeddings --dataset MIST --root /data/MIST --stain HER2 --split train \\
+        --out work_dirs/mist_her2/embeddings_train.safetensors --uni /weights/uni2h/pytorch_model.bin
+
+Both trainers read this file (and write it on first use when it is missing): the flow MLP learns he -> ihc, the LoRA is conditioned on ihc. The tokens come
 from `diffusion.encoders.UNIEncoder.embed_grid` (the same preprocessing as every other PixCell feature).
 """
 
@@ -21,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from diffusion.atomic import atomic_path
-from diffusion.encoders import UNIEncoder
+from diffusion.encoders import UNI2H_HUB_ID, UNIEncoder, load_uni
 
 from .data import Pair, read_image
 
@@ -163,19 +166,68 @@ def ensure_embeddings(
     uni_source: str | Path,
     out_path: str | Path,
     device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
     **kwargs,
 ) -> EmbeddingCache:
     """Load the cache if it covers exactly these pairs (same names); otherwise compute it with UNI from `uni_source`."""
-    from diffusion.encoders import load_uni
-
     out_path = Path(out_path)
     want = [p.name for p in pairs]
     if out_path.is_file():
         cache = load_embeddings(out_path)
-        if cache.names == want or (set(cache.names) <= set(want) and int(cache.meta.get("skipped", 0)) > 0):
+        skipped = int(cache.meta.get("skipped", 0))
+        # The same pairs, less any that were skipped as unreadable when the cache was written.
+        if set(cache.names) <= set(want) and len(cache) + skipped == len(want):
             log.info("using cached embeddings %s (%d pairs)", out_path, len(cache))
             return cache
         log.info("%s: covers other pairs than this split; recomputing", out_path)
-    uni = load_uni(uni_source, device=device)
+    uni = load_uni(uni_source, device=device).to(dtype)
     compute_embeddings(pairs, uni, out_path, encoder_name=str(uni_source), **kwargs)
     return load_embeddings(out_path)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from tools.cli import DTYPES, resolve_device
+
+    from .data import DATASETS, MIST_STAINS, dataset_pairs
+
+    p = argparse.ArgumentParser(
+        prog="python -m virtual_staining.embeddings", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--root", required=True, help="dataset root folder")
+    p.add_argument("--stain", default="HER2", choices=MIST_STAINS)
+    p.add_argument("--split", default="train")
+    p.add_argument("--out", required=True, help="cache file (.safetensors)")
+    p.add_argument("--uni", default=UNI2H_HUB_ID, help="UNI2-h: hub id, local folder or weights file")
+    p.add_argument("--image-size", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=8, help="image pairs per batch")
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=sorted(DTYPES))
+    p.add_argument("--skip-unpaired", action="store_true", help="leave out images without a partner")
+    args = p.parse_args(argv)
+    pairs = dataset_pairs(
+        args.dataset, args.root, args.split, args.stain, "skip" if args.skip_unpaired else "error"
+    )
+    uni = load_uni(args.uni, device=resolve_device(args.device)).to(DTYPES[args.dtype])
+    compute_embeddings(
+        pairs,
+        uni,
+        args.out,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        encoder_name=str(args.uni),
+    )
+    print(f"wrote {args.out} ({len(load_embeddings(args.out))} pairs)")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from tools.cli import run_cli
+
+    sys.exit(run_cli(main))
