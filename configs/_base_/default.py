@@ -8,6 +8,9 @@ resolution = 256  # training image size in px (multiple of 256: one UNI token pe
 load_from = (
     None  # initialise from: a work dir / training checkpoint / published weights (diffusers or original)
 )
+load_ema = (
+    False  # with load_from: take the source's EMA weights (the original trainer took the model weights)
+)
 
 # ---- data (pre-extracted features; the root comes from --data-root or $PIXCELL_DATA_ROOT, never a config)
 data = dict(
@@ -39,10 +42,19 @@ mixed_precision = "fp16"  # "no", "fp16", "bf16"
 fp32_attention = True  # attention in fp32 under fp16 autocast (the original recipe)
 gradient_checkpointing = True
 seed = 0
+max_nonfinite_steps = (
+    10  # stop after this many consecutive steps with a non-finite loss or gradient (skipped)
+)
 
 # ---- checkpoints, logging, validation
 save_every_steps = 2000
 keep_last = 3  # checkpoints kept in the work dir
 log_every_steps = 20
 report_to = "tensorboard"  # "tensorboard" or "wandb"
-validation = dict(every_steps=2000, num_images=4, guidance_scale=2.0, num_inference_steps=20)
+validation = dict(
+    every_steps=2000,  # 0 = off; EMA samples of fixed held-out conditions beside the real crops
+    num_images=4,  # held-out samples (the last ones of the dataset, never trained on while validation is on)
+    guidance_scale=2.0,
+    num_inference_steps=20,
+    vae="stabilityai/stable-diffusion-3.5-large",  # decodes the samples: hub id or local folder
+)

@@ -1,0 +1,195 @@
+"""Full-state training checkpoints: atomic, complete or absent, the last K kept, the latest found on restart.
+
+Layout of `<work_dir>/checkpoints/checkpoint-<step:07d>/`:
+
+    model.safetensors, optimizer.bin, scaler.pt,     accelerate's own state (`Accelerator.save_state`), so DDP,
+    random_states_<rank>.pkl                         FSDP (sharded) and DeepSpeed models/optimizers save natively,
+                                                     with the python/numpy/torch/CUDA RNG states of every process
+    trainer_state.pt                                 step, data position, counters, LR scheduler, EMA (unsharded),
+                                                     resolved config text (written by the main process)
+    rank_<r>.pt                                      per-process state: the trainer's noise generator, EMA shard
+    transformer/, transformer_ema/                   portable weights (diffusers folders: config.json +
+                                                     diffusion_pytorch_model.safetensors) for --load-from / export
+    meta.json                                        written last: marks the checkpoint complete
+
+Every process writes into `.checkpoint-<step>.tmp/`; after a barrier the main process writes `meta.json` and
+renames the folder (one atomic rename), so a kill at any moment leaves either the previous checkpoints or a
+stray temporary folder (removed by the next save), never a broken `checkpoint-*`. Old checkpoints are renamed
+away before they are deleted, for the same reason. The work dir must be on a file system all nodes share.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..atomic import atomic_path
+
+log = logging.getLogger("pixcell.train")
+
+CHECKPOINT_DIR = "checkpoints"
+FORMAT = "pixcell-train-checkpoint"
+VERSION = 1
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:07d}"
+
+
+def is_complete(path: str | Path) -> bool:
+    """A checkpoint folder is complete when its meta.json (written last, before the rename) is there."""
+    return (Path(path) / "meta.json").is_file() and _NAME.match(Path(path).name) is not None
+
+
+def list_checkpoints(work_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under `<work_dir>/checkpoints`, oldest first (by step)."""
+    root = Path(work_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and is_complete(p)]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(path: str | Path) -> Path | None:
+    """The checkpoint to resume from: `path` itself if it is one, else the newest complete one in work dir `path`."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    found = list_checkpoints(path)
+    return found[-1] if found else None
+
+
+def read_meta(path: str | Path) -> dict:
+    meta = json.loads((Path(path) / "meta.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"{path}: not a PixCell training checkpoint (meta.json format {meta.get('format')!r})"
+        )
+    return meta
+
+
+def save_transformer_folder(model, state_dict: dict[str, Tensor], folder: str | Path) -> Path:
+    """A diffusers model folder (config.json + diffusion_pytorch_model.safetensors) from a full state dict.
+
+    `model` supplies the config (a diffusers ConfigMixin, e.g. the unwrapped transformer); `state_dict` is the
+    full (gathered) weights, e.g. `accelerator.get_state_dict(model)`. Written atomically.
+    """
+    folder = Path(folder)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir(parents=True)
+        model.save_config(tmp)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        save_file(tensors, tmp / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+class CheckpointManager:
+    """Saves and restores the whole training state of one run under `<work_dir>/checkpoints`.
+
+    All processes call `save` and `load` together (accelerate's state saving is collective under FSDP and
+    DeepSpeed). `train_state` (main process) and `rank_state` (each process) are picklable dicts of the caller's.
+    """
+
+    def __init__(self, work_dir: str | Path, accelerator, keep_last: int = 3):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.work_dir = Path(work_dir)
+        self.root = self.work_dir / CHECKPOINT_DIR
+        self.accelerator = accelerator
+        self.keep_last = keep_last
+
+    def save(
+        self,
+        step: int,
+        train_state: dict,
+        rank_state: dict | None = None,
+        ema=None,
+        portable: dict[str, tuple[object, dict[str, Tensor]]] | None = None,
+    ) -> Path:
+        """Write checkpoint `step`; returns its final path.
+
+        ema:       a diffusion.training.ema.EMA (saved in trainer_state.pt, or per rank when `ema.sharded`).
+        portable:  {folder name: (config-holding model, full state dict)} written by the main process as diffusers
+                   folders; state dicts are only needed on the main process (None elsewhere is fine).
+        """
+        acc = self.accelerator
+        final = self.root / checkpoint_name(step)
+        tmp = self.root / f".{final.name}.tmp"
+        t0 = time.monotonic()
+        if acc.is_main_process:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".checkpoint-*"):  # leftovers of an interrupted save or delete
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        rank = dict(rank_state or {})
+        if ema is not None and ema.sharded:
+            rank["ema"] = ema.state_dict()
+        torch.save(rank, tmp / f"rank_{acc.process_index}.pt")
+        if acc.is_main_process:
+            state = dict(train_state, step=step)
+            if ema is not None and not ema.sharded:
+                state["ema"] = ema.state_dict()
+            torch.save(state, tmp / "trainer_state.pt")
+            for name, (model, sd) in (portable or {}).items():
+                save_transformer_folder(model, sd, tmp / name)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            meta = {
+                "format": FORMAT,
+                "version": VERSION,
+                "step": step,
+                "world_size": acc.num_processes,
+                "distributed_type": str(acc.distributed_type),
+                "ema_sharded": bool(ema is not None and ema.sharded),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            if final.exists():  # the same step saved twice (e.g. a signal right after a periodic save)
+                shutil.rmtree(final)
+            tmp.rename(final)
+            self._prune()
+            log.info("saved checkpoint %s (%.1f s)", final, time.monotonic() - t0)
+        acc.wait_for_everyone()
+        return final
+
+    def _prune(self) -> None:
+        for old in list_checkpoints(self.work_dir)[: -self.keep_last]:
+            trash = old.with_name(f".{old.name}.trash")
+            old.rename(trash)  # no longer "complete" before any file of it disappears
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def load(self, path: str | Path, ema=None) -> tuple[dict, dict]:
+        """Restore accelerate's state (model, optimizer, scaler, RNG) from `path`; returns (train_state, rank_state).
+
+        The EMA is restored in place when given. A rank file missing (resuming on more processes than saved)
+        yields an empty rank_state, and the caller re-seeds what it held.
+        """
+        path = Path(path)
+        meta = read_meta(path)
+        acc = self.accelerator
+        if meta["world_size"] != acc.num_processes:
+            log.warning(
+                "%s was saved by %d process(es), resuming on %d: the run continues, but not bit-for-bit",
+                path, meta["world_size"], acc.num_processes,
+            )  # fmt: skip
+        acc.load_state(str(path))
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        rank_file = path / f"rank_{acc.process_index}.pt"
+        rank = torch.load(rank_file, map_location="cpu", weights_only=False) if rank_file.is_file() else {}
+        if ema is not None:
+            ema_state = rank.get("ema") if meta.get("ema_sharded") else state.get("ema")
+            if ema_state is None:
+                raise ValueError(f"{path}: no EMA state for process {acc.process_index}")
+            ema.load_state_dict(ema_state)
+        return state, rank

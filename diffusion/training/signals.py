@@ -1,0 +1,81 @@
+"""Stop cleanly when the cluster asks: SIGTERM / SIGUSR1 (SLURM pre-emption, `--signal=USR1@120`) or a wall-time limit.
+
+The handler only sets a flag; the training loop polls `should_stop(accelerator)` once per optimizer step, which
+agrees over all processes (one tiny all-reduce), so every rank stops at the same step, saves one checkpoint
+together and exits. Re-running the same command resumes from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import time
+
+import torch
+
+log = logging.getLogger("pixcell.train")
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+def parse_duration(text: str | float | int | None) -> float | None:
+    """Seconds from '3600', '90m', '4h', '1-02:30:00' (SLURM D-HH:MM:SS), 'HH:MM:SS' or 'MM:SS'; None passes."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, int | float):
+        return float(text)
+    s = str(text).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", s)
+    if m:
+        return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", s)
+    if m:
+        d, h, mi, sec = (int(x) if x else 0 for x in m.groups())
+        return float(((d * 24 + h) * 60 + mi) * 60 + sec)
+    raise ValueError(f"time limit {text!r}: expected seconds, 90m, 4h, HH:MM:SS or D-HH:MM:SS")
+
+
+class StopRequest:
+    """Collects stop reasons: a caught signal, or the wall-time limit (minus a margin to save the checkpoint)."""
+
+    def __init__(self, time_limit: float | None = None, margin: float = 0.0, install: bool = True):
+        self.start = time.monotonic()
+        self.time_limit = time_limit
+        self.margin = margin
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+        if install:
+            self.install()
+
+    def install(self) -> None:
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:  # async-signal context: only set a flag
+        self.signal_name = signal.Signals(signum).name
+
+    def local_reason(self) -> str | None:
+        if self.signal_name:
+            return f"received {self.signal_name}"
+        if self.time_limit is not None and time.monotonic() - self.start >= self.time_limit - self.margin:
+            return f"wall-time limit of {self.time_limit:.0f} s reached"
+        return None
+
+    def should_stop(self, accelerator=None) -> str | None:
+        """The stop reason if any process wants to stop (collective when there are several processes)."""
+        reason = self.local_reason()
+        if accelerator is None or accelerator.num_processes == 1:
+            return reason
+        flag = torch.tensor([1.0 if reason else 0.0], device=accelerator.device)
+        flag = accelerator.reduce(flag, reduction="sum")
+        if flag.item() > 0:
+            return reason or "another process was asked to stop"
+        return None

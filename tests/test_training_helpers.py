@@ -1,0 +1,236 @@
+"""Unit tests of diffusion/training: EMA, optimizers and LR schedules, the resumable sampler, stop signals,
+fp32 attention, checkpoints (atomic, keep-last-K, exact round trip) and stage initialisation."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+from diffusion.model.loading import save_original_checkpoint
+from diffusion.model.pixcell_transformer import build_pixcell
+from diffusion.training.checkpoint import CheckpointManager, latest_checkpoint, list_checkpoints
+from diffusion.training.ema import EMA
+from diffusion.training.init import initialise_from
+from diffusion.training.optim import build_lr_scheduler, build_optimizer, lr_factor
+from diffusion.training.precision import set_fp32_attention
+from diffusion.training.sampler import ResumableSampler
+from diffusion.training.signals import StopRequest, parse_duration
+
+
+def _tiny(preset: str = "PixCell-tiny-64", seed: int = 0):
+    torch.manual_seed(seed)
+    return build_pixcell(preset, caption_channels=96)
+
+
+# ---------------------------------------------------------------- EMA
+
+
+def test_ema_update_is_the_lerp_and_skips_frozen_params():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model[1].weight.requires_grad_(False)
+    ema = EMA(model, rate=0.9)
+    assert "1.weight" not in ema.names and len(ema.shadow) == 3
+    before = [t.clone() for t in ema.shadow]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    for b, s, p in zip(before, ema.shadow, params):
+        torch.testing.assert_close(s, 0.9 * b + 0.1 * p.detach(), rtol=0, atol=1e-6)
+        assert s.dtype == torch.float32
+
+
+def test_ema_swapped_restores_training_weights_and_state_round_trips():
+    model = nn.Linear(5, 5)
+    ema = EMA(model, rate=0.5)
+    with torch.no_grad():
+        model.weight.mul_(3.0)
+    ema.update(model)
+    trained = model.weight.detach().clone()
+    with ema.swapped(model):
+        torch.testing.assert_close(model.weight, ema.shadow[0])
+        assert not torch.equal(model.weight, trained)
+    assert torch.equal(model.weight, trained)
+    other = EMA(nn.Linear(5, 5), rate=0.1)
+    other.load_state_dict(ema.state_dict())
+    assert other.rate == 0.5 and all(torch.equal(a, b) for a, b in zip(other.shadow, ema.shadow))
+    with pytest.raises(ValueError, match="parameter names"):
+        EMA(nn.Linear(5, 5, bias=False)).load_state_dict(ema.state_dict())
+
+
+# ---------------------------------------------------------------- optimizer and LR
+
+
+def test_optimizers_from_config_and_bad_keys():
+    model = nn.Linear(4, 4)
+    came = build_optimizer(
+        model.parameters(),
+        dict(type="CAME", lr=2e-5, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), weight_decay=0.0),
+    )
+    assert type(came).__name__ == "CAME"
+    adamw = build_optimizer(model.parameters(), dict(type="AdamW", lr=1e-3, betas=[0.9, 0.99]))
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.9, 0.99)
+    with pytest.raises(ValueError, match="optimizer.type"):
+        build_optimizer(model.parameters(), dict(type="SGD", lr=1.0))
+    with pytest.raises(ValueError, match="momentum"):
+        build_optimizer(model.parameters(), dict(type="AdamW", lr=1.0, momentum=0.9))
+    with pytest.raises(ValueError, match="3 values"):
+        build_optimizer(model.parameters(), dict(type="CAME", lr=1.0, betas=(0.9, 0.99)))
+    # CAME actually optimises: a quadratic goes down.
+    w = nn.Parameter(torch.ones(8))
+    opt = build_optimizer([w], dict(type="CAME", lr=1e-2))
+    for _ in range(20):
+        opt.zero_grad()
+        (w**2).sum().backward()
+        opt.step()
+    assert (w**2).sum() < 8
+
+
+def test_lr_schedule_warmup_constant_cosine():
+    assert lr_factor(0, "constant", 4, None, 0.0) == pytest.approx(0.25)
+    assert lr_factor(3, "constant", 4, None, 0.0) == 1.0 and lr_factor(10**6, "constant", 4, None, 0.0) == 1.0
+    assert lr_factor(4, "cosine", 4, 14, 0.0) == pytest.approx(1.0)
+    assert lr_factor(9, "cosine", 4, 14, 0.0) == pytest.approx(0.5)
+    assert lr_factor(14, "cosine", 4, 14, 0.1) == pytest.approx(0.1)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = build_lr_scheduler(opt, dict(type="constant", warmup_steps=2), None)
+    seen = []
+    for _ in range(3):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == [1.0, 2.0, 2.0]
+    with pytest.raises(ValueError, match="cosine needs"):
+        build_lr_scheduler(opt, dict(type="cosine"), None)
+    with pytest.raises(ValueError, match="lr_schedule.type"):
+        build_lr_scheduler(opt, dict(type="step"), 10)
+
+
+# ---------------------------------------------------------------- sampler
+
+
+def test_sampler_shards_disjointly_and_resumes_exactly():
+    full = [list(ResumableSampler(23, 3, 2, r, seed=5)) for r in range(2)]
+    assert len(full[0]) == len(full[1]) == 9  # 23 // 6 = 3 global batches of 2 x 3
+    assert not set(full[0]) & set(full[1])
+    s = ResumableSampler(23, 3, 2, 1, seed=5)
+    s.set_position(0, 2)
+    assert list(s) == full[1][6:]
+    s.set_position(1, 0)
+    assert list(s) != full[1]  # a new epoch is a new order
+    held = ResumableSampler(10, 2, 1, 0, seed=0, exclude=[8, 9])
+    assert set(held) <= set(range(8))
+    with pytest.raises(ValueError, match="smaller than one global batch"):
+        ResumableSampler(3, 2, 2, 0)
+
+
+# ---------------------------------------------------------------- signals
+
+
+def test_stop_request_on_signal_and_time_limit():
+    stop = StopRequest()
+    try:
+        assert stop.should_stop() is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.should_stop() == "received SIGUSR1"
+    finally:
+        stop.restore()
+    assert StopRequest(time_limit=0.0, install=False).should_stop().startswith("wall-time limit")
+    assert parse_duration("1-02:00:30") == 26 * 3600 + 30 and parse_duration("90m") == 5400
+    assert parse_duration("04:00") == 240 and parse_duration(None) is None
+    with pytest.raises(ValueError, match="time limit"):
+        parse_duration("soon")
+
+
+# ---------------------------------------------------------------- precision
+
+
+def test_fp32_attention_matches_default_processor():
+    model = _tiny().eval()
+    x, y, t = torch.randn(2, 16, 8, 8), torch.randn(2, 1, 96), torch.tensor([10, 500])
+    ref = model(x, y, t).sample
+    assert set_fp32_attention(model) == 4  # 2 blocks x (self, cross)
+    torch.testing.assert_close(model(x, y, t).sample, ref, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, y, t).sample
+    assert torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip_keep_last_and_incomplete_ignored(tmp_path):
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    model = nn.Linear(3, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model, opt = acc.prepare(model, opt)
+    ema = EMA(model, rate=0.5)
+    manager = CheckpointManager(tmp_path, acc, keep_last=2)
+    for step in (1, 2, 3):
+        opt.zero_grad()
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        ema.update(model)
+        manager.save(
+            step,
+            {"position": step * 10},
+            {"gen": torch.tensor([step])},
+            ema=ema,
+            portable={"transformer": (_tiny(), _tiny().state_dict())},
+        )
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-0000002", "checkpoint-0000003"]
+    # A save killed half-way (no meta.json, temporary name) is never picked.
+    (tmp_path / "checkpoints" / ".checkpoint-0000004.tmp").mkdir()
+    (tmp_path / "checkpoints" / "checkpoint-0000005").mkdir()
+    latest = latest_checkpoint(tmp_path)
+    assert latest.name == "checkpoint-0000003" and (latest / "transformer" / "config.json").is_file()
+    weights, shadow = model.weight.detach().clone(), [t.clone() for t in ema.shadow]
+    with torch.no_grad():
+        model.weight.zero_()
+        ema.shadow[0].zero_()
+    state, rank = manager.load(latest, ema=ema)
+    assert state["position"] == 30 and state["step"] == 3 and rank["gen"].item() == 3
+    assert torch.equal(model.weight, weights) and torch.equal(ema.shadow[0], shadow[0])
+
+
+# ---------------------------------------------------------------- stage initialisation
+
+
+def test_initialise_next_stage_from_original_and_diffusers_formats(tmp_path):
+    src = _tiny("PixCell-tiny-64", seed=1)  # T = 1, 64 px
+    save_original_checkpoint(src, tmp_path / "stage1.pth", as_ema=True)
+    src.save_pretrained(tmp_path / "stage1_diffusers")
+    for source in (tmp_path / "stage1.pth", tmp_path / "stage1_diffusers"):
+        dst = _tiny("PixCell-tiny-128-T16", seed=2)  # T = 16, 128 px
+        null_before = dst.caption_projection.uncond_embedding.clone()
+        report = initialise_from(dst, source)
+        keys = {k for k, _ in report.reinitialised}
+        assert keys == {
+            "caption_projection.uncond_embedding",
+            "y_pos_embed.y_pos_embed",
+            "pos_embed.pos_embed",
+        }
+        assert torch.equal(dst.caption_projection.uncond_embedding, null_before)
+        torch.testing.assert_close(dst.proj_out.weight, src.proj_out.weight)
+        torch.testing.assert_close(
+            dst.transformer_blocks[1].attn2.to_k.weight, src.transformer_blocks[1].attn2.to_k.weight
+        )
+        assert "re-initialised caption_projection.uncond_embedding" in report.summary()
+    wider = build_pixcell("PixCell-tiny-64", caption_channels=96, num_layers=3)
+    with pytest.raises(ValueError, match="num_layers"):
+        initialise_from(wider, tmp_path / "stage1.pth")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        initialise_from(_tiny(), tmp_path)
+    assert math.isfinite(
+        float(
+            dst(torch.randn(1, 16, 16, 16), torch.randn(1, 16, 96), torch.tensor([3])).sample.detach().sum()
+        )
+    )

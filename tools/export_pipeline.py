@@ -1,0 +1,70 @@
+"""Export a training run's EMA weights as a diffusers pipeline folder (transformer + VAE + scheduler).
+
+    python -m tools.export_pipeline work_dirs/pixcell_256 exported/pixcell_256          # latest checkpoint
+    python -m tools.export_pipeline work_dirs/pixcell_256/checkpoints/checkpoint-0100000 out --weights model
+
+The folder loads with `PixCellPipeline.from_pretrained(out)` and every sampling tool (`--model out`). The VAE is
+copied in from --vae (SD3.5 by default) so the folder is self-contained; --no-vae leaves it out (the pipeline then
+falls back to SD3.5's VAE when loaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from diffusion.atomic import atomic_path
+from diffusion.encoders import SD35_VAE_ID
+from diffusion.sampling import SAMPLERS
+from diffusion.training.checkpoint import latest_checkpoint
+from tools.cli import run_cli
+
+
+def export_pipeline(
+    source: str | Path,
+    out: str | Path,
+    vae: str | Path | None = SD35_VAE_ID,
+    weights: str = "ema",
+    sampler: str = "dpm-solver",
+) -> Path:
+    """Write `out` (atomically) from the latest checkpoint of work dir `source`, or from checkpoint `source`."""
+    from diffusion.model.loading import load_transformer
+    from diffusion.pipeline import PixCellPipeline
+
+    ckpt = latest_checkpoint(source)
+    if ckpt is None:
+        raise FileNotFoundError(
+            f"{source}: no complete training checkpoint (a work dir or checkpoint-* folder)"
+        )
+    folder = ckpt / ("transformer_ema" if weights == "ema" else "transformer")
+    transformer = load_transformer(folder)
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        if vae is None:
+            transformer.save_pretrained(tmp / "transformer")
+        else:
+            pipe = PixCellPipeline.from_parts(transformer, vae, sampler=sampler)
+            pipe.save_pretrained(tmp)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="training work dir (its latest checkpoint) or one checkpoint-* folder")
+    p.add_argument("out", help="pipeline folder to write")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA (release) or raw weights")
+    p.add_argument("--vae", default=SD35_VAE_ID, help="VAE to bundle: hub id or local folder")
+    p.add_argument("--no-vae", action="store_true", help="write only the transformer")
+    p.add_argument("--sampler", default="dpm-solver", choices=list(SAMPLERS))
+    args = p.parse_args(argv)
+    out = export_pipeline(
+        args.source, args.out, None if args.no_vae else args.vae, args.weights, args.sampler
+    )
+    print(f"wrote {out} ({args.weights} weights)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

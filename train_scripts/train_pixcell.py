@@ -1,0 +1,454 @@
+"""Train PixCell: one CPU to many GPU nodes, the three progressive stages, exact resume.
+
+    accelerate launch train_scripts/train_pixcell.py configs/pan_cancer/pixcell_256.py --work-dir work_dirs/p256 \
+        --data-root /data/patches
+    accelerate launch train_scripts/train_pixcell.py configs/pan_cancer/pixcell_512.py --work-dir work_dirs/p512 \
+        --data-root /data/patches --load-from work_dirs/p256
+
+DDP by default; FSDP and DeepSpeed (ZeRO-1/2) come from the accelerate config (`accelerate config`). To resume,
+run the same command again: it continues from the latest complete checkpoint in the work dir, bit-for-bit on the
+same hardware and process count (`--resume-from` picks another checkpoint). SIGTERM / SIGUSR1 (SLURM
+pre-emption) and `--time-limit` save a checkpoint and exit cleanly. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from diffusion.atomic import atomic_path
+from diffusion.config import build_model_from_config, load_config
+from diffusion.data.datasets import PatchFeatureDataset, collate_skip_none
+from diffusion.gaussian_diffusion import GaussianDiffusion
+from diffusion.training.checkpoint import CheckpointManager, latest_checkpoint
+from diffusion.training.ema import EMA
+from diffusion.training.init import initialise_from
+from diffusion.training.optim import build_lr_scheduler, build_optimizer
+from diffusion.training.precision import set_fp32_attention, set_gradient_checkpointing
+from diffusion.training.sampler import ResumableSampler
+from diffusion.training.signals import StopRequest, parse_duration
+from diffusion.training.tracking import RunTracker, Throughput, environment, progress_bar, save_run_info
+
+log = logging.getLogger("pixcell.train")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="training config, e.g. configs/pan_cancer/pixcell_256.py")
+    p.add_argument("--work-dir", required=True, help="run folder: checkpoints, logs, validation images")
+    p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("--data-root", default=None, help="patches root (default: $PIXCELL_DATA_ROOT)")
+    p.add_argument("--load-from", default=None, help="initialise from a previous stage / published weights")
+    p.add_argument(
+        "--resume-from", default=None, help="resume from this checkpoint (default: latest in work dir)"
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="per-process batch size (train_batch_size)")
+    p.add_argument("--time-limit", default=None, help="save and stop after this wall time (e.g. 3:55:00, 4h)")
+    p.add_argument("--report-to", choices=["tensorboard", "wandb", "none"], default=None)
+    return p.parse_args(argv)
+
+
+def parse_cfg_options(items: list[str]) -> dict:
+    """['a.b=1', 'c=[1,2]', 'd=text'] -> {'a.b': 1, 'c': [1, 2], 'd': 'text'} (Python literals, else strings)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--cfg-options {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+#################################################################################
+#                               Validation grid                                 #
+#################################################################################
+
+
+def real_crop(dataset: PatchFeatureDataset, path: str, crop: tuple[int, int], size: int) -> np.ndarray | None:
+    """The real patch crop (uint8 (size, size, 3)) that a held-out sample came from, or None if unreadable."""
+    try:
+        with Image.open(dataset.root / path) as im:
+            top, left = crop[0] * 256, crop[1] * 256
+            return np.asarray(im.convert("RGB").crop((left, top, left + size, top + size)))
+    except OSError:
+        return None
+
+
+@torch.no_grad()
+def validation_grid(
+    transformer, vae, held_out: list[dict], cfg, device: torch.device, seed: int
+) -> np.ndarray:
+    """Rows of [real | EMA sample] for fixed held-out conditions and fixed noise seeds: uint8 (N*H, 2*W, 3)."""
+    from diffusion.encoders import decode_latents, to_uint8
+    from diffusion.pipeline import PixCellPipeline
+    from diffusion.sampling import make_scheduler
+
+    v = cfg.validation
+    pipe = PixCellPipeline(transformer=transformer, vae=vae, scheduler=make_scheduler("dpm-solver"))
+    uni = torch.stack([h["uni"] for h in held_out]).to(device)
+    size = transformer.config.sample_size
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn(len(held_out), transformer.config.in_channels, size, size, generator=gen).to(device)
+    fake = pipe(uni, guidance_scale=v.guidance_scale, num_inference_steps=v.num_inference_steps,
+                latents=latents, output_type="pt", progress=False).images  # fmt: skip
+    fake = to_uint8(fake)
+    rows = []
+    for i, h in enumerate(held_out):
+        real = h["real"]
+        if real is None:  # no readable image: show the VAE reconstruction of the stored latent instead
+            z = ((h["latent"][None] - cfg.vae_shift) * cfg.vae_scale).to(device)
+            real = to_uint8(decode_latents(vae, z))[0]
+        rows.append(np.concatenate([real, fake[i]], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+#################################################################################
+#                                    Main                                       #
+#################################################################################
+
+
+def main(args: argparse.Namespace) -> int:
+    options = parse_cfg_options(args.cfg_options)
+    if args.data_root:
+        options["data.root"] = args.data_root
+    if args.load_from:
+        options["load_from"] = args.load_from
+    if args.batch_size:
+        options["train_batch_size"] = args.batch_size
+    if args.report_to:
+        options["report_to"] = args.report_to
+    cfg = load_config(args.config, options)
+    work_dir = Path(args.work_dir)
+    time_limit = parse_duration(args.time_limit)
+
+    # ---- accelerate: DDP / FSDP / DeepSpeed and the process group come from `accelerate launch`
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    is_main, device = accelerator.is_main_process, accelerator.device
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format=f"%(asctime)s [rank {accelerator.process_index}] %(levelname)s %(message)s",
+        force=True,
+    )
+    if is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        logging.getLogger().addHandler(logging.FileHandler(work_dir / "train.log"))
+        logging.getLogger().handlers[-1].setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+        )
+    accelerator.wait_for_everyone()
+    resume = Path(args.resume_from) if args.resume_from else latest_checkpoint(work_dir)
+    if args.resume_from and latest_checkpoint(resume) is None:
+        raise FileNotFoundError(f"--resume-from {resume}: not a complete checkpoint or a work dir with one")
+    resume = latest_checkpoint(resume) if resume is not None else None
+
+    # ---- model (same seed on every process: identical initialisation and null condition)
+    torch.manual_seed(cfg.seed)
+    model = build_model_from_config(cfg)
+    if cfg.load_from and resume is None:
+        report = initialise_from(model, cfg.load_from, use_ema=cfg.load_ema)
+        log.info(report.summary())
+        if is_main:
+            (work_dir / "init_report.txt").write_text(report.summary() + "\n")
+    if cfg.fp32_attention and cfg.mixed_precision != "no":
+        set_fp32_attention(model)
+    set_gradient_checkpointing(model, cfg.gradient_checkpointing)
+    model.train()
+
+    # ---- data
+    d = cfg.data
+    if not d.root:
+        raise ValueError("data root not set: pass --data-root or set PIXCELL_DATA_ROOT (the patches folder)")
+    dataset = PatchFeatureDataset(
+        root=d.root,
+        index_file=d.index_file,
+        dataset_keys=d.dataset_keys,
+        resolution=cfg.resolution,
+        parent_size=d.parent_size,
+        feature_format=d.feature_format,
+        features_root=d.features_root,
+        seed=cfg.seed,
+        max_failure_rate=d.max_failure_rate,
+    )
+    check_data_matches_model(dataset, model, cfg)
+    held_out_idx = list(range(len(dataset) - cfg.validation.num_images, len(dataset)))
+    validate = cfg.validation.every_steps > 0
+    sampler = ResumableSampler(
+        len(dataset),
+        cfg.train_batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+        seed=cfg.seed,
+        exclude=held_out_idx if validate else (),
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.train_batch_size,
+        sampler=sampler,
+        num_workers=d.num_workers,
+        collate_fn=collate_skip_none,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+    )
+    accum = cfg.gradient_accumulation_steps
+    total_steps = cfg.max_steps or cfg.num_epochs * sampler.batches_per_epoch // accum
+    if total_steps < 1:
+        raise ValueError(f"config: no steps to train (max_steps {cfg.max_steps}, {sampler.batches_per_epoch} "
+                         f"batches per epoch, gradient_accumulation_steps {accum})")  # fmt: skip
+
+    # ---- optimisation
+    optimizer = build_optimizer(model.parameters(), cfg.optimizer)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_schedule, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    # EMA over this process's parameters, never through accelerate: the full copy under DDP, the local shard
+    # under FSDP (elementwise, so the shards of the EMA are the EMA of the shards).
+    ema_module = model if sharded else unwrapped
+    ema = EMA(ema_module, cfg.ema_rate, sharded=sharded)
+    diffusion = GaussianDiffusion()
+    noise_gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + accelerator.process_index)
+    manager = CheckpointManager(work_dir, accelerator, keep_last=cfg.keep_last)
+
+    state = dict(step=0, epoch=0, batch_in_epoch=0, nonfinite_total=0, skipped_samples=0, images_seen=0)
+    if resume is not None:
+        saved, rank_state = manager.load(resume, ema=ema)
+        lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        state.update({k: saved[k] for k in state})
+        if "noise_generator" in rank_state:
+            noise_gen.set_state(rank_state["noise_generator"].to(noise_gen.get_state().device))
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, state["step"], state["epoch"],
+                 state["batch_in_epoch"])  # fmt: skip
+    if is_main:
+        env = environment(accelerator)
+        env.update(total_steps=total_steps, dataset_samples=len(dataset), resumed_from=str(resume or ""))
+        save_run_info(work_dir, cfg.pretty_text, env)
+
+    # ---- validation material (fixed held-out conditions, their real crops, the VAE) on the main process
+    vae, held_out = None, []
+    if validate and (is_main or sharded):
+        from diffusion.encoders import load_vae
+
+        vae = load_vae(cfg.validation.vae).to(device).eval()
+        for i in held_out_idx:
+            item = dataset[i]
+            if item is not None:
+                item["real"] = real_crop(dataset, item["path"], item["crop"], cfg.resolution)
+                held_out.append(item)
+
+    def save(step: int) -> Path:
+        sd = accelerator.get_state_dict(model)  # full weights (a gather under FSDP: every process calls it)
+        with ema.swapped(ema_module):
+            sd_ema = accelerator.get_state_dict(model)
+        train_state = dict(state, lr_scheduler=lr_scheduler.state_dict(), config=cfg.pretty_text)
+        return manager.save(
+            step,
+            train_state,
+            {"noise_generator": noise_gen.get_state()},
+            ema=ema,
+            portable={"transformer": (unwrapped, sd), "transformer_ema": (unwrapped, sd_ema)},
+        )
+
+    tracker = RunTracker(work_dir, cfg.report_to, enabled=is_main, config=cfg.to_dict())
+    stop = StopRequest(time_limit=time_limit, margin=0.0)
+    bar = progress_bar(total_steps, initial=state["step"], enabled=is_main)
+    speed = Throughput()
+    consecutive_bad, last_saved = 0, state["step"] if resume is not None else -1
+    data_iter = None
+    log.info("training %d steps: %d process(es) x batch %d x accumulation %d, %d samples, %d batches per epoch",
+             total_steps, accelerator.num_processes, cfg.train_batch_size, accum, len(dataset),
+             sampler.batches_per_epoch)  # fmt: skip
+
+    def next_batch() -> dict | None:
+        nonlocal data_iter
+        while True:
+            if data_iter is None:
+                sampler.set_position(state["epoch"], state["batch_in_epoch"])
+                dataset.set_epoch(state["epoch"])
+                data_iter = iter(loader)
+            try:
+                batch = next(data_iter)
+                state["batch_in_epoch"] += 1
+                return batch
+            except StopIteration:
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+                data_iter = None
+
+    try:
+        while state["step"] < total_steps:
+            # ---- gather this step's micro-batches, then agree over processes on stopping / skipping
+            position = (state["epoch"], state["batch_in_epoch"])
+            batches = [next_batch() for _ in range(accum)]
+            missing = any(b is None for b in batches)
+            reason = stop.local_reason()
+            if accelerator.num_processes > 1:
+                flags = torch.tensor([float(reason is not None), float(missing)], device=device)
+                flags = accelerator.reduce(flags, reduction="sum")
+                reason = reason or ("another process was asked to stop" if flags[0] > 0 else None)
+                missing = bool(flags[1] > 0)
+            if reason:
+                state["epoch"], state["batch_in_epoch"] = position  # these batches were not trained on
+                data_iter = None
+                log.warning("%s: saving a checkpoint at step %d and stopping", reason, state["step"])
+                if last_saved != state["step"]:
+                    save(state["step"])
+                log.info(
+                    "stopped at step %d of %d; run the same command again to resume",
+                    state["step"],
+                    total_steps,
+                )
+                break
+            if missing:  # every sample of a batch failed to load (logged and counted by the dataset)
+                state["skipped_samples"] += sum(cfg.train_batch_size for b in batches if b is None)
+                log.warning(
+                    "step %d: a batch had no loadable sample on some process; step skipped", state["step"]
+                )
+                continue
+
+            # ---- forward / backward over the micro-batches (gradients synchronised on the last one only)
+            losses, images = [], 0
+            for micro, batch in enumerate(batches):
+                state["skipped_samples"] += batch["skipped"]
+                x0 = (batch["latent"].to(device) - cfg.vae_shift) * cfg.vae_scale  # (B, 16, h, w) model space
+                uni = batch["uni"].to(device)  # (B, T, C)
+                b = x0.shape[0]
+                t = diffusion.sample_timesteps(b, device, generator=noise_gen)
+                noise = torch.randn(x0.shape, generator=noise_gen, device=device)
+                drop = torch.rand(b, generator=noise_gen, device=device) < cfg.class_dropout_prob
+                uni = unwrapped.drop_condition(
+                    uni, drop
+                )  # null condition through the same path as a real one
+                x_t = diffusion.q_sample(x0, t, noise)
+                sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
+                with sync:
+                    with accelerator.autocast():
+                        out = model(x_t, uni, t, return_dict=False)[0]
+                    loss = diffusion.training_losses(out.float(), x0, x_t, t, noise).loss.mean()  # fp32
+                    accelerator.backward(loss / accum)
+                losses.append(loss.detach())
+                images += b
+            loss = torch.stack(losses).mean()
+            clip = cfg.gradient_clip if cfg.gradient_clip else math.inf
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)  # global norm (synchronised)
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            if (
+                accelerator.scaler is not None
+            ):  # fp16: the grad scaler skips inf/NaN steps and lowers its scale
+                optimizer.step()
+                skipped = optimizer.step_was_skipped
+            else:
+                skipped = not math.isfinite(grad_norm)
+                if not skipped:
+                    optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["images_seen"] += images * accelerator.num_processes
+            speed.add(images * accelerator.num_processes)
+            if skipped:
+                state["nonfinite_total"] += 1
+                consecutive_bad += 1
+                log.warning("step %d: non-finite loss/gradient (loss %.4g, grad norm %.4g): step skipped "
+                            "[%d in a row, %d in total]", state["step"], loss.item(), grad_norm, consecutive_bad,
+                            state["nonfinite_total"])  # fmt: skip
+                if consecutive_bad >= cfg.max_nonfinite_steps:
+                    last = latest_checkpoint(work_dir)
+                    raise RuntimeError(
+                        f"{consecutive_bad} consecutive steps with a non-finite loss or gradient (up to step "
+                        f"{state['step']}): stopping. The last good checkpoint is {last or 'none (nothing saved yet)'}; "
+                        "lower optimizer.lr, use bf16 instead of fp16, or check the data, then resume"
+                    )
+            else:
+                consecutive_bad = 0
+                lr_scheduler.step()
+                ema.update(ema_module)
+
+            # ---- report, validate, save
+            step = state["step"]
+            bar.update(1)
+            if step % cfg.log_every_steps == 0 or step == total_steps:
+                mean_loss = accelerator.reduce(loss.reshape(1), reduction="mean").item()
+                lr = optimizer.param_groups[0]["lr"]
+                rate = speed.rate()
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+                tracker.log_scalars({"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                                     "train/images_per_s": rate, "train/nonfinite_steps": state["nonfinite_total"],
+                                     "train/skipped_samples": state["skipped_samples"]}, step)  # fmt: skip
+                log.info("step %d/%d loss %.5f lr %.3g grad_norm %.4g img/s %.1f", step, total_steps, mean_loss, lr,
+                         grad_norm, rate)  # fmt: skip
+            if validate and step % cfg.validation.every_steps == 0 and (is_main or sharded):
+                model.eval()
+                with ema.swapped(ema_module):
+                    grid = validation_grid(unwrapped, vae, held_out, cfg, device, seed=cfg.seed)
+                model.train()
+                if is_main:
+                    with atomic_path(work_dir / "validation" / f"step_{step:07d}.png") as tmp:
+                        Image.fromarray(grid).save(tmp, format="PNG")
+                    tracker.log_image("validation/real_vs_ema", grid, step)
+            if step % cfg.save_every_steps == 0 or step == total_steps:
+                save(step)
+                last_saved = step
+    finally:  # also on errors: signal handlers back, logs flushed
+        bar.close()
+        tracker.close()
+        stop.restore()
+    if state["step"] >= total_steps:
+        log.info("done: %d steps, %d non-finite steps skipped, %d samples skipped; final checkpoint in %s",
+                 state["step"], state["nonfinite_total"], state["skipped_samples"], manager.root)  # fmt: skip
+    accelerator.end_training()
+    return 0
+
+
+def check_data_matches_model(dataset: PatchFeatureDataset, model, cfg) -> None:
+    """One-line errors for a config that does not fit the data: latent size / patch size, token count and dim."""
+    c = model.config
+    lat = cfg.resolution // 8
+    if lat % c.patch_size:
+        raise ValueError(f"config: resolution {cfg.resolution} gives {lat}x{lat} latents, not divisible by the "
+                         f"model's patch_size {c.patch_size}")  # fmt: skip
+    item = next((dataset[i] for i in range(min(len(dataset), 16)) if dataset[i] is not None), None)
+    if item is None:
+        raise ValueError(f"data {dataset.root}: none of the first samples loads (see the warnings above)")
+    if tuple(item["latent"].shape) != (c.in_channels, lat, lat):
+        raise ValueError(f"data {dataset.root}: latents of shape {tuple(item['latent'].shape)}, but the model "
+                         f"{cfg.model} at resolution {cfg.resolution} needs ({c.in_channels}, {lat}, {lat})")  # fmt: skip
+    if tuple(item["uni"].shape) != (c.caption_num_tokens, c.caption_channels):
+        raise ValueError(f"data {dataset.root}: UNI features of shape {tuple(item['uni'].shape)} per sample, but "
+                         f"the model {cfg.model} takes ({c.caption_num_tokens}, {c.caption_channels}) "
+                         "(token count and embedding dim; check model, resolution and model_overrides)")  # fmt: skip
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Entry point: bad input -> one `error:` line and exit status 2 (no traceback)."""
+    t0 = time.monotonic()
+    try:
+        code = main(parse_args(argv))
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:  # the run's log file handler (main is also called in-process, by tests)
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(handler)
+            handler.close()
+    log.info("wall time %.1f s", time.monotonic() - t0)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
