@@ -28,19 +28,28 @@ def _check_keys(cfg: dict, schema: dict, where: str, source: str) -> None:
             _check_keys(value, schema[key], f"{where}{key}.", source)
 
 
-def load_config(path: str | Path, options: dict | None = None) -> Config:
-    """Load `path`, apply `options` (from `--cfg-options a.b=1`), check every key against the schema."""
+def load_strict_config(path: str | Path, schema_file: str | Path, options: dict | None = None) -> Config:
+    """Load `path`, apply `options`, check every key against `schema_file` and fill the keys it does not set.
+
+    Shared by every trainer; each has its own schema (this module's SCHEMA_FILE for PixCell itself).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config {path}: no such file")
     cfg = Config.fromfile(str(path))
     if options:
         cfg.merge_from_dict(options)
-    schema = Config.fromfile(str(SCHEMA_FILE)).to_dict()
+    schema = Config.fromfile(str(schema_file)).to_dict()
     _check_keys(cfg.to_dict(), schema, "", str(path))
     # Fill keys a config does not set (a config without `_base_` is still complete).
     full = Config(schema)
     full.merge_from_dict(cfg.to_dict())
+    return full
+
+
+def load_config(path: str | Path, options: dict | None = None) -> Config:
+    """Load `path`, apply `options` (from `--cfg-options a.b=1`), check every key against the schema."""
+    full = load_strict_config(path, SCHEMA_FILE, options)
     if full.data.root is None and os.environ.get("PIXCELL_DATA_ROOT"):
         full.data.root = os.environ["PIXCELL_DATA_ROOT"]
     if full.resolution % 256:

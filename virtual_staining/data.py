@@ -88,20 +88,27 @@ def her2match_folders(root: str | Path, split: str) -> tuple[Path, Path]:
     return Path(root) / "HE_20x" / split, Path(root) / "IHC_20x" / split
 
 
+def check_target(dataset: str, stain: str) -> None:
+    """One-line ValueError for a dataset / stain combination that does not exist."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+    if dataset == "MIST" and stain not in MIST_STAINS:
+        raise ValueError(f"MIST stain {stain!r}: expected one of {', '.join(MIST_STAINS)}")
+    if dataset == "HER2Match" and stain != "HER2":
+        raise ValueError(f"HER2Match has HER2 IHC only, got stain {stain!r}")
+
+
 def dataset_pairs(
     dataset: str, root: str | Path, split: str, stain: str = "HER2", on_unpaired: str = "error"
 ) -> list[Pair]:
     """The image pairs of a split of MIST (any stain) or HER2Match (HER2 only)."""
+    check_target(dataset, stain)
     if not Path(root).is_dir():
         raise FileNotFoundError(f"{dataset} root {root}: no such folder")
     if dataset == "MIST":
         he_dir, ihc_dir = mist_folders(root, stain, split)
-    elif dataset == "HER2Match":
-        if stain != "HER2":
-            raise ValueError(f"HER2Match has HER2 IHC only, got stain {stain!r}")
-        he_dir, ihc_dir = her2match_folders(root, split)
     else:
-        raise ValueError(f"unknown dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+        he_dir, ihc_dir = her2match_folders(root, split)
     return pair_folders(he_dir, ihc_dir, on_unpaired)
 
 

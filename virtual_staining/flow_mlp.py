@@ -15,6 +15,7 @@ Sizes are constructor arguments (defaults: the published 1536 -> 1024 x 6 -> 153
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -132,18 +133,6 @@ class FlowMLP(nn.Module):
             h = block(h, emb)
         return self.out(h)
 
-    # ------------------------------------------------------------------ training objective
-
-    def rectified_flow_loss(
-        self, he: Tensor, ihc: Tensor, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Mean squared error of the velocity on (..., C) token pairs; t ~ U(0, 1) per token."""
-        x0, x1 = he.reshape(-1, he.shape[-1]), ihc.reshape(-1, ihc.shape[-1])  # (N, C)
-        t = torch.rand(x0.shape[0], device=x0.device, generator=generator, dtype=x0.dtype)
-        xt = t[:, None] * x1 + (1 - t[:, None]) * x0
-        pred = self(xt, TIME_SCALE * t)
-        return ((pred.float() - (x1 - x0).float()) ** 2).mean()
-
     # ------------------------------------------------------------------ sampling
 
     @torch.no_grad()
@@ -167,6 +156,47 @@ class FlowMLP(nn.Module):
             t = torch.full((x.shape[0],), TIME_SCALE * i * dt, device=x.device)
             x = x + dt * self(x.to(param.dtype), t.to(param.dtype)).float()
         return x.view(he.shape).to(he.dtype)
+
+
+#################################################################################
+#                            Objective and metrics                              #
+#################################################################################
+
+
+def flow_matching_loss(
+    velocity: Callable[[Tensor, Tensor], Tensor],
+    he: Tensor,  # (..., C) H&E tokens
+    ihc: Tensor,  # (..., C) IHC tokens paired with them
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Rectified-flow loss, one t ~ U(0, 1) per token: mean || v(x_t, 999 t) - (ihc - he) ||^2.
+
+    `velocity` is the (possibly DDP-wrapped) model, so gradients synchronise through its forward.
+    """
+    x0, x1 = he.reshape(-1, he.shape[-1]), ihc.reshape(-1, ihc.shape[-1])  # (N, C)
+    t = torch.rand(x0.shape[0], device=x0.device, generator=generator, dtype=x0.dtype)
+    xt = t[:, None] * x1 + (1 - t[:, None]) * x0
+    pred = velocity(xt, TIME_SCALE * t)
+    return ((pred.float() - (x1 - x0).float()) ** 2).mean()
+
+
+@torch.no_grad()
+def translation_metrics(model: FlowMLP, he: Tensor, ihc: Tensor, steps: int = 100) -> dict[str, float]:
+    """How close the integrated flow lands to the real IHC tokens, beside the identity (no translation).
+
+    he, ihc: (N, T, C). Returns mse / cosine of flow(he) vs ihc, and identity_mse / identity_cosine of he vs ihc.
+    """
+    pred = model.translate(he.float(), steps=steps)
+    ihc = ihc.float().to(pred.device)
+    he = he.float().to(pred.device)
+
+    def mse(a: Tensor) -> float:
+        return float(((a - ihc) ** 2).mean())
+
+    def cos(a: Tensor) -> float:
+        return float(torch.nn.functional.cosine_similarity(a, ihc, dim=-1).mean())
+
+    return {"mse": mse(pred), "cosine": cos(pred), "identity_mse": mse(he), "identity_cosine": cos(he)}
 
 
 #################################################################################
