@@ -81,7 +81,8 @@ class VirtualStainer:
 
         lora / flow: local files or hub references `OWNER/REPO:PATH` (see `virtual_staining.published`).
         """
-        transformer = load_transformer(model, torch_dtype=dtype)
+        cast = None if dtype == torch.float32 else dtype  # the loaders' default is fp32 already
+        transformer = load_transformer(model, torch_dtype=cast)
         if lora is not None:
             lora_file = resolve_weights(lora, "LoRA weights")
             add_lora(transformer, read_lora_settings(lora_file))
@@ -92,10 +93,12 @@ class VirtualStainer:
         flow_model = load_flow_mlp(resolve_weights(flow, "flow MLP"), device) if flow is not None else None
         pipe = PixCellPipeline(
             transformer=transformer.eval(),
-            vae=load_vae(vae, torch_dtype=dtype),
+            vae=load_vae(vae, torch_dtype=cast),
             scheduler=make_scheduler("dpm-solver"),
         ).to(device)
-        uni_model = load_uni(uni, device=device).to(dtype)
+        uni_model = load_uni(uni, device=device)
+        if cast is not None:
+            uni_model = uni_model.to(cast)
         return cls(uni_model, flow_model, pipe, settings)
 
     # ------------------------------------------------------------------ geometry
