@@ -110,3 +110,28 @@ def test_every_virtual_staining_config_loads():
     pub = load_strict_config(CONFIG_DIR / "lora_mist.py", CONFIG_DIR / "_base_" / "lora.py")
     assert (pub.lora.rank, pub.lora.alpha) == (4, 4.0) and pub.model == "StonyBrook-CVLab/PixCell-1024"
     assert list(pub.lora.targets) == ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
+
+
+@pytest.mark.slow
+def test_lora_trainer_two_processes_resume(setup, tmp_path):
+    """Two real CPU processes (gloo DDP): adapter-only checkpoints save and load on both ranks."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root, parts, emb = setup
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")])))  # fmt: skip
+    for steps in (2, 3):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--dynamo_backend", "no", "-m", "virtual_staining.train_lora", LORA_CFG, "--work-dir",
+               str(tmp_path / "run"), "--data-root", str(root), "--cfg-options", f"model={parts.transformer}",
+               f"vae={parts.vae}", f"uni={parts.uni}", f"data.embeddings_dir={emb}", "train_batch_size=1",
+               f"max_steps={steps}"]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "env.json").read_text())["world_size"] == 2
+    assert "resumed from" in (tmp_path / "run" / "train.log").read_text()
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "checkpoint-0000003" / "model.safetensors"))
+    assert saved and all("lora_" in k for k in saved)

@@ -30,10 +30,9 @@ from diffusion.atomic import atomic_path
 from diffusion.encoders import to_uint8
 from diffusion.sampling import SAMPLERS
 from tools.cli import DTYPES, add_model_args, add_runtime_args, resolve_device, run_cli
-
-from .data import IMAGE_SUFFIXES, MIST_STAINS, read_image
-from .published import BASE_MODEL, published_refs
-from .stainer import SamplerSettings, VirtualStainer
+from virtual_staining.data import IMAGE_SUFFIXES, MIST_STAINS, read_image
+from virtual_staining.published import BASE_MODEL, published_refs
+from virtual_staining.stainer import SamplerSettings, VirtualStainer
 
 log = logging.getLogger("virtual_staining.stain")
 UNIT = 1024  # H&E px per model sample: PixCell-1024 takes 4 x 4 UNI tiles of 256 px
