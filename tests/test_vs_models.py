@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from tests.vs_common import one_torch_thread  # noqa: F401
 from virtual_staining.flow_mlp import (
     TIME_SCALE,
     FlowMLP,
@@ -81,16 +82,7 @@ def test_fresh_flow_is_the_identity_and_timestep_embedding_is_cos_then_sin():
     assert torch.allclose(emb[1, 0], torch.cos(torch.tensor(999.0)))
 
 
-@pytest.fixture()
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a shared 2-core runner two threads spin-wait badly."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def test_flow_mlp_learns_an_affine_map_between_gaussian_clouds(one_thread):
+def test_flow_mlp_learns_an_affine_map_between_gaussian_clouds():
     """Rectified flow between x ~ N(0, I) and y = A x + b with A symmetric positive definite: the straight
     paths never cross, so the learned flow should reproduce the map; identity error is the baseline."""
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_vs_data import write_image
+from tests.vs_common import one_torch_thread, write_image  # noqa: F401
 from tools.cli import run_cli
 from virtual_staining.published import published_refs, resolve_weights
 from virtual_staining.stain import main
