@@ -102,26 +102,37 @@ def save_lora_weights(model: nn.Module, path: str | Path) -> Path:
     return Path(path)
 
 
-def read_lora_settings(path: str | Path) -> LoRASettings:
-    """Rank/alpha/targets from our safetensors metadata; else rank from the weights, alpha = rank (published)."""
+def read_lora_file(path: str | Path) -> tuple[dict[str, Tensor], LoRASettings]:
+    """The weights of a LoRA file and its settings, reading the file once (published files hold 2.4 GB).
+
+    Settings: rank/alpha/targets from our safetensors metadata; otherwise the rank is read off the `lora_A`
+    weights and alpha = rank, targets = the published four (as in every published adapter; a file with other
+    targets then fails the strict key check of `load_lora_weights`).
+    """
     path = Path(path)
+    state = read_state_dict(path, "LoRA weights")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         if meta.get("format") == "pixcell-lora":
-            return LoRASettings(
+            settings = LoRASettings(
                 rank=int(meta["rank"]),
                 alpha=float(meta["alpha"]),
                 targets=tuple(json.loads(meta["target_modules"])),
             )
-    state = _normalise(read_state_dict(path, "LoRA weights"))
-    ranks = {v.shape[0] for k, v in state.items() if ".lora_A." in k}
+            return state, settings
+    ranks = {v.shape[0] for k, v in _normalise(state).items() if ".lora_A." in k}
     if len(ranks) != 1:
         raise ValueError(f"LoRA weights {path}: no lora_A weights, or mixed ranks {sorted(ranks)}")
     rank = ranks.pop()
-    return LoRASettings(rank=rank, alpha=float(rank))
+    return state, LoRASettings(rank=rank, alpha=float(rank))
+
+
+def read_lora_settings(path: str | Path) -> LoRASettings:
+    """Settings of a LoRA file (see `read_lora_file`)."""
+    return read_lora_file(path)[1]
 
 
 def _normalise(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -135,16 +146,19 @@ def _normalise(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def load_lora_weights(model: nn.Module, path: str | Path) -> dict[str, int]:
+def load_lora_weights(
+    model: nn.Module, path: str | Path, state: dict[str, Tensor] | None = None
+) -> dict[str, int]:
     """Load adapter weights (or a published full adapted checkpoint) into a model with a LoRA adapter.
 
     Strict: every LoRA weight of the model must be in the file with the same shape, and no other LoRA weight;
     a file that also carries base weights must carry all of them. Returns counts {"lora": n, "base": m}.
+    `state`: the file's weights when already read (`read_lora_file`), so a large file is not read twice.
     """
     if not has_lora(model):
         raise ValueError("the model has no LoRA adapter (call add_lora first)")
     source = f"LoRA weights {path}"
-    state = _normalise(read_state_dict(path, "LoRA weights"))
+    state = _normalise(read_state_dict(path, "LoRA weights") if state is None else state)
     lora = {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
     base = {k: v for k, v in state.items() if k not in lora and k not in _RECOMPUTED}
     if not lora:

@@ -24,7 +24,7 @@ from diffusion.pipeline import PixCellPipeline
 from diffusion.sampling import make_scheduler
 
 from .flow_mlp import FlowMLP, load_flow_mlp
-from .lora import add_lora, load_lora_weights, lora_parameters, read_lora_settings
+from .lora import add_lora, load_lora_weights, lora_parameters, read_lora_file
 from .published import resolve_weights
 
 
@@ -85,8 +85,9 @@ class VirtualStainer:
         transformer = load_transformer(model, torch_dtype=cast)
         if lora is not None:
             lora_file = resolve_weights(lora, "LoRA weights")
-            add_lora(transformer, read_lora_settings(lora_file))
-            load_lora_weights(transformer, lora_file)
+            state, lora_settings = read_lora_file(lora_file)
+            add_lora(transformer, lora_settings)
+            load_lora_weights(transformer, lora_file, state)
             for p in lora_parameters(transformer):  # peft creates the adapter in fp32
                 p.data = p.data.to(dtype)
         # The flow stays in fp32: 100 small Euler steps would accumulate bf16 rounding.
