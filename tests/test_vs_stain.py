@@ -56,25 +56,23 @@ def test_stain_cli_sizes_and_determinism(parts, he_dir, tmp_path, capsys):
     # tiny model: one 1024 px H&E unit -> one 128 px sample; a 2048 x 1024 image -> 256 x 128
     assert a.shape == (128, 128, 3) and b.shape == (128, 256, 3) and a.dtype == np.uint8
     assert not np.array_equal(b[:, :128], b[:, 128:])  # the two units differ (own tokens, own noise)
-    # same seeds, another batch size: identical pixels
-    assert (
-        run_cli(
-            main,
-            [
-                "--input",
-                str(he_dir),
-                "--stain",
-                "HER2",
-                "--out",
-                str(out2),
-                "--batch-size",
-                "1",
-                *tiny_args(parts),
-            ],
-        )
-        == 0
-    )
-    assert np.array_equal(read_png(out2 / "a.png"), a) and np.array_equal(read_png(out2 / "b_wide.png"), b)
+    # same seeds, another batch size (the wide image now in two passes): the same pixels up to float rounding
+    # (batched kernels sum in another order: ~1e-6 before the uint8 rounding)
+    argv = [
+        "--input",
+        str(he_dir),
+        "--stain",
+        "HER2",
+        "--out",
+        str(out2),
+        "--batch-size",
+        "1",
+        *tiny_args(parts),
+    ]
+    assert run_cli(main, argv) == 0
+    for name, ref in (("a.png", a), ("b_wide.png", b)):
+        diff = np.abs(read_png(out2 / name).astype(int) - ref.astype(int))
+        assert diff.max() <= 1 and diff.mean() < 0.01
     # another seed: other pixels
     assert (
         run_cli(

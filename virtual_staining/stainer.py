@@ -158,10 +158,18 @@ class VirtualStainer:
         return torch.randn(count, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
 
     @torch.no_grad()
-    def __call__(self, images: Tensor, seeds: list[int] | None = None, progress: bool = False) -> Tensor:
+    def __call__(
+        self,
+        images: Tensor,
+        seeds: list[int] | None = None,
+        max_units: int | None = None,
+        progress: bool = False,
+    ) -> Tensor:
         """Stain H&E images (B, 3, H, W) in [0, 1], H and W multiples of the unit size -> (B, 3, H', W').
 
         seeds: one per image (default 0..B-1); an image's output depends only on it and its seed.
+        max_units: most model samples per forward pass (memory bound for large images). Every unit's noise is
+        fixed by its image's seed, so results depend on it only through float summation order (~1e-6).
         """
         self.check_image(images)
         b, _, h, w = images.shape
@@ -171,7 +179,16 @@ class VirtualStainer:
         u, rows, cols = self.unit_size, h // self.unit_size, w // self.unit_size
         units = images.reshape(b, 3, rows, u, cols, u).permute(0, 2, 4, 1, 3, 5).reshape(-1, 3, u, u)
         latents = torch.cat([self.initial_noise(s, rows * cols) for s in seeds])
-        tokens = self.translate(self.embed(units))
-        out = self.generate(tokens, latents, progress=progress).float().cpu()  # (B*rows*cols, 3, o, o)
+        chunk = max_units or len(units)
+        out = torch.cat(
+            [
+                self.generate(
+                    self.translate(self.embed(units[i : i + chunk])), latents[i : i + chunk], progress
+                )
+                .float()
+                .cpu()
+                for i in range(0, len(units), chunk)
+            ]
+        )  # (B*rows*cols, 3, o, o)
         o = out.shape[-1]
         return out.reshape(b, rows, cols, 3, o, o).permute(0, 3, 1, 4, 2, 5).reshape(b, 3, rows * o, cols * o)
