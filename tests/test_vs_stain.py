@@ -95,7 +95,7 @@ def test_stain_cli_sizes_and_determinism(parts, he_dir, tmp_path, capsys):
     assert sorted(p.name for p in out3.iterdir()) == ["a.png"]  # nothing but the outputs (no temp files left)
 
 
-def test_stainer_pieces(parts):
+def test_stainer_pieces(parts, tmp_path):
     st = VirtualStainer.from_sources(
         parts.transformer,
         parts.lora,
@@ -120,6 +120,19 @@ def test_stainer_pieces(parts):
         settings=SamplerSettings(num_inference_steps=2, flow_steps=3),
     )
     assert not torch.equal(no_lora(x, seeds=[3]), y)  # the adapter changes the samples
+    # the same weights in the published file formats: the whole adapted transformer and the flow state dict
+    # as torch .pth files
+    torch.save(st.pipe.transformer.state_dict(), tmp_path / "mist_her2_lora.pth")
+    torch.save(st.flow.state_dict(), tmp_path / "mist_her2_mlp.pth")
+    published = VirtualStainer.from_sources(
+        parts.transformer,
+        tmp_path / "mist_her2_lora.pth",
+        tmp_path / "mist_her2_mlp.pth",
+        parts.vae,
+        parts.uni,
+        settings=SamplerSettings(num_inference_steps=2, flow_steps=3),
+    )
+    assert torch.equal(published(x, seeds=[3]), y)
     with pytest.raises(ValueError, match="multiples of 1024 px"):
         st(torch.rand(1, 3, 512, 1024))
     with pytest.raises(ValueError, match="seeds: expected 1"):
