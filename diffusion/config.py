@@ -28,12 +28,11 @@ def _check_keys(cfg: dict, schema: dict, where: str, source: str) -> None:
             _check_keys(value, schema[key], f"{where}{key}.", source)
 
 
-def load_config(
-    path: str | Path, options: dict | None = None, schema_file: str | Path = SCHEMA_FILE
-) -> Config:
-    """Load `path`, apply `options` (from `--cfg-options a.b=1`), check every key against the schema.
+def load_strict_config(path: str | Path, schema_file: str | Path, options: dict | None = None) -> Config:
+    """Load `path`, apply `options`, check every key against `schema_file` and fill the keys it does not set.
 
-    `schema_file`: the defaults file listing every key (another trainer's, e.g. `configs/_base_/controlnet.py`).
+    Shared by every trainer; each has its own schema (this module's SCHEMA_FILE for PixCell itself,
+    `configs/_base_/controlnet.py`, `configs/virtual_staining/_base_/*.py`).
     """
     path = Path(path)
     if not path.is_file():
@@ -46,6 +45,15 @@ def load_config(
     # Fill keys a config does not set (a config without `_base_` is still complete).
     full = Config(schema)
     full.merge_from_dict(cfg.to_dict())
+    return full
+
+
+def load_config(
+    path: str | Path, options: dict | None = None, schema_file: str | Path = SCHEMA_FILE
+) -> Config:
+    """A PixCell training config (or the ControlNet's, with its `schema_file`): strict keys, the data root
+    from $PIXCELL_DATA_ROOT when the config leaves it unset, a resolution made of whole 256 px UNI tiles."""
+    full = load_strict_config(path, schema_file, options)
     if "data" in full and full.data.root is None and os.environ.get("PIXCELL_DATA_ROOT"):
         full.data.root = os.environ["PIXCELL_DATA_ROOT"]
     if full.resolution % 256:

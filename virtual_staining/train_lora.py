@@ -1,0 +1,346 @@
+"""Train the IHC LoRA of PixCell-1024: IHC images conditioned on their own UNI2-h embeddings, under accelerate.
+
+    accelerate launch -m virtual_staining.train_lora configs/virtual_staining/lora_mist.py \\
+        --data-root /data/MIST --stain HER2 --work-dir work_dirs/lora_mist_her2 \\
+        --cfg-options uni=/weights/uni2h/pytorch_model.bin vae=/weights/sd35_vae
+
+PixCell was never trained on IHC; a rank-4 adapter on its cross-attention (q, k, v, out) is enough to make it
+generate IHC from IHC embeddings. The base transformer is frozen: only `lora_A` / `lora_B` train, and
+checkpoints hold only them (plus optimizer, RNG, data position), never the 2.4 GB base. The UNI tokens of the
+split are computed once and cached (`data.embeddings_dir`, shareable with the flow trainer); VAE latents are
+encoded on the fly (a fresh posterior sample every step, as the original trainer did).
+
+To resume, run the same command again. SIGTERM / SIGUSR1 and --time-limit save and stop. The adapter for
+staining is written to `<work_dir>/lora.safetensors` at every checkpoint (diffusers LoRA layout, adapter only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from diffusion.atomic import atomic_path
+from diffusion.encoders import encode_posterior, latents_to_model, load_vae, to_uint8
+from diffusion.gaussian_diffusion import GaussianDiffusion
+from diffusion.model.loading import load_transformer
+from diffusion.training.checkpoint import CheckpointManager, latest_checkpoint
+from diffusion.training.ema import EMA
+from diffusion.training.optim import build_lr_scheduler, build_optimizer
+from diffusion.training.precision import set_gradient_checkpointing
+from diffusion.training.sampler import ResumableSampler
+from diffusion.training.signals import StopRequest, parse_duration
+from diffusion.training.tracking import RunTracker, Throughput, environment, progress_bar, save_run_info
+from virtual_staining.data import read_image
+from virtual_staining.lora import LoRASettings, add_lora, lora_parameters, save_lora_weights
+from virtual_staining.training import (
+    load_run_config,
+    parse_args,
+    register_lora_checkpoint_hooks,
+    run_cli,
+    seeded_generator,
+    setup_logging,
+    split_embeddings,
+)
+
+log = logging.getLogger("pixcell.train")
+LOSSES = ("mse", "hybrid")
+
+
+class IHCWithTokens(Dataset):
+    """{'image': (3, S, S) IHC image in [0, 1], 'uni': (T, C) its UNI tokens}; None for an unreadable image."""
+
+    def __init__(self, paths: list[Path], tokens: torch.Tensor, size: int):
+        self.paths, self.tokens, self.size = paths, tokens, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict | None:
+        try:
+            image = read_image(self.paths[i], self.size)
+        except (ValueError, FileNotFoundError) as err:  # counted by the loop, which stops past a threshold
+            log.warning("skipped %s", err)
+            return None
+        return {"image": image, "uni": self.tokens[i].float()}
+
+
+def collate(items: list[dict | None]) -> dict:
+    good = [x for x in items if x is not None]
+    out = {"skipped": len(items) - len(good)}
+    if good:
+        out["image"] = torch.stack([x["image"] for x in good])
+        out["uni"] = torch.stack([x["uni"] for x in good])
+    return out
+
+
+@torch.no_grad()
+def validation_grid(
+    transformer, vae, images: torch.Tensor, tokens: torch.Tensor, cfg, device, seed: int
+) -> np.ndarray:
+    """Rows of [real IHC | sample from its UNI tokens], fixed noise: uint8 (N*S, 2*S, 3)."""
+    from diffusion.pipeline import PixCellPipeline
+    from diffusion.sampling import make_scheduler
+
+    v = cfg.validation
+    pipe = PixCellPipeline(transformer=transformer, vae=vae, scheduler=make_scheduler("dpm-solver"))
+    size = transformer.config.sample_size
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(len(tokens), transformer.config.in_channels, size, size, generator=g).to(device)
+    fake = pipe(tokens.to(device), guidance_scale=v.guidance_scale, num_inference_steps=v.num_inference_steps,
+                latents=latents, output_type="pt", progress=False).images  # fmt: skip
+    real = F.interpolate(images, size=fake.shape[-2:], mode="bilinear", antialias=True)
+    return np.concatenate(
+        [np.concatenate(pair, axis=1) for pair in zip(to_uint8(real), to_uint8(fake))], axis=0
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_run_config(args, "lora")
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"loss {cfg.loss!r}: expected one of {', '.join(LOSSES)}")
+    work_dir = Path(args.work_dir)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    is_main, device = accelerator.is_main_process, accelerator.device
+    setup_logging(accelerator, work_dir)
+    resume = latest_checkpoint(args.resume_from or work_dir)
+    if args.resume_from and resume is None:
+        raise FileNotFoundError(
+            f"--resume-from {args.resume_from}: not a complete checkpoint or a work dir with one"
+        )
+
+    # ---- frozen parts: base transformer + adapter, VAE
+    model = load_transformer(cfg.model)
+    c = model.config
+    model_px = c.sample_size * 8
+    if cfg.data.image_size != model_px and not cfg.data.resize_to_model:
+        raise ValueError(
+            f"data.image_size {cfg.data.image_size} px, but {cfg.model} generates {model_px} px images "
+            "(use images of the model's size, or data.resize_to_model=True)"
+        )
+    if (cfg.data.image_size // 256) ** 2 != c.caption_num_tokens:
+        raise ValueError(
+            f"data.image_size {cfg.data.image_size} px gives {(cfg.data.image_size // 256) ** 2} UNI tokens, but "
+            f"{cfg.model} takes {c.caption_num_tokens}"
+        )
+    torch.manual_seed(cfg.seed)  # the adapter's gaussian init: identical on every process
+    add_lora(model, LoRASettings(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets), cfg.lora.dropout))
+    set_gradient_checkpointing(model, cfg.gradient_checkpointing)
+    model.train()
+    vae = load_vae(cfg.vae).to(device).eval().requires_grad_(False)
+
+    # ---- data: IHC images + their cached UNI tokens
+    pairs, train = split_embeddings(cfg, accelerator, work_dir, cfg.data.train_split)
+    if train.ihc.shape[1:] != (c.caption_num_tokens, c.caption_channels):
+        raise ValueError(
+            f"UNI tokens of shape {tuple(train.ihc.shape[1:])} per image, but {cfg.model} takes "
+            f"({c.caption_num_tokens}, {c.caption_channels}) (check uni and data.image_size)"
+        )
+    dataset = IHCWithTokens([p.ihc for p in pairs], train.ihc, cfg.data.image_size)
+    validate = cfg.validation.every_steps > 0
+    held_out: list[int] = []
+    val_images = val_tokens = None
+    if validate:
+        if cfg.data.val_split:
+            val_pairs, val = split_embeddings(cfg, accelerator, work_dir, cfg.data.val_split)
+            n = min(cfg.validation.num_images, len(val_pairs))
+            val_images = torch.stack([read_image(p.ihc, cfg.data.image_size) for p in val_pairs[:n]])
+            val_tokens = val.ihc[:n].float()
+        else:  # the last training images, never trained on
+            held_out = list(range(len(dataset) - cfg.validation.num_images, len(dataset)))
+            val_images = torch.stack([dataset[i]["image"] for i in held_out])
+            val_tokens = train.ihc[held_out].float()
+    sampler = ResumableSampler(len(dataset), cfg.train_batch_size, accelerator.num_processes,
+                               accelerator.process_index, seed=cfg.seed, exclude=held_out)  # fmt: skip
+    loader = DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
+                        collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True)  # fmt: skip
+    accum = cfg.gradient_accumulation_steps
+    total_steps = cfg.max_steps or cfg.num_epochs * sampler.batches_per_epoch // accum
+    if total_steps < 1:
+        raise ValueError(
+            f"no steps to train ({sampler.batches_per_epoch} batches per epoch, accumulation {accum})"
+        )
+
+    # ---- optimisation: the LoRA parameters only
+    optimizer = build_optimizer(lora_parameters(model), cfg.optimizer)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_schedule, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    register_lora_checkpoint_hooks(accelerator)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = EMA(unwrapped, cfg.ema_rate) if cfg.ema_rate else None  # trainable = LoRA parameters only
+    diffusion = GaussianDiffusion()
+    gen = seeded_generator(device, cfg.seed, accelerator.process_index)
+    manager = CheckpointManager(work_dir, accelerator, keep_last=cfg.keep_last)
+
+    state = dict(step=0, epoch=0, batch_in_epoch=0, skipped_samples=0, nonfinite_total=0)
+    if resume is not None:
+        saved, rank_state = manager.load(resume, ema=ema)
+        lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        state.update({k: saved[k] for k in state})
+        if "generator" in rank_state:
+            gen.set_state(rank_state["generator"].to(gen.get_state().device))
+        log.info("resumed from %s at step %d", resume, state["step"])
+    if is_main:
+        env = environment(accelerator)
+        env.update(total_steps=total_steps, train_images=len(dataset), resumed_from=str(resume or ""),
+                   lora_parameters=sum(p.numel() for p in lora_parameters(unwrapped)))  # fmt: skip
+        save_run_info(work_dir, cfg.pretty_text, env)
+
+    def weights_for_use():
+        return ema.swapped(unwrapped) if ema is not None else contextlib.nullcontext()
+
+    def save(step: int) -> None:
+        train_state = dict(state, lr_scheduler=lr_scheduler.state_dict(), config=cfg.pretty_text)
+        manager.save(step, train_state, {"generator": gen.get_state()}, ema=ema)
+        if is_main:
+            with weights_for_use():
+                save_lora_weights(unwrapped, work_dir / "lora.safetensors")
+
+    tracker = RunTracker(work_dir, cfg.report_to, enabled=is_main, config=cfg.to_dict())
+    stop = StopRequest(time_limit=parse_duration(args.time_limit))
+    bar = progress_bar(total_steps, initial=state["step"], enabled=is_main, desc="LoRA")
+    speed = Throughput()
+    last_saved = state["step"] if resume is not None else -1
+    consecutive_bad = 0
+    max_skipped = max(1, int(cfg.data.max_failure_rate * len(dataset)))
+    data_iter = None
+    log.info("training %d steps: %d process(es) x batch %d x accumulation %d, %d IHC images, %d LoRA parameters",
+             total_steps, accelerator.num_processes, cfg.train_batch_size, accum, len(dataset),
+             sum(p.numel() for p in lora_parameters(unwrapped)))  # fmt: skip
+
+    def next_batch() -> dict:
+        nonlocal data_iter
+        while True:
+            if data_iter is None:
+                sampler.set_position(state["epoch"], state["batch_in_epoch"])
+                data_iter = iter(loader)
+            try:
+                batch = next(data_iter)
+                state["batch_in_epoch"] += 1
+                return batch
+            except StopIteration:
+                state["epoch"], state["batch_in_epoch"], data_iter = state["epoch"] + 1, 0, None
+
+    try:
+        while state["step"] < total_steps:
+            reason = stop.should_stop(accelerator)
+            if reason:
+                log.warning("%s: saving a checkpoint at step %d and stopping", reason, state["step"])
+                if last_saved != state["step"]:
+                    save(state["step"])
+                break
+            batches = [next_batch() for _ in range(accum)]
+            losses, images = [], 0
+            for micro, batch in enumerate(batches):
+                state["skipped_samples"] += batch["skipped"]
+                if state["skipped_samples"] > max_skipped:
+                    raise RuntimeError(
+                        f"{state['skipped_samples']} unreadable IHC images, more than data.max_failure_rate="
+                        f"{cfg.data.max_failure_rate} of {len(dataset)} (see the warnings above)"
+                    )
+                if "image" not in batch:  # a whole micro-batch unreadable: nothing to learn from it
+                    if accelerator.num_processes > 1:  # the other processes would wait in backward forever
+                        raise RuntimeError(
+                            f"step {state['step']}: a whole batch of IHC images was unreadable"
+                        )
+                    continue
+                ihc = batch["image"].to(device)
+                if ihc.shape[-1] != model_px:  # data.resize_to_model (checked above)
+                    ihc = F.interpolate(ihc, size=(model_px, model_px), mode="bilinear", antialias=True)
+                with torch.no_grad():
+                    mean, std = encode_posterior(vae, ihc)
+                    x0 = latents_to_model(
+                        mean + std * torch.randn(mean.shape, generator=gen, device=device), vae
+                    )
+                b = x0.shape[0]
+                t = diffusion.sample_timesteps(b, device, generator=gen)
+                noise = torch.randn(x0.shape, generator=gen, device=device)
+                drop = torch.rand(b, generator=gen, device=device) < cfg.class_dropout_prob
+                uni = unwrapped.drop_condition(batch["uni"].to(device), drop)  # null condition, same path
+                x_t = diffusion.q_sample(x0, t, noise)
+                sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
+                with sync:
+                    with accelerator.autocast():
+                        out = model(x_t, uni, t, return_dict=False)[0]
+                    terms = diffusion.training_losses(out.float(), x0, x_t, t, noise)
+                    loss = (terms.mse if cfg.loss == "mse" else terms.loss).mean()
+                    accelerator.backward(loss / accum)
+                losses.append(loss.detach())
+                images += b
+            if not losses:
+                continue
+            loss = torch.stack(losses).mean()
+            clip = cfg.gradient_clip or math.inf
+            grad_norm = float(accelerator.clip_grad_norm_(lora_parameters(model), clip))
+            if accelerator.scaler is not None:  # fp16: the grad scaler skips inf/NaN steps itself
+                optimizer.step()
+                skipped = optimizer.step_was_skipped
+            else:
+                skipped = not math.isfinite(grad_norm)
+                if not skipped:
+                    optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            step = state["step"]
+            speed.add(images * accelerator.num_processes)
+            if skipped:
+                state["nonfinite_total"] += 1
+                consecutive_bad += 1
+                log.warning("step %d: non-finite loss/gradient: skipped [%d in a row]", step, consecutive_bad)
+                if consecutive_bad >= cfg.max_nonfinite_steps:
+                    raise RuntimeError(
+                        f"{consecutive_bad} consecutive non-finite steps (up to step {step}); the last good "
+                        f"checkpoint is {latest_checkpoint(work_dir) or 'none'}: lower optimizer.lr, then resume"
+                    )
+            else:
+                consecutive_bad = 0
+                lr_scheduler.step()
+                if ema is not None:
+                    ema.update(unwrapped)
+            bar.update(1)
+
+            if step % cfg.log_every_steps == 0 or step == total_steps:
+                mean_loss = accelerator.reduce(loss.reshape(1), reduction="mean").item()
+                lr = optimizer.param_groups[0]["lr"]
+                rate = speed.rate()
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+                tracker.log_scalars({"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                                     "train/images_per_s": rate, "train/skipped_samples": state["skipped_samples"]},
+                                    step)  # fmt: skip
+                log.info("step %d/%d loss %.5f lr %.3g grad_norm %.4g img/s %.1f", step, total_steps, mean_loss,
+                         lr, grad_norm, rate)  # fmt: skip
+            if validate and is_main and (step % cfg.validation.every_steps == 0 or step == total_steps):
+                model.eval()
+                with weights_for_use():
+                    grid = validation_grid(unwrapped, vae, val_images, val_tokens, cfg, device, cfg.seed)
+                model.train()
+                with atomic_path(work_dir / "validation" / f"step_{step:07d}.png") as tmp:
+                    Image.fromarray(grid).save(tmp, format="PNG")
+                tracker.log_image("validation/real_vs_generated", grid, step)
+            if step % cfg.save_every_steps == 0 or step == total_steps:
+                save(step)
+                last_saved = step
+    finally:
+        bar.close()
+        tracker.close()
+        stop.restore()
+    accelerator.end_training()
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(main, parse_args(argv, __doc__))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,168 @@
+"""What the two virtual-staining trainers share beyond `diffusion.training`: their command line, config loading,
+run logging, the UNI token caches of the data splits, and adapter-only accelerate checkpoints for the LoRA.
+
+Each trainer (`train_flow_mlp.py`, `train_lora.py`) stays one linear `main(args)`; the checkpointing, EMA,
+optimizer, LR schedule, resumable sampler, stop signals and run tracking are `diffusion.training`'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from mmengine.config import Config
+
+from diffusion.config import load_strict_config
+from tools.cli import DTYPES
+
+from .data import Pair, check_target, dataset_pairs
+from .embeddings import EmbeddingCache, ensure_embeddings, load_embeddings
+from .lora import has_lora
+
+log = logging.getLogger("pixcell.train")
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "virtual_staining"
+
+
+def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="config file, e.g. configs/virtual_staining/flow_mlp_mist.py")
+    p.add_argument("--work-dir", required=True, help="run folder: checkpoints, logs, exported weights")
+    p.add_argument("--data-root", default=None, help="dataset root (MIST or HER2Match folder)")
+    p.add_argument("--stain", default=None, help="MIST: HER2, ER, PR, Ki67 (HER2Match: HER2)")
+    p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
+    p.add_argument(
+        "--resume-from", default=None, help="checkpoint to resume from (default: latest in work dir)"
+    )
+    p.add_argument("--time-limit", default=None, help="save and stop after this wall time (e.g. 3:55:00, 4h)")
+    p.add_argument("--report-to", choices=["tensorboard", "wandb", "none"], default=None)
+    return p.parse_args(argv)
+
+
+def load_run_config(args: argparse.Namespace, schema: str) -> Config:
+    """The config with the command-line overrides, checked against `configs/virtual_staining/_base_/<schema>.py`."""
+    from train_scripts.train_pixcell import parse_cfg_options
+
+    options = parse_cfg_options(args.cfg_options)
+    for key, value in (("data.root", args.data_root), ("stain", args.stain), ("report_to", args.report_to)):
+        if value is not None:
+            options[key] = value
+    cfg = load_strict_config(args.config, CONFIG_DIR / "_base_" / f"{schema}.py", options)
+    check_target(cfg.dataset, cfg.stain)
+    if not cfg.data.root:
+        raise ValueError("data root not set: pass --data-root (the MIST or HER2Match folder)")
+    if cfg.uni_dtype not in DTYPES:
+        raise ValueError(f"uni_dtype {cfg.uni_dtype!r}: expected one of {', '.join(DTYPES)}")
+    return cfg
+
+
+def setup_logging(accelerator, work_dir: Path) -> None:
+    """INFO on the main process (console + <work_dir>/train.log), warnings only elsewhere."""
+    is_main = accelerator.is_main_process
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format=f"%(asctime)s [rank {accelerator.process_index}] %(levelname)s %(message)s",
+        force=True,
+    )
+    if is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(work_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger().addHandler(handler)
+    accelerator.wait_for_everyone()
+
+
+def split_embeddings(
+    cfg: Config, accelerator, work_dir: Path, split: str
+) -> tuple[list[Pair], EmbeddingCache]:
+    """The pairs of a split and their UNI token cache: computed once by the main process, then read by all.
+
+    The cache lives in `data.embeddings_dir` (default `<work_dir>/embeddings`); point both trainers of a stain
+    at the same folder to embed the images only once.
+    """
+    d = cfg.data
+    pairs = dataset_pairs(cfg.dataset, d.root, split, cfg.stain, d.on_unpaired)
+    folder = Path(d.embeddings_dir) if d.embeddings_dir else work_dir / "embeddings"
+    path = folder / f"{cfg.dataset}_{cfg.stain}_{split}.safetensors"
+    if accelerator.is_main_process:
+        ensure_embeddings(
+            pairs,
+            cfg.uni,
+            path,
+            device=accelerator.device,
+            dtype=DTYPES[cfg.uni_dtype],
+            image_size=d.image_size,
+            batch_size=cfg.uni_batch_size,
+            num_workers=d.num_workers,
+            max_failure_rate=d.max_failure_rate,
+        )
+    accelerator.wait_for_everyone()
+    cache = load_embeddings(path)
+    by_name = {p.name: p for p in pairs}
+    return [by_name[n] for n in cache.names], cache
+
+
+def register_lora_checkpoint_hooks(accelerator) -> None:
+    """Make `accelerator.save_state` / `load_state` store only the LoRA weights of adapted models.
+
+    accelerate would otherwise write the whole transformer (2.4 GB for PixCell-1024, frozen and identical in every
+    checkpoint). The save hook trims each adapted model's state dict to its `lora_` entries; the load hook reads
+    them back (strictly: exactly the model's LoRA entries) and takes the model out of accelerate's own loading.
+    DDP and single-process runs; FSDP/DeepSpeed save models natively and are not needed for a LoRA this small.
+    """
+    from accelerate.utils import SAFE_WEIGHTS_NAME
+    from safetensors.torch import load_file
+
+    def unwrap(m):
+        return accelerator.unwrap_model(m)
+
+    def save_hook(models, weights, output_dir) -> None:
+        for model, state in zip(models, weights):
+            if has_lora(unwrap(model)):
+                for key in [k for k in state if "lora_" not in k]:
+                    del state[key]
+
+    def load_hook(models, input_dir) -> None:
+        for i, model in enumerate(list(models)):
+            inner = unwrap(model)
+            if not has_lora(inner):
+                continue
+            name = (
+                SAFE_WEIGHTS_NAME
+                if i == 0
+                else SAFE_WEIGHTS_NAME.replace(".safetensors", f"_{i}.safetensors")
+            )
+            state = {k.removeprefix("module."): v for k, v in load_file(str(Path(input_dir) / name)).items()}
+            own = {k for k in inner.state_dict() if "lora_" in k}
+            if set(state) != own:
+                raise ValueError(f"{input_dir}/{name}: LoRA weights do not match the model's adapter")
+            inner.load_state_dict(state, strict=False)
+            models.remove(model)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def run_cli(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Bad input -> one `error:` line and exit status 2; the run's log file is closed either way."""
+    t0 = time.monotonic()
+    try:
+        return main(args)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(handler)
+            handler.close()
+        log.info("wall time %.1f s", time.monotonic() - t0)
+
+
+def seeded_generator(device: torch.device, seed: int, rank: int) -> torch.Generator:
+    """The trainer's noise generator: different per process, saved per rank in every checkpoint."""
+    return torch.Generator(device=device).manual_seed(seed * 100_003 + rank)
