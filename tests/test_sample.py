@@ -1,0 +1,289 @@
+"""tools.sample end to end on tiny random models: every condition source, real/syn pairing and the manifest,
+resume after a kill, two accelerate processes against one, and the one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.numpy import save_file
+
+from diffusion.conditions import EmbeddingSource, IndexSource, name_seed
+from diffusion.encoders import load_uni
+from diffusion.model.loading import save_original_checkpoint
+from diffusion.model.pixcell_transformer import build_pixcell
+from diffusion.sample_runner import embed_tiles, initial_noise
+from tools.cli import run_cli
+from tools.sample import main
+from tools.sample_256 import main as main_256
+
+REPO = Path(__file__).resolve().parents[1]
+C = 96  # the tiny UNI stand-in's embedding size
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random PixCell-256-like (T=1) and 1024-like (T=16, 128 px) transformers, saved like released ones."""
+    out = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    paths = {}
+    for name, preset in (("t1", "PixCell-tiny-256"), ("t16", "PixCell-tiny-128-T16")):
+        model = build_pixcell(preset, caption_channels=C).eval()
+        for p in model.parameters():  # a non-zero head, so conditions and guidance change the images
+            p.data.normal_(0, 0.02)
+        model.save_pretrained(out / name)
+        paths[name] = out / name
+        if name == "t1":
+            save_original_checkpoint(model, out / "t1.pth", as_ema=True)
+            paths["t1.pth"] = out / "t1.pth"
+    return paths
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Published layout: two 512 px JPEG patches, (4, C) float16 features beside them, and the HDF5 index."""
+    root = tmp_path_factory.mktemp("patches")
+    rng = np.random.default_rng(0)
+    names = []
+    for rc in ("0_0", "0_1"):
+        rel = f"ds/lihc/single_512/slideA/{rc}.jpeg"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (512, 512, 3), dtype=np.uint8)).save(root / rel, quality=90)
+        np.save(root / rel.replace(".jpeg", "_uni.npy"), rng.standard_normal((4, C)).astype(np.float16))
+        names.append(rel)
+    (root / "metadata").mkdir()
+    with h5py.File(root / "metadata" / "patch_names_all.hdf5", "w") as h5:
+        h5.create_dataset("ds_512", data=np.array(names, dtype=object), dtype=h5py.string_dtype())
+    return root
+
+
+def common(models, vae, out, model="t1") -> list[str]:
+    return ["--model", str(models[model]), "--vae", str(vae), "--out", str(out), "--steps", "2", "--device", "cpu",
+            "--no-progress"]  # fmt: skip
+
+
+def manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_index_source_pairs_real_and_synthetic(models, tiny_vae_dir, dataset, tmp_path):
+    index = dataset / "metadata" / "patch_names_all.hdf5"
+    out = tmp_path / "out"
+    argv = common(models, tiny_vae_dir, out) + ["--index", str(index), "--n-images", "3", "--batch", "2"]
+    assert run_cli(main, argv) == 0
+    rows = manifest(out)
+    assert len(rows) == 3 and len({r["name"] for r in rows}) == 3
+    for r in rows:
+        syn, real = out / r["syn"], out / r["real"]
+        assert syn.name == real.name and syn.suffix == ".png"
+        assert np.asarray(Image.open(syn)).shape == (256, 256, 3)
+        # The real file is exactly the crop of the source patch it was conditioned on (PNG: lossless).
+        y, x = r["source"]["crop"]
+        patch = np.asarray(Image.open(dataset / r["source"]["patch"]).convert("RGB"))
+        assert np.array_equal(np.asarray(Image.open(real)), patch[y : y + 256, x : x + 256])
+        assert r["seed"] == name_seed(0, r["name"]) and r["steps"] == 2 and r["guidance"] == 2.0
+        assert r["sampler"] == "dpm-solver" and r["model"].startswith("sha256:")
+    # The tokens of a crop are its sub-grid of the patch's (row-major) feature grid.
+    src = IndexSource(1, 256, C, index_file=index)
+    specs = src.specs()
+    assert len(specs) == 8  # 2 patches x 4 crops of 256 px
+    spec = next(s for s in specs if s.y == 1 and s.x == 0)
+    feats = np.load(dataset / spec.entry.replace(".jpeg", "_uni.npy")).astype(np.float32)
+    assert np.array_equal(src.load(spec).tokens.reshape(-1), feats[2])
+
+
+def test_listed_patches_give_every_crop(models, tiny_vae_dir, dataset, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("ds/lihc/single_512/slideA/0_1.jpeg\n")
+    out = tmp_path / "out"
+    argv = common(models, tiny_vae_dir, out) + ["--patches", str(listing), "--data-root", str(dataset)]
+    assert run_cli(main_256, argv) == 0  # the alias: same tool, another default model
+    names = sorted(p.name for p in (out / "syn" / "ds/lihc/single_512/slideA").iterdir())
+    assert names == [f"0_1_y{y}_x{x}.png" for y in (0, 256) for x in (0, 256)]
+    assert sorted(p.name for p in (out / "real" / "ds/lihc/single_512/slideA").iterdir()) == names
+
+
+def test_image_folder_source_embeds_on_the_fly(models, tiny_vae_dir, tiny_uni_dir, tmp_path):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 255, (512, 256, 3), dtype=np.uint8)).save(folder / "sub" / "b.png")
+    out = tmp_path / "out"
+    argv = common(models, tiny_vae_dir, out) + [
+        "--images",
+        str(folder),
+        "--uni",
+        str(tiny_uni_dir),
+        "--format",
+        "jpeg",
+    ]
+    assert run_cli(main, argv) == 0
+    assert sorted(r["name"] for r in manifest(out)) == ["a", "sub/b_y0_x0", "sub/b_y256_x0"]
+    assert (out / "syn" / "sub" / "b_y256_x0.jpg").is_file() and (out / "real" / "a.jpg").is_file()
+    # Tokens on the fly: one UNI embedding per 256 px tile, row-major, as embed_grid computes them.
+    uni = load_uni(tiny_uni_dir)
+    image = np.asarray(Image.open(folder / "sub" / "b.png"))
+    tokens = embed_tiles(uni, [image], 256)
+    ref = uni.embed_grid(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)
+    assert tokens.shape == (1, 2, C) and torch.allclose(tokens, ref, atol=1e-5)
+
+
+def test_embedding_files_and_their_shapes(models, tiny_vae_dir, tmp_path):
+    rng = np.random.default_rng(2)
+    emb = rng.standard_normal((2, 16, C)).astype(np.float32)
+    np.save(tmp_path / "e16.npy", emb)
+    out = tmp_path / "out"
+    assert (
+        run_cli(main, common(models, tiny_vae_dir, out, "t16") + ["--embeddings", str(tmp_path / "e16.npy")])
+        == 0
+    )
+    assert [r["name"] for r in manifest(out)] == ["e16_000000", "e16_000001"]
+    assert all(r["real"] is None for r in manifest(out)) and not (out / "real").exists()
+    # (N, 16, C) at a T=1 model: each token grid is cut into 16 conditions; named tensors keep their names.
+    src = EmbeddingSource(1, 256, tmp_path / "e16.npy", C)
+    assert len(src.specs()) == 32 and np.array_equal(src.load(src.specs()[5]).tokens.reshape(-1), emb[0, 5])
+    save_file({"alpha": emb[0, :1], "beta": emb[1, 0]}, tmp_path / "named.safetensors")
+    assert [s.name for s in EmbeddingSource(1, 256, tmp_path / "named.safetensors", C).specs()] == [
+        "alpha",
+        "beta",
+    ]
+
+
+def test_bad_inputs_are_one_line_errors(models, tiny_vae_dir, dataset, tmp_path, capsys):
+    def error(argv) -> str:
+        assert run_cli(main, argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err, err
+        return err
+
+    base = common(models, tiny_vae_dir, tmp_path / "o")
+    np.save(tmp_path / "e1.npy", np.zeros((3, 1, C), np.float32))
+    # A T=1 embedding for the T=16 model, and a wrong embedding dim.
+    err = error(
+        common(models, tiny_vae_dir, tmp_path / "o", "t16") + ["--embeddings", str(tmp_path / "e1.npy")]
+    )
+    assert "e1.npy" in err and f"(N, 16, {C})" in err
+    np.save(tmp_path / "e_dim.npy", np.zeros((3, 1, 768), np.float32))
+    assert "UNI dim is 96" in error(base + ["--embeddings", str(tmp_path / "e_dim.npy")])
+    nan = np.zeros((2, 1, C), np.float32)
+    nan[1, 0, 3] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    assert "NaN" in error(base + ["--embeddings", str(tmp_path / "nan.npy")])
+    # A missing image, a missing index, an unreadable checkpoint, two sources at once.
+    assert "missing.png: no such image" in error(base + ["--images", str(tmp_path / "missing.png")])
+    assert "no such file" in error(base + ["--index", str(tmp_path / "none.hdf5")])
+    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
+    argv = ["--model", str(tmp_path / "broken.pth"), "--vae", str(tiny_vae_dir), "--out", str(tmp_path / "o")]
+    assert "broken.pth" in error(argv + ["--embeddings", str(tmp_path / "e1.npy")])
+    assert "exactly one" in error(base + ["--embeddings", "a.npy", "--images", "b"])
+    index = str(dataset / "metadata" / "patch_names_all.hdf5")
+    assert "only 8 crops" in error(base + ["--index", index, "--n-images", "9"])
+    assert "no dataset key 'nope'" in error(base + ["--index", index, "--keys", "nope"])
+    # Rerunning into a folder made with other settings is refused rather than mixing images.
+    assert run_cli(main, base + ["--embeddings", str(tmp_path / "e1.npy")]) == 0
+    assert "guidance: 2.0 there, 3.0 now" in error(
+        base + ["--embeddings", str(tmp_path / "e1.npy"), "--guidance", "3"]
+    )
+
+
+def test_original_checkpoint_and_guidance_interval(models, tiny_vae_dir, tmp_path):
+    np.save(tmp_path / "e.npy", np.random.default_rng(3).standard_normal((1, 1, C)).astype(np.float32))
+    outs = []
+    for i, extra in enumerate(([], ["--guidance-interval", "0", "999"], ["--guidance-interval", "0", "100"])):
+        out = tmp_path / f"o{i}"
+        argv = common(models, tiny_vae_dir, out) + ["--embeddings", str(tmp_path / "e.npy"), *extra]
+        if i == 0:
+            argv[1] = str(models["t1.pth"])  # the same weights as an original (EMA) checkpoint
+        assert run_cli(main, argv) == 0
+        outs.append(np.asarray(Image.open(out / "syn" / "e_000000.png")))
+    assert np.array_equal(outs[0], outs[1])  # an interval covering every step is plain guidance
+    assert not np.array_equal(outs[0], outs[2])  # guidance off for most steps changes the image
+    assert manifest(tmp_path / "o2")[0]["guidance_interval"] == [0.0, 100.0]
+
+
+def test_noise_is_per_image_whatever_the_batch():
+    a, _ = initial_noise([5, 7, 9], (16, 4, 4))
+    b, _ = initial_noise([7], (16, 4, 4))
+    assert torch.equal(a[1], b[0])
+
+
+#################################################################################
+#               Real processes: a kill and resume, two accelerate processes    #
+#################################################################################
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def twelve(models, tiny_vae_dir, tmp_path_factory):
+    """12 conditions, and the output of one uninterrupted in-process run (one thread, like the subprocesses)."""
+    root = tmp_path_factory.mktemp("twelve")
+    np.save(root / "e.npy", np.random.default_rng(4).standard_normal((12, 1, C)).astype(np.float32))
+    argv = common(models, tiny_vae_dir, root / "clean") + [
+        "--embeddings",
+        str(root / "e.npy"),
+        "--batch",
+        "2",
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run_cli(main, argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return root, argv
+
+
+def _same_tree(a: Path, b: Path) -> None:
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_resume_after_kill_is_byte_identical(twelve):
+    root, argv = twelve
+    out = root / "killed"
+    argv = [a if a != str(root / "clean") else str(out) for a in argv]
+    proc = subprocess.Popen([sys.executable, "-m", "tools.sample", *argv], cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "syn").glob("*.png")):
+        assert proc.poll() is None, "the sampler ended before it could be killed"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    done = len(list((out / "syn").glob("*.png")))
+    assert 0 < done < 12, done
+    assert run_cli(main, argv) == 0  # the same command again finishes the run
+    assert not list((out / "syn").glob(".*.tmp"))  # the killed run's temporary files are cleaned
+    _same_tree(root / "clean" / "syn", out / "syn")
+    assert (root / "clean" / "manifest.jsonl").read_text() == (out / "manifest.jsonl").read_text()
+
+
+def test_two_accelerate_processes_equal_one(twelve):
+    root, argv = twelve
+    out = root / "two"
+    argv = [a if a != str(root / "clean") else str(out) for a in argv]
+    env = {**_env(), "ACCELERATE_USE_CPU": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    res = subprocess.run([*launch, "-m", "tools.sample", *argv], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert "process 0/2: 6 images" in log and "process 1/2: 6 images" in log  # two real processes, disjoint
+    _same_tree(root / "clean" / "syn", out / "syn")
+    assert (root / "clean" / "manifest.jsonl").read_text() == (out / "manifest.jsonl").read_text()
