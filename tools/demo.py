@@ -27,9 +27,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     vae = build_tiny_vae(out / "tiny_vae_random")
     pipe = PixCellPipeline.from_parts(build_pixcell("PixCell-tiny-256").eval(), vae)
-    images = pipe(
-        torch.randn(4, 1, 1536), num_inference_steps=20, generator=torch.Generator().manual_seed(0)
-    ).images
+    images = pipe(torch.randn(4, 1, 1536), num_inference_steps=20, generator=torch.Generator().manual_seed(0)).images
     grid = Image.new("RGB", (256 * 4, 256))
     for i, im in enumerate(images):
         grid.paste(im, (256 * i, 0))
