@@ -291,7 +291,9 @@ class IndexSource(ConditionSource):
                     continue
                 patch_idx, crop_idx = np.divmod(sel, per_patch[key])
                 uniq = np.unique(patch_idx)
-                names = h5[key][uniq]  # h5py fancy indexing: increasing indices
+                ds = h5[key]
+                # h5py point selection (increasing indices) is slow for large selections: read all instead.
+                names = ds[()][uniq] if len(uniq) > len(ds) // 20 else ds[uniq]
                 by_idx = {
                     int(i): (n.decode() if isinstance(n, bytes) else str(n)) for i, n in zip(uniq, names)
                 }
