@@ -150,7 +150,8 @@ class ConditionSource:
         self.tile = tile  # px per token
         self.channels = channels  # UNI embedding size the model takes (None: not checked here)
 
-    def specs(self) -> list[Spec]:
+    def specs(self, skipped: list[str] | None = None) -> list[Spec]:
+        """What to generate, in a fixed order. Unusable entries found while listing go to `skipped` (or raise)."""
         raise NotImplementedError
 
     def load(self, spec: Spec) -> Loaded:
@@ -247,7 +248,7 @@ class IndexSource(ConditionSource):
             )
         return size // self.tile
 
-    def specs(self) -> list[Spec]:
+    def specs(self, skipped: list[str] | None = None) -> list[Spec]:
         if self.patches is not None:
             out = []
             for rel in self.patches:
@@ -364,7 +365,7 @@ class FolderSource(ConditionSource):
         return out
 
     def specs(self, skipped: list[str] | None = None) -> list[Spec]:
-        """Every crop of every readable image; unusable images are appended to `skipped` (or raise)."""
+        """Every crop of every readable image; unusable images go to `skipped` (or raise)."""
         out = []
         px = self.tile
         for stem, size in self.sizes().items():
@@ -478,7 +479,7 @@ class EmbeddingSource(ConditionSource):
     def describe(self) -> str:
         return f"{self.path} ({len(self.grids)} embedding(s))"
 
-    def specs(self) -> list[Spec]:
+    def specs(self, skipped: list[str] | None = None) -> list[Spec]:
         out = []
         for entry, g in self.grids.items():
             for name, y, x in crop_names(entry, g.shape[:2], self.m, self.tile):
@@ -596,7 +597,7 @@ class RegionSource(ConditionSource):
     def describe(self) -> str:
         return f"{len(self.entries)} region(s)"
 
-    def specs(self) -> list[Spec]:
+    def specs(self, skipped: list[str] | None = None) -> list[Spec]:
         out = []
         for name, e in self.entries.items():
             h, w = e["size"]

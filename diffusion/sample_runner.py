@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +194,25 @@ class OutputFolder:
         while len(self.pending) > keep:
             self.pending.pop(0).result()
 
+    def finish_shard(
+        self, shards: Sequence[Sequence[str]], rank: int, rows: Callable[[], Iterator[dict]]
+    ) -> bool:
+        """Mark this process's shard (the names it was given) finished; the process that finds every shard
+        finished writes the manifest. -> True if it wrote it.
+
+        No collective wait at the end: after a resume one process may have hours more work than another, longer
+        than a distributed barrier's timeout. A marker is named by its shard's content, so markers left by an
+        earlier run (same settings: run.json) stay valid and those of another sharding are ignored.
+        """
+        ids = [hashlib.sha1("\n".join(names).encode()).hexdigest()[:20] for names in shards]
+        marks = [self.root / ".shards" / f"{len(shards)}-{k}-{i}" for k, i in enumerate(ids)]
+        with atomic_path(marks[rank]) as tmp:
+            tmp.write_text("finished\n")
+        if not all(m.is_file() for m in marks):
+            return False
+        self.write_manifest(rows())
+        return True
+
     def write_manifest(self, rows: Iterator[dict]) -> Path:
         path = self.root / "manifest.jsonl"
         with atomic_path(path) as tmp, open(tmp, "w") as fh:
@@ -310,7 +329,7 @@ def sample_patches(
         raise ValueError("conditions from images need a UNI encoder (--uni)")
     skip = SkipCounter(settings.max_skips)
     skipped: list[str] = []
-    specs = source.specs(skipped) if isinstance(source, FolderSource) else source.specs()
+    specs = source.specs(skipped)
     for message in skipped:
         skip(message)
     if not specs:
@@ -380,7 +399,6 @@ def sample_patches(
         bar.update(len(ok))
     bar.close()
     out.flush()
-    state.wait_for_everyone()
 
     summary = {
         "images": len(specs),
@@ -388,12 +406,15 @@ def sample_patches(
         "skipped_here": skip.count,
         "processes": state.num_processes,
     }
-    if state.is_main_process:
-        meta = {"sampler": settings.sampler, "steps": steps, "guidance": guidance, "model": model_ref,
-                "guidance_interval": info["guidance_interval"], "dtype": settings.dtype}  # fmt: skip
-        out.write_manifest(_rows(out, specs, settings.seed, meta))
+    meta = {"sampler": settings.sampler, "steps": steps, "guidance": guidance, "model": model_ref,
+            "guidance_interval": info["guidance_interval"], "dtype": settings.dtype}  # fmt: skip
+    shards = [
+        [specs[i].name for b in batches[k :: state.num_processes] for i in b]
+        for k in range(state.num_processes)
+    ]
+    if out.finish_shard(shards, state.process_index, lambda: _rows(out, specs, settings.seed, meta)):
         summary["done"] = sum(out.done(s) for s in specs)
-        log.info("%d/%d images in %s", summary["done"], len(specs), out.root)
+        log.info("%d/%d images in %s; manifest written", summary["done"], len(specs), out.root)
     return summary
 
 
@@ -485,11 +506,12 @@ def sample_regions(
         out.write_pair(spec.name, to_uint8(image)[0], real)
         made += 1
     out.flush()
-    state.wait_for_everyone()
     summary = {"regions": len(specs), "made_here": made, "processes": state.num_processes}
-    if state.is_main_process:
-        meta = {"sampler": settings.sampler, "steps": steps, "guidance": guidance, "model": model_ref,
-                "guidance_interval": info["guidance_interval"], "dtype": settings.dtype, **extra}  # fmt: skip
-        out.write_manifest(_rows(out, specs, settings.seed, meta))
+    meta = {"sampler": settings.sampler, "steps": steps, "guidance": guidance, "model": model_ref,
+            "guidance_interval": info["guidance_interval"], "dtype": settings.dtype, **extra}  # fmt: skip
+    shards = [
+        [specs[i].name for i in range(k, len(specs), state.num_processes)] for k in range(state.num_processes)
+    ]
+    if out.finish_shard(shards, state.process_index, lambda: _rows(out, specs, settings.seed, meta)):
         summary["done"] = sum(out.done(s) for s in specs)
     return summary

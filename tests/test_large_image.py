@@ -25,6 +25,15 @@ from tools.sample_4k import main
 C = 96
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models make many small ops: one thread avoids OpenMP spin-waits on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def t16(tmp_path_factory):
     """A tiny 1024-style model: T = 16 tokens (4 x 4), windows of 16 latent px (128 px, 32 px per token)."""

@@ -31,21 +31,36 @@ REPO = Path(__file__).resolve().parents[1]
 C = 96  # the tiny UNI stand-in's embedding size
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread, like the subprocesses below (same kernels, same bytes); tiny models make many small ops, and
+    on a shared 2-core machine OpenMP spin-waits make two threads far slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    """Tiny random PixCell-256-like (T=1) and 1024-like (T=16, 128 px) transformers, saved like released ones."""
+    """Tiny random transformers saved like released ones: t1 (T=1, 256 px), t64 (T=1, 64 px: cheap where the
+    geometry does not matter), t16 (T=16, 128 px: the 1024 px token layout); t64 also as an original .pth."""
     out = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     paths = {}
-    for name, preset in (("t1", "PixCell-tiny-256"), ("t16", "PixCell-tiny-128-T16")):
+    for name, preset in (
+        ("t1", "PixCell-tiny-256"),
+        ("t64", "PixCell-tiny-64"),
+        ("t16", "PixCell-tiny-128-T16"),
+    ):
         model = build_pixcell(preset, caption_channels=C).eval()
         for p in model.parameters():  # a non-zero head, so conditions and guidance change the images
             p.data.normal_(0, 0.02)
         model.save_pretrained(out / name)
         paths[name] = out / name
-        if name == "t1":
-            save_original_checkpoint(model, out / "t1.pth", as_ema=True)
-            paths["t1.pth"] = out / "t1.pth"
+        if name == "t64":
+            save_original_checkpoint(model, out / "t64.pth", as_ema=True)
+            paths["t64.pth"] = out / "t64.pth"
     return paths
 
 
@@ -133,7 +148,7 @@ def test_image_folder_source_embeds_on_the_fly(models, tiny_vae_dir, tiny_uni_di
     assert (out / "syn" / "sub" / "b_y256_x0.jpg").is_file() and (out / "real" / "a.jpg").is_file()
     # Tokens on the fly: one UNI embedding per 256 px tile, row-major, as embed_grid computes them.
     uni = load_uni(tiny_uni_dir)
-    image = np.asarray(Image.open(folder / "sub" / "b.png"))
+    image = np.array(Image.open(folder / "sub" / "b.png"))
     tokens = embed_tiles(uni, [image], 256)
     ref = uni.embed_grid(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)
     assert tokens.shape == (1, 2, C) and torch.allclose(tokens, ref, atol=1e-5)
@@ -167,7 +182,7 @@ def test_bad_inputs_are_one_line_errors(models, tiny_vae_dir, dataset, tmp_path,
         assert err.startswith("error:") and "\n" not in err, err
         return err
 
-    base = common(models, tiny_vae_dir, tmp_path / "o")
+    base = common(models, tiny_vae_dir, tmp_path / "o", "t64")
     np.save(tmp_path / "e1.npy", np.zeros((3, 1, C), np.float32))
     # A T=1 embedding for the T=16 model, and a wrong embedding dim.
     err = error(
@@ -188,8 +203,9 @@ def test_bad_inputs_are_one_line_errors(models, tiny_vae_dir, dataset, tmp_path,
     assert "broken.pth" in error(argv + ["--embeddings", str(tmp_path / "e1.npy")])
     assert "exactly one" in error(base + ["--embeddings", "a.npy", "--images", "b"])
     index = str(dataset / "metadata" / "patch_names_all.hdf5")
-    assert "only 8 crops" in error(base + ["--index", index, "--n-images", "9"])
-    assert "no dataset key 'nope'" in error(base + ["--index", index, "--keys", "nope"])
+    at256 = common(models, tiny_vae_dir, tmp_path / "o", "t1")
+    assert "only 8 crops" in error(at256 + ["--index", index, "--n-images", "9"])
+    assert "no dataset key 'nope'" in error(at256 + ["--index", index, "--keys", "nope"])
     # Rerunning into a folder made with other settings is refused rather than mixing images.
     assert run_cli(main, base + ["--embeddings", str(tmp_path / "e1.npy")]) == 0
     assert "guidance: 2.0 there, 3.0 now" in error(
@@ -202,9 +218,9 @@ def test_original_checkpoint_and_guidance_interval(models, tiny_vae_dir, tmp_pat
     outs = []
     for i, extra in enumerate(([], ["--guidance-interval", "0", "999"], ["--guidance-interval", "0", "100"])):
         out = tmp_path / f"o{i}"
-        argv = common(models, tiny_vae_dir, out) + ["--embeddings", str(tmp_path / "e.npy"), *extra]
+        argv = common(models, tiny_vae_dir, out, "t64") + ["--embeddings", str(tmp_path / "e.npy"), *extra]
         if i == 0:
-            argv[1] = str(models["t1.pth"])  # the same weights as an original (EMA) checkpoint
+            argv[1] = str(models["t64.pth"])  # the same weights as an original (EMA) checkpoint
         assert run_cli(main, argv) == 0
         outs.append(np.asarray(Image.open(out / "syn" / "e_000000.png")))
     assert np.array_equal(outs[0], outs[1])  # an interval covering every step is plain guidance
@@ -240,24 +256,20 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
+def _clean_run(argv: list[str]) -> None:
+    """One uninterrupted in-process run (one thread: `one_thread`), the reference for the subprocess runs."""
+    assert run_cli(main, argv) == 0
+
+
 @pytest.fixture(scope="module")
-def twelve(models, tiny_vae_dir, tmp_path_factory):
-    """12 conditions, and the output of one uninterrupted in-process run (one thread, like the subprocesses)."""
+def twelve(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("twelve")
     np.save(root / "e.npy", np.random.default_rng(4).standard_normal((12, 1, C)).astype(np.float32))
-    argv = common(models, tiny_vae_dir, root / "clean") + [
-        "--embeddings",
-        str(root / "e.npy"),
-        "--batch",
-        "2",
-    ]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert run_cli(main, argv) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return root, argv
+    return root
+
+
+def _argv(models, vae, root: Path, out: str, model: str) -> list[str]:
+    return common(models, vae, root / out, model) + ["--embeddings", str(root / "e.npy"), "--batch", "2"]
 
 
 def _same_tree(a: Path, b: Path) -> None:
@@ -267,10 +279,10 @@ def _same_tree(a: Path, b: Path) -> None:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
 
 
-def test_resume_after_kill_is_byte_identical(twelve):
-    root, argv = twelve
-    out = root / "killed"
-    argv = [a if a != str(root / "clean") else str(out) for a in argv]
+def test_resume_after_kill_is_byte_identical(models, tiny_vae_dir, twelve):
+    _clean_run(_argv(models, tiny_vae_dir, twelve, "clean", "t1"))
+    argv = _argv(models, tiny_vae_dir, twelve, "killed", "t1")
+    out, root = twelve / "killed", twelve
     proc = subprocess.Popen([sys.executable, "-m", "tools.sample", *argv], cwd=REPO, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 120
@@ -287,10 +299,10 @@ def test_resume_after_kill_is_byte_identical(twelve):
     assert (root / "clean" / "manifest.jsonl").read_text() == (out / "manifest.jsonl").read_text()
 
 
-def test_two_accelerate_processes_equal_one(twelve):
-    root, argv = twelve
-    out = root / "two"
-    argv = [a if a != str(root / "clean") else str(out) for a in argv]
+def test_two_accelerate_processes_equal_one(models, tiny_vae_dir, twelve):
+    _clean_run(_argv(models, tiny_vae_dir, twelve, "clean64", "t64"))
+    argv = _argv(models, tiny_vae_dir, twelve, "two", "t64")
+    out, root = twelve / "two", twelve
     env = {**_env(), "ACCELERATE_USE_CPU": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
@@ -299,5 +311,5 @@ def test_two_accelerate_processes_equal_one(twelve):
     assert res.returncode == 0, res.stderr[-3000:]
     log = res.stdout + res.stderr
     assert "process 0/2: 6 images" in log and "process 1/2: 6 images" in log  # two real processes, disjoint
-    _same_tree(root / "clean" / "syn", out / "syn")
-    assert (root / "clean" / "manifest.jsonl").read_text() == (out / "manifest.jsonl").read_text()
+    _same_tree(root / "clean64" / "syn", out / "syn")
+    assert (root / "clean64" / "manifest.jsonl").read_text() == (out / "manifest.jsonl").read_text()
