@@ -236,6 +236,17 @@ class IndexSource(ConditionSource):
             for name, y, x in crop_names(stem, (side, side), self.m, self.tile)
         ]  # fmt: skip
 
+    def _resolve_key(self, key: str, available: list[str]) -> str:
+        """`tcga_diagnostic_1024`, or `tcga_diagnostic` when one size of it is indexed."""
+        if key in available:
+            return key
+        sized = [a for a in available if (m := _KEY.match(a)) and m.group(1) == key]
+        if len(sized) != 1:
+            raise KeyError(
+                f"{self.index_file}: no dataset key {key!r} (available: {', '.join(available) or 'none'})"
+            )
+        return sized[0]
+
     def _key_grid(self, key: str) -> int:
         m = _KEY.match(key)
         if m is None:
@@ -266,12 +277,7 @@ class IndexSource(ConditionSource):
             raise ValueError(f"index {self.index_file}: not a readable HDF5 file ({err})") from None
         with h5:
             available = sorted(h5.keys())
-            keys = self.keys or available
-            for key in keys:
-                if key not in available:
-                    raise KeyError(
-                        f"{self.index_file}: no dataset key {key!r} (available: {', '.join(available) or 'none'})"
-                    )
+            keys = [self._resolve_key(k, available) for k in self.keys] if self.keys else available
             grids = {key: self._key_grid(key) for key in keys}
             per_patch = {key: (grids[key] // self.m) ** 2 for key in keys}
             counts = [len(h5[key]) * per_patch[key] for key in keys]

@@ -139,7 +139,7 @@ class Chunker:
             stop = min(start + size, n)
             try:
                 fn(start, stop)
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in torch >= 2.5
                 if size == 1:
                     raise
                 size = max(1, size // 2)
@@ -155,6 +155,11 @@ class Chunker:
 def default_window_batch(device: torch.device) -> int | None:
     """All windows at once on a GPU (halved on OOM); a few at a time on the CPU, where batching gains little."""
     return None if device.type == "cuda" else 8
+
+
+def default_vae_batch(device: torch.device) -> int:
+    """VAE windows per call: a 1024 px SD3.5 decode holds ~1 GB per activation in bf16, so a few at a time."""
+    return 4 if device.type == "cuda" else 1
 
 
 #################################################################################

@@ -42,6 +42,7 @@ from .encoders import decode_latents, tile_images, to_uint8
 from .large_image import (
     Chunker,
     decode_region,
+    default_vae_batch,
     default_window_batch,
     denoise_region,
     region_layout,
@@ -290,6 +291,13 @@ def embed_tiles(uni, images: Sequence[np.ndarray], tile: int, batch: int = 64) -
 #################################################################################
 
 
+def decode_batched(vae, latents: Tensor, chunker: Chunker) -> Tensor:
+    """(B, 16, h, w) model latents -> (B, 3, 8h, 8w) images in [0, 1], decoded `chunker.size` at a time."""
+    out: list[Tensor] = []
+    chunker.run(len(latents), lambda a, b: out.append(decode_latents(vae, latents[a:b])))
+    return torch.cat(out)
+
+
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> tuple[Tensor, list[torch.Generator]]:
     """(B, *shape) noise, row i from its own CPU generator seeded `seeds[i]` (any device, any batching)."""
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -357,7 +365,7 @@ def sample_patches(
     log.info("process %d/%d: %d images to make", state.process_index, state.num_processes, n_todo)
 
     device = pipe._execution_device
-    vae_batch = settings.vae_batch or bs
+    vae_batch = Chunker(settings.vae_batch or bs, "VAE batch")
     bar = tqdm(
         total=n_todo, desc="sampling", unit="img", disable=not (settings.progress and state.is_main_process)
     )
@@ -388,9 +396,7 @@ def sample_patches(
             output_type="latent",
             progress=False,
         ).images
-        images = torch.cat(
-            [decode_latents(pipe.vae, x[i : i + vae_batch]) for i in range(0, len(x), vae_batch)]
-        )
+        images = decode_batched(pipe.vae, x, vae_batch)
         for (spec, ld), arr in zip(ok, to_uint8(images)):
             if not out.done(spec):  # another part of a half-finished batch
                 real = ld.image if (settings.write_real and spec.has_real) else None
@@ -472,7 +478,7 @@ def sample_regions(
 
     device = pipe._execution_device
     wb = Chunker(region.window_batch or default_window_batch(device), "window batch")
-    vb = Chunker(settings.vae_batch or default_window_batch(device), "VAE batch")
+    vb = Chunker(settings.vae_batch or default_vae_batch(device), "VAE batch")
     mine = [i for i in range(len(specs)) if i % state.num_processes == state.process_index]
     todo = [[i] for i in mine if not out.done(specs[i])]
     skip = SkipCounter(settings.max_skips)
