@@ -128,6 +128,26 @@ def test_listed_patches_give_every_crop(models, tiny_vae_dir, dataset, tmp_path)
     assert sorted(p.name for p in (out / "real" / "ds/lihc/single_512/slideA").iterdir()) == names
 
 
+def test_unusable_patches_are_skipped_and_counted(models, tiny_vae_dir, dataset, tmp_path, caplog, capsys):
+    """A patch listed in the index whose features are missing: logged and counted, a hard stop past --max-skips."""
+    names = ["ds/lihc/single_512/slideA/0_0.jpeg", "ds/lihc/single_512/slideA/9_9.jpeg"]  # 9_9: no files
+    index = tmp_path / "metadata" / "patch_names_all.hdf5"
+    index.parent.mkdir()
+    with h5py.File(index, "w") as h5:
+        h5.create_dataset("ds_512", data=np.array(names, dtype=object), dtype=h5py.string_dtype())
+    base = common(models, tiny_vae_dir, tmp_path / "out") + [
+        "--index",
+        str(index),
+        "--data-root",
+        str(dataset),
+    ]
+    assert run_cli(main, base + ["--keys", "ds", "--max-skips", "4", "--batch", "4"]) == 0  # `ds` -> ds_512
+    assert len(manifest(tmp_path / "out")) == 4
+    assert "skipped (4 so far)" in caplog.text and "9_9_uni.npy: feature file missing" in caplog.text
+    assert run_cli(main, base + ["--max-skips", "3", "--batch", "4", "--out", str(tmp_path / "o2")]) == 2
+    assert "more than 3 conditions could not be used" in capsys.readouterr().err
+
+
 def test_image_folder_source_embeds_on_the_fly(models, tiny_vae_dir, tiny_uni_dir, tmp_path):
     rng = np.random.default_rng(1)
     folder = tmp_path / "imgs"
