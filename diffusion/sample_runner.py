@@ -15,7 +15,7 @@ is complete.
 
 Several processes (`accelerate launch`, any number of GPUs or nodes) take disjoint batches (batch k goes to
 process k mod N); since a batch is computed the same way wherever it runs, the outputs equal one process's. The
-main process writes `manifest.jsonl` at the end, in list order.
+process that finishes last writes `manifest.jsonl`, in list order (no barrier at the end: see `finish_shard`).
 """
 
 from __future__ import annotations
@@ -315,7 +315,7 @@ def _run_info(settings: SampleSettings, model_ref: str, vae_ref: str, tokens: in
         "guidance_interval": list(settings.guidance_interval) if settings.guidance_interval else None,
         "seed": settings.seed,
         "dtype": settings.dtype,
-        "format": settings.format,
+        "format": settings.format if settings.format == "png" else f"jpeg q{settings.jpeg_quality}",
         **extra,
     }
 
