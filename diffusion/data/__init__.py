@@ -1,0 +1,1 @@
+"""Data: slides -> patches (`slides`), the patch index (`index`), feature storage (`features`), training samples (`datasets`)."""
