@@ -32,14 +32,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .data.features import PACKED_DIRNAME, PackedReader, SampleError, load_npy, npy_feature_paths
+from .data.index import INDEX_RELPATH, index_lengths, key_size, resolve_keys
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
-INDEX_RELPATH = Path("metadata") / "patch_names_all.hdf5"
-UNI_FEATURE_SUFFIX = "_uni.npy"
-_KEY = re.compile(r"^(.+)_(\d+)$")
-
-
-class SampleError(ValueError):
-    """One condition that cannot be used (missing or unreadable file, wrong shape, NaN): skip it and count."""
+__all__ = ["SampleError"]  # re-exported: the data module's "skip and count this one" error
 
 
 @dataclass(frozen=True)
@@ -76,15 +73,6 @@ def crop_names(stem: str, grid: tuple[int, int], m: int, tile: int) -> list[tupl
     return [(f"{stem}_y{y * tile}_x{x * tile}", y, x) for y in range(0, gh, m) for x in range(0, gw, m)]
 
 
-def _check_tokens(tokens: np.ndarray, where: str, channels: int | None) -> np.ndarray:
-    if channels is not None and tokens.shape[-1] != channels:
-        raise SampleError(f"{where}: tokens of dim {tokens.shape[-1]}, the model takes {channels}")
-    tokens = np.asarray(tokens, dtype=np.float32)
-    if not np.isfinite(tokens).all():
-        raise SampleError(f"{where}: contains NaN or Inf values")
-    return tokens
-
-
 def read_image(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
     """An RGB image as (H, W, 3) uint8; SampleError when missing, unreadable or not of `size` (h, w)."""
     try:
@@ -109,30 +97,38 @@ def image_size(path: Path) -> tuple[int, int]:
 
 
 #################################################################################
-#                     Per-patch features (published .npy layout)                #
+#                            Per-patch features                                 #
 #################################################################################
-# The one place that reads the published per-patch feature files. The data module (diffusion.data) owns the
-# full reader (packed shards too); swap `read_patch_tokens` for it when both live on one branch.
+# Storage is the data module's (diffusion.data.features): the published per-patch `.npy` layout, or packed
+# HDF5 shards; sampling needs only the UNI tokens of a patch, as a (g, g, C) grid.
 
 
 def feature_path(features_root: Path, rel_patch: str) -> Path:
     """`grp/single_1024/slide/3_4.jpeg` -> `<features_root>/grp/single_1024/slide/3_4_uni.npy`."""
-    return Path(features_root) / (os.path.splitext(rel_patch)[0] + UNI_FEATURE_SUFFIX)
+    return npy_feature_paths(features_root, rel_patch)[1]
 
 
-def read_patch_tokens(path: Path, grid: int | None = None, channels: int | None = None) -> np.ndarray:
-    """A `<patch>_uni.npy` (T, C) float16 file as a (g, g, C) float32 grid; SampleError when unusable."""
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise SampleError(f"{path}: feature file missing") from None
-    except (ValueError, OSError, EOFError) as err:  # zero bytes, truncated, not an .npy
-        raise SampleError(f"{path}: unreadable .npy ({type(err).__name__}: {err})") from None
+def tokens_as_grid(
+    array: np.ndarray, where: str, grid: int | None = None, channels: int | None = None
+) -> np.ndarray:
+    """(T, C) stored tokens (or (C,) for one) -> (g, g, C) float32; SampleError when unusable."""
+    if array.ndim == 1:
+        array = array[None]
     side = math.isqrt(array.shape[0]) if array.ndim == 2 else 0
     if array.ndim != 2 or side * side != array.shape[0] or (grid is not None and side != grid):
         want = f"({grid * grid}, C)" if grid else "(T, C) with T a square"
-        raise SampleError(f"{path}: shape {tuple(array.shape)}, expected {want}")
-    return _check_tokens(np.asarray(array).reshape(side, side, -1), str(path), channels)
+        raise SampleError(f"{where}: shape {tuple(array.shape)}, expected {want}")
+    if channels is not None and array.shape[1] != channels:
+        raise SampleError(f"{where}: tokens of dim {array.shape[1]}, the model takes {channels}")
+    tokens = np.asarray(array, dtype=np.float32).reshape(side, side, -1)
+    if not np.isfinite(tokens).all():
+        raise SampleError(f"{where}: contains NaN or Inf values")
+    return tokens
+
+
+def read_patch_tokens(path: Path, grid: int | None = None, channels: int | None = None) -> np.ndarray:
+    """A `<patch>_uni.npy` file as a (g, g, C) float32 grid; SampleError when missing or unusable."""
+    return tokens_as_grid(load_npy(path), str(path), grid, channels)
 
 
 #################################################################################
@@ -173,13 +169,15 @@ def _crop_tokens(grid: np.ndarray, spec: Spec) -> np.ndarray:
 
 
 class IndexSource(ConditionSource):
-    """Conditions from the dataset: the HDF5 index (or a list of patch paths) and `<patch>_uni.npy` features.
+    """Conditions from the dataset: the HDF5 index (or a list of patch paths) and the patches' stored UNI features.
 
     index_file: `<root>/metadata/patch_names_all.hdf5`, one string dataset per `<dataset>_<size>` (relative
-    patch paths). keys: which datasets (default all). n_images: a random subset of that many crops, drawn with
-    `seed` over all crops of all patches (without replacement), else every crop. patches: relative patch paths
-    instead of an index (every crop of each). data_root: where the patches are (default: the index's root);
-    features_root: where the `_uni.npy` files are (default: beside the patches, the published layout).
+    patch paths). keys: which datasets (default all; `tcga` names `tcga_<size>` when one size is indexed).
+    n_images: a random subset of that many crops, drawn with `seed` over all crops of all patches (without
+    replacement), else every crop. patches: relative patch paths instead of an index (every crop of each).
+    data_root: where the patches are (default: the index's root). features: "npy" (`<patch>_uni.npy`, beside
+    the patches unless features_root says otherwise) or "packed" (the data module's HDF5 shards, default
+    `<data_root>/features_packed`; needs the index, whose positions address the shards).
     """
 
     kind = "index"
@@ -196,11 +194,18 @@ class IndexSource(ConditionSource):
         keys: Sequence[str] | None = None,
         n_images: int | None = None,
         seed: int = 0,
+        features: str = "npy",
     ):
         super().__init__(tokens_side, tile, channels)
         if (index_file is None) == (patches is None):
             raise ValueError(
                 "dataset conditions: give either an index file (--index) or a patch list (--patches)"
+            )
+        if features not in ("npy", "packed"):
+            raise ValueError(f"--features {features!r}: expected npy or packed")
+        if features == "packed" and patches is not None:
+            raise ValueError(
+                "--features packed needs --index (packed shards are addressed by index position)"
             )
         self.index_file = Path(index_file) if index_file is not None else None
         if self.index_file is not None and not self.index_file.is_file():
@@ -214,50 +219,46 @@ class IndexSource(ConditionSource):
         self.data_root = Path(data_root)
         if not self.data_root.is_dir():
             raise FileNotFoundError(f"data root {self.data_root}: no such folder")
-        self.features_root = Path(features_root) if features_root is not None else self.data_root
+        default = self.data_root if features == "npy" else self.data_root / PACKED_DIRNAME
+        self.features_root = Path(features_root) if features_root is not None else default
         if not self.features_root.is_dir():
             raise FileNotFoundError(f"features root {self.features_root}: no such folder")
+        self.features = features
         self.patches = list(patches) if patches is not None else None
-        self.keys = list(keys) if keys else None
         self.n_images = n_images
         self.seed = seed
         if n_images is not None and n_images < 1:
             raise ValueError(f"--n-images {n_images}: expected >= 1")
+        self.keys: list[str] = []
+        self.readers: dict[str, PackedReader] = {}
+        if self.index_file is not None:
+            try:
+                lengths = index_lengths(self.index_file)
+            except OSError as err:
+                raise ValueError(f"index {self.index_file}: not a readable HDF5 file ({err})") from None
+            self.lengths = lengths
+            self.keys = resolve_keys(lengths, keys, self.index_file)
+            for key in self.keys:
+                size = key_size(key)
+                if size % (self.m * self.tile):
+                    raise ValueError(
+                        f"{self.index_file}: {key} holds {size} px patches, which cannot be cut into "
+                        f"{self.m * self.tile} px images"
+                    )
+            if features == "packed":  # checks every shard exists and matches the index, now
+                self.readers = {k: PackedReader(self.features_root, k, lengths[k]) for k in self.keys}
 
     def describe(self) -> str:
         return str(self.index_file) if self.index_file is not None else f"{len(self.patches)} listed patches"
 
-    def _patch_specs(self, rel: str, key: str | None, side: int) -> list[Spec]:
+    def _patch_specs(self, rel: str, key: str | None, position: int | None, side: int) -> list[Spec]:
         stem = os.path.splitext(rel)[0]
         return [
             Spec(name, rel, y, x, self.m, self.m, True,
-                 {"type": "index", "key": key, "patch": rel, "crop": [y * self.tile, x * self.tile],
-                  "size": self.m * self.tile})
+                 {"type": "index", "key": key, "position": position, "patch": rel,
+                  "crop": [y * self.tile, x * self.tile], "size": self.m * self.tile})
             for name, y, x in crop_names(stem, (side, side), self.m, self.tile)
         ]  # fmt: skip
-
-    def _resolve_key(self, key: str, available: list[str]) -> str:
-        """`tcga_diagnostic_1024`, or `tcga_diagnostic` when one size of it is indexed."""
-        if key in available:
-            return key
-        sized = [a for a in available if (m := _KEY.match(a)) and m.group(1) == key]
-        if len(sized) != 1:
-            raise KeyError(
-                f"{self.index_file}: no dataset key {key!r} (available: {', '.join(available) or 'none'})"
-            )
-        return sized[0]
-
-    def _key_grid(self, key: str) -> int:
-        m = _KEY.match(key)
-        if m is None:
-            raise ValueError(f"{self.index_file}: dataset key {key!r} is not <dataset>_<size>")
-        size = int(m.group(2))
-        if size % (self.m * self.tile):
-            raise ValueError(
-                f"{self.index_file}: {key} holds {size} px patches, which cannot be cut into "
-                f"{self.m * self.tile} px images"
-            )
-        return size // self.tile
 
     def specs(self, skipped: list[str] | None = None) -> list[Spec]:
         if self.patches is not None:
@@ -267,32 +268,26 @@ class IndexSource(ConditionSource):
                     side = read_patch_tokens(feature_path(self.features_root, rel)).shape[0]
                 except SampleError as err:
                     raise FileNotFoundError(str(err)) from None
-                out += self._patch_specs(rel, None, side)
+                out += self._patch_specs(rel, None, None, side)
             return self._subset(out)
         import h5py
 
-        try:
-            h5 = h5py.File(self.index_file, "r")
-        except OSError as err:
-            raise ValueError(f"index {self.index_file}: not a readable HDF5 file ({err})") from None
-        with h5:
-            available = sorted(h5.keys())
-            keys = [self._resolve_key(k, available) for k in self.keys] if self.keys else available
-            grids = {key: self._key_grid(key) for key in keys}
-            per_patch = {key: (grids[key] // self.m) ** 2 for key in keys}
-            counts = [len(h5[key]) * per_patch[key] for key in keys]
-            total = sum(counts)
-            if total == 0:
-                raise ValueError(f"{self.index_file}: no patches under {', '.join(keys)}")
-            if self.n_images is None:
-                chosen = np.arange(total)
-            elif self.n_images > total:
-                raise ValueError(f"--n-images {self.n_images}: the index holds only {total} crops")
-            else:  # Floyd-style sampling without materialising all crops; sorted for locality on disk
-                chosen = np.sort(np.random.default_rng(self.seed).choice(total, self.n_images, replace=False))
-            out: list[Spec] = []
-            starts = np.cumsum([0] + counts)
-            for k, key in enumerate(keys):
+        grids = {key: key_size(key) // self.tile for key in self.keys}
+        per_patch = {key: (grids[key] // self.m) ** 2 for key in self.keys}
+        counts = [self.lengths[key] * per_patch[key] for key in self.keys]
+        total = sum(counts)
+        if total == 0:
+            raise ValueError(f"{self.index_file}: no patches under {', '.join(self.keys)}")
+        if self.n_images is None:
+            chosen = np.arange(total)
+        elif self.n_images > total:
+            raise ValueError(f"--n-images {self.n_images}: the index holds only {total} crops")
+        else:  # sampling without replacement, never listing every crop; sorted for locality on disk
+            chosen = np.sort(np.random.default_rng(self.seed).choice(total, self.n_images, replace=False))
+        out: list[Spec] = []
+        starts = np.cumsum([0] + counts)
+        with h5py.File(self.index_file, "r") as h5:
+            for k, key in enumerate(self.keys):
                 sel = chosen[(chosen >= starts[k]) & (chosen < starts[k + 1])] - starts[k]
                 if len(sel) == 0:
                     continue
@@ -307,9 +302,9 @@ class IndexSource(ConditionSource):
                 cache: dict[int, list[Spec]] = {}
                 for p, c in zip(patch_idx.tolist(), crop_idx.tolist()):
                     if p not in cache:
-                        cache = {p: self._patch_specs(by_idx[p], key, grids[key])}
+                        cache = {p: self._patch_specs(by_idx[p], key, p, grids[key])}
                     out.append(cache[p][c])
-            return out
+        return out
 
     def _subset(self, specs: list[Spec]) -> list[Spec]:
         if self.n_images is None:
@@ -319,12 +314,22 @@ class IndexSource(ConditionSource):
         keep = np.sort(np.random.default_rng(self.seed).choice(len(specs), self.n_images, replace=False))
         return [specs[i] for i in keep]
 
+    def _tokens(self, spec: Spec) -> np.ndarray:
+        key = spec.source["key"]
+        if self.features == "packed":
+            # Only the UNI rows: an empty latent box makes the reader skip the (much larger) VAE posterior.
+            empty = (slice(0, 0), slice(0, 0))
+            _, uni = self.readers[key].read(spec.source["position"], spec.entry, empty)
+            return tokens_as_grid(uni, f"{self.features_root / key} [{spec.entry}]", channels=self.channels)
+        grid = key_size(key) // self.tile if key else None
+        return read_patch_tokens(feature_path(self.features_root, spec.entry), grid, self.channels)
+
     def load(self, spec: Spec) -> Loaded:
-        grid = read_patch_tokens(feature_path(self.features_root, spec.entry), channels=self.channels)
+        grid = self._tokens(spec)
         if spec.y + spec.rows > grid.shape[0] or spec.x + spec.cols > grid.shape[1]:
             raise SampleError(
-                f"{feature_path(self.features_root, spec.entry)}: a {grid.shape[0]}x{grid.shape[1]} token grid, "
-                f"expected at least {spec.y + spec.rows}x{spec.x + spec.cols}"
+                f"{spec.entry}: features hold a {grid.shape[0]}x{grid.shape[1]} token grid, expected at least "
+                f"{spec.y + spec.rows}x{spec.x + spec.cols}"
             )
         side = grid.shape[0] * self.tile
         image = read_image(self.data_root / spec.entry, (side, side))

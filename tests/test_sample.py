@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 from diffusion.conditions import EmbeddingSource, IndexSource, name_seed
+from diffusion.data.features import PACKED_DIRNAME, PackedShardWriter, packed_shard_path, write_packed_meta
 from diffusion.encoders import load_uni
 from diffusion.model.loading import save_original_checkpoint
 from diffusion.model.pixcell_transformer import build_pixcell
@@ -79,6 +80,14 @@ def dataset(tmp_path_factory) -> Path:
     (root / "metadata").mkdir()
     with h5py.File(root / "metadata" / "patch_names_all.hdf5", "w") as h5:
         h5.create_dataset("ds_512", data=np.array(names, dtype=object), dtype=h5py.string_dtype())
+    # The same features packed (the data module's shards, default <root>/features_packed).
+    packed = root / PACKED_DIRNAME
+    write_packed_meta(packed, "ds_512", len(names), 8, (32, 64, 64), (4, C))
+    with PackedShardWriter(packed_shard_path(packed, "ds_512", 0), names, (32, 64, 64), (4, C)) as shard:
+        for row, rel in enumerate(names):
+            shard.write(
+                row, np.zeros((32, 64, 64), np.float16), np.load(root / rel.replace(".jpeg", "_uni.npy"))
+            )
     return root
 
 
@@ -115,6 +124,17 @@ def test_index_source_pairs_real_and_synthetic(models, tiny_vae_dir, dataset, tm
     spec = next(s for s in specs if s.y == 1 and s.x == 0)
     feats = np.load(dataset / spec.entry.replace(".jpeg", "_uni.npy")).astype(np.float32)
     assert np.array_equal(src.load(spec).tokens.reshape(-1), feats[2])
+
+
+def test_packed_features_give_the_same_images(models, tiny_vae_dir, dataset, tmp_path):
+    index = str(dataset / "metadata" / "patch_names_all.hdf5")
+    for fmt in ("npy", "packed"):
+        argv = common(models, tiny_vae_dir, tmp_path / fmt) + ["--index", index, "--n-images", "2"]
+        assert run_cli(main, [*argv, "--features", fmt]) == 0
+    _same_tree(tmp_path / "npy" / "syn", tmp_path / "packed" / "syn")
+    npy, packed = (IndexSource(1, 256, C, index_file=index, features=f) for f in ("npy", "packed"))
+    spec = npy.specs()[7]
+    assert np.array_equal(npy.load(spec).tokens, packed.load(spec).tokens)
 
 
 def test_listed_patches_give_every_crop(models, tiny_vae_dir, dataset, tmp_path):

@@ -137,7 +137,14 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
     src.add_argument("--embeddings", help=".npy / .safetensors of UNI embeddings, (N, T, C) or (N, C)")
     src.add_argument("--data-root", help="patches folder (default: the index's root)")
     src.add_argument(
-        "--features-root", help="folder of <patch>_uni.npy features (default: beside the patches)"
+        "--features",
+        default="npy",
+        choices=["npy", "packed"],
+        help="stored features: per-patch .npy or packed",
+    )
+    src.add_argument(
+        "--features-root",
+        help="features folder (default: beside the patches; packed: <root>/features_packed)",
     )
     src.add_argument("--keys", nargs="+", help="index datasets to draw from (default: all)")
     src.add_argument("--n-images", type=int, help="a random subset of this many crops (--index / --patches)")
@@ -177,6 +184,7 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
             keys=args.keys,
             n_images=args.n_images,
             seed=args.seed,
+            features=args.features,
         )  # fmt: skip
     elif args.images:
         source = FolderSource(m, tile, args.images, t.caption_channels)
