@@ -236,7 +236,8 @@ def test_bad_inputs_are_one_line_errors(models, tiny_vae_dir, dataset, tmp_path,
     np.save(tmp_path / "nan.npy", nan)
     assert "NaN" in error(base + ["--embeddings", str(tmp_path / "nan.npy")])
     # A missing image, a missing index, an unreadable checkpoint, two sources at once.
-    assert "missing.png: no such image" in error(base + ["--images", str(tmp_path / "missing.png")])
+    err = error(base + ["--images", str(tmp_path / "missing.png")])
+    assert err.startswith("error: --images") and "missing.png: no such file or folder" in err
     assert "no such file" in error(base + ["--index", str(tmp_path / "none.hdf5")])
     (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
     argv = ["--model", str(tmp_path / "broken.pth"), "--vae", str(tiny_vae_dir), "--out", str(tmp_path / "o")]

@@ -57,6 +57,14 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def check_paths(**flags: Sequence[str | None] | None) -> None:
+    """Missing input paths, before minutes of model loading: one line naming the flag."""
+    for flag, paths in flags.items():
+        for path in paths or ():
+            if path is not None and not Path(path).exists():
+                raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file or folder")
+
+
 def runtime_device(name: str) -> torch.device:
     """--device, with each `accelerate launch` process on its own GPU."""
     device = resolve_device(name)
@@ -165,6 +173,8 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
     if args.n_images is not None and given[0] not in ("index", "patches"):
         raise ValueError("--n-images applies to --index / --patches")
 
+    check_paths(index=[args.index], patches=[args.patches], images=args.images, embeddings=[args.embeddings],
+                data_root=[args.data_root], features_root=[args.features_root])  # fmt: skip
     device = runtime_device(args.device)
     pipe, model_ref, vae_ref = load_pipeline(args, device)
     t = pipe.transformer.config

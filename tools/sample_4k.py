@@ -22,7 +22,14 @@ from collections.abc import Sequence
 from diffusion.conditions import RegionSource
 from diffusion.sample_runner import RegionSettings, sample_regions
 from tools.cli import add_model_args, add_runtime_args, add_sampler_args, run_cli
-from tools.sample import add_output_args, load_pipeline, load_uni_encoder, runtime_device, settings_from_args
+from tools.sample import (
+    add_output_args,
+    check_paths,
+    load_pipeline,
+    load_uni_encoder,
+    runtime_device,
+    settings_from_args,
+)
 
 MODEL = "StonyBrook-CVLab/PixCell-1024"
 
@@ -66,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} {value}: expected >= 1")
     if args.sigma <= 0:
         raise ValueError(f"--sigma {args.sigma}: expected > 0")
+    check_paths(
+        image=args.image, grid=args.grid, data_root=[args.data_root], features_root=[args.features_root]
+    )
     device = runtime_device(args.device)
     pipe, model_ref, vae_ref = load_pipeline(args, device)
     t = pipe.transformer.config
