@@ -2,8 +2,9 @@
 
 A *source* lists `Spec`s (one per image to generate) and loads each one as a token grid and/or its real image:
 
-    IndexSource       the dataset index (`patches/metadata/patch_names_all.hdf5`) and the per-patch features
-                      `<patch>_uni.npy` beside the patches (all, a random `n_images`, or a listed subset)
+    IndexSource       the dataset index (`patches/metadata/patch_names_all.hdf5`) and the patches' stored
+                      features (`<patch>_uni.npy` or packed shards, read by diffusion.data.features): all
+                      crops, a random `n_images` of them, or the crops of listed patches
     FolderSource      image files; their UNI2-h tokens are computed on the fly by the caller (`embed_tiles`)
     EmbeddingSource   an `.npy` / `.safetensors` file of embeddings
     RegionSource      whole large regions for the 4K tool: a large image, an embedding-grid file, or a square of

@@ -6,7 +6,7 @@
     # your own H&E images (UNI2-h computed on the fly; a 1024 px image gives 16 conditions at 256 px)
     python -m tools.sample --model StonyBrook-CVLab/PixCell-1024 --images my_patches/ --out runs/mine
     # precomputed embeddings, (N, T, 1536) in an .npy or .safetensors
-    python -m tools.sample --model work_dirs/pixcell_256 --embeddings uni.npy --out runs/emb
+    python -m tools.sample --model exported/pixcell_256 --embeddings uni.npy --out runs/emb
     # many GPUs / nodes: the same command under accelerate; processes take disjoint shards
     accelerate launch --num_processes 8 -m tools.sample ...
 
