@@ -125,7 +125,7 @@ def denoise(
     latents: Tensor,
     scheduler,
     num_inference_steps: int = 20,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,  # a list: one per row (per-image seeds)
     progress: bool = True,
 ) -> Tensor:
     """Run a diffusers scheduler from noise `latents` (B, C, h, w) with `eps_fn(x, t) -> (B, 2C, h, w)`.

@@ -55,3 +55,40 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {msg}", file=sys.stderr)
         return 2
+
+
+def add_sampler_args(parser: argparse.ArgumentParser) -> None:
+    """--sampler, --steps, --guidance, --guidance-interval: one guidance convention, eps_u + w (eps_c - eps_u)."""
+    from diffusion.sampling import SAMPLERS
+
+    g = parser.add_argument_group("sampler")
+    g.add_argument(
+        "--sampler", default="dpm-solver", choices=list(SAMPLERS), help="default: DPM-Solver++ (2M)"
+    )
+    g.add_argument(
+        "--steps", type=int, default=None, help="default: 20 (dpm-solver), 50 (ddim), 25, 100 (ddpm)"
+    )
+    g.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="w in eps_u + w (eps_c - eps_u); default 2.0 at 256 px, 1.2 at 1024",
+    )
+    g.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=None,
+        help="guide only for timesteps t in [LOW, HIGH] (of 0..999), as CytoSyn does; unguided elsewhere",
+    )
+
+
+def check_sampler_args(args: argparse.Namespace) -> None:
+    """One-line errors for sampler flags that argparse cannot check."""
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: expected >= 1")
+    if args.guidance_interval is not None:
+        low, high = args.guidance_interval
+        if not 0 <= low <= high <= 1000:
+            raise ValueError(f"--guidance-interval {low} {high}: expected 0 <= LOW <= HIGH <= 1000")

@@ -1,0 +1,523 @@
+"""Sampling at dataset scale: patches (PixCell-256/1024) and large regions, resumable, sharded, lossless.
+
+    OUT/run.json        the settings that decide the pixels (model, sampler, steps, guidance, seed, dtype, ...);
+                        a rerun with other settings into the same OUT is refused
+    OUT/syn/<name>.png  generated images
+    OUT/real/<name>.png the real image each one is conditioned on, when there is one (same name)
+    OUT/manifest.jsonl  one row per generated image: files, source, seed, sampler, steps, guidance, model
+
+Determinism and resume. Each image's seed comes from the base seed and its name (`name_seed`), its initial noise
+(and the stochastic samplers' noise) from its own CPU generator; images are grouped into fixed batches by their
+position in the (deterministic) list. A rerun skips batches whose images all exist and recomputes the others
+identically, so after a kill the finished set is byte-identical to an uninterrupted run. Files are written to a
+temporary name and renamed, the real image before the synthetic one, so an existing `syn/` file means its pair
+is complete.
+
+Several processes (`accelerate launch`, any number of GPUs or nodes) take disjoint batches (batch k goes to
+process k mod N); since a batch is computed the same way wherever it runs, the outputs equal one process's. The
+process that finishes last writes `manifest.jsonl`, in list order (no barrier at the end: see `finish_shard`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .atomic import atomic_path
+from .conditions import ConditionSource, FolderSource, Loaded, SampleError, Spec, name_seed
+from .encoders import decode_latents, tile_images, to_uint8
+from .large_image import (
+    Chunker,
+    decode_region,
+    default_vae_batch,
+    default_window_batch,
+    denoise_region,
+    region_layout,
+    window_layout,
+)
+from .pipeline import DEFAULT_GUIDANCE, PixCellPipeline
+from .sampling import DEFAULT_STEPS
+
+log = logging.getLogger("pixcell.sample")
+SUFFIX = {"png": ".png", "jpeg": ".jpg"}
+
+
+#################################################################################
+#                                   Settings                                    #
+#################################################################################
+
+
+@dataclass
+class SampleSettings:
+    """What decides the pixels (recorded in run.json and each manifest row), and how the run is carried out."""
+
+    sampler: str = "dpm-solver"
+    steps: int | None = None  # None: the sampler's default (20 for DPM-Solver++)
+    guidance: float | None = None  # None: published default for the model's token count (2.0 @256, 1.2 @1024)
+    guidance_interval: tuple[float, float] | None = None  # guide only for timesteps in [low, high]
+    seed: int = 0
+    dtype: str = "fp32"
+    format: str = "png"  # 'png' (lossless, default) or 'jpeg'
+    jpeg_quality: int = 95
+    # Carried out (not in run.json's checked keys):
+    batch_size: int = 8
+    vae_batch: int | None = None  # images per VAE decode call (default: batch_size)
+    workers: int = 0  # DataLoader workers reading conditions and real images
+    write_real: bool = True
+    max_skips: int = 100  # stop when more conditions than this could not be read
+    progress: bool = True
+
+    def resolved(self, tokens: int) -> tuple[int, float]:
+        steps = self.steps or DEFAULT_STEPS[self.sampler]
+        guidance = DEFAULT_GUIDANCE.get(tokens, 1.5) if self.guidance is None else float(self.guidance)
+        return steps, guidance
+
+
+@dataclass
+class RegionSettings:
+    """Sliding-window options for large regions (see diffusion.large_image)."""
+
+    stride: int = 64  # latent px between denoising windows (32, 64, 128 for PixCell-1024)
+    decode_stride: int | None = None  # latent px between decoded windows; None: half a window
+    sigma: float = 0.3  # Gaussian blending window over [-1, 1]; the published script used 0.8
+    window_batch: int | None = None  # windows per forward (x2 with guidance); None: all on GPU, 8 on CPU
+
+
+def model_reference(source: str | Path | torch.nn.Module) -> str:
+    """What the manifest names as the model: a hub id, or `sha256:<16 hex>` of the local weight files."""
+    if isinstance(source, torch.nn.Module):
+        h = hashlib.sha256()
+        for k, v in sorted(source.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().float().numpy().tobytes())
+        return f"module-sha256:{h.hexdigest()[:16]}"
+    path = Path(source)
+    if not path.exists():
+        return str(source)  # a hub id
+    files = [path] if path.is_file() else sorted(
+        f for f in path.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+    )  # fmt: skip
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return f"sha256:{h.hexdigest()[:16]}"
+
+
+#################################################################################
+#                           Output folder and bookkeeping                       #
+#################################################################################
+
+
+class OutputFolder:
+    """OUT/syn, OUT/real, run.json and manifest.jsonl; images written atomically by a small thread pool."""
+
+    def __init__(self, root: str | Path, fmt: str = "png", jpeg_quality: int = 95, writers: int = 2):
+        if fmt not in SUFFIX:
+            raise ValueError(f"--format {fmt!r}: expected png or jpeg")
+        self.root = Path(root)
+        self.fmt, self.quality = fmt, jpeg_quality
+        self.suffix = SUFFIX[fmt]
+        self.pool = ThreadPoolExecutor(max_workers=writers)
+        self.pending: list[Future] = []
+
+    def syn(self, name: str) -> Path:
+        return self.root / "syn" / f"{name}{self.suffix}"
+
+    def real(self, name: str) -> Path:
+        return self.root / "real" / f"{name}{self.suffix}"
+
+    def done(self, spec: Spec) -> bool:
+        return self.syn(spec.name).is_file()
+
+    def check_run(self, info: dict, is_main: bool) -> None:
+        """Refuse to mix outputs of different settings in one folder; the main process records the settings."""
+        path = self.root / "run.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+            diff = {k: (old.get(k), v) for k, v in info.items() if old.get(k) != v}
+            if diff:
+                detail = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items()))
+                raise ValueError(
+                    f"{self.root}: holds images made with other settings ({detail}); use another --out"
+                )
+        elif is_main:
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(info, indent=1, sort_keys=True))
+
+    def clean_temporaries(self) -> int:
+        """Remove temporary files left by a killed run (main process only, before anyone writes)."""
+        n = 0
+        for sub in ("syn", "real"):
+            for dirpath, _, files in os.walk(self.root / sub):
+                for f in files:
+                    if f.startswith(".") and f.endswith(".tmp"):
+                        os.unlink(os.path.join(dirpath, f))
+                        n += 1
+        return n
+
+    def _save(self, array: np.ndarray, path: Path) -> None:
+        with atomic_path(path) as tmp:
+            im = Image.fromarray(array)
+            if self.fmt == "png":
+                im.save(tmp, format="PNG")
+            else:
+                im.save(tmp, format="JPEG", quality=self.quality, subsampling=0)
+
+    def write_pair(self, name: str, syn: np.ndarray, real: np.ndarray | None) -> None:
+        """Queue the real image (if any) then the synthetic one: syn existing implies the pair is complete."""
+
+        def job() -> None:
+            if real is not None:
+                self._save(real, self.real(name))
+            self._save(syn, self.syn(name))
+
+        self.pending.append(self.pool.submit(job))
+        if len(self.pending) > 64:  # bound memory; surface write errors early
+            self.flush(keep=32)
+
+    def flush(self, keep: int = 0) -> None:
+        while len(self.pending) > keep:
+            self.pending.pop(0).result()
+
+    def finish_shard(
+        self, shards: Sequence[Sequence[str]], rank: int, rows: Callable[[], Iterator[dict]]
+    ) -> bool:
+        """Mark this process's shard (the names it was given) finished; the process that finds every shard
+        finished writes the manifest. -> True if it wrote it.
+
+        No collective wait at the end: after a resume one process may have hours more work than another, longer
+        than a distributed barrier's timeout. A marker is named by its shard's content, so markers left by an
+        earlier run (same settings: run.json) stay valid and those of another sharding are ignored.
+        """
+        ids = [hashlib.sha1("\n".join(names).encode()).hexdigest()[:20] for names in shards]
+        marks = [self.root / ".shards" / f"{len(shards)}-{k}-{i}" for k, i in enumerate(ids)]
+        with atomic_path(marks[rank]) as tmp:
+            tmp.write_text("finished\n")
+        if not all(m.is_file() for m in marks):
+            return False
+        self.write_manifest(rows())
+        return True
+
+    def write_manifest(self, rows: Iterator[dict]) -> Path:
+        path = self.root / "manifest.jsonl"
+        with atomic_path(path) as tmp, open(tmp, "w") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, sort_keys=True) + "\n")
+        return path
+
+
+class SkipCounter:
+    """Log each unusable condition with a running count; raise past `limit` (never substitute silently)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.count = limit, 0
+
+    def __call__(self, message: str) -> None:
+        self.count += 1
+        log.warning("skipped (%d so far): %s", self.count, message)
+        if self.count > self.limit:
+            raise RuntimeError(
+                f"more than {self.limit} conditions could not be used (last: {message}); fix the data or raise "
+                "--max-skips"
+            )
+
+
+def _process_state(device: torch.device):
+    """accelerate's process state (rank, world size, barrier); one process without `accelerate launch`.
+
+    `cpu=True` on the CPU: PartialState (unlike Accelerator) ignores ACCELERATE_USE_CPU and would otherwise
+    leave CPU processes started by `accelerate launch` unconnected.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=device.type == "cpu")
+
+
+class _Loads(torch.utils.data.Dataset):
+    def __init__(self, source: ConditionSource, specs: Sequence[Spec]):
+        self.source, self.specs = source, specs
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __getitem__(self, i: int) -> tuple[Spec, Loaded | None, str | None]:
+        try:
+            return self.specs[i], self.source.load(self.specs[i]), None
+        except SampleError as err:
+            return self.specs[i], None, str(err)
+
+
+def _loader(source, specs, batches, workers) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        _Loads(source, specs), batch_sampler=batches, num_workers=workers, collate_fn=list
+    )
+
+
+#################################################################################
+#                                  UNI on the fly                               #
+#################################################################################
+
+
+@torch.no_grad()
+def embed_tiles(uni, images: Sequence[np.ndarray], tile: int, batch: int = 64) -> Tensor:
+    """Real images (H, W, 3) uint8, all one size -> UNI tokens (B, (H/tile)*(W/tile), C), row-major tiles."""
+    param = next(uni.parameters())
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+    tiles = tile_images(x, tile)  # (B, T, 3, tile, tile)
+    b, t = tiles.shape[:2]
+    flat = tiles.flatten(0, 1)
+    feats = torch.cat([uni(flat[i : i + batch].to(param.device)) for i in range(0, len(flat), batch)])
+    return feats.view(b, t, -1)
+
+
+#################################################################################
+#                           Patches (PixCell-256 / 1024)                        #
+#################################################################################
+
+
+def decode_batched(vae, latents: Tensor, chunker: Chunker) -> Tensor:
+    """(B, 16, h, w) model latents -> (B, 3, 8h, 8w) images in [0, 1], decoded `chunker.size` at a time."""
+    out: list[Tensor] = []
+    chunker.run(len(latents), lambda a, b: out.append(decode_latents(vae, latents[a:b])))
+    return torch.cat(out)
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> tuple[Tensor, list[torch.Generator]]:
+    """(B, *shape) noise, row i from its own CPU generator seeded `seeds[i]` (any device, any batching)."""
+    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
+
+
+def _run_info(settings: SampleSettings, model_ref: str, vae_ref: str, tokens: int, extra: dict) -> dict:
+    steps, guidance = settings.resolved(tokens)
+    return {
+        "model": model_ref,
+        "vae": vae_ref,
+        "sampler": settings.sampler,
+        "steps": steps,
+        "guidance": guidance,
+        "guidance_interval": list(settings.guidance_interval) if settings.guidance_interval else None,
+        "seed": settings.seed,
+        "dtype": settings.dtype,
+        "format": settings.format if settings.format == "png" else f"jpeg q{settings.jpeg_quality}",
+        **extra,
+    }
+
+
+def sample_patches(
+    pipe: PixCellPipeline,
+    source: ConditionSource,
+    out_dir: str | Path,
+    settings: SampleSettings,
+    model_ref: str,
+    vae_ref: str,
+    uni=None,  # UNIEncoder, needed for FolderSource (tokens computed on the fly)
+) -> dict:
+    """Generate one image per condition of `source` into `out_dir` (see the module docstring). -> run summary."""
+    state = _process_state(pipe._execution_device)
+    transformer = pipe.transformer
+    tokens = transformer.config.caption_num_tokens
+    if isinstance(source, FolderSource) and uni is None:
+        raise ValueError("conditions from images need a UNI encoder (--uni)")
+    skip = SkipCounter(settings.max_skips)
+    skipped: list[str] = []
+    specs = source.specs(skipped)
+    for message in skipped:
+        skip(message)
+    if not specs:
+        raise ValueError(f"no conditions to sample from {source.describe()}")
+    steps, guidance = settings.resolved(tokens)
+    size = transformer.config.sample_size
+    out = OutputFolder(out_dir, settings.format, settings.jpeg_quality)
+    info = _run_info(settings, model_ref, vae_ref, tokens, {"image_size": pipe.image_size})
+    out.check_run(info, state.is_main_process)
+    if state.is_main_process:
+        out.clean_temporaries()
+    state.wait_for_everyone()
+
+    bs = max(1, settings.batch_size)
+    batches = [list(range(i, min(i + bs, len(specs)))) for i in range(0, len(specs), bs)]
+    mine = [b for k, b in enumerate(batches) if k % state.num_processes == state.process_index]
+    todo = [b for b in mine if not all(out.done(specs[i]) for i in b)]
+    n_todo = sum(len(b) for b in todo)
+    if state.is_main_process:
+        log.info(
+            "%d images from %s (%d batches of %d over %d process(es)); %d already done",
+            len(specs), source.describe(), len(batches), bs, state.num_processes,
+            sum(out.done(s) for s in specs),
+        )  # fmt: skip
+    log.info("process %d/%d: %d images to make", state.process_index, state.num_processes, n_todo)
+
+    device = pipe._execution_device
+    vae_batch = Chunker(settings.vae_batch or bs, "VAE batch")
+    bar = tqdm(
+        total=n_todo, desc="sampling", unit="img", disable=not (settings.progress and state.is_main_process)
+    )
+    made = 0
+    for batch in _loader(source, specs, todo, settings.workers):
+        ok = []
+        for spec, loaded, error in batch:
+            if error is not None:
+                skip(error)
+            else:
+                ok.append((spec, loaded))
+        bar.update(len(batch) - len(ok))
+        if not ok:
+            continue
+        if ok[0][1].tokens is not None:
+            cond = torch.from_numpy(np.stack([ld.tokens.reshape(tokens, -1) for _, ld in ok]))
+        else:
+            cond = embed_tiles(uni, [ld.image for _, ld in ok], source.tile)
+        seeds = [name_seed(settings.seed, spec.name) for spec, _ in ok]
+        latents, gens = initial_noise(seeds, (transformer.config.in_channels, size, size))
+        x = pipe(
+            cond.to(device),
+            guidance_scale=guidance,
+            num_inference_steps=steps,
+            generator=gens,
+            latents=latents.to(device),
+            guidance_interval=settings.guidance_interval,
+            output_type="latent",
+            progress=False,
+        ).images
+        images = decode_batched(pipe.vae, x, vae_batch)
+        for (spec, ld), arr in zip(ok, to_uint8(images)):
+            if not out.done(spec):  # another part of a half-finished batch
+                real = ld.image if (settings.write_real and spec.has_real) else None
+                out.write_pair(spec.name, arr, real)
+                made += 1
+        bar.update(len(ok))
+    bar.close()
+    out.flush()
+
+    summary = {
+        "images": len(specs),
+        "made_here": made,
+        "skipped_here": skip.count,
+        "processes": state.num_processes,
+    }
+    meta = {"sampler": settings.sampler, "steps": steps, "guidance": guidance, "model": model_ref,
+            "guidance_interval": info["guidance_interval"], "dtype": settings.dtype}  # fmt: skip
+    shards = [
+        [specs[i].name for b in batches[k :: state.num_processes] for i in b]
+        for k in range(state.num_processes)
+    ]
+    if out.finish_shard(shards, state.process_index, lambda: _rows(out, specs, settings.seed, meta)):
+        summary["done"] = sum(out.done(s) for s in specs)
+        log.info("%d/%d images in %s; manifest written", summary["done"], len(specs), out.root)
+    return summary
+
+
+def _rows(out: OutputFolder, specs: Sequence[Spec], seed: int, meta: dict) -> Iterator[dict]:
+    for spec in specs:
+        if not out.done(spec):
+            continue
+        real = out.real(spec.name)
+        yield {
+            "name": spec.name,
+            "syn": out.syn(spec.name).relative_to(out.root).as_posix(),
+            "real": real.relative_to(out.root).as_posix() if real.is_file() else None,
+            "source": spec.source,
+            "seed": name_seed(seed, spec.name),
+            **meta,
+        }
+
+
+#################################################################################
+#                                 Large regions                                 #
+#################################################################################
+
+
+def sample_regions(
+    pipe: PixCellPipeline,
+    source: ConditionSource,  # a RegionSource
+    out_dir: str | Path,
+    settings: SampleSettings,
+    region: RegionSettings,
+    model_ref: str,
+    vae_ref: str,
+    uni=None,
+) -> dict:
+    """Generate each region of `source` by sliding-window denoising, then a blended tiled decode."""
+    state = _process_state(pipe._execution_device)
+    transformer = pipe.transformer
+    tokens = transformer.config.caption_num_tokens
+    steps, guidance = settings.resolved(tokens)
+    window = transformer.config.sample_size
+    decode_stride = region.decode_stride or window // 2
+    specs = source.specs()
+    for spec in specs:  # geometry errors now, not after hours of sampling
+        try:
+            layout = region_layout(transformer, (spec.rows, spec.cols), region.stride)
+            window_layout(layout.height, layout.width, window, decode_stride, window, "decode stride")
+        except ValueError as err:
+            raise ValueError(f"region {spec.name}: {err}") from None
+    out = OutputFolder(out_dir, settings.format, settings.jpeg_quality)
+    extra = {"stride": region.stride, "decode_stride": decode_stride, "sigma": region.sigma, "window": window}
+    info = _run_info(settings, model_ref, vae_ref, tokens, extra)
+    out.check_run(info, state.is_main_process)
+    if state.is_main_process:
+        out.clean_temporaries()
+    state.wait_for_everyone()
+
+    device = pipe._execution_device
+    wb = Chunker(region.window_batch or default_window_batch(device), "window batch")
+    vb = Chunker(settings.vae_batch or default_vae_batch(device), "VAE batch")
+    mine = [i for i in range(len(specs)) if i % state.num_processes == state.process_index]
+    todo = [[i] for i in mine if not out.done(specs[i])]
+    skip = SkipCounter(settings.max_skips)
+    made = 0
+    show = settings.progress and state.is_main_process
+    for batch in tqdm(_loader(source, specs, todo, settings.workers), total=len(todo), desc="regions",
+                      disable=not show):  # fmt: skip
+        ((spec, loaded, error),) = batch
+        if error is not None:
+            skip(error)
+            continue
+        if loaded.tokens is not None:
+            grid = torch.from_numpy(loaded.tokens)
+        else:
+            h, w = loaded.image.shape[:2]
+            flat = embed_tiles(uni, [loaded.image], source.tile)[0]  # (gh*gw, C)
+            grid = flat.view(h // source.tile, w // source.tile, -1)
+        gh, gw = grid.shape[:2]
+        layout_tile = window // math.isqrt(tokens)
+        noise, gens = initial_noise(
+            [name_seed(settings.seed, spec.name)],
+            (transformer.config.in_channels, gh * layout_tile, gw * layout_tile),
+        )
+        latents = denoise_region(
+            transformer, grid, stride=region.stride, sampler=settings.sampler, num_inference_steps=steps,
+            guidance_scale=guidance, guidance_interval=settings.guidance_interval, latents=noise,
+            generator=gens[0], window_batch=wb, progress=show,
+        )  # fmt: skip
+        image = decode_region(pipe.vae, latents, window, decode_stride, region.sigma, vb, progress=show)
+        real = loaded.image if (settings.write_real and spec.has_real) else None
+        out.write_pair(spec.name, to_uint8(image)[0], real)
+        made += 1
+    out.flush()
+    summary = {"regions": len(specs), "made_here": made, "processes": state.num_processes}
+    meta = {"sampler": settings.sampler, "steps": steps, "guidance": guidance, "model": model_ref,
+            "guidance_interval": info["guidance_interval"], "dtype": settings.dtype, **extra}  # fmt: skip
+    shards = [
+        [specs[i].name for i in range(k, len(specs), state.num_processes)] for k in range(state.num_processes)
+    ]
+    if out.finish_shard(shards, state.process_index, lambda: _rows(out, specs, settings.seed, meta)):
+        summary["done"] = sum(out.done(s) for s in specs)
+    return summary

@@ -1,0 +1,222 @@
+"""Sample PixCell images (256 or 1024 px, set by the model) from UNI2-h conditions, at any scale, resumably.
+
+    # 1000 random patches of the dataset index, conditioned on their stored UNI features (+ the real crops)
+    python -m tools.sample --model StonyBrook-CVLab/PixCell-256 --index patches/metadata/patch_names_all.hdf5 \\
+        --n-images 1000 --out runs/syn256
+    # your own H&E images (UNI2-h computed on the fly; a 1024 px image gives 16 conditions at 256 px)
+    python -m tools.sample --model StonyBrook-CVLab/PixCell-1024 --images my_patches/ --out runs/mine
+    # precomputed embeddings, (N, T, 1536) in an .npy or .safetensors
+    python -m tools.sample --model exported/pixcell_256 --embeddings uni.npy --out runs/emb
+    # many GPUs / nodes: the same command under accelerate; processes take disjoint shards
+    accelerate launch --num_processes 8 -m tools.sample ...
+
+Writes OUT/syn/<name>.png, OUT/real/<name>.png (when a real image exists), OUT/manifest.jsonl, OUT/run.json.
+To resume after a crash, run the same command again: finished images are kept and the rest regenerated
+identically (per-image seeds from --seed and the image name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from diffusion.conditions import EmbeddingSource, FolderSource, IndexSource
+from diffusion.encoders import UNI_TILE, load_uni
+from diffusion.pipeline import PixCellPipeline
+from diffusion.sample_runner import SampleSettings, model_reference, sample_patches
+from tools.cli import (
+    DTYPES,
+    add_model_args,
+    add_runtime_args,
+    add_sampler_args,
+    check_sampler_args,
+    resolve_device,
+    run_cli,
+)
+
+log = logging.getLogger("pixcell.sample")
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """Output and throughput flags shared by sample.py and sample_4k.py."""
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", required=True, help="output folder (syn/, real/, manifest.jsonl, run.json)")
+    g.add_argument("--no-real", action="store_true", help="do not write the real reference images")
+    g.add_argument("--jpeg-quality", type=int, default=95, help="with --format jpeg")
+    g.add_argument("--vae-batch", type=int, default=None, help="images (windows) per VAE decode call")
+    g.add_argument(
+        "--workers", type=int, default=None, help="DataLoader workers (default: 4 on GPU, 0 on CPU)"
+    )
+    g.add_argument("--max-skips", type=int, default=100, help="stop after more unusable conditions than this")
+    g.add_argument("--compile", action="store_true", help="torch.compile the transformer (long runs on GPU)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_paths(**flags: Sequence[str | None] | None) -> None:
+    """Missing input paths, before minutes of model loading: one line naming the flag."""
+    for flag, paths in flags.items():
+        for path in paths or ():
+            if path is not None and not Path(path).exists():
+                raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file or folder")
+
+
+def runtime_device(name: str) -> torch.device:
+    """--device, with each `accelerate launch` process on its own GPU."""
+    device = resolve_device(name)
+    if device.type == "cuda":
+        from accelerate import PartialState
+
+        state = PartialState()
+        if state.num_processes > 1:
+            return state.device
+    return device
+
+
+def load_pipeline(args: argparse.Namespace, device: torch.device) -> tuple[PixCellPipeline, str, str]:
+    """The pipeline on `device` in --dtype, plus what the manifest names as model and VAE."""
+    dtype = DTYPES[args.dtype]
+    # fp32 is the stored dtype: no cast (diffusers warns on `.to(float32)`)
+    pipe = PixCellPipeline.from_parts(
+        args.model, args.vae, args.sampler, torch_dtype=None if dtype == torch.float32 else dtype
+    ).to(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.compile:
+        pipe.transformer.compile()
+    return pipe, model_reference(args.model), model_reference(args.vae)
+
+
+def load_uni_encoder(args: argparse.Namespace, device: torch.device):
+    uni = load_uni(args.uni, device)
+    uni.model.to(DTYPES[args.dtype])
+    return uni
+
+
+def settings_from_args(args: argparse.Namespace, batch: int, workers: int) -> SampleSettings:
+    check_sampler_args(args)
+    if batch < 1:
+        raise ValueError(f"--batch {batch}: expected >= 1")
+    return SampleSettings(
+        sampler=args.sampler,
+        steps=args.steps,
+        guidance=args.guidance,
+        guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
+        seed=args.seed,
+        dtype=args.dtype,
+        format=args.format,
+        jpeg_quality=args.jpeg_quality,
+        batch_size=batch,
+        vae_batch=args.vae_batch,
+        workers=workers,
+        write_real=not args.no_real,
+        max_skips=args.max_skips,
+        progress=not args.no_progress,
+    )
+
+
+def read_patch_list(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"--patches {file}: no such file (a text file, one relative patch path a line)"
+        )
+    names = [
+        line.strip() for line in file.read_text().splitlines() if line.strip() and not line.startswith("#")
+    ]
+    if not names:
+        raise ValueError(f"--patches {file}: no patch paths inside")
+    return names
+
+
+def main(argv: Sequence[str] | None = None, model_default: str | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p, model_default)
+    src = p.add_argument_group("conditions (give exactly one of --index, --patches, --images, --embeddings)")
+    src.add_argument("--index", help="dataset index: <root>/metadata/patch_names_all.hdf5")
+    src.add_argument(
+        "--patches", help="text file of patch paths relative to --data-root (instead of --index)"
+    )
+    src.add_argument("--images", nargs="+", help="image files or folders (UNI2-h computed on the fly)")
+    src.add_argument("--embeddings", help=".npy / .safetensors of UNI embeddings, (N, T, C) or (N, C)")
+    src.add_argument("--data-root", help="patches folder (default: the index's root)")
+    src.add_argument(
+        "--features",
+        default="npy",
+        choices=["npy", "packed"],
+        help="stored features: per-patch .npy or packed",
+    )
+    src.add_argument(
+        "--features-root",
+        help="features folder (default: beside the patches; packed: <root>/features_packed)",
+    )
+    src.add_argument("--keys", nargs="+", help="index datasets to draw from (default: all)")
+    src.add_argument("--n-images", type=int, help="a random subset of this many crops (--index / --patches)")
+    add_sampler_args(p)
+    add_runtime_args(p)
+    add_output_args(p)
+    p.add_argument(
+        "--batch", type=int, default=None, help="images per forward (default: 64/T on GPU, 8/T on CPU)"
+    )
+    args = p.parse_args(argv)
+
+    given = [k for k in ("index", "patches", "images", "embeddings") if getattr(args, k)]
+    if len(given) != 1:
+        raise ValueError(
+            "give exactly one condition source: --index, --patches, --images or --embeddings"
+            + (f" (got {', '.join('--' + k for k in given)})" if given else "")
+        )
+    if args.n_images is not None and given[0] not in ("index", "patches"):
+        raise ValueError("--n-images applies to --index / --patches")
+
+    check_paths(index=[args.index], patches=[args.patches], images=args.images, embeddings=[args.embeddings],
+                data_root=[args.data_root], features_root=[args.features_root])  # fmt: skip
+    device = runtime_device(args.device)
+    pipe, model_ref, vae_ref = load_pipeline(args, device)
+    t = pipe.transformer.config
+    m = round(t.caption_num_tokens**0.5)
+    tile = pipe.image_size // m  # px per UNI token: 256 for every published model
+    if tile != UNI_TILE:
+        log.warning("this model makes %d px images from %d tokens: %d px per token, not UNI's %d", pipe.image_size,
+                    t.caption_num_tokens, tile, UNI_TILE)  # fmt: skip
+    uni = None
+    if args.index or args.patches:
+        source = IndexSource(
+            m, tile, t.caption_channels,
+            index_file=args.index,
+            patches=read_patch_list(args.patches) if args.patches else None,
+            data_root=args.data_root,
+            features_root=args.features_root,
+            keys=args.keys,
+            n_images=args.n_images,
+            seed=args.seed,
+            features=args.features,
+        )  # fmt: skip
+    elif args.images:
+        source = FolderSource(m, tile, args.images, t.caption_channels)
+        uni = load_uni_encoder(args, device)
+        if uni.embed_dim != t.caption_channels:
+            raise ValueError(
+                f"--uni {args.uni}: embeddings of dim {uni.embed_dim}, the model takes {t.caption_channels}"
+            )
+    else:
+        source = EmbeddingSource(m, tile, args.embeddings, t.caption_channels)
+
+    cuda = device.type == "cuda"
+    batch = args.batch or max(1, (64 if cuda else 8) // t.caption_num_tokens)
+    workers = args.workers if args.workers is not None else (4 if cuda else 0)
+    settings = settings_from_args(args, batch, workers)
+    summary = sample_patches(pipe, source, args.out, settings, model_ref, vae_ref, uni=uni)
+    if "done" in summary:
+        print(
+            f"{summary['done']}/{summary['images']} images in {args.out} ({summary['processes']} process(es))"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,19 @@
+"""`tools.sample` with PixCell-256 as the default model (same flags; see `python -m tools.sample --help`)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from tools import sample
+from tools.cli import run_cli
+
+MODEL = "StonyBrook-CVLab/PixCell-256"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return sample.main(argv, model_default=MODEL)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
