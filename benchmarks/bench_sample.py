@@ -149,7 +149,14 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    rows = []
+    rows: list[tuple] = []
+
+    class _Rows(list):  # print each row as soon as it is measured (long GPU runs may be cut short)
+        def append(self, row):
+            print("row: " + " | ".join(map(str, row)), flush=True)
+            super().append(row)
+
+    rows = _Rows()
     for preset in args.preset:
         torch.manual_seed(0)
         model = build_pixcell(preset).to(device, dtype).eval()

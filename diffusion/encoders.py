@@ -172,15 +172,24 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
         raise ValueError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
 
 
-def build_tiny_uni(out_dir: str | Path, embed_dim: int = 96, depth: int = 2, seed: int = 0) -> Path:
+def build_tiny_uni(
+    out_dir: str | Path,
+    embed_dim: int = 96,
+    depth: int = 2,
+    seed: int = 0,
+    init_values: float | None = 1e-5,
+) -> Path:
     """A UNI2-h-shaped stand-in (same timm architecture family, SwiGLU, registers), saved like UNI2-h.
 
     For tests and the CPU demo only. int(embed_dim * 5.33334) must be even for SwiGLUPacked (96 works).
+    With UNI2-h's layer scale (init_values 1e-5) a random model's features are ~1e-4 and nearly constant;
+    init_values=None gives random features that differ between images (the demo's stand-in).
     """
     import timm
     from safetensors.torch import save_file
 
     kwargs = {**UNI2H_KWARGS, "embed_dim": embed_dim, "depth": depth, "num_heads": max(1, embed_dim // 48)}
+    kwargs["init_values"] = init_values
     torch.manual_seed(seed)
     model = timm.create_model(UNI2H_ARCH, pretrained=False, **_resolve_layers(kwargs))
     out = Path(out_dir)
@@ -223,8 +232,16 @@ def load_vae(source: str | Path = SD35_VAE_ID, subfolder: str | None = "vae", to
         ) from None
 
 
-def build_tiny_vae(out_dir: str | Path, seed: int = 0, block_out_channels: Sequence[int] = (32, 32, 64, 64)):
-    """A 16-channel, f8 `AutoencoderKL` with SD3.5's shift/scale; for tests and the CPU demo only."""
+def build_tiny_vae(
+    out_dir: str | Path,
+    seed: int = 0,
+    block_out_channels: Sequence[int] = (32, 32, 64, 64),
+    mid_attention: bool = True,
+):
+    """A 16-channel, f8 `AutoencoderKL` with SD3.5's shift/scale; for tests and the CPU demo only.
+
+    mid_attention=False makes it fully convolutional, so it can be trained on small crops and used on
+    whole tiles (the demo's stand-in)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -242,6 +259,7 @@ def build_tiny_vae(out_dir: str | Path, seed: int = 0, block_out_channels: Seque
         shift_factor=0.0609,
         use_quant_conv=False,
         use_post_quant_conv=False,
+        mid_block_add_attention=mid_attention,
     )
     vae.save_pretrained(out_dir)
     return vae.eval()

@@ -320,6 +320,22 @@ def _run_info(settings: SampleSettings, model_ref: str, vae_ref: str, tokens: in
     }
 
 
+@dataclass(frozen=True)
+class MaskControl:
+    """Cell-mask ControlNet inputs for `sample_patches`: one mask per image, `<mask_dir>/<name>.png` (or the
+    name's last part), used with a `PixCellControlNetPipeline` at `scale`."""
+
+    mask_dir: Path
+    scale: float = 1.0
+    controlnet_ref: str = ""
+
+    def mask_for(self, name: str) -> Path:
+        for cand in (self.mask_dir / f"{name}.png", self.mask_dir / f"{Path(name).name}.png"):
+            if cand.is_file():
+                return cand
+        raise FileNotFoundError(f"--masks {self.mask_dir}: no mask for {name} (expected {name}.png)")
+
+
 def sample_patches(
     pipe: PixCellPipeline,
     source: ConditionSource,
@@ -328,6 +344,7 @@ def sample_patches(
     model_ref: str,
     vae_ref: str,
     uni=None,  # UNIEncoder, needed for FolderSource (tokens computed on the fly)
+    control: MaskControl | None = None,  # cell masks, with a PixCellControlNetPipeline
 ) -> dict:
     """Generate one image per condition of `source` into `out_dir` (see the module docstring). -> run summary."""
     state = _process_state(pipe._execution_device)
@@ -342,10 +359,16 @@ def sample_patches(
         skip(message)
     if not specs:
         raise ValueError(f"no conditions to sample from {source.describe()}")
+    extra_info: dict = {"image_size": pipe.image_size}
+    if control is not None:
+        for spec in specs:  # every mask before any sampling: one line naming the first missing one
+            control.mask_for(spec.name)
+        extra_info |= {"controlnet": control.controlnet_ref, "controlnet_scale": control.scale,
+                       "masks": str(control.mask_dir)}  # fmt: skip
     steps, guidance = settings.resolved(tokens)
     size = transformer.config.sample_size
     out = OutputFolder(out_dir, settings.format, settings.jpeg_quality)
-    info = _run_info(settings, model_ref, vae_ref, tokens, {"image_size": pipe.image_size})
+    info = _run_info(settings, model_ref, vae_ref, tokens, extra_info)
     out.check_run(info, state.is_main_process)
     if state.is_main_process:
         out.clean_temporaries()
@@ -386,8 +409,13 @@ def sample_patches(
             cond = embed_tiles(uni, [ld.image for _, ld in ok], source.tile)
         seeds = [name_seed(settings.seed, spec.name) for spec, _ in ok]
         latents, gens = initial_noise(seeds, (transformer.config.in_channels, size, size))
+        masks = {}
+        if control is not None:
+            masks = {"mask": [control.mask_for(spec.name) for spec, _ in ok],
+                     "controlnet_conditioning_scale": control.scale}  # fmt: skip
         x = pipe(
             cond.to(device),
+            **masks,
             guidance_scale=guidance,
             num_inference_steps=steps,
             generator=gens,

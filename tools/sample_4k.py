@@ -80,10 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     pipe, model_ref, vae_ref = load_pipeline(args, device)
     t = pipe.transformer.config
     m = round(t.caption_num_tokens**0.5)
-    if m * m != t.caption_num_tokens or m < 2:
-        raise ValueError(
-            f"--model {args.model}: sliding windows need a multi-token model (PixCell-1024), got T=1"
-        )
+    if m * m != t.caption_num_tokens:
+        raise ValueError(f"--model {args.model}: {t.caption_num_tokens} UNI tokens do not form a square grid")
+    # A one-token model (PixCell-256) can only step by whole windows (each window is one UNI tile): its
+    # windows do not overlap while denoising, and only the blended decode joins them.
     tile = pipe.image_size // m
     try:
         regions = [(slide, int(row), int(col)) for slide, row, col in args.region]

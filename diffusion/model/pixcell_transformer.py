@@ -420,6 +420,11 @@ PIXCELL_MODELS: dict[str, dict] = {
         interpolation_scale=0.5,
         caption_num_tokens=1,
     ),  # fmt: skip
+    # The CPU demo's model (`make demo`): 4 blocks of width 128, trained for minutes.
+    "PixCell-demo-256": dict(
+        num_attention_heads=2, attention_head_dim=64, num_layers=4, cross_attention_dim=128,
+        sample_size=32, patch_size=2, interpolation_scale=0.5, caption_num_tokens=1,
+    ),  # fmt: skip
     "PixCell-tiny-128-T16": dict(
         num_attention_heads=2,
         attention_head_dim=36,

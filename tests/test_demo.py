@@ -1,0 +1,51 @@
+"""`make demo` end to end on the real slide region, reduced (few steps), and its reuse on a rerun."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+from PIL import Image
+
+from tools.demo import main as demo
+
+REDUCED = ["--train-steps", "30", "--vae-steps", "20", "--sample-steps", "4", "--large-size", "512"]
+
+
+def test_reduced_demo_writes_a_complete_report_and_reuses_its_stages(tmp_path, real_slide, capsys):
+    out = tmp_path / "demo"
+    assert demo(["--out", str(out), *REDUCED]) == 0
+
+    page = (out / "report.html").read_text()
+    for section in ("Held-out tiles and their synthetic twins", "Metrics", "Training loss", "Sliding-window region",
+                    "Timings", "Commands run", "demo stand-ins"):  # fmt: skip
+        assert section in page, section
+    images = re.findall(r'src="data:image/png;base64,', page)
+    assert len(images) >= 5  # pairs, loss curve, VAE example, real and generated region: inlined, self-contained
+    assert "<img src=\"http" not in page and "file://" not in page
+    for tool in ("tools.extract_patches", "tools.build_index", "tools.extract_features",
+                 "train_scripts.train_pixcell", "tools.sample ", "tools.evaluate", "tools.sample_4k"):  # fmt: skip
+        assert tool in page, tool
+
+    figure = Image.open(out / "report.png")
+    assert figure.format == "PNG" and figure.size[0] > 800
+
+    metrics = json.loads((out / ".done" / "evaluate.json").read_text())["info"]
+    assert set(metrics) == {"trained", "untrained"}
+    for m in metrics.values():
+        assert m["fd_uni2"] >= 0 and -1 <= m["cos_uni2"] <= 1
+    # Every held-out tile has a synthetic twin of its size, under the same relative name.
+    real = sorted(p.relative_to(out / "samples/trained/real") for p in (out / "samples/trained/real").rglob("*.png"))
+    syn = sorted(p.relative_to(out / "samples/trained/syn") for p in (out / "samples/trained/syn").rglob("*.png"))
+    assert real and real == syn
+    assert Image.open(out / "samples/trained/syn" / syn[0]).size == (256, 256)
+    large = next((out / "large" / "syn").rglob("*.png"))
+    assert Image.open(large).size == (512, 512)
+
+    capsys.readouterr()
+    start = time.perf_counter()
+    assert demo(["--out", str(out), *REDUCED]) == 0
+    rerun = capsys.readouterr().out
+    assert rerun.count("reused") == 9  # every stage, none recomputed
+    assert time.perf_counter() - start < 60

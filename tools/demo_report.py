@@ -1,0 +1,200 @@
+"""The CPU demo's report: `report.html` (self-contained, images inlined) and `report.png` (one figure)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from diffusion.atomic import atomic_path, atomic_write_bytes
+
+STAGES = ("slide", "patches", "encoders", "features", "train", "untrained", "sample", "evaluate", "large")
+
+
+def write_large_reference(slide_path: Path, out: Path, size: int) -> Path:
+    """The most tissue-rich size x size square of the slide (level 0), as the large region's reference."""
+    from diffusion.data.slides import open_slide, read_rgb
+
+    if out.is_file():
+        return out
+    slide, _ = open_slide(slide_path)
+    w, h = slide.dimensions
+    thumb = np.asarray(slide.get_thumbnail((w // 16, h // 16)).convert("HSV"))[..., 1].astype(np.float32)
+    s = size // 16
+    best, best_xy = -1.0, (0, 0)
+    for y in range(0, thumb.shape[0] - s + 1, 4):
+        for x in range(0, thumb.shape[1] - s + 1, 4):
+            score = float((thumb[y : y + s, x : x + s] > 30).mean())
+            if score > best:
+                best, best_xy = score, (x * 16, y * 16)
+    with atomic_path(out) as tmp:
+        read_rgb(slide, best_xy[0], best_xy[1], 0, size).save(tmp, format="PNG")
+    return out
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _img_tag(image: Image.Image, width: int | None = None) -> str:
+    data = base64.b64encode(_png_bytes(image)).decode()
+    style = f' style="width:{width}px"' if width else ""
+    return f'<img src="data:image/png;base64,{data}"{style}>'
+
+
+def _labelled_grid(columns: list[tuple[str, list[Image.Image]]], tile: int = 128) -> Image.Image:
+    """Columns of equally sized tiles under a header row of labels."""
+    rows = max(len(c) for _, c in columns)
+    grid = Image.new("RGB", (tile * len(columns), 18 + tile * rows), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, (label, images) in enumerate(columns):
+        draw.text((j * tile + 4, 3), label, fill="black")
+        for i, im in enumerate(images):
+            grid.paste(im.convert("RGB").resize((tile, tile)), (j * tile, 18 + i * tile))
+    return grid
+
+
+def loss_curve(work_dir: Path) -> tuple[list[int], list[float]]:
+    """(steps, loss) from the training run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps, values = [], []
+    for events in sorted((work_dir / "tensorboard").rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events.parent))
+        acc.Reload()
+        tag = next((t for t in acc.Tags()["scalars"] if t.endswith("loss")), None)
+        if tag:
+            for e in acc.Scalars(tag):
+                steps.append(e.step)
+                values.append(e.value)
+        break
+    return steps, values
+
+
+def _vae_example(out: Path, tile_path: Path) -> Image.Image:
+    """A held-out tile beside its reconstruction by the demo's VAE stand-in."""
+    import torch
+
+    from diffusion.encoders import decode_latents, encode_posterior, latents_to_model, load_vae
+
+    vae = load_vae(out / "standins" / "vae-standin")
+    image = torch.from_numpy(np.array(Image.open(tile_path).convert("RGB"))).permute(2, 0, 1)[None] / 255
+    with torch.no_grad():
+        mean, _ = encode_posterior(vae, image)
+        rec = decode_latents(vae, latents_to_model(mean, vae))[0]
+    rec_img = Image.fromarray((rec.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    return _labelled_grid([("held-out tile", [Image.open(tile_path)]), ("VAE stand-in", [rec_img])], 192)
+
+
+def _figure(pairs: Image.Image, curve, metrics: dict, large: Image.Image | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(16, 9))
+    ax = fig.add_axes([0.01, 0.02, 0.36, 0.93])
+    ax.imshow(pairs)
+    ax.set_title("held-out real | trained PixCell | untrained")
+    ax.axis("off")
+    ax = fig.add_axes([0.42, 0.56, 0.25, 0.36])
+    if curve[0]:
+        ax.plot(curve[0], curve[1], lw=1)
+    ax.set_title("training loss (hybrid: eps MSE + VLB)")
+    ax.set_xlabel("step")
+    ax = fig.add_axes([0.42, 0.08, 0.25, 0.36])
+    names = list(metrics)
+    fd = [metrics[n].get("fd_uni2", float("nan")) for n in names]
+    ax.bar(names, fd, color=["tab:green", "tab:gray"][: len(names)])
+    ax.set_title("Frechet distance to held-out tiles\n(stand-in UNI space; lower is better)")
+    ax = fig.add_axes([0.70, 0.08, 0.29, 0.84])
+    if large is not None:
+        ax.imshow(large)
+    ax.set_title("sliding-window region (generated)")
+    ax.axis("off")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+def write_report(out: Path, split: dict, metrics: dict, commands: list[str], done_dir: Path) -> Path:
+    """Assemble report.html and report.png from what the stages wrote."""
+    samples = out / "samples"
+    real_dir, syn_dir, unt_dir = samples / "trained" / "real", samples / "trained" / "syn", samples / "untrained" / "syn"
+    names = sorted(str(p.relative_to(syn_dir)) for p in syn_dir.rglob("*.png"))[:8]  # same names under real/
+    pairs = _labelled_grid(
+        [
+            ("held-out real", [Image.open(real_dir / n) for n in names]),
+            ("trained", [Image.open(syn_dir / n) for n in names]),
+            ("untrained", [Image.open(unt_dir / n) for n in names if (unt_dir / n).is_file()]),
+        ]
+    )
+    curve = loss_curve(out / "train")
+    large_syn = next(iter(sorted((out / "large" / "syn").glob("*.png"))), None)
+    large = Image.open(large_syn) if large_syn else None
+    _figure(pairs, curve, metrics, large, out / "report.png")
+
+    records = {s: json.loads((done_dir / f"{s}.json").read_text()) for s in STAGES if (done_dir / f"{s}.json").is_file()}
+    timing_rows = "".join(f"<tr><td>{s}</td><td>{r['seconds']:.0f} s</td></tr>" for s, r in records.items())
+    total = sum(r["seconds"] for r in records.values())
+    metric_rows = "".join(
+        f"<tr><td>{html.escape(n)}</td><td>{m.get('fd_uni2', float('nan')):.3f}</td>"
+        f"<td>{m.get('cos_uni2', float('nan')):.3f}</td></tr>"
+        for n, m in metrics.items()
+    )
+    vae_info = records.get("encoders", {}).get("info", {})
+    large_html = ""
+    if large is not None:
+        real_large = Image.open(out / "large_region_real.png")
+        large_html = f"<p>{_img_tag(real_large, 380)} {_img_tag(large, 380)}</p><p>Left: the real region whose 256 px tiles condition the windows; right: generated by sliding-window denoising (tools/sample_4k.py).</p>"
+    curve_html = ""
+    if curve[0]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.plot(curve[0], curve[1], lw=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=80)
+        plt.close(fig)
+        curve_html = _img_tag(Image.open(io.BytesIO(buf.getvalue())))
+    first_heldout = real_dir / names[0] if names else None
+    vae_html = _img_tag(_vae_example(out, first_heldout)) if first_heldout else ""
+    cmds = html.escape("\n".join(commands))
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>PixCell CPU demo</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:2px 10px;text-align:left}}
+pre{{background:#f4f4f4;padding:8px;white-space:pre-wrap}}</style></head><body>
+<h1>PixCell CPU demo on a real H&amp;E region</h1>
+<p>Slide: OpenSlide's CMU-1-Small-Region (Aperio, 20x, 0.5 &micro;m/px), tiled into 256 px tissue tiles:
+{split.get('train_tiles')} for training, {split.get('heldout_tiles')} held out (the bottom rows of the slide).
+The encoders are <b>demo stand-ins</b>, not UNI2-h or the SD3.5 VAE: a small 16-channel f8 VAE trained here on
+the training tiles (L1 {vae_info.get('l1_first', float('nan')):.3f} &rarr; {vae_info.get('l1_last', float('nan')):.3f})
+and a small random ViT of the UNI2-h family. The PixCell model is small too (configs/demo/pixcell_demo_256.py),
+trained with the real training script. With the published weights, the same tools make realistic tissue.</p>
+<h2>Held-out tiles and their synthetic twins</h2>
+<p>Each synthetic tile is generated from the UNI tokens of the real tile on its left (20 DPM-Solver++ steps,
+guidance 2.0).</p>{_img_tag(pairs)}
+<h2>Metrics (tools/evaluate.py)</h2>
+<table><tr><th>model</th><th>Frechet distance (stand-in UNI) &darr;</th><th>paired cosine &uarr;</th></tr>{metric_rows}</table>
+<p>Inception FID is left out: its weights are not available offline here (pass --inception to tools/evaluate.py).</p>
+<h2>Training loss</h2>{curve_html}
+<h2>The VAE stand-in</h2>{vae_html}
+<h2>Sliding-window region</h2>{large_html}
+<h2>Timings</h2><table>{timing_rows}<tr><th>total</th><th>{total:.0f} s</th></tr></table>
+<h2>Commands run</h2><pre>{cmds}</pre>
+</body></html>"""
+    report = out / "report.html"
+    atomic_write_bytes(report, page.encode())
+    return report
