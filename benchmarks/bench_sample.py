@@ -151,12 +151,10 @@ def main(argv=None) -> int:
 
     rows: list[tuple] = []
 
-    class _Rows(list):  # print each row as soon as it is measured (long GPU runs may be cut short)
-        def append(self, row):
-            print("row: " + " | ".join(map(str, row)), flush=True)
-            super().append(row)
+    def add(row: tuple) -> None:  # printed as soon as measured: a long GPU run cut short keeps its rows
+        print("row: " + " | ".join(map(str, row)), flush=True)
+        rows.append(row)
 
-    rows = _Rows()
     for preset in args.preset:
         torch.manual_seed(0)
         model = build_pixcell(preset).to(device, dtype).eval()
@@ -167,7 +165,7 @@ def main(argv=None) -> int:
         guidance = 2.0 if tokens == 1 else 1.2
         batch = args.batch or max(1, (64 if device.type == "cuda" else 8) // tokens)
         ips = bench_images(pipe, batch, args.steps, guidance, device, args.repeats)
-        rows.append((f"{px} px images", preset, f"batch {batch}", f"{ips:.2f} images/s"))
+        add((f"{px} px images", preset, f"batch {batch}", f"{ips:.2f} images/s"))
         if tokens == 1:
             continue
         stride = args.stride or model.config.sample_size // 2
@@ -177,14 +175,14 @@ def main(argv=None) -> int:
         vb = args.vae_batch or default_vae_batch(device)
         fast = bench_region(pipe, args.region_windows, stride, args.steps, guidance, device, args.window_batch,
                             args.vae_batch, reference=False, repeats=args.repeats)  # fmt: skip
-        rows.append((f"{what}, batched", preset, f"{wb} windows/forward, {vb}/VAE call", f"{fast:.2f} s"))
+        add((f"{what}, batched", preset, f"{wb} windows/forward, {vb}/VAE call", f"{fast:.2f} s"))
         if not args.no_reference:
             ref = bench_region(pipe, args.region_windows, stride, args.steps, guidance, device, 1, 1,
                                reference=True, repeats=args.repeats)  # fmt: skip
-            rows.append(
+            add(
                 (f"{what}, one-window reference", preset, "1 window, cond/uncond apart", f"{ref:.2f} s")
             )
-            rows.append(("batched speed-up", preset, "", f"{ref / fast:.2f}x"))
+            add(("batched speed-up", preset, "", f"{ref / fast:.2f}x"))
         del pipe, model, vae
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         make_uni_standin(uni_dir)
         return train_vae_standin(train_tiles, vae_dir, steps=args.vae_steps)
 
-    demo.stage("encoders", encoders)
+    vae_norm = demo.stage("encoders", encoders)["info"]
 
     def features() -> None:
         demo.run("tools.extract_features", "--root", str(patches), "--vae", str(vae_dir), "--uni", str(uni_dir),
@@ -148,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def train() -> None:
         demo.run("train_scripts.train_pixcell", CONFIG, "--work-dir", str(work), "--data-root", str(patches),
-                 "--cfg-options", f"max_steps={args.train_steps}", f"validation.vae={vae_dir}")  # fmt: skip
+                 "--cfg-options", f"max_steps={args.train_steps}", f"validation.vae={vae_dir}",
+                 f"vae_shift={vae_norm['shift_factor']:.6f}", f"vae_scale={vae_norm['scaling_factor']:.6f}")  # fmt: skip
 
     demo.stage("train", train)
 

@@ -124,6 +124,19 @@ def _figure(pairs: Image.Image, curve, metrics: dict, large: Image.Image | None,
     plt.close(fig)
 
 
+def _metric_caveat(metrics: dict) -> str:
+    """Say so when the stand-in feature space ranks the untrained model's noise above the trained samples."""
+    fd = {n: m.get("fd_uni2", float("nan")) for n, m in metrics.items()}
+    if fd.get("trained", 0) < fd.get("untrained", 0):
+        return ""
+    return (
+        "<p><b>Caveat:</b> in this run the stand-in UNI space (a random ViT) ranks the untrained model's "
+        "high-frequency noise closer to the real tiles than the trained model's smoother samples. Random "
+        "features reward texture energy, not tissue structure; with UNI2-h (or any trained encoder, "
+        "<code>--encoder</code>) the metrics measure what they should. Look at the images.</p>"
+    )
+
+
 def write_report(out: Path, split: dict, metrics: dict, commands: list[str], done_dir: Path) -> Path:
     """Assemble report.html and report.png from what the stages wrote."""
     samples = out / "samples"
@@ -188,6 +201,7 @@ trained with the real training script. With the published weights, the same tool
 guidance 2.0).</p>{_img_tag(pairs)}
 <h2>Metrics (tools/evaluate.py)</h2>
 <table><tr><th>model</th><th>Frechet distance (stand-in UNI) &darr;</th><th>paired cosine &uarr;</th></tr>{metric_rows}</table>
+{_metric_caveat(metrics)}
 <p>Inception FID is left out: its weights are not available offline here (pass --inception to tools/evaluate.py).</p>
 <h2>Training loss</h2>{curve_html}
 <h2>The VAE stand-in</h2>{vae_html}

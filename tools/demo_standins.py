@@ -51,7 +51,7 @@ def train_vae_standin(
     """Train the small AutoencoderKL on random crops of `tiles` (L1 + a tiny KL, as a VAE warm start).
 
     The model is saved as a diffusers folder (`save_pretrained`, atomic) with `train_log.json` beside it.
-    Returns {"steps", "l1_first", "l1_last"}.
+    Returns {"steps", "l1_first", "l1_last", "shift_factor", "scaling_factor"}.
     """
     out = Path(out_dir)
     if (out / "config.json").is_file() and (out / "train_log.json").is_file():
@@ -85,7 +85,15 @@ def train_vae_standin(
             opt.step()
             sched.step()
             losses.append(l1.item())
-        vae.eval().save_pretrained(tmp)
-        log = {"steps": steps, "l1_first": losses[0], "l1_last": float(np.mean(losses[-10:]))}
+        # Like SD3.5's VAE config, the stand-in declares the shift/scale that make its latents zero-mean and
+        # unit-std (the diffusion model's noise schedule assumes unit-scale data): measured on the tiles.
+        vae.eval()
+        with torch.no_grad():
+            z = torch.cat([vae.encode(im[None].float() / 127.5 - 1).latent_dist.mean for im in images])
+        shift, scale = float(z.mean()), float(1.0 / z.std())
+        vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+        vae.save_pretrained(tmp)
+        log = {"steps": steps, "l1_first": losses[0], "l1_last": float(np.mean(losses[-10:])),
+               "shift_factor": shift, "scaling_factor": scale}  # fmt: skip
         (tmp / "train_log.json").write_text(json.dumps(log, indent=1))
     return log
