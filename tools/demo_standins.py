@@ -3,9 +3,8 @@
 - VAE stand-in: a small 16-channel, f8 `AutoencoderKL` (the SD3.5 VAE's latent shape and shift/scale; no
   attention, so fully convolutional), trained for a few minutes on random 32 px crops of the demo's training
   tiles so that it reconstructs tissue recognisably.
-- UNI2-h stand-in: a small randomly initialised ViT of the UNI2-h architecture family (96-d features, no layer
-  scale). Random ViT features still separate colour and texture, which is all the demo's conditioning and
-  metrics need.
+- UNI2-h stand-in: a small ViT of the UNI2-h architecture family (96-d features), trained for a minute or two by
+  contrastive learning on crops of the same tiles, so that its features follow tissue content.
 
 Both are saved in the real models' on-disk formats and the demo loads them back through the real loaders
 (`diffusion.encoders.load_vae` / `load_uni`). To use the real encoders instead, pass `--vae` / `--uni` to the
@@ -30,13 +29,76 @@ from diffusion.encoders import build_tiny_uni, build_tiny_vae
 VAE_CHANNELS = (32, 32, 64, 64)
 
 
-def make_uni_standin(out_dir: str | Path, seed: int = 0) -> Path:
-    """A random UNI2-h-shaped ViT (96-d), saved like UNI2-h (config.json + model.safetensors)."""
+def _read_tiles(tiles: Sequence[str | Path]) -> list[torch.Tensor]:
+    if not tiles:
+        raise ValueError("no training tiles for the demo stand-ins")
+    return [torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in tiles]
+
+
+def train_uni_standin(
+    tiles: Sequence[str | Path],
+    out_dir: str | Path,
+    steps: int = 150,
+    batch: int = 32,
+    view_size: int = 112,
+    temperature: float = 0.2,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> dict:
+    """A UNI2-h-shaped ViT (96-d) trained briefly by contrastive learning (SimCLR, Chen et al. 2020) on the tiles.
+
+    Two random crops (96-256 px, flips, a mild stain jitter) of one tile are a positive pair; the other crops of
+    the batch are negatives (NT-Xent loss on a small projection head, dropped afterwards). A random ViT's
+    features mostly measure texture energy; a couple of minutes of this make the stand-in's feature space
+    follow tissue content, which is what the demo conditions on and evaluates in. Saved like UNI2-h
+    (config.json + model.safetensors, atomic) with `train_log.json`; returns the log.
+    """
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    from diffusion.encoders import load_uni
+
     out = Path(out_dir)
-    if not (out / "config.json").is_file():
-        with atomic_path(out) as tmp:
-            build_tiny_uni(tmp, seed=seed, init_values=None)
-    return out
+    if (out / "config.json").is_file() and (out / "train_log.json").is_file():
+        return json.loads((out / "train_log.json").read_text())
+    images = [t.float() / 255 for t in _read_tiles(tiles)]
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    with atomic_path(out) as tmp:
+        build_tiny_uni(tmp, seed=seed, init_values=None)
+        encoder = load_uni(tmp)  # the real loader, so the trained weights load back the same way
+        vit = encoder.model.train()
+        head = torch.nn.Sequential(torch.nn.Linear(vit.num_features, 96), torch.nn.ReLU(), torch.nn.Linear(96, 32))
+        opt = torch.optim.AdamW([*vit.parameters(), *head.parameters()], lr=lr, weight_decay=0.05)
+
+        def view(img: torch.Tensor) -> torch.Tensor:
+            side = rng.randint(96, img.shape[1])
+            y, x = rng.randint(0, img.shape[1] - side), rng.randint(0, img.shape[2] - side)
+            crop = img[:, y : y + side, x : x + side]
+            crop = crop.flip(2) if rng.random() < 0.5 else crop
+            crop = crop.flip(1) if rng.random() < 0.5 else crop
+            crop = crop * (1 + 0.1 * (torch.rand(3, 1, 1) - 0.5))  # mild stain variation
+            return F.interpolate(crop[None], size=view_size, mode="bilinear", antialias=True)[0].clamp(0, 1)
+
+        losses = []
+        for _ in tqdm(range(steps), desc="UNI stand-in", leave=False):
+            picks = [rng.choice(images) for _ in range(batch)]
+            views = torch.stack([view(i) for i in picks] + [view(i) for i in picks])
+            z = F.normalize(head(vit((views - encoder.mean) / encoder.std)), dim=1)
+            sim = (z @ z.T / temperature).fill_diagonal_(float("-inf"))
+            target = torch.cat([torch.arange(batch, 2 * batch), torch.arange(batch)])
+            loss = F.cross_entropy(sim, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, tmp / "model.safetensors")
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["note"] = "UNI2-h stand-in for the CPU demo: tiny ViT, contrastive training on the demo's tiles"
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
+        log = {"steps": steps, "nt_xent_first": losses[0], "nt_xent_last": float(np.mean(losses[-10:]))}
+        (tmp / "train_log.json").write_text(json.dumps(log, indent=1))
+    return log
 
 
 def train_vae_standin(
@@ -56,11 +118,9 @@ def train_vae_standin(
     out = Path(out_dir)
     if (out / "config.json").is_file() and (out / "train_log.json").is_file():
         return json.loads((out / "train_log.json").read_text())
-    if not tiles:
-        raise ValueError("no training tiles for the VAE stand-in")
+    images = _read_tiles(tiles)
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    images = [torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in tiles]
     with atomic_path(out) as tmp:
         vae = build_tiny_vae(tmp, seed=seed, block_out_channels=VAE_CHANNELS, mid_attention=False).train()
         opt = torch.optim.AdamW(vae.parameters(), lr=lr)
