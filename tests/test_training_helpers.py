@@ -234,3 +234,32 @@ def test_initialise_next_stage_from_original_and_diffusers_formats(tmp_path):
             dst(torch.randn(1, 16, 16, 16), torch.randn(1, 16, 96), torch.tensor([3])).sample.detach().sum()
         )
     )
+
+
+def test_clipped_step_skips_non_finite_gradients_and_the_guard_stops(tmp_path):
+    import pytest
+    from accelerate import Accelerator
+
+    from diffusion.training.step import NonFiniteGuard, clipped_step
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.ones(2, 3)).sum().mul(float("nan")).backward()
+    norm, skipped = clipped_step(accelerator, model.parameters(), optimizer, clip=1.0)
+    assert skipped and norm != norm  # NaN norm: no update, gradients cleared
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    model(torch.ones(2, 3)).sum().mul(100).backward()
+    norm, skipped = clipped_step(accelerator, model.parameters(), optimizer, clip=1.0)
+    assert not skipped and norm > 1.0
+    step = torch.cat([(a - b).flatten() for a, b in zip(model.parameters(), before)])
+    assert torch.allclose(step.norm(), torch.tensor(0.1), atol=1e-5)  # lr x clipped unit-norm gradient
+
+    guard = NonFiniteGuard(limit=2, work_dir=tmp_path)
+    guard.update(True, step=1, total=1)
+    guard.update(False, step=2, total=1)  # a good step resets the count
+    guard.update(True, step=3, total=2)
+    with pytest.raises(RuntimeError, match="2 consecutive steps .* last good checkpoint is none"):
+        guard.update(True, step=4, total=3)

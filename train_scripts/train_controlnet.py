@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ from diffusion.training.optim import build_lr_scheduler, build_optimizer
 from diffusion.training.precision import set_gradient_checkpointing
 from diffusion.training.sampler import ResumableSampler
 from diffusion.training.signals import StopRequest, parse_duration
+from diffusion.training.step import NonFiniteGuard, clipped_step
 from diffusion.training.tracking import RunTracker, Throughput, environment, progress_bar, save_run_info
 from train_scripts.train_pixcell import parse_cfg_options
 
@@ -273,7 +273,8 @@ def train(cfg, args: argparse.Namespace, accelerator: Accelerator, work_dir: Pat
     stop = StopRequest(time_limit=parse_duration(args.time_limit))
     bar = progress_bar(total_steps, initial=state["step"], enabled=is_main)
     speed = Throughput()
-    consecutive_bad, last_saved = 0, state["step"] if resume is not None else -1
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps, work_dir)
+    last_saved = state["step"] if resume is not None else -1
     data_iter = None
     log.info("training %d steps: %d process(es) x batch %d x accumulation %d, %d pairs", total_steps,
              accelerator.num_processes, cfg.train_batch_size, accum, len(dataset))  # fmt: skip
@@ -326,29 +327,13 @@ def train(cfg, args: argparse.Namespace, accelerator: Accelerator, work_dir: Pat
             losses.append(loss.detach())
             images += b
         loss = torch.stack(losses).mean()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.gradient_clip or math.inf)
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        if accelerator.scaler is not None:  # fp16: the grad scaler skips inf/NaN steps itself
-            optimizer.step()
-            skipped = optimizer.step_was_skipped
-        else:
-            skipped = not math.isfinite(grad_norm)
-            if not skipped:
-                optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, skipped = clipped_step(accelerator, model.parameters(), optimizer, cfg.gradient_clip)
         state["step"] += 1
         state["images_seen"] += images * accelerator.num_processes
         speed.add(images * accelerator.num_processes)
-        if skipped:
-            state["nonfinite_total"] += 1
-            consecutive_bad += 1
-            log.warning("step %d: non-finite loss/gradient: step skipped [%d in a row]", state["step"],
-                        consecutive_bad)  # fmt: skip
-            if consecutive_bad >= cfg.max_nonfinite_steps:
-                raise RuntimeError(f"{consecutive_bad} consecutive non-finite steps: stopping; last good checkpoint "
-                                   f"{latest_checkpoint(work_dir) or 'none'} (lower optimizer.lr or use bf16)")  # fmt: skip
-        else:
-            consecutive_bad = 0
+        state["nonfinite_total"] += int(skipped)
+        guard.update(skipped, state["step"], state["nonfinite_total"])
+        if not skipped:
             lr_scheduler.step()
             if ema is not None:
                 ema.update(unwrapped)

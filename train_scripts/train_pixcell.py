@@ -17,7 +17,6 @@ import argparse
 import ast
 import contextlib
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from diffusion.training.optim import build_lr_scheduler, build_optimizer
 from diffusion.training.precision import set_fp32_attention, set_gradient_checkpointing
 from diffusion.training.sampler import ResumableSampler
 from diffusion.training.signals import StopRequest, parse_duration
+from diffusion.training.step import NonFiniteGuard, clipped_step
 from diffusion.training.tracking import RunTracker, Throughput, environment, progress_bar, save_run_info
 
 log = logging.getLogger("pixcell.train")
@@ -268,7 +268,8 @@ def main(args: argparse.Namespace) -> int:
     stop = StopRequest(time_limit=time_limit, margin=0.0)
     bar = progress_bar(total_steps, initial=state["step"], enabled=is_main)
     speed = Throughput()
-    consecutive_bad, last_saved = 0, state["step"] if resume is not None else -1
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps, work_dir)
+    last_saved = state["step"] if resume is not None else -1
     data_iter = None
     log.info("training %d steps: %d process(es) x batch %d x accumulation %d, %d samples, %d batches per epoch",
              total_steps, accelerator.num_processes, cfg.train_batch_size, accum, len(dataset),
@@ -344,37 +345,13 @@ def main(args: argparse.Namespace) -> int:
                 losses.append(loss.detach())
                 images += b
             loss = torch.stack(losses).mean()
-            clip = cfg.gradient_clip if cfg.gradient_clip else math.inf
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)  # global norm (synchronised)
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            if (
-                accelerator.scaler is not None
-            ):  # fp16: the grad scaler skips inf/NaN steps and lowers its scale
-                optimizer.step()
-                skipped = optimizer.step_was_skipped
-            else:
-                skipped = not math.isfinite(grad_norm)
-                if not skipped:
-                    optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, skipped = clipped_step(accelerator, model.parameters(), optimizer, cfg.gradient_clip)
             state["step"] += 1
             state["images_seen"] += images * accelerator.num_processes
             speed.add(images * accelerator.num_processes)
-            if skipped:
-                state["nonfinite_total"] += 1
-                consecutive_bad += 1
-                log.warning("step %d: non-finite loss/gradient (loss %.4g, grad norm %.4g): step skipped "
-                            "[%d in a row, %d in total]", state["step"], loss.item(), grad_norm, consecutive_bad,
-                            state["nonfinite_total"])  # fmt: skip
-                if consecutive_bad >= cfg.max_nonfinite_steps:
-                    last = latest_checkpoint(work_dir)
-                    raise RuntimeError(
-                        f"{consecutive_bad} consecutive steps with a non-finite loss or gradient (up to step "
-                        f"{state['step']}): stopping. The last good checkpoint is {last or 'none (nothing saved yet)'}; "
-                        "lower optimizer.lr, use bf16 instead of fp16, or check the data, then resume"
-                    )
-            else:
-                consecutive_bad = 0
+            state["nonfinite_total"] += int(skipped)
+            guard.update(skipped, state["step"], state["nonfinite_total"])
+            if not skipped:
                 lr_scheduler.step()
                 ema.update(ema_module)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from diffusion.training.optim import build_lr_scheduler, build_optimizer
 from diffusion.training.precision import set_gradient_checkpointing
 from diffusion.training.sampler import ResumableSampler
 from diffusion.training.signals import StopRequest, parse_duration
+from diffusion.training.step import NonFiniteGuard, clipped_step
 from diffusion.training.tracking import RunTracker, Throughput, environment, progress_bar, save_run_info
 from virtual_staining.data import read_image
 from virtual_staining.lora import LoRASettings, add_lora, lora_parameters, save_lora_weights
@@ -211,7 +211,7 @@ def main(args: argparse.Namespace) -> int:
     bar = progress_bar(total_steps, initial=state["step"], enabled=is_main, desc="LoRA")
     speed = Throughput()
     last_saved = state["step"] if resume is not None else -1
-    consecutive_bad = 0
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps, work_dir)
     max_skipped = max(1, int(cfg.data.max_failure_rate * len(dataset)))
     data_iter = None
     log.info("training %d steps: %d process(es) x batch %d x accumulation %d, %d IHC images, %d LoRA parameters",
@@ -280,30 +280,13 @@ def main(args: argparse.Namespace) -> int:
             if not losses:
                 continue
             loss = torch.stack(losses).mean()
-            clip = cfg.gradient_clip or math.inf
-            grad_norm = float(accelerator.clip_grad_norm_(lora_parameters(model), clip))
-            if accelerator.scaler is not None:  # fp16: the grad scaler skips inf/NaN steps itself
-                optimizer.step()
-                skipped = optimizer.step_was_skipped
-            else:
-                skipped = not math.isfinite(grad_norm)
-                if not skipped:
-                    optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, skipped = clipped_step(accelerator, lora_parameters(model), optimizer, cfg.gradient_clip)
             state["step"] += 1
             step = state["step"]
             speed.add(images * accelerator.num_processes)
-            if skipped:
-                state["nonfinite_total"] += 1
-                consecutive_bad += 1
-                log.warning("step %d: non-finite loss/gradient: skipped [%d in a row]", step, consecutive_bad)
-                if consecutive_bad >= cfg.max_nonfinite_steps:
-                    raise RuntimeError(
-                        f"{consecutive_bad} consecutive non-finite steps (up to step {step}); the last good "
-                        f"checkpoint is {latest_checkpoint(work_dir) or 'none'}: lower optimizer.lr, then resume"
-                    )
-            else:
-                consecutive_bad = 0
+            state["nonfinite_total"] += int(skipped)
+            guard.update(skipped, step, state["nonfinite_total"])
+            if not skipped:
                 lr_scheduler.step()
                 if ema is not None:
                     ema.update(unwrapped)
