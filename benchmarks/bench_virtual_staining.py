@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from diffusion.encoders import UNI2H_ARCH, UNI2H_KWARGS, UNIEncoder, _resolve_layers, build_tiny_vae
+from diffusion.encoders import UNI2H_ARCH, UNI2H_KWARGS, UNIEncoder, resolve_timm_layers, build_tiny_vae
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.model.pixcell_transformer import build_pixcell
 from diffusion.pipeline import PixCellPipeline
@@ -49,7 +49,7 @@ def parts(tiny: bool, tmp: str):
         vae = sd35_shaped_vae()
         kwargs = UNI2H_KWARGS
         flow = FlowMLP()
-    uni = UNIEncoder(timm.create_model(UNI2H_ARCH, pretrained=False, **_resolve_layers(kwargs)))
+    uni = UNIEncoder(timm.create_model(UNI2H_ARCH, pretrained=False, **resolve_timm_layers(kwargs)))
     return transformer, vae, uni, flow
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion.encoders import UNI2H_ARCH, UNI2H_KWARGS, _resolve_layers
+from diffusion.encoders import UNI2H_ARCH, UNI2H_KWARGS, resolve_timm_layers
 from diffusion.metrics.distances import frechet_distance_from_features
 from diffusion.metrics.evaluation import evaluate
 
@@ -28,7 +28,7 @@ def build_uni2h_shaped(out: Path) -> Path:
     import timm
     from safetensors.torch import save_file
 
-    model = timm.create_model(UNI2H_ARCH, pretrained=False, **_resolve_layers(UNI2H_KWARGS))
+    model = timm.create_model(UNI2H_ARCH, pretrained=False, **resolve_timm_layers(UNI2H_KWARGS))
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps({"architecture": UNI2H_ARCH, "model_args": UNI2H_KWARGS}))

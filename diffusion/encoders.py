@@ -46,7 +46,7 @@ UNI2H_KWARGS = dict(
 _LAYERS = {"mlp_layer": ("timm.layers", "SwiGLUPacked"), "act_layer": ("torch.nn", "SiLU")}
 
 
-def _resolve_layers(kwargs: dict) -> dict:
+def resolve_timm_layers(kwargs: dict) -> dict:
     """timm wants classes for mlp_layer/act_layer; our config files store their names."""
     import importlib
 
@@ -129,7 +129,7 @@ def load_uni(source: str | Path = UNI2H_HUB_ID, device: str | torch.device = "cp
     path = Path(source)
     if source.startswith("hf-hub:"):
         try:
-            model = timm.create_model(source, pretrained=True, **_resolve_layers(UNI2H_KWARGS))
+            model = timm.create_model(source, pretrained=True, **resolve_timm_layers(UNI2H_KWARGS))
         except Exception as err:
             raise RuntimeError(
                 f"cannot load {source} ({type(err).__name__}): request access on the Hub and log in, or pass a "
@@ -151,7 +151,7 @@ def load_uni(source: str | Path = UNI2H_HUB_ID, device: str | torch.device = "cp
         arch, kwargs, weights = UNI2H_ARCH, UNI2H_KWARGS, path
     else:
         raise FileNotFoundError(f"UNI encoder {source}: no such file or folder (or use {UNI2H_HUB_ID})")
-    model = timm.create_model(arch, pretrained=False, **_resolve_layers(kwargs))
+    model = timm.create_model(arch, pretrained=False, **resolve_timm_layers(kwargs))
     state = _read_weights(weights)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -191,7 +191,7 @@ def build_tiny_uni(
     kwargs = {**UNI2H_KWARGS, "embed_dim": embed_dim, "depth": depth, "num_heads": max(1, embed_dim // 48)}
     kwargs["init_values"] = init_values
     torch.manual_seed(seed)
-    model = timm.create_model(UNI2H_ARCH, pretrained=False, **_resolve_layers(kwargs))
+    model = timm.create_model(UNI2H_ARCH, pretrained=False, **resolve_timm_layers(kwargs))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")

@@ -40,7 +40,7 @@ from diffusion.encoders import (
     UNI2H_ARCH,
     UNI2H_HUB_ID,
     UNIEncoder,
-    _resolve_layers,
+    resolve_timm_layers,
     load_uni,
 )
 from diffusion.metrics.features import FeatureExtractor, to_uint8_chw, weights_fingerprint
@@ -314,7 +314,7 @@ def _create(spec: EncoderSpec, arch: str, where, file: Path | None = None, **kwa
     (`pretrained_cfg_overlay=dict(file=...)`) so its checkpoint filters and strict key check apply."""
     import timm
 
-    kwargs = _resolve_layers(kwargs)
+    kwargs = resolve_timm_layers(kwargs)
     if file is not None:
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(file)})
     try:
