@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from diffusion.encoders import UNI2H_ARCH, UNI2H_KWARGS, UNIEncoder, resolve_timm_layers, build_tiny_vae
+from diffusion.encoders import UNI2H_ARCH, UNI2H_KWARGS, UNIEncoder, build_tiny_vae, resolve_timm_layers
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.model.pixcell_transformer import build_pixcell
 from diffusion.pipeline import PixCellPipeline

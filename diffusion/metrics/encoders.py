@@ -40,8 +40,8 @@ from diffusion.encoders import (
     UNI2H_ARCH,
     UNI2H_HUB_ID,
     UNIEncoder,
-    resolve_timm_layers,
     load_uni,
+    resolve_timm_layers,
 )
 from diffusion.metrics.features import FeatureExtractor, to_uint8_chw, weights_fingerprint
 
