@@ -258,8 +258,14 @@ def test_clipped_step_skips_non_finite_gradients_and_the_guard_stops(tmp_path):
     assert torch.allclose(step.norm(), torch.tensor(0.1), atol=1e-5)  # lr x clipped unit-norm gradient
 
     guard = NonFiniteGuard(limit=2, work_dir=tmp_path)
-    guard.update(True, step=1, total=1)
-    guard.update(False, step=2, total=1)  # a good step resets the count
-    guard.update(True, step=3, total=2)
-    with pytest.raises(RuntimeError, match="2 consecutive steps .* last good checkpoint is none"):
-        guard.update(True, step=4, total=3)
+    state = {"step": 1, "nonfinite_total": 0}
+    guard.update(True, state)
+    state["step"] = 2
+    guard.update(False, state)  # a good step resets the run, not the total
+    state["step"] = 3
+    guard.update(True, state)
+    assert state["nonfinite_total"] == 2
+    state["step"] = 4
+    with pytest.raises(RuntimeError, match=r"2 consecutive steps .*\(up to step 4\).* last good checkpoint is none"):
+        guard.update(True, state)
+    assert state["nonfinite_total"] == 3

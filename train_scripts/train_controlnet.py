@@ -331,8 +331,7 @@ def train(cfg, args: argparse.Namespace, accelerator: Accelerator, work_dir: Pat
         state["step"] += 1
         state["images_seen"] += images * accelerator.num_processes
         speed.add(images * accelerator.num_processes)
-        state["nonfinite_total"] += int(skipped)
-        guard.update(skipped, state["step"], state["nonfinite_total"])
+        guard.update(skipped, state)
         if not skipped:
             lr_scheduler.step()
             if ema is not None:

@@ -349,8 +349,7 @@ def main(args: argparse.Namespace) -> int:
             state["step"] += 1
             state["images_seen"] += images * accelerator.num_processes
             speed.add(images * accelerator.num_processes)
-            state["nonfinite_total"] += int(skipped)
-            guard.update(skipped, state["step"], state["nonfinite_total"])
+            guard.update(skipped, state)
             if not skipped:
                 lr_scheduler.step()
                 ema.update(ema_module)

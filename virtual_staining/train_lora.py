@@ -284,8 +284,7 @@ def main(args: argparse.Namespace) -> int:
             state["step"] += 1
             step = state["step"]
             speed.add(images * accelerator.num_processes)
-            state["nonfinite_total"] += int(skipped)
-            guard.update(skipped, step, state["nonfinite_total"])
+            guard.update(skipped, state)
             if not skipped:
                 lr_scheduler.step()
                 if ema is not None:

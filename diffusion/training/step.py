@@ -39,14 +39,17 @@ class NonFiniteGuard:
         self.work_dir = Path(work_dir)
         self.in_a_row = 0
 
-    def update(self, skipped: bool, step: int, total: int) -> None:
-        """`total`: skipped steps over the whole run (kept in the trainer's checkpointed state)."""
+    def update(self, skipped: bool, state: dict) -> None:
+        """After a step: counts a skipped one in `state["nonfinite_total"]` (the trainer's checkpointed counter)
+        and in the run of consecutive ones; `state["step"]` is the step just taken."""
         if not skipped:
             self.in_a_row = 0
             return
+        state["nonfinite_total"] += 1
         self.in_a_row += 1
+        step = state["step"]
         log.warning("step %d: non-finite loss or gradient: step skipped [%d in a row, %d in total]", step,
-                    self.in_a_row, total)  # fmt: skip
+                    self.in_a_row, state["nonfinite_total"])  # fmt: skip
         if self.in_a_row >= self.limit:
             last = latest_checkpoint(self.work_dir)
             raise RuntimeError(
