@@ -3,11 +3,14 @@
     python -m benchmarks.bench_train --preset PixCell-tiny-256 --batch 4 --device cpu
     python -m benchmarks.bench_train --preset PixCell-XL/2-256 --batch 64 --dtype bf16 --grad-ckpt
     python -m benchmarks.bench_train --preset PixCell-XL/2-1024 --batch 4 --dtype bf16 --grad-ckpt --peak-tflops 989
+    python -m benchmarks.bench_train --preset PixCell-XL/2-256 --batch 128 --dtype bf16 --compile
 
 A step is what train_pixcell.py does per optimizer step: noise + q_sample, forward under autocast, the hybrid loss,
-backward, grad clipping, the optimizer (CAME by default) and the fp32 EMA update, on random latents and UNI tokens
-(data loading excluded). MFU = model FLOPs (3 x the analytic forward FLOPs, no credit for gradient-checkpoint
-recomputation) / step time / peak; the peak is --peak-tflops or a measured bf16 matmul on the device.
+backward, grad clipping, the optimizer (CAME by default, the multi-tensor one train_pixcell.py builds;
+`--optimizer came-pytorch` for the package's per-tensor loop) and the fp32 EMA update, on random latents and UNI
+tokens (data loading excluded). `--compile` compiles each transformer block as the `compile` config key does.
+MFU = model FLOPs (3 x the analytic forward FLOPs, no credit for gradient-checkpoint recomputation) / step time /
+peak; the peak is --peak-tflops or a measured bf16 matmul on the device.
 """
 
 from __future__ import annotations
@@ -20,12 +23,18 @@ import time
 import torch
 
 from diffusion.gaussian_diffusion import GaussianDiffusion
-from diffusion.model.pixcell_transformer import PIXCELL_MODELS, build_pixcell
+from diffusion.model.pixcell_transformer import PIXCELL_MODELS, build_pixcell, compile_blocks
 from diffusion.training.ema import EMA
 from diffusion.training.optim import build_optimizer
 from diffusion.training.precision import autocast_dtype, set_fp32_attention, set_gradient_checkpointing
 
 DTYPE_NAMES = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+OPTIMIZERS = {  # --optimizer -> the config's `optimizer` dict (lr is irrelevant to speed)
+    "CAME": dict(type="CAME", lr=1e-5),
+    "came-pytorch": dict(type="CAME", lr=1e-5, foreach=False),
+    "AdamW": dict(type="AdamW", lr=1e-5),
+    "AdamW-fused": dict(type="AdamW", lr=1e-5, fused=True),
+}
 
 
 def forward_flops(model, batch: int) -> float:
@@ -70,7 +79,8 @@ def bench(args: argparse.Namespace) -> dict:
     if args.fp32_attention and mixed != "no":
         set_fp32_attention(model)
     set_gradient_checkpointing(model, args.grad_ckpt)
-    opt = build_optimizer(model.parameters(), dict(type=args.optimizer, lr=1e-5))
+    compile_blocks(model, args.compile)
+    opt = build_optimizer(model.parameters(), OPTIMIZERS[args.optimizer])
     ema = EMA(model, 0.9999)
     diffusion = GaussianDiffusion()
     scaler = torch.amp.GradScaler(device.type, enabled=mixed == "fp16")
@@ -116,6 +126,8 @@ def bench(args: argparse.Namespace) -> dict:
         batch=args.batch,
         dtype=args.dtype,
         grad_ckpt=args.grad_ckpt,
+        optimizer=args.optimizer,
+        compile=args.compile,
         params_m=sum(p.numel() for p in model.parameters()) / 1e6,
         step_s=dt,
         images_s=args.batch / dt,
@@ -139,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32", help="autocast dtype")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
     p.add_argument("--fp32-attention", action="store_true", help="attention in fp32 under autocast")
-    p.add_argument("--optimizer", choices=["CAME", "AdamW"], default="CAME")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="CAME")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile each transformer block (warm-up compiles)"
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -149,10 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a (CPU)"
     mem = "peak GiB (CUDA alloc)" if args.device.startswith("cuda") else "peak GiB (process RSS)"
     print(
-        f"| preset | px | batch | dtype | grad ckpt | params (M) | step (s) | images/s | {mem} | TFLOP/s | MFU |"
+        f"| preset | px | batch | dtype | grad ckpt | optimizer | compile | params (M) | step (s) | images/s | {mem} "
+        "| TFLOP/s | MFU |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {row['preset']} | {row['px']} | {row['batch']} | {row['dtype']} | {row['grad_ckpt']} | "
+          f"{row['optimizer']} | {row['compile']} | "
           f"{row['params_m']:.1f} | {row['step_s']:.3f} | {row['images_s']:.2f} | {row['peak_gib']:.2f} | "
           f"{row['tflops']:.3f} | {mfu} |")  # fmt: skip
     return 0

@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 from diffusion.model.loading import save_original_checkpoint
-from diffusion.model.pixcell_transformer import build_pixcell
+from diffusion.model.pixcell_transformer import build_pixcell, compile_blocks
 from diffusion.training.checkpoint import CheckpointManager, latest_checkpoint, list_checkpoints
 from diffusion.training.ema import EMA
 from diffusion.training.init import initialise_from
 from diffusion.training.optim import build_lr_scheduler, build_optimizer, lr_factor
-from diffusion.training.precision import set_fp32_attention
+from diffusion.training.precision import set_fp32_attention, set_gradient_checkpointing
 from diffusion.training.sampler import ResumableSampler
 from diffusion.training.signals import StopRequest, parse_duration
 
@@ -160,6 +160,25 @@ def test_fp32_attention_matches_default_processor():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x, y, t).sample
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_blocks_train_like_eager_blocks_under_checkpointing(backend):
+    """The `compile` key: every block compiled in place (same parameter names), same loss and gradients."""
+    torch._dynamo.reset()
+    eager, compiled = _tiny().train(), _tiny().train()
+    names = [n for n, _ in compiled.named_parameters()]
+    assert compile_blocks(compiled, False) == 0
+    assert compile_blocks(compiled, dict(backend=backend)) == compiled.config.num_layers == 2
+    assert [n for n, _ in compiled.named_parameters()] == names
+    x, y, t = torch.randn(2, 16, 8, 8), torch.randn(2, 1, 96), torch.tensor([10, 500])
+    for model in (eager, compiled):
+        set_gradient_checkpointing(model, True)
+        model(x, y, t).sample.square().mean().backward()
+    for (n, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=n)
+    with pytest.raises(ValueError, match="compile: expected"):
+        compile_blocks(_tiny(), "yes")
 
 
 # ---------------------------------------------------------------- checkpoints

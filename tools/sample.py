@@ -30,6 +30,7 @@ import torch
 
 from diffusion.conditions import EmbeddingSource, FolderSource, IndexSource
 from diffusion.encoders import UNI_TILE, load_uni
+from diffusion.model.pixcell_transformer import compile_blocks
 from diffusion.pipeline import PixCellPipeline
 from diffusion.sample_runner import MaskControl, SampleSettings, model_reference, sample_patches
 from tools.cli import (
@@ -56,7 +57,7 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=None, help="DataLoader workers (default: 4 on GPU, 0 on CPU)"
     )
     g.add_argument("--max-skips", type=int, default=100, help="stop after more unusable conditions than this")
-    g.add_argument("--compile", action="store_true", help="torch.compile the transformer (long runs on GPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile each transformer block (GPU runs)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -95,7 +96,7 @@ def load_pipeline(args: argparse.Namespace, device: torch.device) -> tuple[PixCe
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.compile:
-        pipe.transformer.compile()
+        compile_blocks(pipe.transformer, True)
     return pipe, model_reference(args.model), model_reference(args.vae)
 
 

@@ -32,6 +32,7 @@ from diffusion.atomic import atomic_path
 from diffusion.config import build_model_from_config, load_config
 from diffusion.data.datasets import PatchFeatureDataset, collate_skip_none
 from diffusion.gaussian_diffusion import GaussianDiffusion
+from diffusion.model.pixcell_transformer import compile_blocks
 from diffusion.training.checkpoint import CheckpointManager, latest_checkpoint
 from diffusion.training.ema import EMA
 from diffusion.training.init import initialise_from
@@ -169,6 +170,8 @@ def main(args: argparse.Namespace) -> int:
     if cfg.fp32_attention and cfg.mixed_precision != "no":
         set_fp32_attention(model)
     set_gradient_checkpointing(model, cfg.gradient_checkpointing)
+    if compile_blocks(model, cfg.compile):
+        log.info("compiled the transformer blocks (torch.compile %s)", cfg.compile)
     model.train()
 
     # ---- data

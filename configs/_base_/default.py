@@ -41,6 +41,7 @@ ema_rate = 0.9999
 mixed_precision = "fp16"  # "no", "fp16", "bf16"
 fp32_attention = True  # attention in fp32 under fp16 autocast (the original recipe)
 gradient_checkpointing = True
+compile = False  # True or dict(torch.compile kwargs): compile each transformer block (regional, on GPU)
 seed = 0
 max_nonfinite_steps = (
     10  # stop after this many consecutive steps with a non-finite loss or gradient (skipped)
