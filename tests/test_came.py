@@ -14,20 +14,21 @@ from diffusion.training.optim import build_optimizer
 KW = dict(lr=1e-1, weight_decay=0.01, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), clip_threshold=1.0)
 
 
-def _model() -> nn.Module:
+def _model(dtype: torch.dtype = torch.float32) -> nn.Module:
     """Tiny PixCell: 2-D, 4-D (patch conv) and 1-D tensors, many of each shape (buckets of several)."""
     torch.manual_seed(0)
-    return build_pixcell("PixCell-tiny-64").train()
+    return build_pixcell("PixCell-tiny-64").to(dtype).train()
 
 
 def _steps(model: nn.Module, opt: torch.optim.Optimizer, n: int, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     c = model.config
     for _ in range(n):
-        x = torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g)
-        uni = torch.randn(2, c.caption_num_tokens, c.caption_channels, generator=g)
+        dtype = next(model.parameters()).dtype
+        x = torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g).to(dtype)
+        uni = torch.randn(2, c.caption_num_tokens, c.caption_channels, generator=g).to(dtype)
         t = torch.randint(0, 1000, (2,), generator=g)
-        loss = model(x, uni, t, return_dict=False)[0].square().mean()
+        loss = model(x, uni, t, return_dict=False)[0].float().square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -56,6 +57,16 @@ def test_same_updates_as_came_pytorch():
     default_buckets = len(CAME(params, lr=1.0)._buckets(params))
     assert len(opt._buckets(params)) > default_buckets  # the size cap splits buckets
     assert default_buckets < len(params) / 4
+
+
+def test_bf16_parameters_step_as_in_came_pytorch():
+    """bf16 weights and gradients: fp32 state and math, the update rounded into the weights once, as came-pytorch."""
+    ours, ref = _model(torch.bfloat16), _model(torch.bfloat16)
+    opt = CAME(ours.parameters(), **KW)
+    _steps(ours, opt, 3)
+    _steps(ref, ReferenceCAME(ref.parameters(), **KW), 3)
+    assert _max_rel(ours, ref) < 1e-2  # bf16 resolution; equal on this CPU
+    assert {v.dtype for s in opt.state.values() for v in s.values() if torch.is_tensor(v)} == {torch.float32}
 
 
 def test_state_dict_is_came_pytorch_layout_both_ways():

@@ -167,7 +167,9 @@ class CAME(torch.optim.Optimizer):
         if wd != 0:
             torch._foreach_add_(params, params, alpha=-wd * lr)
         update.mul_(lr)
-        torch._foreach_sub_(params, list(update.to(bucket[0].dtype).unbind(0)))
+        torch._foreach_sub_(
+            params, list(update.unbind(0))
+        )  # fp32 update into the parameter dtype, as came-pytorch
 
 
 def _approx_rsqrt(row: Tensor, col: Tensor) -> Tensor:
