@@ -167,9 +167,8 @@ class CAME(torch.optim.Optimizer):
         if wd != 0:
             torch._foreach_add_(params, params, alpha=-wd * lr)
         update.mul_(lr)
-        torch._foreach_sub_(
-            params, list(update.unbind(0))
-        )  # fp32 update into the parameter dtype, as came-pytorch
+        # The fp32 update goes into the parameter's dtype, rounded once (as came-pytorch does).
+        torch._foreach_sub_(params, list(update.unbind(0)))
 
 
 def _approx_rsqrt(row: Tensor, col: Tensor) -> Tensor:
