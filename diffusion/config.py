@@ -6,6 +6,7 @@ exist in `configs/_base_/default.py` (nested dicts key by key): a typo is an err
 
 from __future__ import annotations
 
+import ast
 import os
 from pathlib import Path
 
@@ -26,6 +27,21 @@ def _check_keys(cfg: dict, schema: dict, where: str, source: str) -> None:
             )
         if isinstance(value, dict) and isinstance(schema[key], dict) and key not in _OPEN_DICTS:
             _check_keys(value, schema[key], f"{where}{key}.", source)
+
+
+def parse_cfg_options(items: list[str]) -> dict:
+    """--cfg-options ['a.b=1', 'c=[1,2]', 'd=text'] -> {'a.b': 1, 'c': [1, 2], 'd': 'text'} (Python literals, else
+    strings)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--cfg-options {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
 
 def load_strict_config(path: str | Path, schema_file: str | Path, options: dict | None = None) -> Config:

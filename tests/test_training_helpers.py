@@ -1,5 +1,6 @@
-"""Unit tests of diffusion/training: EMA, optimizers and LR schedules, the resumable sampler, stop signals,
-fp32 attention, checkpoints (atomic, keep-last-K, exact round trip) and stage initialisation."""
+"""Unit tests of diffusion/training: EMA, optimizers and LR schedules, the resumable sampler and batch stream, stop
+signals, fp32 attention, checkpoints (atomic, keep-last-K, exact round trip), stage initialisation and the per-step
+loop bookkeeping."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from diffusion.training.ema import EMA
 from diffusion.training.init import initialise_from
 from diffusion.training.optim import build_lr_scheduler, build_optimizer, lr_factor
 from diffusion.training.precision import set_fp32_attention, set_gradient_checkpointing
-from diffusion.training.sampler import ResumableSampler
+from diffusion.training.sampler import BatchStream, ResumableSampler
 from diffusion.training.signals import StopRequest, parse_duration
 
 
@@ -128,6 +129,27 @@ def test_sampler_shards_disjointly_and_resumes_exactly():
     assert set(held) <= set(range(8))
     with pytest.raises(ValueError, match="smaller than one global batch"):
         ResumableSampler(3, 2, 2, 0)
+
+
+def test_batch_stream_crosses_epochs_and_resumes_from_its_position():
+    from torch.utils.data import DataLoader
+
+    def stream(state, set_epoch=None):
+        sampler = ResumableSampler(7, 2, seed=3)  # 3 batches of 2 per epoch
+        return BatchStream(
+            DataLoader(list(range(7)), batch_size=2, sampler=sampler), sampler, state, set_epoch
+        )
+
+    state, epochs = {"epoch": 0, "batch_in_epoch": 0}, []
+    straight = stream(state, epochs.append)
+    batches = [next(straight).tolist() for _ in range(8)]
+    assert state == {"epoch": 2, "batch_in_epoch": 2} and epochs == [0, 1, 2]
+    resumed = stream({"epoch": 1, "batch_in_epoch": 1})  # the position a checkpoint after 4 batches holds
+    assert [next(resumed).tolist() for _ in range(4)] == batches[4:]
+    position = straight.position
+    ninth = next(straight).tolist()
+    straight.rewind(position)  # that batch was not trained on: it comes again
+    assert state == {"epoch": 2, "batch_in_epoch": 2} and next(straight).tolist() == ninth
 
 
 # ---------------------------------------------------------------- signals
@@ -285,6 +307,74 @@ def test_clipped_step_skips_non_finite_gradients_and_the_guard_stops(tmp_path):
     guard.update(True, state)
     assert state["nonfinite_total"] == 2
     state["step"] = 4
-    with pytest.raises(RuntimeError, match=r"2 consecutive steps .*\(up to step 4\).* last good checkpoint is none"):
+    with pytest.raises(
+        RuntimeError, match=r"2 consecutive steps .*\(up to step 4\).* last good checkpoint is none"
+    ):
         guard.update(True, state)
     assert state["nonfinite_total"] == 3
+
+
+# ---------------------------------------------------------------- the run around the model
+
+
+def test_training_state_round_trip_restores_counters_scheduler_and_generators(tmp_path):
+    from accelerate import Accelerator
+
+    from diffusion.training.checkpoint import restore_training_state, save_training_state
+    from diffusion.training.run import resume_checkpoint, seeded_generator
+
+    acc = Accelerator(cpu=True)
+    net = nn.Linear(2, 2)
+    model, opt = acc.prepare(net, torch.optim.SGD(net.parameters(), lr=1.0))
+    sched = build_lr_scheduler(opt, dict(type="cosine", warmup_steps=2), 10)
+    manager = CheckpointManager(tmp_path, acc)
+    gen = seeded_generator(acc.device, seed=4, rank=0)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    torch.rand(5, generator=gen)
+    assert resume_checkpoint(tmp_path, None) is None  # a fresh run
+    state = {"step": 3, "epoch": 1, "batch_in_epoch": 2}
+    path = save_training_state(manager, 3, state, sched, "cfg = 1", {"noise": gen})
+    assert (
+        resume_checkpoint(tmp_path, None) == path == resume_checkpoint(tmp_path / "elsewhere", str(tmp_path))
+    )
+    expected = torch.rand(5, generator=gen)
+
+    gen2 = seeded_generator(acc.device, seed=4, rank=0)
+    sched2 = build_lr_scheduler(opt, dict(type="cosine", warmup_steps=2), 10)
+    state2 = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    restore_training_state(manager, path, state2, sched2, {"noise": gen2})
+    assert state2 == state and sched2.state_dict()["last_epoch"] == 3
+    assert torch.equal(torch.rand(5, generator=gen2), expected)
+    saved = torch.load(path / "trainer_state.pt", weights_only=False)
+    assert saved["config"] == "cfg = 1" and set(saved) == {*state, "lr_scheduler", "config"}
+    with pytest.raises(FileNotFoundError, match="--resume-from .*not a complete checkpoint"):
+        resume_checkpoint(tmp_path, str(tmp_path / "nothing"))
+
+
+def test_train_loop_logs_saves_and_stops_on_schedule(tmp_path, caplog):
+    from accelerate import Accelerator
+    from mmengine.config import Config
+
+    from diffusion.training.run import TrainLoop
+
+    cfg = Config(dict(report_to="none", log_every_steps=2, save_every_steps=3))
+    saved = []
+    with caplog.at_level("INFO", logger="pixcell.train"):
+        with TrainLoop(Accelerator(cpu=True), tmp_path, cfg, saved.append, total_steps=5, start_step=0,
+                       resumed=False) as loop:  # fmt: skip
+            for step in range(1, 5):
+                loop.log_step(step, torch.tensor(0.5), 1e-3, 2.0, images=8, show_rate=step < 3)
+                loop.save_if_due(step)
+            loop.save_and_stop("received SIGTERM", 4)
+            loop.save_and_stop("received SIGTERM", 4)  # saved already: not twice
+            assert loop.bar.n == 4
+    assert saved == [3, 4]
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(" img/s")[0] for line in lines if line.startswith("step ")] == [
+        "step 2/5 loss 0.50000 lr 0.001 grad_norm 2",
+        "step 4/5 loss 0.50000 lr 0.001 grad_norm 2",
+    ]
+    assert " img/s " in lines[0] and " img/s " not in lines[1]
+    assert "received SIGTERM: saving a checkpoint at step 4 and stopping" in lines

@@ -79,6 +79,22 @@ class FailureCounter:
             )
 
 
+def add_index_args(p: argparse.ArgumentParser, verb: str) -> None:
+    """--root, --index, --keys: the patches a feature tool works on (this one and pack_features)."""
+    p.add_argument("--root", type=Path, required=True, help="patches root")
+    p.add_argument(
+        "--index", type=Path, default=None, help="index file (default <root>/metadata/patch_names_all.hdf5)"
+    )
+    p.add_argument("--keys", nargs="+", default=None, help=f"index keys to {verb} (default: all)")
+
+
+def add_failure_args(p: argparse.ArgumentParser, log_default: str) -> None:
+    """--max-failure-rate, --min-failures-before-stop, --failure-log: the FailureCounter's settings."""
+    p.add_argument("--max-failure-rate", type=float, default=0.01)
+    p.add_argument("--min-failures-before-stop", type=int, default=10)
+    p.add_argument("--failure-log", type=Path, default=None, help=f"default: {log_default}")
+
+
 class PatchImages(Dataset):
     """(position, uint8 CHW tensor or None, error) for the listed patches; decoding happens in loader workers."""
 
@@ -138,11 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    p.add_argument("--root", type=Path, required=True, help="patches root")
-    p.add_argument(
-        "--index", type=Path, default=None, help="index file (default <root>/metadata/patch_names_all.hdf5)"
-    )
-    p.add_argument("--keys", nargs="+", default=None, help="index keys to process (default: all)")
+    add_index_args(p, "process")
     p.add_argument("--format", nargs="+", choices=["npy", "packed"], default=["npy"], help="output format(s)")
     p.add_argument(
         "--features-root", type=Path, default=None, help="npy output root (default: --root, beside patches)"
@@ -160,11 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=4, help="image decoding processes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    p.add_argument("--max-failure-rate", type=float, default=0.01)
-    p.add_argument("--min-failures-before-stop", type=int, default=10)
-    p.add_argument(
-        "--failure-log", type=Path, default=None, help="default: <output root>/feature_failures.<i>of<n>.tsv"
-    )
+    add_failure_args(p, "<output root>/feature_failures.<i>of<n>.tsv")
     return p
 
 

@@ -32,7 +32,7 @@ from diffusion.data.features import (
     write_packed_meta,
 )
 from diffusion.data.index import default_index_file, key_size, read_index
-from tools.extract_features import FailureCounter
+from tools.extract_features import FailureCounter, add_failure_args, add_index_args
 
 
 def expected_shapes(features_root: Path, names: list[str], size: int) -> tuple[tuple, tuple]:
@@ -59,22 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    p.add_argument("--root", type=Path, required=True, help="patches root")
-    p.add_argument(
-        "--index", type=Path, default=None, help="index file (default <root>/metadata/patch_names_all.hdf5)"
-    )
-    p.add_argument("--keys", nargs="+", default=None, help="index keys to pack (default: all)")
+    add_index_args(p, "pack")
     p.add_argument(
         "--features-root", type=Path, default=None, help="where the .npy files are (default: --root)"
     )
     p.add_argument("--packed-root", type=Path, default=None, help=f"output (default <root>/{PACKED_DIRNAME})")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
     p.add_argument("--shard", default="0/1", help="this job's part, i/n")
-    p.add_argument("--max-failure-rate", type=float, default=0.01)
-    p.add_argument("--min-failures-before-stop", type=int, default=10)
-    p.add_argument(
-        "--failure-log", type=Path, default=None, help="default: <packed-root>/pack_failures.<i>of<n>.tsv"
-    )
+    add_failure_args(p, "<packed-root>/pack_failures.<i>of<n>.tsv")
     return p
 
 

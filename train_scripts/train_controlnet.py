@@ -19,18 +19,15 @@ import argparse
 import contextlib
 import logging
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 
-from diffusion.atomic import atomic_path
-from diffusion.config import build_model_from_config, load_config
+from diffusion.config import build_model_from_config, load_config, parse_cfg_options
 from diffusion.controlnet_pipeline import PixCellControlNetPipeline, check_pair
 from diffusion.data.mask_pairs import MaskPairDataset, write_missing_uni
 from diffusion.encoders import encode_posterior, latents_to_model, load_uni, load_vae, to_uint8
@@ -38,15 +35,22 @@ from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.model.controlnet import PixCellControlNet, load_controlnet
 from diffusion.model.loading import load_transformer
 from diffusion.sampling import make_scheduler
-from diffusion.training.checkpoint import CheckpointManager, latest_checkpoint
+from diffusion.training.checkpoint import CheckpointManager, restore_training_state, save_training_state
 from diffusion.training.ema import EMA
 from diffusion.training.optim import build_lr_scheduler, build_optimizer
 from diffusion.training.precision import set_gradient_checkpointing
-from diffusion.training.sampler import ResumableSampler
-from diffusion.training.signals import StopRequest, parse_duration
+from diffusion.training.run import (
+    TrainLoop,
+    add_resume_args,
+    resume_checkpoint,
+    run_trainer,
+    seeded_generator,
+    setup_logging,
+)
+from diffusion.training.sampler import BatchStream, ResumableSampler
+from diffusion.training.signals import parse_duration
 from diffusion.training.step import NonFiniteGuard, clipped_step
-from diffusion.training.tracking import RunTracker, Throughput, environment, progress_bar, save_run_info
-from train_scripts.train_pixcell import parse_cfg_options
+from diffusion.training.tracking import environment, save_run_info
 
 log = logging.getLogger("pixcell.train")
 SCHEMA = Path(__file__).resolve().parents[1] / "configs" / "_base_" / "controlnet.py"
@@ -63,12 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--uni", default=None, help="UNI2-h source to write missing UNI features (pairs.uni)")
     p.add_argument("--base-model", default=None, help="frozen PixCell transformer (base_model)")
     p.add_argument("--vae", default=None, help="SD3.5 VAE: hub id or local folder (vae)")
-    p.add_argument(
-        "--resume-from", default=None, help="checkpoint to resume from (default: latest in work dir)"
-    )
     p.add_argument("--batch-size", type=int, default=None, help="per-process batch size (train_batch_size)")
-    p.add_argument("--time-limit", default=None, help="save and stop after this wall time (e.g. 3:55:00, 4h)")
-    p.add_argument("--report-to", choices=["tensorboard", "wandb", "none"], default=None)
+    add_resume_args(p)
     return p.parse_args(argv)
 
 
@@ -175,38 +175,13 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     work_dir = Path(args.work_dir)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
-    is_main = accelerator.is_main_process
+    is_main, device = accelerator.is_main_process, accelerator.device
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ValueError(
             "train_controlnet: DDP only (the frozen base is replicated, the ControlNet is small)"
         )
-    logging.basicConfig(
-        level=logging.INFO if is_main else logging.WARNING,
-        format=f"%(asctime)s [rank {accelerator.process_index}] %(levelname)s %(message)s",
-        force=True,
-    )
-    handler = None
-    if is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(work_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logging.getLogger().addHandler(handler)
-    try:
-        return train(cfg, args, accelerator, work_dir)
-    finally:
-        if handler is not None:  # several runs in one process (tests) must not log into each other's files
-            logging.getLogger().removeHandler(handler)
-            handler.close()
-
-
-def train(cfg, args: argparse.Namespace, accelerator: Accelerator, work_dir: Path) -> int:
-    is_main, device = accelerator.is_main_process, accelerator.device
-    accelerator.wait_for_everyone()
-    resume = latest_checkpoint(Path(args.resume_from) if args.resume_from else work_dir)
-    if args.resume_from and resume is None:
-        raise FileNotFoundError(
-            f"--resume-from {args.resume_from}: not a complete checkpoint or a work dir with one"
-        )
+    setup_logging(accelerator, work_dir)
+    resume = resume_checkpoint(work_dir, args.resume_from)
 
     # ---- models (same seed everywhere: identical ControlNet initialisation on every process)
     torch.manual_seed(cfg.seed)
@@ -244,15 +219,11 @@ def train(cfg, args: argparse.Namespace, accelerator: Accelerator, work_dir: Pat
     unwrapped = accelerator.unwrap_model(model)
     ema = EMA(unwrapped, cfg.ema_rate) if cfg.ema_rate else None
     diffusion = GaussianDiffusion()
-    noise_gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + accelerator.process_index)
+    noise_gen = seeded_generator(device, cfg.seed, accelerator.process_index)
     manager = CheckpointManager(work_dir, accelerator, keep_last=cfg.keep_last)
     state = dict(step=0, epoch=0, batch_in_epoch=0, nonfinite_total=0, images_seen=0)
     if resume is not None:
-        saved, rank_state = manager.load(resume, ema=ema)
-        lr_scheduler.load_state_dict(saved["lr_scheduler"])
-        state.update({k: saved[k] for k in state})
-        if "noise_generator" in rank_state:
-            noise_gen.set_state(rank_state["noise_generator"].to(noise_gen.get_state().device))
+        restore_training_state(manager, resume, state, lr_scheduler, {"noise_generator": noise_gen}, ema=ema)
         log.info("resumed from %s at step %d", resume, state["step"])
     if is_main:
         env = environment(accelerator)
@@ -265,104 +236,68 @@ def train(cfg, args: argparse.Namespace, accelerator: Accelerator, work_dir: Pat
         if ema is not None:
             with ema.swapped(unwrapped):
                 portable["controlnet_ema"] = (unwrapped, accelerator.get_state_dict(model))
-        train_state = dict(state, lr_scheduler=lr_scheduler.state_dict(), config=cfg.pretty_text)
-        return manager.save(step, train_state, {"noise_generator": noise_gen.get_state()}, ema=ema,
-                            portable=portable)  # fmt: skip
+        return save_training_state(manager, step, state, lr_scheduler, cfg.pretty_text,
+                                   {"noise_generator": noise_gen}, ema=ema, portable=portable)  # fmt: skip
 
-    tracker = RunTracker(work_dir, cfg.report_to, enabled=is_main, config=cfg.to_dict())
-    stop = StopRequest(time_limit=parse_duration(args.time_limit))
-    bar = progress_bar(total_steps, initial=state["step"], enabled=is_main)
-    speed = Throughput()
+    batch_stream = BatchStream(loader, sampler, state)
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, work_dir)
-    last_saved = state["step"] if resume is not None else -1
-    data_iter = None
     log.info("training %d steps: %d process(es) x batch %d x accumulation %d, %d pairs", total_steps,
              accelerator.num_processes, cfg.train_batch_size, accum, len(dataset))  # fmt: skip
+    with TrainLoop(accelerator, work_dir, cfg, save, total_steps, state["step"], resumed=resume is not None,
+                   time_limit=parse_duration(args.time_limit)) as loop:  # fmt: skip
+        while state["step"] < total_steps:
+            position = batch_stream.position
+            batches = [next(batch_stream) for _ in range(accum)]
+            reason = loop.stop_reason()
+            if reason:
+                batch_stream.rewind(position)  # these batches were not trained on
+                loop.save_and_stop(reason, state["step"])
+                break
 
-    def next_batch() -> dict:
-        nonlocal data_iter
-        while True:
-            if data_iter is None:
-                sampler.set_position(state["epoch"], state["batch_in_epoch"])
-                data_iter = iter(loader)
-            try:
-                batch = next(data_iter)
-                state["batch_in_epoch"] += 1
-                return batch
-            except StopIteration:
-                state["epoch"], state["batch_in_epoch"], data_iter = state["epoch"] + 1, 0, None
+            # ---- forward / backward: base frozen, eps MSE on the 16 noise channels (published objective)
+            losses, images = [], 0
+            for micro, batch in enumerate(batches):
+                x0 = encode(vae, batch["image"].to(device))  # (B, 16, h, w)
+                mask_latents = encode(vae, batch["mask"].to(device))  # (B, 16, h, w)
+                uni = batch["uni"].to(device)
+                b = x0.shape[0]
+                t = diffusion.sample_timesteps(b, device, generator=noise_gen)
+                noise = torch.randn(x0.shape, generator=noise_gen, device=device)
+                if cfg.class_dropout_prob > 0:
+                    drop = torch.rand(b, generator=noise_gen, device=device) < cfg.class_dropout_prob
+                    uni = base.drop_condition(uni, drop)
+                x_t = diffusion.q_sample(x0, t, noise)
+                sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
+                with sync, accelerator.autocast():
+                    residuals = model(
+                        x_t, mask_latents, uni, t, cfg.controlnet.conditioning_scale, return_dict=False
+                    )[0]
+                    out = base(x_t, uni, t, return_dict=False, block_residuals=residuals)[0]
+                    loss = ((out[:, : x0.shape[1]].float() - noise) ** 2).mean()
+                    accelerator.backward(loss / accum)
+                losses.append(loss.detach())
+                images += b
+            loss = torch.stack(losses).mean()
+            grad_norm, skipped = clipped_step(accelerator, model.parameters(), optimizer, cfg.gradient_clip)
+            state["step"] += 1
+            state["images_seen"] += images * accelerator.num_processes
+            guard.update(skipped, state)
+            if not skipped:
+                lr_scheduler.step()
+                if ema is not None:
+                    ema.update(unwrapped)
 
-    while state["step"] < total_steps:
-        position = (state["epoch"], state["batch_in_epoch"])
-        batches = [next_batch() for _ in range(accum)]
-        reason = stop.should_stop(accelerator)
-        if reason:
-            state["epoch"], state["batch_in_epoch"] = position  # these batches were not trained on
-            log.warning("%s: saving a checkpoint at step %d and stopping", reason, state["step"])
-            if last_saved != state["step"]:
-                save(state["step"])
-            break
-
-        # ---- forward / backward: base frozen, eps MSE on the 16 noise channels (published objective)
-        losses, images = [], 0
-        for micro, batch in enumerate(batches):
-            x0 = encode(vae, batch["image"].to(device))  # (B, 16, h, w)
-            mask_latents = encode(vae, batch["mask"].to(device))  # (B, 16, h, w)
-            uni = batch["uni"].to(device)
-            b = x0.shape[0]
-            t = diffusion.sample_timesteps(b, device, generator=noise_gen)
-            noise = torch.randn(x0.shape, generator=noise_gen, device=device)
-            if cfg.class_dropout_prob > 0:
-                drop = torch.rand(b, generator=noise_gen, device=device) < cfg.class_dropout_prob
-                uni = base.drop_condition(uni, drop)
-            x_t = diffusion.q_sample(x0, t, noise)
-            sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
-            with sync, accelerator.autocast():
-                residuals = model(
-                    x_t, mask_latents, uni, t, cfg.controlnet.conditioning_scale, return_dict=False
-                )[0]
-                out = base(x_t, uni, t, return_dict=False, block_residuals=residuals)[0]
-                loss = ((out[:, : x0.shape[1]].float() - noise) ** 2).mean()
-                accelerator.backward(loss / accum)
-            losses.append(loss.detach())
-            images += b
-        loss = torch.stack(losses).mean()
-        grad_norm, skipped = clipped_step(accelerator, model.parameters(), optimizer, cfg.gradient_clip)
-        state["step"] += 1
-        state["images_seen"] += images * accelerator.num_processes
-        speed.add(images * accelerator.num_processes)
-        guard.update(skipped, state)
-        if not skipped:
-            lr_scheduler.step()
-            if ema is not None:
-                ema.update(unwrapped)
-
-        # ---- report, validate, save
-        step = state["step"]
-        bar.update(1)
-        if step % cfg.log_every_steps == 0 or step == total_steps:
-            mean_loss = accelerator.reduce(loss.reshape(1), reduction="mean").item()
-            lr = optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-            tracker.log_scalars({"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                                 "train/images_per_s": speed.rate()}, step)  # fmt: skip
-            log.info(
-                "step %d/%d loss %.5f lr %.3g grad_norm %.4g", step, total_steps, mean_loss, lr, grad_norm
-            )
-        if validate and is_main and step % cfg.validation.every_steps == 0:
-            model.eval()
-            with ema.swapped(unwrapped) if ema is not None else contextlib.nullcontext():
-                grid = validation_grid(base, unwrapped, vae, held_out, cfg, device, seed=cfg.seed)
-            model.train()
-            with atomic_path(work_dir / "validation" / f"step_{step:07d}.png") as tmp:
-                Image.fromarray(grid).save(tmp, format="PNG")
-            tracker.log_image("validation/mask_reference_samples", grid, step)
-        if step % cfg.save_every_steps == 0 or step == total_steps:
-            save(step)
-            last_saved = step
-    bar.close()
-    tracker.close()
-    stop.restore()
+            # ---- report, validate, save
+            step = state["step"]
+            loop.log_step(step, loss, optimizer.param_groups[0]["lr"], grad_norm,
+                          images=images * accelerator.num_processes, show_rate=False)  # fmt: skip
+            if validate and is_main and step % cfg.validation.every_steps == 0:
+                model.eval()
+                with ema.swapped(unwrapped) if ema is not None else contextlib.nullcontext():
+                    grid = validation_grid(base, unwrapped, vae, held_out, cfg, device, seed=cfg.seed)
+                model.train()
+                loop.save_grid("validation/mask_reference_samples", grid, step)
+            loop.save_if_due(step)
     if state["step"] >= total_steps:
         log.info("done: %d steps; checkpoints in %s", state["step"], manager.root)
     else:
@@ -372,15 +307,7 @@ def train(cfg, args: argparse.Namespace, accelerator: Accelerator, work_dir: Pat
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Entry point: bad input -> one `error:` line and exit status 2 (no traceback)."""
-    t0 = time.monotonic()
-    try:
-        code = main(parse_args(argv))
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    log.info("wall time %.1f s", time.monotonic() - t0)
-    return code
+    return run_trainer(main, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -14,11 +14,9 @@ pre-emption) and `--time-limit` save a checkpoint and exit cleanly. See docs/tra
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import logging
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,20 +26,27 @@ from accelerate.utils import DistributedType
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from diffusion.atomic import atomic_path
-from diffusion.config import build_model_from_config, load_config
+from diffusion.config import build_model_from_config, load_config, parse_cfg_options
 from diffusion.data.datasets import PatchFeatureDataset, collate_skip_none
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.model.pixcell_transformer import compile_blocks
-from diffusion.training.checkpoint import CheckpointManager, latest_checkpoint
+from diffusion.training.checkpoint import CheckpointManager, restore_training_state, save_training_state
 from diffusion.training.ema import EMA
 from diffusion.training.init import initialise_from
 from diffusion.training.optim import build_lr_scheduler, build_optimizer
 from diffusion.training.precision import set_fp32_attention, set_gradient_checkpointing
-from diffusion.training.sampler import ResumableSampler
-from diffusion.training.signals import StopRequest, parse_duration
+from diffusion.training.run import (
+    TrainLoop,
+    add_resume_args,
+    resume_checkpoint,
+    run_trainer,
+    seeded_generator,
+    setup_logging,
+)
+from diffusion.training.sampler import BatchStream, ResumableSampler
+from diffusion.training.signals import parse_duration
 from diffusion.training.step import NonFiniteGuard, clipped_step
-from diffusion.training.tracking import RunTracker, Throughput, environment, progress_bar, save_run_info
+from diffusion.training.tracking import environment, save_run_info
 
 log = logging.getLogger("pixcell.train")
 
@@ -53,27 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
     p.add_argument("--data-root", default=None, help="patches root (default: $PIXCELL_DATA_ROOT)")
     p.add_argument("--load-from", default=None, help="initialise from a previous stage / published weights")
-    p.add_argument(
-        "--resume-from", default=None, help="resume from this checkpoint (default: latest in work dir)"
-    )
     p.add_argument("--batch-size", type=int, default=None, help="per-process batch size (train_batch_size)")
-    p.add_argument("--time-limit", default=None, help="save and stop after this wall time (e.g. 3:55:00, 4h)")
-    p.add_argument("--report-to", choices=["tensorboard", "wandb", "none"], default=None)
+    add_resume_args(p)
     return p.parse_args(argv)
-
-
-def parse_cfg_options(items: list[str]) -> dict:
-    """['a.b=1', 'c=[1,2]', 'd=text'] -> {'a.b': 1, 'c': [1, 2], 'd': 'text'} (Python literals, else strings)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--cfg-options {item!r}: expected KEY=VALUE")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
 
 
 #################################################################################
@@ -142,22 +129,8 @@ def main(args: argparse.Namespace) -> int:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     is_main, device = accelerator.is_main_process, accelerator.device
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    logging.basicConfig(
-        level=logging.INFO if is_main else logging.WARNING,
-        format=f"%(asctime)s [rank {accelerator.process_index}] %(levelname)s %(message)s",
-        force=True,
-    )
-    if is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        logging.getLogger().addHandler(logging.FileHandler(work_dir / "train.log"))
-        logging.getLogger().handlers[-1].setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-        )
-    accelerator.wait_for_everyone()
-    resume = Path(args.resume_from) if args.resume_from else latest_checkpoint(work_dir)
-    if args.resume_from and latest_checkpoint(resume) is None:
-        raise FileNotFoundError(f"--resume-from {resume}: not a complete checkpoint or a work dir with one")
-    resume = latest_checkpoint(resume) if resume is not None else None
+    setup_logging(accelerator, work_dir)
+    resume = resume_checkpoint(work_dir, args.resume_from)
 
     # ---- model (same seed on every process: identical initialisation and null condition)
     torch.manual_seed(cfg.seed)
@@ -225,16 +198,12 @@ def main(args: argparse.Namespace) -> int:
     ema_module = model if sharded else unwrapped
     ema = EMA(ema_module, cfg.ema_rate, sharded=sharded)
     diffusion = GaussianDiffusion()
-    noise_gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + accelerator.process_index)
+    noise_gen = seeded_generator(device, cfg.seed, accelerator.process_index)
     manager = CheckpointManager(work_dir, accelerator, keep_last=cfg.keep_last)
 
     state = dict(step=0, epoch=0, batch_in_epoch=0, nonfinite_total=0, skipped_samples=0, images_seen=0)
     if resume is not None:
-        saved, rank_state = manager.load(resume, ema=ema)
-        lr_scheduler.load_state_dict(saved["lr_scheduler"])
-        state.update({k: saved[k] for k in state})
-        if "noise_generator" in rank_state:
-            noise_gen.set_state(rank_state["noise_generator"].to(noise_gen.get_state().device))
+        restore_training_state(manager, resume, state, lr_scheduler, {"noise_generator": noise_gen}, ema=ema)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, state["step"], state["epoch"],
                  state["batch_in_epoch"])  # fmt: skip
     if is_main:
@@ -258,60 +227,31 @@ def main(args: argparse.Namespace) -> int:
         sd = accelerator.get_state_dict(model)  # full weights (a gather under FSDP: every process calls it)
         with ema.swapped(ema_module):
             sd_ema = accelerator.get_state_dict(model)
-        train_state = dict(state, lr_scheduler=lr_scheduler.state_dict(), config=cfg.pretty_text)
-        return manager.save(
-            step,
-            train_state,
-            {"noise_generator": noise_gen.get_state()},
-            ema=ema,
-            portable={"transformer": (unwrapped, sd), "transformer_ema": (unwrapped, sd_ema)},
-        )
+        portable = {"transformer": (unwrapped, sd), "transformer_ema": (unwrapped, sd_ema)}
+        return save_training_state(manager, step, state, lr_scheduler, cfg.pretty_text,
+                                   {"noise_generator": noise_gen}, ema=ema, portable=portable)  # fmt: skip
 
-    tracker = RunTracker(work_dir, cfg.report_to, enabled=is_main, config=cfg.to_dict())
-    stop = StopRequest(time_limit=time_limit, margin=0.0)
-    bar = progress_bar(total_steps, initial=state["step"], enabled=is_main)
-    speed = Throughput()
+    batch_stream = BatchStream(loader, sampler, state, set_epoch=dataset.set_epoch)
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, work_dir)
-    last_saved = state["step"] if resume is not None else -1
-    data_iter = None
     log.info("training %d steps: %d process(es) x batch %d x accumulation %d, %d samples, %d batches per epoch",
              total_steps, accelerator.num_processes, cfg.train_batch_size, accum, len(dataset),
              sampler.batches_per_epoch)  # fmt: skip
-
-    def next_batch() -> dict | None:
-        nonlocal data_iter
-        while True:
-            if data_iter is None:
-                sampler.set_position(state["epoch"], state["batch_in_epoch"])
-                dataset.set_epoch(state["epoch"])
-                data_iter = iter(loader)
-            try:
-                batch = next(data_iter)
-                state["batch_in_epoch"] += 1
-                return batch
-            except StopIteration:
-                state["epoch"] += 1
-                state["batch_in_epoch"] = 0
-                data_iter = None
-
-    try:
+    with TrainLoop(accelerator, work_dir, cfg, save, total_steps, state["step"], resumed=resume is not None,
+                   time_limit=time_limit) as loop:  # fmt: skip
         while state["step"] < total_steps:
             # ---- gather this step's micro-batches, then agree over processes on stopping / skipping
-            position = (state["epoch"], state["batch_in_epoch"])
-            batches = [next_batch() for _ in range(accum)]
+            position = batch_stream.position
+            batches = [next(batch_stream) for _ in range(accum)]
             missing = any(b is None for b in batches)
-            reason = stop.local_reason()
+            reason = loop.stop.local_reason()  # agreed below, in one all-reduce with `missing`
             if accelerator.num_processes > 1:
                 flags = torch.tensor([float(reason is not None), float(missing)], device=device)
                 flags = accelerator.reduce(flags, reduction="sum")
                 reason = reason or ("another process was asked to stop" if flags[0] > 0 else None)
                 missing = bool(flags[1] > 0)
             if reason:
-                state["epoch"], state["batch_in_epoch"] = position  # these batches were not trained on
-                data_iter = None
-                log.warning("%s: saving a checkpoint at step %d and stopping", reason, state["step"])
-                if last_saved != state["step"]:
-                    save(state["step"])
+                batch_stream.rewind(position)  # these batches were not trained on
+                loop.save_and_stop(reason, state["step"])
                 log.info(
                     "stopped at step %d of %d; run the same command again to resume",
                     state["step"],
@@ -351,7 +291,6 @@ def main(args: argparse.Namespace) -> int:
             grad_norm, skipped = clipped_step(accelerator, model.parameters(), optimizer, cfg.gradient_clip)
             state["step"] += 1
             state["images_seen"] += images * accelerator.num_processes
-            speed.add(images * accelerator.num_processes)
             guard.update(skipped, state)
             if not skipped:
                 lr_scheduler.step()
@@ -359,33 +298,18 @@ def main(args: argparse.Namespace) -> int:
 
             # ---- report, validate, save
             step = state["step"]
-            bar.update(1)
-            if step % cfg.log_every_steps == 0 or step == total_steps:
-                mean_loss = accelerator.reduce(loss.reshape(1), reduction="mean").item()
-                lr = optimizer.param_groups[0]["lr"]
-                rate = speed.rate()
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-                tracker.log_scalars({"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                                     "train/images_per_s": rate, "train/nonfinite_steps": state["nonfinite_total"],
-                                     "train/skipped_samples": state["skipped_samples"]}, step)  # fmt: skip
-                log.info("step %d/%d loss %.5f lr %.3g grad_norm %.4g img/s %.1f", step, total_steps, mean_loss, lr,
-                         grad_norm, rate)  # fmt: skip
+            loop.log_step(step, loss, optimizer.param_groups[0]["lr"], grad_norm,
+                          images=images * accelerator.num_processes,
+                          scalars={"train/nonfinite_steps": state["nonfinite_total"],
+                                   "train/skipped_samples": state["skipped_samples"]})  # fmt: skip
             if validate and step % cfg.validation.every_steps == 0 and (is_main or sharded):
                 model.eval()
                 with ema.swapped(ema_module):
                     grid = validation_grid(unwrapped, vae, held_out, cfg, device, seed=cfg.seed)
                 model.train()
                 if is_main:
-                    with atomic_path(work_dir / "validation" / f"step_{step:07d}.png") as tmp:
-                        Image.fromarray(grid).save(tmp, format="PNG")
-                    tracker.log_image("validation/real_vs_ema", grid, step)
-            if step % cfg.save_every_steps == 0 or step == total_steps:
-                save(step)
-                last_saved = step
-    finally:  # also on errors: signal handlers back, logs flushed
-        bar.close()
-        tracker.close()
-        stop.restore()
+                    loop.save_grid("validation/real_vs_ema", grid, step)
+            loop.save_if_due(step)
     if state["step"] >= total_steps:
         log.info("done: %d steps, %d non-finite steps skipped, %d samples skipped; final checkpoint in %s",
                  state["step"], state["nonfinite_total"], state["skipped_samples"], manager.root)  # fmt: skip
@@ -413,20 +337,7 @@ def check_data_matches_model(dataset: PatchFeatureDataset, model, cfg) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Entry point: bad input -> one `error:` line and exit status 2 (no traceback)."""
-    t0 = time.monotonic()
-    try:
-        code = main(parse_args(argv))
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:  # the run's log file handler (main is also called in-process, by tests)
-        root = logging.getLogger()
-        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
-            root.removeHandler(handler)
-            handler.close()
-    log.info("wall time %.1f s", time.monotonic() - t0)
-    return code
+    return run_trainer(main, parse_args(argv))
 
 
 if __name__ == "__main__":

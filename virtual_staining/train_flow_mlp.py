@@ -24,21 +24,15 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
-from diffusion.training.checkpoint import CheckpointManager, latest_checkpoint
+from diffusion.training.checkpoint import CheckpointManager, restore_training_state, save_training_state
 from diffusion.training.ema import EMA
 from diffusion.training.optim import build_lr_scheduler, build_optimizer
-from diffusion.training.sampler import ResumableSampler
-from diffusion.training.signals import StopRequest, parse_duration
-from diffusion.training.tracking import RunTracker, environment, progress_bar, save_run_info
+from diffusion.training.run import TrainLoop, resume_checkpoint, run_trainer, seeded_generator, setup_logging
+from diffusion.training.sampler import BatchStream, ResumableSampler
+from diffusion.training.signals import parse_duration
+from diffusion.training.tracking import environment, save_run_info
 from virtual_staining.flow_mlp import FlowMLP, flow_matching_loss, save_flow_mlp, translation_metrics
-from virtual_staining.training import (
-    load_run_config,
-    parse_args,
-    run_cli,
-    seeded_generator,
-    setup_logging,
-    split_embeddings,
-)
+from virtual_staining.training import load_run_config, parse_args, split_embeddings
 
 log = logging.getLogger("pixcell.train")
 
@@ -62,11 +56,7 @@ def main(args: argparse.Namespace) -> int:
     accelerator = Accelerator()
     is_main, device = accelerator.is_main_process, accelerator.device
     setup_logging(accelerator, work_dir)
-    resume = latest_checkpoint(args.resume_from or work_dir)
-    if args.resume_from and resume is None:
-        raise FileNotFoundError(
-            f"--resume-from {args.resume_from}: not a complete checkpoint or a work dir with one"
-        )
+    resume = resume_checkpoint(work_dir, args.resume_from)
 
     # ---- data: cached UNI token pairs
     _, train = split_embeddings(cfg, accelerator, work_dir, cfg.data.train_split)
@@ -102,11 +92,7 @@ def main(args: argparse.Namespace) -> int:
 
     state = dict(step=0, epoch=0, batch_in_epoch=0)
     if resume is not None:
-        saved, rank_state = manager.load(resume, ema=ema)
-        lr_scheduler.load_state_dict(saved["lr_scheduler"])
-        state.update({k: saved[k] for k in state})
-        if "generator" in rank_state:
-            gen.set_state(rank_state["generator"].to(gen.get_state().device))
+        restore_training_state(manager, resume, state, lr_scheduler, {"generator": gen}, ema=ema)
         log.info("resumed from %s at step %d", resume, state["step"])
     if is_main:
         env = environment(accelerator)
@@ -122,34 +108,20 @@ def main(args: argparse.Namespace) -> int:
                 save_flow_mlp(unwrapped, work_dir / "flow_mlp.safetensors")
 
     def save(step: int) -> None:
-        train_state = dict(state, lr_scheduler=lr_scheduler.state_dict(), config=cfg.pretty_text)
-        manager.save(step, train_state, {"generator": gen.get_state()}, ema=ema)
+        save_training_state(manager, step, state, lr_scheduler, cfg.pretty_text, {"generator": gen}, ema=ema)
         export()
 
-    tracker = RunTracker(work_dir, cfg.report_to, enabled=is_main, config=cfg.to_dict())
-    stop = StopRequest(time_limit=parse_duration(args.time_limit))
-    bar = progress_bar(total_steps, initial=state["step"], enabled=is_main, desc="flow MLP")
-    last_saved = state["step"] if resume is not None else -1
-    data_iter = None
+    batch_stream = BatchStream(loader, sampler, state)
     log.info("training %d steps on %d pairs (%d tokens each), %d process(es) x batch %d",
              total_steps, len(dataset), train.he.shape[1], accelerator.num_processes, cfg.train_batch_size)  # fmt: skip
-    try:
+    with TrainLoop(accelerator, work_dir, cfg, save, total_steps, state["step"], resumed=resume is not None,
+                   time_limit=parse_duration(args.time_limit), desc="flow MLP") as loop:  # fmt: skip
         while state["step"] < total_steps:
-            reason = stop.should_stop(accelerator)
+            reason = loop.stop_reason()
             if reason:
-                log.warning("%s: saving a checkpoint at step %d and stopping", reason, state["step"])
-                if last_saved != state["step"]:
-                    save(state["step"])
+                loop.save_and_stop(reason, state["step"])
                 break
-            if data_iter is None:
-                sampler.set_position(state["epoch"], state["batch_in_epoch"])
-                data_iter = iter(loader)
-            try:
-                he, ihc = next(data_iter)
-            except StopIteration:
-                state["epoch"], state["batch_in_epoch"], data_iter = state["epoch"] + 1, 0, None
-                continue
-            state["batch_in_epoch"] += 1
+            he, ihc = next(batch_stream)
 
             loss = flow_matching_loss(model, he.to(device), ihc.to(device), generator=gen)
             accelerator.backward(loss)
@@ -162,18 +134,7 @@ def main(args: argparse.Namespace) -> int:
                 ema.update(unwrapped)
             state["step"] += 1
             step = state["step"]
-            bar.update(1)
-
-            if step % cfg.log_every_steps == 0 or step == total_steps:
-                mean_loss = accelerator.reduce(loss.detach().reshape(1), reduction="mean").item()
-                lr = optimizer.param_groups[0]["lr"]
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-                tracker.log_scalars(
-                    {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm}, step
-                )
-                log.info(
-                    "step %d/%d loss %.5f lr %.3g grad_norm %.4g", step, total_steps, mean_loss, lr, grad_norm
-                )
+            loop.log_step(step, loss, optimizer.param_groups[0]["lr"], grad_norm)
             if (
                 val is not None
                 and (step % cfg.validation.every_steps == 0 or step == total_steps)
@@ -184,23 +145,17 @@ def main(args: argparse.Namespace) -> int:
                         unwrapped.eval(), val.he, val.ihc, cfg.validation.flow_steps
                     )
                 unwrapped.train()
-                tracker.log_scalars({f"val/{k}": v for k, v in metrics.items()}, step)
+                loop.tracker.log_scalars({f"val/{k}": v for k, v in metrics.items()}, step)
                 log.info(
                     "step %d validation: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
                 )
-            if step % cfg.save_every_steps == 0 or step == total_steps:
-                save(step)
-                last_saved = step
-    finally:
-        bar.close()
-        tracker.close()
-        stop.restore()
+            loop.save_if_due(step)
     accelerator.end_training()
     return 0
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return run_cli(main, parse_args(argv, __doc__))
+    return run_trainer(main, parse_args(argv, __doc__))
 
 
 if __name__ == "__main__":

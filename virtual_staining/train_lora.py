@@ -26,30 +26,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from diffusion.atomic import atomic_path
 from diffusion.encoders import encode_posterior, latents_to_model, load_vae, to_uint8
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.model.loading import load_transformer
-from diffusion.training.checkpoint import CheckpointManager, latest_checkpoint
+from diffusion.training.checkpoint import CheckpointManager, restore_training_state, save_training_state
 from diffusion.training.ema import EMA
 from diffusion.training.optim import build_lr_scheduler, build_optimizer
 from diffusion.training.precision import set_gradient_checkpointing
-from diffusion.training.sampler import ResumableSampler
-from diffusion.training.signals import StopRequest, parse_duration
+from diffusion.training.run import TrainLoop, resume_checkpoint, run_trainer, seeded_generator, setup_logging
+from diffusion.training.sampler import BatchStream, ResumableSampler
+from diffusion.training.signals import parse_duration
 from diffusion.training.step import NonFiniteGuard, clipped_step
-from diffusion.training.tracking import RunTracker, Throughput, environment, progress_bar, save_run_info
+from diffusion.training.tracking import environment, save_run_info
 from virtual_staining.data import read_image
 from virtual_staining.lora import LoRASettings, add_lora, lora_parameters, save_lora_weights
 from virtual_staining.training import (
     load_run_config,
     parse_args,
     register_lora_checkpoint_hooks,
-    run_cli,
-    seeded_generator,
-    setup_logging,
     split_embeddings,
 )
 
@@ -113,11 +109,7 @@ def main(args: argparse.Namespace) -> int:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     is_main, device = accelerator.is_main_process, accelerator.device
     setup_logging(accelerator, work_dir)
-    resume = latest_checkpoint(args.resume_from or work_dir)
-    if args.resume_from and resume is None:
-        raise FileNotFoundError(
-            f"--resume-from {args.resume_from}: not a complete checkpoint or a work dir with one"
-        )
+    resume = resume_checkpoint(work_dir, args.resume_from)
 
     # ---- frozen parts: base transformer + adapter, VAE
     model = load_transformer(cfg.model)
@@ -184,11 +176,7 @@ def main(args: argparse.Namespace) -> int:
 
     state = dict(step=0, epoch=0, batch_in_epoch=0, skipped_samples=0, nonfinite_total=0)
     if resume is not None:
-        saved, rank_state = manager.load(resume, ema=ema)
-        lr_scheduler.load_state_dict(saved["lr_scheduler"])
-        state.update({k: saved[k] for k in state})
-        if "generator" in rank_state:
-            gen.set_state(rank_state["generator"].to(gen.get_state().device))
+        restore_training_state(manager, resume, state, lr_scheduler, {"generator": gen}, ema=ema)
         log.info("resumed from %s at step %d", resume, state["step"])
     if is_main:
         env = environment(accelerator)
@@ -200,46 +188,25 @@ def main(args: argparse.Namespace) -> int:
         return ema.swapped(unwrapped) if ema is not None else contextlib.nullcontext()
 
     def save(step: int) -> None:
-        train_state = dict(state, lr_scheduler=lr_scheduler.state_dict(), config=cfg.pretty_text)
-        manager.save(step, train_state, {"generator": gen.get_state()}, ema=ema)
+        save_training_state(manager, step, state, lr_scheduler, cfg.pretty_text, {"generator": gen}, ema=ema)
         if is_main:
             with weights_for_use():
                 save_lora_weights(unwrapped, work_dir / "lora.safetensors")
 
-    tracker = RunTracker(work_dir, cfg.report_to, enabled=is_main, config=cfg.to_dict())
-    stop = StopRequest(time_limit=parse_duration(args.time_limit))
-    bar = progress_bar(total_steps, initial=state["step"], enabled=is_main, desc="LoRA")
-    speed = Throughput()
-    last_saved = state["step"] if resume is not None else -1
+    batch_stream = BatchStream(loader, sampler, state)
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, work_dir)
     max_skipped = max(1, int(cfg.data.max_failure_rate * len(dataset)))
-    data_iter = None
     log.info("training %d steps: %d process(es) x batch %d x accumulation %d, %d IHC images, %d LoRA parameters",
              total_steps, accelerator.num_processes, cfg.train_batch_size, accum, len(dataset),
              sum(p.numel() for p in lora_parameters(unwrapped)))  # fmt: skip
-
-    def next_batch() -> dict:
-        nonlocal data_iter
-        while True:
-            if data_iter is None:
-                sampler.set_position(state["epoch"], state["batch_in_epoch"])
-                data_iter = iter(loader)
-            try:
-                batch = next(data_iter)
-                state["batch_in_epoch"] += 1
-                return batch
-            except StopIteration:
-                state["epoch"], state["batch_in_epoch"], data_iter = state["epoch"] + 1, 0, None
-
-    try:
+    with TrainLoop(accelerator, work_dir, cfg, save, total_steps, state["step"], resumed=resume is not None,
+                   time_limit=parse_duration(args.time_limit), desc="LoRA") as loop:  # fmt: skip
         while state["step"] < total_steps:
-            reason = stop.should_stop(accelerator)
+            reason = loop.stop_reason()
             if reason:
-                log.warning("%s: saving a checkpoint at step %d and stopping", reason, state["step"])
-                if last_saved != state["step"]:
-                    save(state["step"])
+                loop.save_and_stop(reason, state["step"])
                 break
-            batches = [next_batch() for _ in range(accum)]
+            batches = [next(batch_stream) for _ in range(accum)]
             losses, images = [], 0
             for micro, batch in enumerate(batches):
                 state["skipped_samples"] += batch["skipped"]
@@ -280,48 +247,33 @@ def main(args: argparse.Namespace) -> int:
             if not losses:
                 continue
             loss = torch.stack(losses).mean()
-            grad_norm, skipped = clipped_step(accelerator, lora_parameters(model), optimizer, cfg.gradient_clip)
+            grad_norm, skipped = clipped_step(
+                accelerator, lora_parameters(model), optimizer, cfg.gradient_clip
+            )
             state["step"] += 1
             step = state["step"]
-            speed.add(images * accelerator.num_processes)
             guard.update(skipped, state)
             if not skipped:
                 lr_scheduler.step()
                 if ema is not None:
                     ema.update(unwrapped)
-            bar.update(1)
 
-            if step % cfg.log_every_steps == 0 or step == total_steps:
-                mean_loss = accelerator.reduce(loss.reshape(1), reduction="mean").item()
-                lr = optimizer.param_groups[0]["lr"]
-                rate = speed.rate()
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-                tracker.log_scalars({"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                                     "train/images_per_s": rate, "train/skipped_samples": state["skipped_samples"]},
-                                    step)  # fmt: skip
-                log.info("step %d/%d loss %.5f lr %.3g grad_norm %.4g img/s %.1f", step, total_steps, mean_loss,
-                         lr, grad_norm, rate)  # fmt: skip
+            loop.log_step(step, loss, optimizer.param_groups[0]["lr"], grad_norm,
+                          images=images * accelerator.num_processes,
+                          scalars={"train/skipped_samples": state["skipped_samples"]})  # fmt: skip
             if validate and is_main and (step % cfg.validation.every_steps == 0 or step == total_steps):
                 model.eval()
                 with weights_for_use():
                     grid = validation_grid(unwrapped, vae, val_images, val_tokens, cfg, device, cfg.seed)
                 model.train()
-                with atomic_path(work_dir / "validation" / f"step_{step:07d}.png") as tmp:
-                    Image.fromarray(grid).save(tmp, format="PNG")
-                tracker.log_image("validation/real_vs_generated", grid, step)
-            if step % cfg.save_every_steps == 0 or step == total_steps:
-                save(step)
-                last_saved = step
-    finally:
-        bar.close()
-        tracker.close()
-        stop.restore()
+                loop.save_grid("validation/real_vs_generated", grid, step)
+            loop.save_if_due(step)
     accelerator.end_training()
     return 0
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return run_cli(main, parse_args(argv, __doc__))
+    return run_trainer(main, parse_args(argv, __doc__))
 
 
 if __name__ == "__main__":

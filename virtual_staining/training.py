@@ -1,30 +1,25 @@
 """What the two virtual-staining trainers share beyond `diffusion.training`: their command line, config loading,
-run logging, the UNI token caches of the data splits, and adapter-only accelerate checkpoints for the LoRA.
+the UNI token caches of the data splits, and adapter-only accelerate checkpoints for the LoRA.
 
 Each trainer (`train_flow_mlp.py`, `train_lora.py`) stays one linear `main(args)`; the checkpointing, EMA,
-optimizer, LR schedule, resumable sampler, stop signals and run tracking are `diffusion.training`'s.
+optimizer, LR schedule, resumable sampler, stop signals, run logging and tracking are `diffusion.training`'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from mmengine.config import Config
 
-from diffusion.config import load_strict_config
+from diffusion.config import load_strict_config, parse_cfg_options
+from diffusion.training.run import add_resume_args
 from tools.cli import DTYPES
 
 from .data import Pair, check_target, dataset_pairs
 from .embeddings import EmbeddingCache, ensure_embeddings, load_embeddings
 from .lora import has_lora
 
-log = logging.getLogger("pixcell.train")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "virtual_staining"
 
 
@@ -35,18 +30,12 @@ def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
     p.add_argument("--data-root", default=None, help="dataset root (MIST or HER2Match folder)")
     p.add_argument("--stain", default=None, help="MIST: HER2, ER, PR, Ki67 (HER2Match: HER2)")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
-    p.add_argument(
-        "--resume-from", default=None, help="checkpoint to resume from (default: latest in work dir)"
-    )
-    p.add_argument("--time-limit", default=None, help="save and stop after this wall time (e.g. 3:55:00, 4h)")
-    p.add_argument("--report-to", choices=["tensorboard", "wandb", "none"], default=None)
+    add_resume_args(p)
     return p.parse_args(argv)
 
 
 def load_run_config(args: argparse.Namespace, schema: str) -> Config:
     """The config with the command-line overrides, checked against `configs/virtual_staining/_base_/<schema>.py`."""
-    from train_scripts.train_pixcell import parse_cfg_options
-
     options = parse_cfg_options(args.cfg_options)
     for key, value in (("data.root", args.data_root), ("stain", args.stain), ("report_to", args.report_to)):
         if value is not None:
@@ -58,22 +47,6 @@ def load_run_config(args: argparse.Namespace, schema: str) -> Config:
     if cfg.uni_dtype not in DTYPES:
         raise ValueError(f"uni_dtype {cfg.uni_dtype!r}: expected one of {', '.join(DTYPES)}")
     return cfg
-
-
-def setup_logging(accelerator, work_dir: Path) -> None:
-    """INFO on the main process (console + <work_dir>/train.log), warnings only elsewhere."""
-    is_main = accelerator.is_main_process
-    logging.basicConfig(
-        level=logging.INFO if is_main else logging.WARNING,
-        format=f"%(asctime)s [rank {accelerator.process_index}] %(levelname)s %(message)s",
-        force=True,
-    )
-    if is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(work_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logging.getLogger().addHandler(handler)
-    accelerator.wait_for_everyone()
 
 
 def split_embeddings(
@@ -145,24 +118,3 @@ def register_lora_checkpoint_hooks(accelerator) -> None:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
-
-
-def run_cli(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Bad input -> one `error:` line and exit status 2; the run's log file is closed either way."""
-    t0 = time.monotonic()
-    try:
-        return main(args)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        root = logging.getLogger()
-        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
-            root.removeHandler(handler)
-            handler.close()
-        log.info("wall time %.1f s", time.monotonic() - t0)
-
-
-def seeded_generator(device: torch.device, seed: int, rank: int) -> torch.Generator:
-    """The trainer's noise generator: different per process, saved per rank in every checkpoint."""
-    return torch.Generator(device=device).manual_seed(seed * 100_003 + rank)

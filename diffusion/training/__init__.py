@@ -1,14 +1,19 @@
-"""Training helpers shared by every PixCell trainer (base model, ControlNet, virtual-staining LoRA).
+"""Training helpers shared by every PixCell trainer (base model, ControlNet, virtual-staining flow MLP and LoRA).
 
     ema.py         EMA: fp32 exponential moving average of the trainable parameters, swapped in for validation
     optim.py       build_optimizer (AdamW / CAME from cfg.optimizer), build_lr_scheduler (warm-up + constant/cosine)
-    sampler.py     ResumableSampler: seeded per-epoch shuffle, sharded over processes, restartable mid-epoch
+    sampler.py     ResumableSampler: seeded per-epoch shuffle, sharded over processes, restartable mid-epoch;
+                   BatchStream: endless batches that keep the data position in the trainer's state
     checkpoint.py  CheckpointManager: atomic full-state checkpoints (accelerate state + EMA + RNG + data position),
-                   keep-last-K, find the latest complete one, portable transformer weights
+                   keep-last-K, find the latest complete one, portable transformer weights; save/restore of a
+                   trainer's counters, LR scheduler, config and noise generators
     signals.py     StopRequest: SIGTERM / SIGUSR1 / wall-time limit -> save and stop, agreed over processes
     precision.py   fp32 attention under fp16/bf16 autocast, gradient checkpointing, autocast dtype
     init.py        initialise_from: --load-from a previous stage / published weights across resolutions
+    step.py        clipped_step: clip, skip non-finite steps; NonFiniteGuard: stop after too many in a row
     tracking.py    RunTracker (TensorBoard by default, W&B by flag), progress bar, config + environment dump
+    run.py         the run around the model: shared flags, console + train.log logging, the checkpoint to resume
+                   from, the error-line entry point, TrainLoop (bar, log line, tracker, save on interval / signal)
 
-Each trainer stays one linear `main(cfg)` in train_scripts/ and calls these.
+Each trainer stays one linear `main(args)` (train_scripts/, virtual_staining/) and calls these.
 """

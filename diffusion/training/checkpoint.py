@@ -193,3 +193,43 @@ class CheckpointManager:
                 raise ValueError(f"{path}: no EMA state for process {acc.process_index}")
             ema.load_state_dict(ema_state)
         return state, rank
+
+
+# What every trainer's checkpoint holds beyond accelerate's state and the EMA: its counters (`state`: step, data
+# position, ...), the LR scheduler and the resolved config text (trainer_state.pt), and its noise generators, per
+# process (rank_<r>.pt), under the names the trainer gives them.
+
+
+def save_training_state(
+    manager: CheckpointManager,
+    step: int,
+    state: dict,
+    lr_scheduler,
+    config_text: str,
+    generators: dict[str, torch.Generator],
+    ema=None,
+    portable: dict[str, tuple[object, dict[str, Tensor]]] | None = None,
+) -> Path:
+    """Checkpoint `step` of a trainer (every process calls it); returns its path."""
+    train_state = dict(state, lr_scheduler=lr_scheduler.state_dict(), config=config_text)
+    rank_state = {name: gen.get_state() for name, gen in generators.items()}
+    return manager.save(step, train_state, rank_state, ema=ema, portable=portable)
+
+
+def restore_training_state(
+    manager: CheckpointManager,
+    path: str | Path,
+    state: dict,
+    lr_scheduler,
+    generators: dict[str, torch.Generator],
+    ema=None,
+) -> None:
+    """Continue from checkpoint `path`: accelerate's state and the EMA, the LR scheduler, the keys of `state`
+    (updated in place) and the generators (a process without a rank file, on more processes than saved, keeps
+    its fresh seed)."""
+    saved, rank_state = manager.load(path, ema=ema)
+    lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    state.update({k: saved[k] for k in state})
+    for name, gen in generators.items():
+        if name in rank_state:
+            gen.set_state(rank_state[name].to(gen.get_state().device))

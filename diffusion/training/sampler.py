@@ -9,7 +9,7 @@ process r takes its slice `[r*B : (r+1)*B]`. A run stopped after k batches of ep
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
@@ -68,3 +68,48 @@ class ResumableSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+class BatchStream:
+    """The loader's batches, epoch after epoch without end, from the data position in `state`: its "epoch" and
+    "batch_in_epoch" advance in place, so a checkpoint of `state` resumes at the first batch not yet taken."""
+
+    def __init__(
+        self,
+        loader: Iterable,  # a DataLoader over `sampler`
+        sampler: ResumableSampler,
+        state: dict,
+        set_epoch: Callable[[int], None]
+        | None = None,  # e.g. the dataset's, called at the start of each epoch
+    ):
+        self.loader, self.sampler, self.state, self.set_epoch = loader, sampler, state, set_epoch
+        self._iter: Iterator | None = None
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self):
+        state = self.state
+        while True:
+            if self._iter is None:
+                self.sampler.set_position(state["epoch"], state["batch_in_epoch"])
+                if self.set_epoch is not None:
+                    self.set_epoch(state["epoch"])
+                self._iter = iter(self.loader)
+            try:
+                batch = next(self._iter)
+            except StopIteration:
+                state["epoch"], state["batch_in_epoch"], self._iter = state["epoch"] + 1, 0, None
+                continue
+            state["batch_in_epoch"] += 1
+            return batch
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(epoch, batch_in_epoch) of the next batch."""
+        return self.state["epoch"], self.state["batch_in_epoch"]
+
+    def rewind(self, position: tuple[int, int]) -> None:
+        """Back to `position`: the batches taken since were not trained on."""
+        self.state["epoch"], self.state["batch_in_epoch"] = position
+        self._iter = None
