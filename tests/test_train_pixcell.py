@@ -282,3 +282,12 @@ def test_config_that_does_not_fit_the_data_is_a_clear_error(tmp_path, real_featu
     monkeypatch.delenv("PIXCELL_DATA_ROOT", raising=False)
     assert cli([TINY, "--work-dir", str(tmp_path)]) == 2
     assert "pass --data-root or set PIXCELL_DATA_ROOT" in capsys.readouterr().err
+
+
+def test_processes_outside_the_process_group_are_refused(tmp_path, real_features, capsys, monkeypatch):
+    """A launcher that started 2 processes which accelerate does not join (FSDP asked for on a machine without
+    GPUs) must not give two independent runs writing one work dir."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train(tmp_path, real_features, "max_steps=1") == 2
+    assert "2 processes were launched but accelerate set up 1" in capsys.readouterr().err
+    assert latest_checkpoint(tmp_path) is None

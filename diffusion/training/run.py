@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -36,9 +37,23 @@ def add_resume_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-to", choices=list(REPORT_TO), default=None)
 
 
+def check_world_size(accelerator) -> None:
+    """Every process the launcher started must be in accelerate's process group. Otherwise (e.g. `accelerate
+    launch --use_fsdp` on a machine without GPUs, where accelerate falls back to one process each) N independent
+    copies would train and write the same work dir."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(
+            f"{launched} processes were launched but accelerate set up {accelerator.num_processes} "
+            f"({accelerator.distributed_type}): they would train as independent copies. FSDP and DeepSpeed need "
+            "GPUs; on CPU launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N"
+        )
+
+
 def setup_logging(accelerator, work_dir: Path) -> None:
     """INFO on the main process (console + <work_dir>/train.log), warnings only elsewhere; then a barrier, so
-    the work dir exists for every process. `run_trainer` closes the log file."""
+    the work dir exists for every process. `run_trainer` closes the log file. Checks the world size first."""
+    check_world_size(accelerator)
     is_main = accelerator.is_main_process
     logging.basicConfig(
         level=logging.INFO if is_main else logging.WARNING,
