@@ -126,12 +126,10 @@ class TrainLoop:
         desc: str = "train",  # progress bar label
     ):
         is_main = accelerator.is_main_process
-        self.accelerator, self.work_dir, self.save, self.total_steps = (
-            accelerator,
-            work_dir,
-            save,
-            total_steps,
-        )
+        self.accelerator = accelerator
+        self.work_dir = work_dir
+        self.save = save
+        self.total_steps = total_steps
         self.log_every, self.save_every = cfg.log_every_steps, cfg.save_every_steps
         self.tracker = RunTracker(work_dir, cfg.report_to, enabled=is_main, config=cfg.to_dict())
         self.stop = StopRequest(time_limit=time_limit)
@@ -177,10 +175,8 @@ class TrainLoop:
         mean_loss = self.accelerator.reduce(loss.detach().reshape(1), reduction="mean").item()  # collective
         values = {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm}
         postfix = {"loss": f"{mean_loss:.4f}", "lr": f"{lr:.2e}"}
-        line, args = (
-            "step %d/%d loss %.5f lr %.3g grad_norm %.4g",
-            [step, self.total_steps, mean_loss, lr, grad_norm],
-        )
+        line = "step %d/%d loss %.5f lr %.3g grad_norm %.4g"
+        args = [step, self.total_steps, mean_loss, lr, grad_norm]
         if images is not None:
             rate = self.speed.rate()
             values["train/images_per_s"] = rate
