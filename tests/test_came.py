@@ -122,3 +122,27 @@ def test_built_from_config_and_bad_arguments():
         CAME(model.parameters(), lr=0.0)
     with pytest.raises(ValueError, match="betas"):
         CAME(model.parameters(), lr=1e-3, betas=(0.9, 0.99))
+
+
+def test_fsdp2_dtensor_parameters_are_a_clear_error(tmp_path):
+    """FSDP2 shards parameters as DTensors: a clear error, not a wrong update (came-pytorch fails deep inside)."""
+    import torch.distributed as dist
+
+    from diffusion.training.came import DTensor
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already set up in this process")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (1,))
+        w = nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]))
+        assert isinstance(w, DTensor)
+        w.grad = distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)])
+        with pytest.raises(RuntimeError, match="FSDP2 .DTensor. parameters"):
+            CAME([w], lr=1e-3).step()
+    finally:
+        dist.destroy_process_group()

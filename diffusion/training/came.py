@@ -30,6 +30,11 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
+try:  # public since torch 2.5
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch 2.4
+    from torch.distributed._tensor import DTensor
+
 # Largest bucket, in elements: bounds the step's temporaries (about 5 fp32 copies of one bucket).
 MAX_BUCKET_NUMEL = 1 << 26
 
@@ -124,6 +129,13 @@ class CAME(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("CAME does not support sparse gradients")
+            if any(isinstance(p, DTensor) for p in params):
+                # FSDP2 shards parameters as DTensors; the factored statistics would need reductions over the
+                # shards (came-pytorch fails on them too). FSDP1 hands over flat 1-D shards, which step.
+                raise RuntimeError(
+                    "CAME does not support FSDP2 (DTensor) parameters: use DDP, FSDP with fsdp_version 1, "
+                    "or optimizer.type='AdamW'"
+                )
             for bucket in self._buckets(params):
                 self._update(bucket, group)
         return loss
