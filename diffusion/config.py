@@ -53,14 +53,17 @@ def load_strict_config(path: str | Path, schema_file: str | Path, options: dict 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config {path}: no such file")
-    cfg = Config.fromfile(str(path))
-    if options:
-        cfg.merge_from_dict(options)
-    schema = Config.fromfile(str(schema_file)).to_dict()
-    _check_keys(cfg.to_dict(), schema, "", str(path))
-    # Fill keys a config does not set (a config without `_base_` is still complete).
-    full = Config(schema)
-    full.merge_from_dict(cfg.to_dict())
+    try:
+        cfg = Config.fromfile(str(path))
+        if options:
+            cfg.merge_from_dict(options)
+        schema = Config.fromfile(str(schema_file)).to_dict()
+        _check_keys(cfg.to_dict(), schema, "", str(path))
+        # Fill keys a config does not set (a config without `_base_` is still complete).
+        full = Config(schema)
+        full.merge_from_dict(cfg.to_dict())
+    except TypeError as err:  # mmengine: a dict where the base (or schema) has another type, or the reverse
+        raise ValueError(f"config {path}: {str(err).split('. You may set')[0]}") from None
     return full
 
 

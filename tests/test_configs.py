@@ -55,3 +55,16 @@ def test_unknown_keys_and_mismatches_are_errors(tmp_path):
         load_config("configs/tiny/pixcell_tiny_256.py", {"resolution": 300})
     with pytest.raises(FileNotFoundError, match="nope.py"):
         load_config(tmp_path / "nope.py")
+    # A dict where the schema has a value (or the reverse): one ValueError naming the key, not mmengine's TypeError.
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "_base_ = ['%s']\nvae_scale = dict(x=1)\n"
+        % (Path(__file__).parents[1] / "configs/tiny/pixcell_tiny_256.py")
+    )
+    with pytest.raises(ValueError, match=r"bad.py: vae_scale=.* cannot inherit"):
+        load_config(bad)
+    # The compile switch: a dict of torch.compile arguments, set key by key.
+    cfg = load_config(
+        "configs/tiny/pixcell_tiny_256.py", {"compile.enabled": True, "compile.mode": "max-autotune"}
+    )
+    assert cfg.compile.enabled and cfg.compile.mode == "max-autotune" and cfg.compile.backend == "inductor"

@@ -143,6 +143,19 @@ def test_straight_run_lowers_the_loss_and_writes_a_complete_run(straight_run, re
     assert losses[1] < losses[0] - 0.01, losses
 
 
+def test_compiled_blocks_train_the_same_weights_under_the_same_names(tmp_path, straight_run, real_features):
+    """`compile=...` through the CLI: the blocks are compiled (aot_eager: no C++ compiler needed in the test),
+    checkpoints keep the plain parameter names and the first 2 steps give the straight run's weights."""
+    assert train(tmp_path, real_features, "max_steps=2", "lr_schedule.warmup_steps=2",
+                 "compile.enabled=True", "compile.backend=aot_eager") == 0  # fmt: skip
+    assert "compiled the transformer blocks" in (tmp_path / "train.log").read_text()
+    ours = load_file(latest_checkpoint(tmp_path) / "model.safetensors")
+    ref = load_file(list_checkpoints(straight_run)[0] / "model.safetensors")  # checkpoint-2 of the same run
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
 def test_exact_resume_from_half_way_in_the_other_storage_format(tmp_path, straight_run, real_features):
     """3 steps, then the run resumed to 6 (packed features this time) == 6 straight steps, bit for bit."""
     opts = ("lr_schedule.warmup_steps=2", "data.feature_format='packed'")

@@ -41,7 +41,8 @@ ema_rate = 0.9999
 mixed_precision = "fp16"  # "no", "fp16", "bf16"
 fp32_attention = True  # attention in fp32 under fp16 autocast (the original recipe)
 gradient_checkpointing = True
-compile = False  # True or dict(torch.compile kwargs): compile each transformer block (regional, on GPU)
+# torch.compile each transformer block (regional compilation; for long GPU runs); the other keys go to torch.compile
+compile = dict(enabled=False, backend="inductor", mode=None, dynamic=None, fullgraph=False)
 seed = 0
 max_nonfinite_steps = (
     10  # stop after this many consecutive steps with a non-finite loss or gradient (skipped)

@@ -446,16 +446,21 @@ def build_pixcell(preset: str, **overrides) -> PixCellTransformer2DModel:
 
 
 def compile_blocks(model: nn.Module, options: bool | dict | None) -> int:
-    """Regional compilation (`compile` config key): each repeated transformer block is torch.compiled in place
-    through diffusers' `compile_repeated_blocks`, so one compiled graph serves all 28 blocks, compile time stays
-    short, gradient checkpointing wraps the compiled blocks, and parameter names (checkpoints, EMA) do not change.
-    `options`: False/None = off, True = torch.compile defaults, a dict = torch.compile keyword arguments (e.g.
-    dict(mode="max-autotune-no-cudagraphs")). Returns the number of blocks compiled."""
-    if not options:
+    """Regional compilation: each repeated transformer block is torch.compiled in place through diffusers'
+    `compile_repeated_blocks`, so one compiled graph serves all 28 blocks, compile time stays short, gradient
+    checkpointing wraps the compiled blocks, and parameter names (checkpoints, EMA) do not change.
+    `options`: False/None = off, True = torch.compile defaults, or the training config's `compile` dict
+    (`enabled` plus torch.compile keyword arguments). Returns the number of blocks compiled."""
+    if isinstance(options, dict):
+        kwargs = dict(options)
+        if not kwargs.pop("enabled", True):
+            return 0
+    elif options is True:
+        kwargs = {}
+    elif not options:
         return 0
-    if options is not True and not isinstance(options, dict):
+    else:
         raise ValueError(f"compile: expected True, False or a dict of torch.compile kwargs, got {options!r}")
-    kwargs = {} if options is True else dict(options)
     model.compile_repeated_blocks(**kwargs)
     names = set(getattr(model, "_repeated_blocks", ()))
     return sum(type(m).__name__ in names for m in model.modules())
