@@ -166,6 +166,22 @@ def test_exact_resume_from_half_way_in_the_other_storage_format(tmp_path, straig
     assert_bitwise_equal(final_state(tmp_path), final_state(straight_run))
 
 
+CAME = "optimizer={'type':'CAME','lr':1e-3,'weight_decay':0.0,'betas':(0.9,0.999,0.9999),'eps':(1e-30,1e-16)}"
+
+
+def test_exact_resume_with_came(tmp_path, real_features):
+    """The published optimizer (multi-tensor CAME, its state stacked per shape) through accelerate's checkpoints:
+    2 + 2 resumed steps == 4 straight, bit for bit; the saved state has came-pytorch's per-parameter keys."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train(straight, real_features, "max_steps=4", CAME) == 0
+    assert train(resumed, real_features, "max_steps=2", CAME) == 0
+    assert train(resumed, real_features, "max_steps=4", CAME) == 0
+    assert "resumed from" in (resumed / "train.log").read_text()
+    state = final_state(resumed)
+    assert any(k.endswith(".exp_avg_sq_row") for k in state) and any(k.endswith(".exp_avg_sq") for k in state)
+    assert_bitwise_equal(state, final_state(straight))
+
+
 def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes_exactly(
     tmp_path, straight_run, real_features
 ):
