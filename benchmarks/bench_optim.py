@@ -1,11 +1,14 @@
-"""Optimizer step cost on a PixCell preset's parameters: ms per step and aten ops per step (each op is one or more
-kernel launches on a GPU, so on a GPU a step with tens of thousands of them is bound by launch overhead).
+"""Optimizer step cost on a PixCell preset's parameters: ms per step and aten ops per step (views excluded: each
+remaining op is one or more kernel launches on a GPU, so a step with tens of thousands of them is bound by launch
+overhead there).
 
     python -m benchmarks.bench_optim                                        # CPU, PixCell-tiny-256
     python -m benchmarks.bench_optim --preset PixCell-XL/2-256 --device cuda
 
 Rows: CAME as train_pixcell.py builds it (multi-tensor, diffusion/training/came.py), came-pytorch's per-tensor
 loop (`optimizer.foreach=False`), and torch AdamW (foreach; fused on CUDA). Gradients are random, fp32, fixed.
+For scale, the last row counts the ops of the model's forward + backward (batch 1, eager: the op count does not
+depend on the batch) and of the fp32 EMA update, the rest of a training step.
 """
 
 from __future__ import annotations
@@ -18,18 +21,20 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusion.model.pixcell_transformer import PIXCELL_MODELS, build_pixcell
+from diffusion.training.ema import EMA
 from diffusion.training.optim import build_optimizer
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched inside the `with` block."""
+    """Counts the aten ops dispatched inside the `with` block, except views (detach, unbind, reshape...), which
+    launch no kernel."""
 
     def __init__(self):
         super().__init__()
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
+        self.count += not func.is_view
         return func(*args, **(kwargs or {}))
 
 
@@ -60,6 +65,22 @@ def bench(preset: str, device: torch.device, kind: dict, steps: int) -> dict:
     return row
 
 
+def step_ops(preset: str, device: torch.device) -> tuple[int, int]:
+    """aten ops of one forward + backward (batch 1, fp32) and of one EMA update."""
+    torch.manual_seed(0)
+    model = build_pixcell(preset).to(device).train()
+    c = model.config
+    x = torch.randn(1, c.in_channels, c.sample_size, c.sample_size, device=device)
+    uni = torch.randn(1, c.caption_num_tokens, c.caption_channels, device=device)
+    t = torch.tensor([500], device=device)
+    ema = EMA(model)
+    with OpCounter() as model_ops:
+        model(x, uni, t, return_dict=False)[0].square().mean().backward()
+    with OpCounter() as ema_ops:
+        ema.update(model)
+    return model_ops.count, ema_ops.count
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="PixCell-tiny-256", choices=sorted(PIXCELL_MODELS))
@@ -80,10 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     for name, kind in kinds.items():
         r = bench(args.preset, device, kind, args.steps)
         peak = f"{r['peak_gib']:.2f}" if cuda else "n/a"
+        tensors, params_m = r["tensors"], r["params_m"]
         print(
             f"| {name} | {r['tensors']} | {r['params_m']:.1f} | {r['ops']} | {r['ms']:.1f} | {peak} |",
             flush=True,
         )
+    fwd_bwd, ema = step_ops(args.preset, device)
+    print(
+        f"| (rest of a step) forward + backward / EMA update | {tensors} | {params_m:.1f} | {fwd_bwd} / {ema} | | |"
+    )
     return 0
 
 
