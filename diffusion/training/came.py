@@ -1,12 +1,13 @@
 """CAME (Luo et al., ACL 2023), the optimizer PixArt-sigma and PixCell train with, over many tensors at once.
 
 Why not just `came_pytorch.CAME`: that implementation (kept as the reference: `optimizer.foreach=False`, and the
-equivalence test in tests/test_came.py) loops over the parameters in Python and runs ~30 small kernels per
-tensor. PixCell-XL has 600+ parameter tensors, so one step is ~18k kernel launches, and the H100 benchmark of a
+equivalence test in tests/test_came.py) loops over the parameters in Python and runs ~32 small kernels per
+tensor. PixCell-XL has 603 parameter tensors, so one step is ~19k kernel launches, and the H100 benchmark of a
 full 256 px training step spent more time in the optimizer than in forward + backward (10% MFU against 24% with
-AdamW). Here parameters of one shape are stacked and updated together (a handful of shapes in a DiT: one bucket
-per shape, a few hundred ops per step in all), with the same math, the same state keys per parameter, and so the
-same checkpoints: a state saved by came-pytorch loads here and the other way round.
+AdamW). Here parameters of one shape are stacked and updated together (a handful of shapes in a DiT: on a GPU
+PixCell-XL's 603 tensors make 22 buckets and 772 ops per step; `benchmarks/bench_optim.py`), with the same math,
+the same state keys per parameter, and so the same checkpoints: a state saved by came-pytorch loads here and the
+other way round.
 
 The update, per parameter p with gradient g (betas b1, b2, b3; eps e1, e2; clip threshold d; lr; weight decay):
 
@@ -35,8 +36,12 @@ try:  # public since torch 2.5
 except ImportError:  # torch 2.4
     from torch.distributed._tensor import DTensor
 
-# Largest bucket, in elements: bounds the step's temporaries (about 5 fp32 copies of one bucket).
-MAX_BUCKET_NUMEL = 1 << 26
+# Largest bucket, in elements: bounds the step's temporaries (about 5 fp32 copies of one bucket). On a GPU, big
+# buckets mean few kernel launches (PixCell-XL: 22 buckets). On a CPU a step is bound by memory traffic, and
+# temporaries above glibc's mmap threshold (32 MB) are mapped and faulted in afresh by every op: there 16 MB
+# buckets (2^22 fp32 elements) measured fastest, 1.5-1.9 s per PixCell-XL step on 2 cores against 5-9 s with 2^26
+# and 2-5 s for came-pytorch's loop (interleaved runs in one process).
+MAX_BUCKET_NUMEL = {"cuda": 1 << 26, "cpu": 1 << 22}
 
 
 class CAME(torch.optim.Optimizer):
@@ -50,7 +55,7 @@ class CAME(torch.optim.Optimizer):
         clip_threshold: float = 1.0,
         betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
         weight_decay: float = 0.0,
-        max_bucket_numel: int = MAX_BUCKET_NUMEL,
+        max_bucket_numel: int | None = None,  # default: MAX_BUCKET_NUMEL of the parameters' device type
     ):
         if not lr > 0.0:
             raise ValueError(f"CAME: lr must be > 0, got {lr}")
@@ -58,7 +63,7 @@ class CAME(torch.optim.Optimizer):
             raise ValueError(f"CAME: betas must be three values in [0, 1], got {betas}")
         if len(eps) != 2:
             raise ValueError(f"CAME: eps takes two values, got {eps}")
-        self.max_bucket_numel = int(max_bucket_numel)
+        self.max_bucket_numel = max_bucket_numel
         defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, betas=tuple(betas),
                         weight_decay=weight_decay)  # fmt: skip
         super().__init__(params, defaults)
@@ -81,8 +86,9 @@ class CAME(torch.optim.Optimizer):
         for p in params:
             groups[(tuple(p.shape), p.dtype, p.device)].append(p)
         buckets = []
-        for members in groups.values():
-            per = max(1, self.max_bucket_numel // max(1, members[0].numel()))
+        for (_, _, device), members in groups.items():
+            cap = self.max_bucket_numel or MAX_BUCKET_NUMEL.get(device.type, MAX_BUCKET_NUMEL["cuda"])
+            per = max(1, cap // max(1, members[0].numel()))
             buckets += [members[i : i + per] for i in range(0, len(members), per)]
         return buckets
 
