@@ -4,6 +4,7 @@ overhead there).
 
     python -m benchmarks.bench_optim                                        # CPU, PixCell-tiny-256
     python -m benchmarks.bench_optim --preset PixCell-XL/2-256 --device cuda
+    python -m benchmarks.bench_optim --preset PixCell-XL/2-256 --max-bucket-numel 67108864   # GPU buckets, on CPU
 
 Rows: CAME as train_pixcell.py builds it (multi-tensor, diffusion/training/came.py), came-pytorch's per-tensor
 loop (`optimizer.foreach=False`), and torch AdamW (foreach; fused on CUDA). Gradients are random, fp32, fixed.
@@ -86,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="PixCell-tiny-256", choices=sorted(PIXCELL_MODELS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=5, help="timed steps per optimizer")
+    p.add_argument("--max-bucket-numel", type=int, default=None, help="CAME bucket cap (default: per device)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     kinds = {
-        "CAME (multi-tensor, default)": dict(type="CAME", lr=2e-5),
+        "CAME (multi-tensor, default)": dict(type="CAME", lr=2e-5, max_bucket_numel=args.max_bucket_numel),
         "CAME (came-pytorch loop)": dict(type="CAME", lr=2e-5, foreach=False),
         f"AdamW ({'fused' if cuda else 'foreach'})": dict(type="AdamW", lr=2e-5, **({"fused": True} if cuda else {})),
     }  # fmt: skip

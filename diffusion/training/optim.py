@@ -37,7 +37,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Mapping) -> torch
             cfg["betas"] = tuple(cfg["betas"])
         return torch.optim.AdamW(params, **cfg)
     if kind == "CAME":
-        allowed = {"lr", "weight_decay", "betas", "eps", "clip_threshold", "foreach"}
+        allowed = {"lr", "weight_decay", "betas", "eps", "clip_threshold", "foreach", "max_bucket_numel"}
         _check_keys(cfg, allowed, kind)
         for key, n in (("betas", 3), ("eps", 2)):
             if key in cfg:
@@ -48,6 +48,9 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Mapping) -> torch
             from .came import CAME
         else:
             from came_pytorch import CAME
+
+            if cfg.pop("max_bucket_numel", None) is not None:
+                raise ValueError("optimizer.max_bucket_numel: only for the multi-tensor CAME (foreach=True)")
         return CAME(params, **cfg)
     raise ValueError(f"optimizer.type {kind!r}: expected one of {', '.join(OPTIMIZERS)}")
 
