@@ -79,8 +79,7 @@ class BatchStream:
         loader: Iterable,  # a DataLoader over `sampler`
         sampler: ResumableSampler,
         state: dict,
-        set_epoch: Callable[[int], None]
-        | None = None,  # e.g. the dataset's, called at the start of each epoch
+        set_epoch: Callable[[int], None] | None = None,  # e.g. the dataset's, called at each epoch start
     ):
         self.loader, self.sampler, self.state, self.set_epoch = loader, sampler, state, set_epoch
         self._iter: Iterator | None = None
