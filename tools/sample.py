@@ -100,8 +100,11 @@ def load_pipeline(args: argparse.Namespace, device: torch.device) -> tuple[PixCe
     return pipe, model_reference(args.model), model_reference(args.vae)
 
 
-def load_uni_encoder(args: argparse.Namespace, device: torch.device):
+def load_uni_encoder(args: argparse.Namespace, device: torch.device, channels: int):
+    """--uni in --dtype on `device`; its embeddings must have the model's `channels`."""
     uni = load_uni(args.uni, device)
+    if uni.embed_dim != channels:
+        raise ValueError(f"--uni {args.uni}: embeddings of dim {uni.embed_dim}, the model takes {channels}")
     uni.model.to(DTYPES[args.dtype])
     return uni
 
@@ -213,11 +216,7 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
         )  # fmt: skip
     elif args.images:
         source = FolderSource(m, tile, args.images, t.caption_channels)
-        uni = load_uni_encoder(args, device)
-        if uni.embed_dim != t.caption_channels:
-            raise ValueError(
-                f"--uni {args.uni}: embeddings of dim {uni.embed_dim}, the model takes {t.caption_channels}"
-            )
+        uni = load_uni_encoder(args, device, t.caption_channels)
     else:
         source = EmbeddingSource(m, tile, args.embeddings, t.caption_channels)
 

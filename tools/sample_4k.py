@@ -96,11 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         images=args.image, grids=args.grid, dataset_regions=regions,
         data_root=args.data_root, features_root=args.features_root, region_size=args.region_size,
     )  # fmt: skip
-    uni = load_uni_encoder(args, device) if args.image else None
-    if uni is not None and uni.embed_dim != t.caption_channels:
-        raise ValueError(
-            f"--uni {args.uni}: embeddings of dim {uni.embed_dim}, the model takes {t.caption_channels}"
-        )
+    uni = load_uni_encoder(args, device, t.caption_channels) if args.image else None
     settings = settings_from_args(args, 1, args.workers if args.workers is not None else 0)
     region = RegionSettings(args.stride, args.decode_stride, args.sigma, args.window_batch)
     summary = sample_regions(pipe, source, args.out, settings, region, model_ref, vae_ref, uni=uni)
