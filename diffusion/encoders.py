@@ -186,21 +186,28 @@ def build_tiny_uni(
     init_values=None gives random features that differ between images (the demo's stand-in).
     """
     import timm
-    from safetensors.torch import save_file
 
     kwargs = {**UNI2H_KWARGS, "embed_dim": embed_dim, "depth": depth, "num_heads": max(1, embed_dim // 48)}
     kwargs["init_values"] = init_values
     torch.manual_seed(seed)
     model = timm.create_model(UNI2H_ARCH, pretrained=False, **resolve_timm_layers(kwargs))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
     cfg = {
         "architecture": UNI2H_ARCH,
         "model_args": kwargs,
         "note": "tiny random stand-in for UNI2-h (tests/demo)",
     }
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    return save_timm_folder(model, out_dir, cfg)
+
+
+def save_timm_folder(model: torch.nn.Module, out_dir: str | Path, config: dict) -> Path:
+    """A timm model in the Hub's timm layout (model.safetensors + config.json), as `load_uni` and the metrics'
+    `load_feature_encoder` read it back; for the tiny stand-ins of tests and the demo."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(config, indent=1))
     return out
 
 

@@ -42,6 +42,7 @@ from diffusion.encoders import (
     UNIEncoder,
     load_uni,
     resolve_timm_layers,
+    save_timm_folder,
 )
 from diffusion.metrics.features import FeatureExtractor, to_uint8_chw, weights_fingerprint
 
@@ -352,7 +353,6 @@ def build_tiny_timm_encoder(
     class token and 2 registers that returns tokens (global_pool=''), so it needs a `pool=` option.
     """
     import timm
-    from safetensors.torch import save_file
 
     args = dict(
         img_size=input_size,
@@ -367,14 +367,10 @@ def build_tiny_timm_encoder(
     args.update(model_args or {})
     torch.manual_seed(seed)
     model = timm.create_model(arch, pretrained=False, **args)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
     cfg = {
         "architecture": arch,
         "model_args": args,
         "pretrained_cfg": {"input_size": [3, input_size, input_size], "mean": list(mean), "std": list(std)},
         "note": "tiny random stand-in encoder (tests/demo only)",
     }
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    return out
+    return save_timm_folder(model, out_dir, cfg)
