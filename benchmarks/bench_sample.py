@@ -24,16 +24,16 @@ from collections.abc import Callable
 
 import torch
 
-from diffusion.large_image import (
+from diffusion.model.pixcell_transformer import build_pixcell, compile_blocks
+from diffusion.sampling.large_image import (
     Chunker,
     decode_region,
     default_vae_batch,
     default_window_batch,
     denoise_region,
 )
-from diffusion.model.pixcell_transformer import build_pixcell, compile_blocks
-from diffusion.pipeline import PixCellPipeline
-from diffusion.sampling import make_scheduler
+from diffusion.sampling.pipeline import PixCellPipeline
+from diffusion.sampling.samplers import make_scheduler
 from tools.cli import DTYPES
 
 TINY = ["PixCell-tiny-256", "PixCell-tiny-128-T16"]

@@ -17,8 +17,8 @@ import torch
 from diffusion.encoders import UNI2H_ARCH, UNI2H_KWARGS, UNIEncoder, build_tiny_vae, resolve_timm_layers
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.model.pixcell_transformer import build_pixcell
-from diffusion.pipeline import PixCellPipeline
-from diffusion.sampling import make_scheduler
+from diffusion.sampling.pipeline import PixCellPipeline
+from diffusion.sampling.samplers import make_scheduler
 from virtual_staining.flow_mlp import FlowMLP, flow_matching_loss
 from virtual_staining.lora import add_lora, lora_parameters
 from virtual_staining.stainer import SamplerSettings, VirtualStainer

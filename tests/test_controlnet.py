@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from diffusion.controlnet_pipeline import PixCellControlNetPipeline
 from diffusion.data.mask_pairs import MaskPairDataset, masks_to_tensor, read_mask, render_mask
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.model.controlnet import PixCellControlNet, controlled_forward, load_controlnet
 from diffusion.model.pixcell_transformer import build_pixcell
+from diffusion.sampling.controlnet_pipeline import PixCellControlNetPipeline
 
 
 def random_base(preset: str = "PixCell-tiny-64", seed: int = 0, **overrides):
@@ -206,7 +206,7 @@ def tiny_controlnet_pipe(tiny_vae_dir):
 
 
 def test_pipeline_mask_changes_samples_and_scale_zero_is_the_base(tiny_controlnet_pipe, tiny_vae_dir):
-    from diffusion.pipeline import PixCellPipeline
+    from diffusion.sampling.pipeline import PixCellPipeline
 
     pipe = tiny_controlnet_pipe
     uni, latents = torch.randn(2, 1, 1536), torch.randn(2, 16, 8, 8)

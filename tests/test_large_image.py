@@ -11,14 +11,14 @@ import torch
 from PIL import Image
 
 from diffusion.encoders import build_tiny_vae, decode_latents
-from diffusion.large_image import (
+from diffusion.model.pixcell_transformer import build_pixcell
+from diffusion.sampling.large_image import (
     Chunker,
     decode_region,
     denoise_region,
     window_conditions,
     window_layout,
 )
-from diffusion.model.pixcell_transformer import build_pixcell
 from tools.cli import run_cli
 from tools.sample_4k import main
 

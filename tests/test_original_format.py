@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from diffusion.model.loading import load_transformer, save_original_checkpoint
 from diffusion.model.original_format import diffusers_to_original, infer_config, original_to_diffusers
 from diffusion.model.pixcell_transformer import PixCellTransformer2DModel, build_pixcell
-from diffusion.sampling import denoise, guided_prediction, make_scheduler, transformer_fn
+from diffusion.sampling.samplers import denoise, guided_prediction, make_scheduler, transformer_fn
 
 
 def _golden(shared_dir, name):

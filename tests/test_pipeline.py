@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from diffusion.model.pixcell_transformer import build_pixcell
-from diffusion.pipeline import PixCellPipeline
-from diffusion.sampling import SAMPLERS, guided_prediction, make_scheduler, sampler_name, transformer_fn
+from diffusion.sampling.pipeline import PixCellPipeline
+from diffusion.sampling.samplers import (
+    SAMPLERS,
+    guided_prediction,
+    make_scheduler,
+    sampler_name,
+    transformer_fn,
+)
 
 
 @pytest.fixture(scope="module")

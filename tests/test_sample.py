@@ -17,13 +17,13 @@ import torch
 from PIL import Image
 from safetensors.numpy import save_file
 
-from diffusion.conditions import EmbeddingSource, IndexSource, name_seed
 from diffusion.data.features import PACKED_DIRNAME, PackedShardWriter, packed_shard_path, write_packed_meta
 from diffusion.encoders import load_uni
 from diffusion.model.loading import save_original_checkpoint
 from diffusion.model.pixcell_transformer import build_pixcell
-from diffusion.pipeline import PixCellPipeline
-from diffusion.sample_runner import embed_tiles, initial_noise
+from diffusion.sampling.conditions import EmbeddingSource, IndexSource, name_seed
+from diffusion.sampling.pipeline import PixCellPipeline
+from diffusion.sampling.runner import embed_tiles, initial_noise
 from tools.cli import run_cli
 from tools.sample import main
 from tools.sample_256 import main as main_256

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from diffusion.controlnet_pipeline import PixCellControlNetPipeline
 from diffusion.model.controlnet import load_controlnet
 from diffusion.model.loading import load_transformer
 from diffusion.model.pixcell_transformer import build_pixcell
+from diffusion.sampling.controlnet_pipeline import PixCellControlNetPipeline
 from diffusion.training.checkpoint import latest_checkpoint, list_checkpoints
 from train_scripts.train_controlnet import cli
 

@@ -263,7 +263,7 @@ def test_three_stages_and_published_weights(tmp_path, real_features, synthetic_1
 
 
 def test_export_pipeline_loads(tmp_path, straight_run, tiny_vae_dir):
-    from diffusion.pipeline import PixCellPipeline
+    from diffusion.sampling.pipeline import PixCellPipeline
     from tools.export_pipeline import main as export
 
     assert export([str(straight_run), str(tmp_path / "pipe"), "--vae", str(tiny_vae_dir)]) == 0

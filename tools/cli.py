@@ -59,7 +59,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
 
 def add_sampler_args(parser: argparse.ArgumentParser) -> None:
     """--sampler, --steps, --guidance, --guidance-interval: one guidance convention, eps_u + w (eps_c - eps_u)."""
-    from diffusion.sampling import SAMPLERS
+    from diffusion.sampling.samplers import SAMPLERS
 
     g = parser.add_argument_group("sampler")
     g.add_argument(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from diffusion.atomic import atomic_path
 from diffusion.encoders import SD35_VAE_ID
-from diffusion.sampling import SAMPLERS
+from diffusion.sampling.samplers import SAMPLERS
 from diffusion.training.checkpoint import latest_checkpoint
 from tools.cli import run_cli
 
@@ -31,7 +31,7 @@ def export_pipeline(
 ) -> Path:
     """Write `out` (atomically) from the latest checkpoint of work dir `source`, or from checkpoint `source`."""
     from diffusion.model.loading import load_transformer
-    from diffusion.pipeline import PixCellPipeline
+    from diffusion.sampling.pipeline import PixCellPipeline
 
     ckpt = latest_checkpoint(source)
     if ckpt is None:

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from diffusion.conditions import EmbeddingSource, FolderSource, IndexSource
 from diffusion.encoders import UNI_TILE, load_uni
 from diffusion.model.pixcell_transformer import compile_blocks
-from diffusion.pipeline import PixCellPipeline
-from diffusion.sample_runner import MaskControl, SampleSettings, model_reference, sample_patches
+from diffusion.sampling.conditions import EmbeddingSource, FolderSource, IndexSource
+from diffusion.sampling.pipeline import PixCellPipeline
+from diffusion.sampling.runner import MaskControl, SampleSettings, model_reference, sample_patches
 from tools.cli import (
     DTYPES,
     add_model_args,
@@ -86,7 +86,7 @@ def load_pipeline(args: argparse.Namespace, device: torch.device) -> tuple[PixCe
     dtype = DTYPES[args.dtype]
     torch_dtype = None if dtype == torch.float32 else dtype  # fp32 is the stored dtype: no cast
     if getattr(args, "controlnet", None):
-        from diffusion.controlnet_pipeline import PixCellControlNetPipeline
+        from diffusion.sampling.controlnet_pipeline import PixCellControlNetPipeline
 
         pipe = PixCellControlNetPipeline.from_parts(
             args.model, args.controlnet, args.vae, args.sampler, torch_dtype=torch_dtype

@@ -19,8 +19,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from diffusion.conditions import RegionSource
-from diffusion.sample_runner import RegionSettings, sample_regions
+from diffusion.sampling.conditions import RegionSource
+from diffusion.sampling.runner import RegionSettings, sample_regions
 from tools.cli import add_model_args, add_runtime_args, add_sampler_args, run_cli
 from tools.sample import (
     add_output_args,

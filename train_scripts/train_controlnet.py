@@ -28,13 +28,13 @@ from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader, default_collate
 
 from diffusion.config import build_model_from_config, load_config, parse_cfg_options
-from diffusion.controlnet_pipeline import PixCellControlNetPipeline, check_pair
 from diffusion.data.mask_pairs import MaskPairDataset, write_missing_uni
 from diffusion.encoders import encode_posterior, latents_to_model, load_uni, load_vae, to_uint8
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.model.controlnet import PixCellControlNet, load_controlnet
 from diffusion.model.loading import load_transformer
-from diffusion.sampling import make_scheduler
+from diffusion.sampling.controlnet_pipeline import PixCellControlNetPipeline, check_pair
+from diffusion.sampling.samplers import make_scheduler
 from diffusion.training.checkpoint import CheckpointManager, restore_training_state, save_training_state
 from diffusion.training.ema import EMA
 from diffusion.training.optim import build_lr_scheduler, build_optimizer

@@ -84,8 +84,8 @@ def validation_grid(
 ) -> np.ndarray:
     """Rows of [real | EMA sample] for fixed held-out conditions and fixed noise seeds: uint8 (N*H, 2*W, 3)."""
     from diffusion.encoders import decode_latents, to_uint8
-    from diffusion.pipeline import PixCellPipeline
-    from diffusion.sampling import make_scheduler
+    from diffusion.sampling.pipeline import PixCellPipeline
+    from diffusion.sampling.samplers import make_scheduler
 
     v = cfg.validation
     pipe = PixCellPipeline(transformer=transformer, vae=vae, scheduler=make_scheduler("dpm-solver"))

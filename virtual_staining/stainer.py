@@ -20,8 +20,8 @@ from torch import Tensor
 
 from diffusion.encoders import UNI_TILE, UNIEncoder, load_uni, load_vae
 from diffusion.model.loading import load_transformer
-from diffusion.pipeline import PixCellPipeline
-from diffusion.sampling import make_scheduler
+from diffusion.sampling.pipeline import PixCellPipeline
+from diffusion.sampling.samplers import make_scheduler
 
 from .flow_mlp import FlowMLP, load_flow_mlp
 from .lora import add_lora, load_lora_weights, lora_parameters, read_lora_file

@@ -85,8 +85,8 @@ def validation_grid(
     transformer, vae, images: torch.Tensor, tokens: torch.Tensor, cfg, device, seed: int
 ) -> np.ndarray:
     """Rows of [real IHC | sample from its UNI tokens], fixed noise: uint8 (N*S, 2*S, 3)."""
-    from diffusion.pipeline import PixCellPipeline
-    from diffusion.sampling import make_scheduler
+    from diffusion.sampling.pipeline import PixCellPipeline
+    from diffusion.sampling.samplers import make_scheduler
 
     v = cfg.validation
     pipe = PixCellPipeline(transformer=transformer, vae=vae, scheduler=make_scheduler("dpm-solver"))

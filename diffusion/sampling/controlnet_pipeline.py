@@ -18,13 +18,13 @@ import torch
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from torch import Tensor
 
-from .data.mask_pairs import MaskLike, masks_to_tensor
-from .encoders import SD35_VAE_ID, encode_posterior, latents_to_model, load_vae
-from .model.controlnet import PixCellControlNet, controlled_forward, load_controlnet
-from .model.loading import load_transformer
-from .model.pixcell_transformer import PixCellTransformer2DModel
+from ..data.mask_pairs import MaskLike, masks_to_tensor
+from ..encoders import SD35_VAE_ID, encode_posterior, latents_to_model, load_vae
+from ..model.controlnet import PixCellControlNet, controlled_forward, load_controlnet
+from ..model.loading import load_transformer
+from ..model.pixcell_transformer import PixCellTransformer2DModel
 from .pipeline import PixCellPipeline
-from .sampling import make_scheduler
+from .samplers import make_scheduler
 
 
 class PixCellControlNetPipeline(PixCellPipeline):

@@ -21,10 +21,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import Tensor
 
-from .encoders import SD35_VAE_ID, decode_latents, load_vae, to_uint8, vae_scale_factor
-from .model.loading import load_transformer
-from .model.pixcell_transformer import PixCellTransformer2DModel
-from .sampling import DEFAULT_STEPS, denoise, guided_prediction, make_scheduler, sampler_name, transformer_fn
+from ..encoders import SD35_VAE_ID, decode_latents, load_vae, to_uint8, vae_scale_factor
+from ..model.loading import load_transformer
+from ..model.pixcell_transformer import PixCellTransformer2DModel
+from .samplers import DEFAULT_STEPS, denoise, guided_prediction, make_scheduler, sampler_name, transformer_fn
 
 # Published FID-optimal guidance (PixCell paper): 2.0 for PixCell-256 (T=1), 1.2 for PixCell-1024 (T=16).
 DEFAULT_GUIDANCE = {1: 2.0, 4: 1.5, 16: 1.2}

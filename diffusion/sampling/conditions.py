@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data.features import PACKED_DIRNAME, PackedReader, SampleError, load_npy, npy_feature_paths
-from .data.index import INDEX_RELPATH, index_lengths, key_size, resolve_keys
+from ..data.features import PACKED_DIRNAME, PackedReader, SampleError, load_npy, npy_feature_paths
+from ..data.index import INDEX_RELPATH, index_lengths, key_size, resolve_keys
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
 __all__ = ["SampleError"]  # re-exported: the data module's "skip and count this one" error

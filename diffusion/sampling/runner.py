@@ -36,9 +36,9 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .atomic import atomic_path
+from ..atomic import atomic_path
+from ..encoders import decode_latents, tile_images, to_uint8
 from .conditions import ConditionSource, FolderSource, Loaded, SampleError, Spec, name_seed
-from .encoders import decode_latents, tile_images, to_uint8
 from .large_image import (
     Chunker,
     decode_region,
@@ -49,7 +49,7 @@ from .large_image import (
     window_layout,
 )
 from .pipeline import DEFAULT_GUIDANCE, PixCellPipeline
-from .sampling import DEFAULT_STEPS
+from .samplers import DEFAULT_STEPS
 
 log = logging.getLogger("pixcell.sample")
 SUFFIX = {"png": ".png", "jpeg": ".jpg"}
@@ -88,7 +88,7 @@ class SampleSettings:
 
 @dataclass
 class RegionSettings:
-    """Sliding-window options for large regions (see diffusion.large_image)."""
+    """Sliding-window options for large regions (see diffusion.sampling.large_image)."""
 
     stride: int = 64  # latent px between denoising windows (32, 64, 128 for PixCell-1024)
     decode_stride: int | None = None  # latent px between decoded windows; None: half a window

@@ -15,7 +15,7 @@ where P_i crops window i and P_i^T pads it back. The published script averages t
 windows and takes a DDIM step; x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) is affine in eps with the same
 coefficients everywhere, so averaging x0 and averaging eps give the same update, and the eps form lets any
 diffusers solver (DPM-Solver++ by default) take the step. With the ancestral DDPM sampler the learned-variance
-channels are averaged the same way. Guidance is the one convention of `diffusion.sampling` (the published
+channels are averaged the same way. Guidance is the one convention of `diffusion.sampling.samplers` (the published
 script used (w+1) eps_c - w eps_u: its w = 2 is w = 3 here).
 
 Speed: the original ran one window per forward, conditional and unconditional separately (2 x 49 forwards per
@@ -42,8 +42,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .encoders import decode_latents, vae_scale_factor
-from .sampling import DEFAULT_STEPS, denoise, guided_prediction, make_scheduler, sampler_name, transformer_fn
+from ..encoders import decode_latents, vae_scale_factor
+from .samplers import DEFAULT_STEPS, denoise, guided_prediction, make_scheduler, sampler_name, transformer_fn
 
 log = logging.getLogger("pixcell.large_image")
 STRIDES = (32, 64, 128)  # the published choices, latent px (256 / 512 / 1024 px)
