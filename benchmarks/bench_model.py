@@ -19,9 +19,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffusion.geometry import DTYPES
 from diffusion.model.pixcell_transformer import PIXCELL_MODELS, build_pixcell
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _sync(device: torch.device) -> None:

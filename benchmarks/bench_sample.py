@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 
+from diffusion.geometry import DTYPES, SD35_LATENT_SCALE, SD35_LATENT_SHIFT
 from diffusion.model.pixcell_transformer import build_pixcell, compile_blocks
 from diffusion.sampling.large_image import (
     Chunker,
@@ -34,7 +35,6 @@ from diffusion.sampling.large_image import (
 )
 from diffusion.sampling.pipeline import PixCellPipeline
 from diffusion.sampling.samplers import make_scheduler
-from tools.cli import DTYPES
 
 TINY = ["PixCell-tiny-256", "PixCell-tiny-128-T16"]
 
@@ -55,8 +55,8 @@ def build_vae(kind: str, device: torch.device, dtype: torch.dtype):
         layers_per_block=layers,
         latent_channels=16,
         norm_num_groups=groups,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
+        scaling_factor=SD35_LATENT_SCALE,
+        shift_factor=SD35_LATENT_SHIFT,
         use_quant_conv=False,
         use_post_quant_conv=False,
     )

@@ -16,6 +16,7 @@ import torch
 
 from diffusion.encoders import UNI2H_ARCH, UNI2H_KWARGS, UNIEncoder, build_tiny_vae, resolve_timm_layers
 from diffusion.gaussian_diffusion import GaussianDiffusion
+from diffusion.geometry import SD35_LATENT_SCALE, SD35_LATENT_SHIFT
 from diffusion.model.pixcell_transformer import build_pixcell
 from diffusion.sampling.pipeline import PixCellPipeline
 from diffusion.sampling.samplers import make_scheduler
@@ -31,7 +32,7 @@ def sd35_shaped_vae():
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+        layers_per_block=2, scaling_factor=SD35_LATENT_SCALE, shift_factor=SD35_LATENT_SHIFT, use_quant_conv=False,
         use_post_quant_conv=False,
     )  # fmt: skip
 

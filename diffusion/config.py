@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mmengine.config import Config
 
+from .geometry import UNI_TILE, VAE_FACTOR, resolve_norm
 from .model.pixcell_transformer import PixCellTransformer2DModel, build_pixcell
 
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "configs" / "_base_" / "default.py"
@@ -75,19 +76,37 @@ def load_config(
     full = load_strict_config(path, schema_file, options)
     if "data" in full and full.data.root is None and os.environ.get("PIXCELL_DATA_ROOT"):
         full.data.root = os.environ["PIXCELL_DATA_ROOT"]
-    if full.resolution % 256:
+    if "vae_shift" in full:
+        full.vae_shift, full.vae_scale = resolve_latent_norm(full)
+    if full.resolution % UNI_TILE:
         raise ValueError(
-            f"{path}: resolution {full.resolution} is not a multiple of 256 (one UNI token per tile)"
+            f"{path}: resolution {full.resolution} is not a multiple of {UNI_TILE} (one UNI token per tile)"
         )
     return full
+
+
+def resolve_latent_norm(cfg: Config) -> tuple[float, float]:
+    """The run's (vae_shift, vae_scale): as configured, else as recorded beside the features, else SD3.5's; a
+    configured pair that the features contradict is a one-line ValueError (diffusion.geometry.resolve_norm)."""
+    from .data.features import PACKED_DIRNAME, recorded_latent_norm
+
+    d = cfg.get("data", {})
+    recorded, where = None, "config"
+    if d.get("root"):
+        fmt = d.get("feature_format", "npy")
+        default = Path(d["root"]) if fmt == "npy" else Path(d["root"]) / PACKED_DIRNAME
+        root = Path(d["features_root"]) if d.get("features_root") else default
+        if root.is_dir():
+            recorded, where = recorded_latent_norm(root, fmt)
+    return resolve_norm((cfg.vae_shift, cfg.vae_scale), recorded, where)
 
 
 def build_model_from_config(cfg: Config) -> PixCellTransformer2DModel:
     """The transformer a config trains; checks that its size and token count fit `resolution`."""
     model = build_pixcell(cfg.model, **dict(cfg.model_overrides))
     c = model.config
-    px = c.sample_size * 8
-    tokens = (cfg.resolution // 256) ** 2
+    px = c.sample_size * VAE_FACTOR
+    tokens = (cfg.resolution // UNI_TILE) ** 2
     if px != cfg.resolution or c.caption_num_tokens != tokens:
         raise ValueError(
             f"config: model {cfg.model} works at {px} px with {c.caption_num_tokens} UNI token(s), but resolution "

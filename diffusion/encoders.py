@@ -20,9 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .geometry import (
+    SD35_LATENT_SCALE,
+    SD35_LATENT_SHIFT,
+    UNI_TILE,
+    from_model_latents,
+    latent_norm,
+    to_model_latents,
+)
+
 UNI2H_HUB_ID = "hf-hub:MahmoodLab/UNI2-h"
 SD35_VAE_ID = "stabilityai/stable-diffusion-3.5-large"
-UNI_TILE = 256  # one UNI token per 256x256 px tile at 20x
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -262,8 +270,8 @@ def build_tiny_vae(
         latent_channels=16,
         norm_num_groups=16,
         sample_size=256,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
+        scaling_factor=SD35_LATENT_SCALE,
+        shift_factor=SD35_LATENT_SHIFT,
         use_quant_conv=False,
         use_post_quant_conv=False,
         mid_block_add_attention=mid_attention,
@@ -276,20 +284,13 @@ def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def latent_norm(vae) -> tuple[float, float]:
-    """(shift, scale) from the VAE config: model latent = (z - shift) * scale (SD3.5: 0.0609, 1.5305)."""
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return float(shift), float(vae.config.scaling_factor)
-
-
 def latents_to_model(z: Tensor, vae) -> Tensor:
-    shift, scale = latent_norm(vae)
-    return (z - shift) * scale
+    """Raw VAE latents -> model space, with the normalisation in the VAE's config (diffusion.geometry)."""
+    return to_model_latents(z, *latent_norm(vae))
 
 
 def latents_from_model(x: Tensor, vae) -> Tensor:
-    shift, scale = latent_norm(vae)
-    return x / scale + shift
+    return from_model_latents(x, *latent_norm(vae))
 
 
 @torch.no_grad()

@@ -11,8 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from diffusion.encoders import SD35_VAE_ID, UNI2H_HUB_ID
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from diffusion.geometry import DTYPES
 
 
 def add_model_args(parser: argparse.ArgumentParser, model_default: str | None = None) -> None:

@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         uni_log = train_uni_standin(train_tiles, uni_dir, steps=args.uni_steps)
         return {**train_vae_standin(train_tiles, vae_dir, steps=args.vae_steps), "uni": uni_log}
 
-    vae_norm = demo.stage("encoders", encoders)["info"]
+    demo.stage("encoders", encoders)
 
     def features() -> None:
         demo.run("tools.extract_features", "--root", str(patches), "--vae", str(vae_dir), "--uni", str(uni_dir),
@@ -149,8 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def train() -> None:
         demo.run("train_scripts.train_pixcell", CONFIG, "--work-dir", str(work), "--data-root", str(patches),
-                 "--cfg-options", f"max_steps={args.train_steps}", f"validation.vae={vae_dir}",
-                 f"vae_shift={vae_norm['shift_factor']:.6f}", f"vae_scale={vae_norm['scaling_factor']:.6f}")  # fmt: skip
+                 "--cfg-options", f"max_steps={args.train_steps}", f"validation.vae={vae_dir}")  # fmt: skip
+        # vae_shift/vae_scale: the stand-in VAE's, as tools.extract_features recorded them beside the features
 
     demo.stage("train", train)
 

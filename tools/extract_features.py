@@ -38,6 +38,7 @@ from diffusion.data.features import (
     parse_shard,
     save_npy,
     work_units,
+    write_npy_meta,
     write_packed_meta,
 )
 from diffusion.data.index import default_index_file, key_size, read_index
@@ -49,6 +50,7 @@ from diffusion.encoders import (
     load_vae,
     vae_scale_factor,
 )
+from diffusion.geometry import UNI_TILE, latent_norm, norm_record
 
 log = logging.getLogger("pixcell.data")
 
@@ -183,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         index = read_index(args.index or default_index_file(args.root), args.keys)
         sizes = {key: key_size(key) for key in index}
         for key, size in sizes.items():
-            if size % 256:
+            if size % UNI_TILE:
                 raise ValueError(
-                    f"index key {key}: patch size {size} is not a multiple of 256 (one UNI token per tile)"
+                    f"index key {key}: patch size {size} is not a multiple of {UNI_TILE} (one UNI token per tile)"
                 )
         if args.batch_size < 1 or args.num_workers < 0:
             raise ValueError("--batch-size must be >= 1 and --num-workers >= 0")
@@ -203,9 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     counter = FailureCounter(args.max_failure_rate, args.min_failures_before_stop, failure_log)
     amp = autocast_for(device, args.precision)
     factor, latent_ch = vae_scale_factor(vae), 2 * vae.config.latent_channels
-
-    if want_packed:
-        for key, names in index.items():
+    norm = norm_record(*latent_norm(vae))  # recorded beside the features: the trainer checks its config against it
+    try:
+        if want_npy:
+            write_npy_meta(npy_root, {"vae": str(args.vae), "uni": str(args.uni), **norm})
+        for key, names in index.items() if want_packed else ():
             s = sizes[key]
             write_packed_meta(
                 packed_root,
@@ -213,9 +217,12 @@ def main(argv: list[str] | None = None) -> int:
                 len(names),
                 args.shard_size,
                 (latent_ch, s // factor, s // factor),
-                ((s // 256) ** 2, uni.embed_dim),
-                extra={"vae": str(args.vae), "uni": str(args.uni)},
+                ((s // UNI_TILE) ** 2, uni.embed_dim),
+                extra={"vae": str(args.vae), "uni": str(args.uni), **norm},
             )
+    except ValueError as err:  # features of another VAE already there
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
     units = work_units({k: len(v) for k, v in index.items()}, args.shard_size, job)
     written = 0
@@ -243,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             writer = None
             if packed_todo:
                 writer = PackedShardWriter(
-                    shard_file, names, (latent_ch, s // factor, s // factor), ((s // 256) ** 2, uni.embed_dim)
+                    shard_file, names, (latent_ch, s // factor, s // factor), ((s // UNI_TILE) ** 2, uni.embed_dim)
                 )
             with writer if writer is not None else nullcontext():
                 images = PatchImages(args.root, names, list(range(len(names))), s)

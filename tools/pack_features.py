@@ -28,16 +28,18 @@ from diffusion.data.features import (
     npy_feature_paths,
     packed_shard_path,
     parse_shard,
+    recorded_latent_norm,
     work_units,
     write_packed_meta,
 )
 from diffusion.data.index import default_index_file, key_size, read_index
+from diffusion.geometry import UNI_TILE, VAE_FACTOR, norm_record
 from tools.extract_features import FailureCounter, add_failure_args, add_index_args
 
 
 def expected_shapes(features_root: Path, names: list[str], size: int) -> tuple[tuple, tuple]:
     """Shapes of one key's features, from the first readable pair (channels and C are the encoders' choice)."""
-    g, lat = size // 256, size // 8
+    g, lat = size // UNI_TILE, size // VAE_FACTOR
     for name in names:
         try:
             vae = load_npy(npy_feature_paths(features_root, name)[0])
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         job = parse_shard(args.shard)
         index = read_index(args.index or default_index_file(args.root), args.keys)
         shapes = {}
+        recorded, _ = recorded_latent_norm(npy_root, "npy")
+        norm = norm_record(*recorded) if recorded is not None else {}  # carried over to the packed features
         for key, names in index.items():
             if names:
                 shapes[key] = expected_shapes(npy_root, names, key_size(key))
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                     len(names),
                     args.shard_size,
                     *shapes[key],
-                    extra={"packed_from": str(npy_root)},
+                    extra={"packed_from": str(npy_root), **norm},
                 )
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)

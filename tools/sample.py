@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from diffusion.encoders import UNI_TILE, load_uni
+from diffusion.encoders import load_uni
+from diffusion.geometry import UNI_TILE
 from diffusion.model.pixcell_transformer import compile_blocks
 from diffusion.sampling.conditions import EmbeddingSource, FolderSource, IndexSource
 from diffusion.sampling.pipeline import PixCellPipeline

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from diffusion.config import build_model_from_config, load_config, parse_cfg_options
 from diffusion.data.datasets import PatchFeatureDataset, collate_skip_none
 from diffusion.gaussian_diffusion import GaussianDiffusion
+from diffusion.geometry import UNI_TILE, VAE_FACTOR, latent_norm, resolve_norm, to_model_latents
 from diffusion.model.pixcell_transformer import compile_blocks
 from diffusion.training.checkpoint import CheckpointManager, restore_training_state, save_training_state
 from diffusion.training.ema import EMA
@@ -72,7 +73,7 @@ def real_crop(dataset: PatchFeatureDataset, path: str, crop: tuple[int, int], si
     """The real patch crop (uint8 (size, size, 3)) that a held-out sample came from, or None if unreadable."""
     try:
         with Image.open(dataset.root / path) as im:
-            top, left = crop[0] * 256, crop[1] * 256
+            top, left = crop[0] * UNI_TILE, crop[1] * UNI_TILE
             return np.asarray(im.convert("RGB").crop((left, top, left + size, top + size)))
     except OSError:
         return None
@@ -100,7 +101,7 @@ def validation_grid(
     for i, h in enumerate(held_out):
         real = h["real"]
         if real is None:  # no readable image: show the VAE reconstruction of the stored latent instead
-            z = ((h["latent"][None] - cfg.vae_shift) * cfg.vae_scale).to(device)
+            z = to_model_latents(h["latent"][None], cfg.vae_shift, cfg.vae_scale).to(device)
             real = to_uint8(decode_latents(vae, z))[0]
         rows.append(np.concatenate([real, fake[i]], axis=1))
     return np.concatenate(rows, axis=0)
@@ -217,6 +218,8 @@ def main(args: argparse.Namespace) -> int:
         from diffusion.encoders import load_vae
 
         vae = load_vae(cfg.validation.vae).to(device).eval()
+        # validation decodes (and the released pipeline samples) with the VAE's own normalisation: it must be the run's
+        resolve_norm((cfg.vae_shift, cfg.vae_scale), latent_norm(vae), f"validation.vae {cfg.validation.vae}")
         for i in held_out_idx:
             item = dataset[i]
             if item is not None:
@@ -269,7 +272,7 @@ def main(args: argparse.Namespace) -> int:
             losses, images = [], 0
             for micro, batch in enumerate(batches):
                 state["skipped_samples"] += batch["skipped"]
-                x0 = (batch["latent"].to(device) - cfg.vae_shift) * cfg.vae_scale  # (B, 16, h, w) model space
+                x0 = to_model_latents(batch["latent"].to(device), cfg.vae_shift, cfg.vae_scale)  # (B, 16, h, w)
                 uni = batch["uni"].to(device)  # (B, T, C)
                 b = x0.shape[0]
                 t = diffusion.sample_timesteps(b, device, generator=noise_gen)
@@ -320,7 +323,7 @@ def main(args: argparse.Namespace) -> int:
 def check_data_matches_model(dataset: PatchFeatureDataset, model, cfg) -> None:
     """One-line errors for a config that does not fit the data: latent size / patch size, token count and dim."""
     c = model.config
-    lat = cfg.resolution // 8
+    lat = cfg.resolution // VAE_FACTOR
     if lat % c.patch_size:
         raise ValueError(f"config: resolution {cfg.resolution} gives {lat}x{lat} latents, not divisible by the "
                          f"model's patch_size {c.patch_size}")  # fmt: skip

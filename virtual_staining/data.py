@@ -20,9 +20,10 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from diffusion.geometry import IMAGE_SUFFIXES
+
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MIST_STAINS = ("HER2", "ER", "PR", "Ki67")
 MIST_SPLITS = ("train", "val")
 HER2MATCH_SPLITS = ("train", "val", "test")

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from diffusion.atomic import atomic_path
 from diffusion.encoders import UNI2H_HUB_ID, UNIEncoder, load_uni
+from diffusion.geometry import UNI_TILE
 
 from .data import Pair, read_image
 
@@ -85,9 +86,9 @@ def compute_embeddings(
     Unreadable or wrongly sized images are skipped with a logged running count; past
     `max_failure_rate * len(pairs)` skips the run stops with a ValueError (nothing is written).
     """
-    if image_size % 256:
+    if image_size % UNI_TILE:
         raise ValueError(
-            f"image_size {image_size}: expected a multiple of 256 (one UNI token per 256 px tile)"
+            f"image_size {image_size}: expected a multiple of {UNI_TILE} (one UNI token per {UNI_TILE} px tile)"
         )
     loader = DataLoader(
         _PairReader(pairs, image_size),
@@ -188,7 +189,8 @@ def ensure_embeddings(
 def main(argv=None) -> int:
     import argparse
 
-    from tools.cli import DTYPES, resolve_device
+    from diffusion.geometry import DTYPES
+    from tools.cli import resolve_device
 
     from .data import DATASETS, MIST_STAINS, dataset_pairs
 

@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 
 from diffusion.atomic import atomic_path
 from diffusion.encoders import to_uint8
+from diffusion.geometry import DTYPES, IMAGE_SUFFIXES
 from diffusion.sampling.samplers import SAMPLERS
-from tools.cli import DTYPES, add_model_args, add_runtime_args, resolve_device, run_cli
-from virtual_staining.data import IMAGE_SUFFIXES, MIST_STAINS, read_image
+from tools.cli import add_model_args, add_runtime_args, resolve_device, run_cli
+from virtual_staining.data import MIST_STAINS, read_image
 from virtual_staining.published import BASE_MODEL, published_refs
 from virtual_staining.stainer import SamplerSettings, VirtualStainer
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from diffusion.encoders import UNI_TILE, UNIEncoder, load_uni, load_vae
+from diffusion.encoders import UNIEncoder, load_uni, load_vae
+from diffusion.geometry import UNI_TILE
 from diffusion.model.loading import load_transformer
 from diffusion.sampling.pipeline import PixCellPipeline
 from diffusion.sampling.samplers import make_scheduler

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from diffusion.encoders import encode_posterior, latents_to_model, load_vae, to_uint8
 from diffusion.gaussian_diffusion import GaussianDiffusion
+from diffusion.geometry import UNI_TILE, VAE_FACTOR
 from diffusion.model.loading import load_transformer
 from diffusion.training.checkpoint import CheckpointManager, restore_training_state, save_training_state
 from diffusion.training.ema import EMA
@@ -114,15 +115,15 @@ def main(args: argparse.Namespace) -> int:
     # ---- frozen parts: base transformer + adapter, VAE
     model = load_transformer(cfg.model)
     c = model.config
-    model_px = c.sample_size * 8
+    model_px = c.sample_size * VAE_FACTOR
     if cfg.data.image_size != model_px and not cfg.data.resize_to_model:
         raise ValueError(
             f"data.image_size {cfg.data.image_size} px, but {cfg.model} generates {model_px} px images "
             "(use images of the model's size, or data.resize_to_model=True)"
         )
-    if (cfg.data.image_size // 256) ** 2 != c.caption_num_tokens:
+    if (cfg.data.image_size // UNI_TILE) ** 2 != c.caption_num_tokens:
         raise ValueError(
-            f"data.image_size {cfg.data.image_size} px gives {(cfg.data.image_size // 256) ** 2} UNI tokens, but "
+            f"data.image_size {cfg.data.image_size} px gives {(cfg.data.image_size // UNI_TILE) ** 2} UNI tokens, but "
             f"{cfg.model} takes {c.caption_num_tokens}"
         )
     torch.manual_seed(cfg.seed)  # the adapter's gaussian init: identical on every process

@@ -13,8 +13,8 @@ from pathlib import Path
 from mmengine.config import Config
 
 from diffusion.config import load_strict_config, parse_cfg_options
+from diffusion.geometry import DTYPES
 from diffusion.training.run import add_resume_args
-from tools.cli import DTYPES
 
 from .data import Pair, check_target, dataset_pairs
 from .embeddings import EmbeddingCache, ensure_embeddings, load_embeddings

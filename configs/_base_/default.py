@@ -23,8 +23,10 @@ data = dict(
     num_workers=8,
     max_failure_rate=0.01,  # stop when more than this fraction of samples fails to load
 )
-vae_shift = 0.0609  # SD3.5 VAE: model latent = (z - shift) * scale
-vae_scale = 1.5305
+# model latent = (z - shift) * scale. None (both): what tools.extract_features recorded beside the features (the
+# VAE's own values), else SD3.5's (diffusion/geometry.py); values set here must agree with the features' record.
+vae_shift = None
+vae_scale = None
 
 # ---- diffusion
 class_dropout_prob = 0.1  # condition replaced by the null embedding (classifier-free guidance)

@@ -40,11 +40,10 @@ from diffusion.data.features import (
     npy_feature_paths,
 )
 from diffusion.data.index import default_index_file, index_lengths, key_size, resolve_keys
+from diffusion.geometry import UNI_TILE, VAE_FACTOR
 
 log = logging.getLogger("pixcell.data")
 
-UNI_TILE = 256
-VAE_FACTOR = 8
 
 
 class TooManyFailures(RuntimeError):

@@ -5,6 +5,8 @@
 stacked on channels, and `..._uni.npy`, float16 (T, C) = one UNI2-h embedding per 256 px tile, row-major
 (T = (S/256)^2, C = 1536). `features_root` defaults to the patches root (features beside the images, as in the
 published README); the original `extract_features.py` wrote them under `<data>/features/` instead: pass that folder.
+`<features_root>/features_meta.json` records the encoders and the VAE's latent normalisation (`vae_shift`,
+`vae_scale`, see diffusion/geometry.py); features made before it existed (or by the original code) have none.
 
 **packed** (for tens of millions of patches): per index key, one HDF5 file per `shard_size` consecutive patches of
 the index, `<packed_root>/<key>/<shard:06d>.h5`, holding
@@ -12,7 +14,8 @@ the index, `<packed_root>/<key>/<shard:06d>.h5`, holding
     uni   (n, T, C)         float16
     paths (n,)              str        the index entries, checked against the index on read
     valid (n,)              bool       False where the patch failed extraction (logged there; skipped on read)
-plus `<packed_root>/<key>/meta.json` (shapes, shard size, patch count). At 1024 px a shard of 1024 patches is
+plus `<packed_root>/<key>/meta.json` (shapes, shard size, patch count, the encoders and the VAE's latent
+normalisation). At 1024 px a shard of 1024 patches is
 ~1.1 GB; 30M patches fit in ~30k files instead of 60M. Each shard is written to a temporary name and renamed, so a
 shard file that exists is complete.
 """
@@ -29,6 +32,7 @@ import h5py
 import numpy as np
 
 from diffusion.atomic import atomic_path
+from diffusion.geometry import recorded_norm
 
 VAE_SUFFIX = "sd3_vae"
 UNI_SUFFIX = "uni"
@@ -36,6 +40,7 @@ PACKED_DIRNAME = "features_packed"
 PACKED_FORMAT = "pixcell-packed-features"
 PACKED_VERSION = 1
 DEFAULT_SHARD_SIZE = 1024
+NPY_META_NAME = "features_meta.json"
 
 
 class SampleError(ValueError):
@@ -54,6 +59,39 @@ def npy_feature_paths(
     stem = os.path.splitext(rel_path)[0]
     root = Path(features_root)
     return root / f"{stem}_{vae_suffix}.npy", root / f"{stem}_{uni_suffix}.npy"
+
+
+def write_npy_meta(features_root: str | Path, meta: dict) -> Path:
+    """Write (or check) `<features_root>/features_meta.json`: features of another normalisation are an error."""
+    path = Path(features_root) / NPY_META_NAME
+    if path.is_file():
+        old = json.loads(path.read_text())
+        _check_norm(path, old, meta)
+        meta = {**old, **meta}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+    return path
+
+
+def _check_norm(path: Path, old: dict, new: dict) -> None:
+    """Features of two VAE normalisations in one folder would train on a mix: refuse."""
+    a, b = recorded_norm(old), recorded_norm(new)
+    if a is not None and b is not None and a != b:
+        raise ValueError(
+            f"{path}: the features there were made with a VAE of latent shift/scale {a}, this one has {b}; write "
+            "to another folder or delete those features"
+        )
+
+
+def read_npy_meta(features_root: str | Path) -> dict:
+    """`<features_root>/features_meta.json`, or {} for features written without it."""
+    path = Path(features_root) / NPY_META_NAME
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable ({type(err).__name__}: {err})") from None
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
@@ -154,6 +192,7 @@ def write_packed_meta(
     if path.is_file():
         old = json.loads(path.read_text())
         diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+        _check_norm(path, old, extra or {})
         if diff:
             raise ValueError(
                 f"{path}: existing packed features differ {diff} (old, new); the index or the shard "
@@ -175,6 +214,24 @@ def read_packed_meta(packed_root: str | Path, key: str) -> dict:
     if meta.get("format") != PACKED_FORMAT:
         raise ValueError(f"{path}: not a {PACKED_FORMAT} meta file")
     return meta
+
+
+def recorded_latent_norm(features_root: str | Path, feature_format: str) -> tuple[tuple[float, float] | None, str]:
+    """The VAE latent normalisation (shift, scale) recorded beside extracted features, and the file that says so;
+    (None, folder) for features that record none. Packed keys that disagree are a ValueError."""
+    root = Path(features_root)
+    if feature_format == "npy":
+        metas = {root / NPY_META_NAME: read_npy_meta(root)}
+    else:
+        metas = {p: json.loads(p.read_text()) for p in sorted(root.glob("*/meta.json"))}
+    found = {p: n for p, m in metas.items() if (n := recorded_norm(m)) is not None}
+    if not found:
+        return None, str(root)
+    if len(set(found.values())) > 1:
+        detail = ", ".join(f"{p}: {n}" for p, n in found.items())
+        raise ValueError(f"{root}: features of different VAE normalisations ({detail}); train on one of them")
+    path, norm = next(iter(found.items()))
+    return norm, str(path)
 
 
 class PackedShardWriter:

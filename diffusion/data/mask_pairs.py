@@ -28,9 +28,10 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from diffusion.geometry import IMAGE_SUFFIXES, UNI_TILE
+
 log = logging.getLogger("pixcell.data")
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 UNI_SUFFIX = "_uni.npy"
 # PIL modes of a label image: binary, 8/16/32-bit gray, palette (ids as palette indices). Gray RGB is accepted
 # too (a mask already rendered as in the published example); anything with colour or alpha is refused.
@@ -164,7 +165,7 @@ class MaskPairDataset(Dataset):
         self.image_dir, self.mask_dir = Path(image_dir), Path(mask_dir)
         self.features_dir = Path(features_dir) if features_dir is not None else self.image_dir
         self.size = size
-        self.uni_shape = ((size // 256) ** 2, uni_dim)
+        self.uni_shape = ((size // UNI_TILE) ** 2, uni_dim)
         for what, folder in (("image", self.image_dir), ("mask", self.mask_dir)):
             if not folder.is_dir():
                 raise FileNotFoundError(f"{what} folder {folder}: no such folder")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffusion.geometry import DTYPES
 from diffusion.metrics.cache import FeatureCache, default_feature_cache_dir
 from diffusion.metrics.distances import (
     frechet_distance_from_features,
@@ -34,7 +35,6 @@ from diffusion.metrics.images import ImageFolder, check_paired, content_hash, li
 DEFAULT_ENCODERS = ("uni2",)
 KINDS = ("fd", "kid", "cos")
 CACHE_MODES = ("real", "all", "none")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_metric(name: str) -> tuple[str, str]:

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+from diffusion.geometry import IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True)

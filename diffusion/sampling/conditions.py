@@ -35,8 +35,8 @@ from PIL import Image
 
 from ..data.features import PACKED_DIRNAME, PackedReader, SampleError, load_npy, npy_feature_paths
 from ..data.index import INDEX_RELPATH, index_lengths, key_size, resolve_keys
+from ..geometry import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
 __all__ = ["SampleError"]  # re-exported: the data module's "skip and count this one" error
 
 

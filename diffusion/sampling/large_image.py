@@ -43,7 +43,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..encoders import decode_latents, vae_scale_factor
-from .samplers import DEFAULT_STEPS, denoise, guided_prediction, make_scheduler, sampler_name, transformer_fn
+from .samplers import (
+    denoise,
+    guided_prediction,
+    guides,
+    make_scheduler,
+    resolve_defaults,
+    sampler_name,
+    transformer_fn,
+)
 
 log = logging.getLogger("pixcell.large_image")
 STRIDES = (32, 64, 128)  # the published choices, latent px (256 / 512 / 1024 px)
@@ -267,7 +275,7 @@ def denoise_region(
     stride: int = 64,  # latent px between windows
     sampler: str = "dpm-solver",
     num_inference_steps: int | None = None,
-    guidance_scale: float = 1.2,
+    guidance_scale: float | None = None,  # None: the published default for the model's token count
     guidance_interval: tuple[float, float] | None = None,
     latents: Tensor | None = None,  # (1, 16, H, W) initial noise; default: drawn from `generator`
     generator: torch.Generator | None = None,
@@ -289,7 +297,11 @@ def denoise_region(
         latents = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
-    uncond = transformer.null_condition(1)[0] if guidance_scale != 1.0 else None
+    scheduler = make_scheduler(sampler)
+    steps, guidance_scale = resolve_defaults(
+        sampler_name(scheduler), num_inference_steps, guidance_scale, transformer.config.caption_num_tokens
+    )
+    uncond = transformer.null_condition(1)[0] if guides(guidance_scale) else None
     model_fn = transformer_fn(transformer)
     if reference:
         eps_fn = reference_eps_fn(model_fn, layout, grid, uncond, guidance_scale, guidance_interval)
@@ -298,8 +310,6 @@ def denoise_region(
         eps_fn = windowed_eps_fn(
             model_fn, layout, conds, uncond, guidance_scale, guidance_interval, window_batch
         )
-    scheduler = make_scheduler(sampler)
-    steps = num_inference_steps or DEFAULT_STEPS[sampler_name(scheduler)]
     return denoise(eps_fn, latents.to(device), scheduler, steps, generator=generator, progress=progress)
 
 

@@ -24,10 +24,15 @@ from torch import Tensor
 from ..encoders import SD35_VAE_ID, decode_latents, load_vae, to_uint8, vae_scale_factor
 from ..model.loading import load_transformer
 from ..model.pixcell_transformer import PixCellTransformer2DModel
-from .samplers import DEFAULT_STEPS, denoise, guided_prediction, make_scheduler, sampler_name, transformer_fn
-
-# Published FID-optimal guidance (PixCell paper): 2.0 for PixCell-256 (T=1), 1.2 for PixCell-1024 (T=16).
-DEFAULT_GUIDANCE = {1: 2.0, 4: 1.5, 16: 1.2}
+from .samplers import (
+    denoise,
+    guided_prediction,
+    guides,
+    make_scheduler,
+    resolve_defaults,
+    sampler_name,
+    transformer_fn,
+)
 
 
 class PixCellPipeline(DiffusionPipeline):
@@ -124,8 +129,7 @@ class PixCellPipeline(DiffusionPipeline):
         device = self._execution_device
         uni = self.prepare_condition(uni_embeds).to(device)
         batch, tokens = uni.shape[:2]
-        w = DEFAULT_GUIDANCE.get(tokens, 1.5) if guidance_scale is None else float(guidance_scale)
-        steps = num_inference_steps or DEFAULT_STEPS[sampler_name(self.scheduler)]
+        steps, w = resolve_defaults(sampler_name(self.scheduler), num_inference_steps, guidance_scale, tokens)
 
         size = self.transformer.config.sample_size
         shape = (batch, self.transformer.config.in_channels, size, size)
@@ -134,7 +138,7 @@ class PixCellPipeline(DiffusionPipeline):
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
         uncond = None
-        if w != 1.0:
+        if guides(w):
             uncond = (
                 self.transformer.null_condition(batch) if negative_uni_embeds is None else negative_uni_embeds
             )

@@ -48,8 +48,8 @@ from .large_image import (
     region_layout,
     window_layout,
 )
-from .pipeline import DEFAULT_GUIDANCE, PixCellPipeline
-from .samplers import DEFAULT_STEPS
+from .pipeline import PixCellPipeline
+from .samplers import resolve_defaults
 
 log = logging.getLogger("pixcell.sample")
 SUFFIX = {"png": ".png", "jpeg": ".jpg"}
@@ -81,9 +81,7 @@ class SampleSettings:
     progress: bool = True
 
     def resolved(self, tokens: int) -> tuple[int, float]:
-        steps = self.steps or DEFAULT_STEPS[self.sampler]
-        guidance = DEFAULT_GUIDANCE.get(tokens, 1.5) if self.guidance is None else float(self.guidance)
-        return steps, guidance
+        return resolve_defaults(self.sampler, self.steps, self.guidance, tokens)
 
 
 @dataclass

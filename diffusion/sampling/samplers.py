@@ -54,6 +54,22 @@ SAMPLERS: dict[str, Callable[[], object]] = {
     ),  # fmt: skip
 }
 DEFAULT_STEPS = {"dpm-solver": 20, "ddim": 50, "sa-solver": 25, "ddpm": 100}
+# Published FID-optimal guidance (PixCell paper): 2.0 for PixCell-256 (T=1), 1.2 for PixCell-1024 (T=16).
+DEFAULT_GUIDANCE = {1: 2.0, 4: 1.5, 16: 1.2}
+
+
+def resolve_defaults(sampler: str, steps: int | None, guidance: float | None, tokens: int) -> tuple[int, float]:
+    """(steps, guidance) with None replaced by the defaults: DEFAULT_STEPS of the sampler, and the published
+    guidance for a model taking `tokens` UNI tokens (1.5 for token counts without a published value)."""
+    if sampler not in DEFAULT_STEPS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(DEFAULT_STEPS)}")
+    w = DEFAULT_GUIDANCE.get(tokens, 1.5) if guidance is None else float(guidance)
+    return steps or DEFAULT_STEPS[sampler], w
+
+
+def guides(guidance_scale: float) -> bool:
+    """Whether guidance needs the unconditional pass: with w == 1, eps_u + w (eps_c - eps_u) is exactly eps_c."""
+    return guidance_scale != 1.0
 
 
 def make_scheduler(name: str = "dpm-solver"):
@@ -101,7 +117,7 @@ def guided_prediction(
     """
     c = x.shape[1]
     tt = t.reshape(1).expand(x.shape[0]).to(x.device)
-    if uncond is None or guidance_scale == 1.0 or not guidance_active(t, interval):
+    if uncond is None or not guides(guidance_scale) or not guidance_active(t, interval):
         return model(x, cond, tt)
     out = model(torch.cat([x, x]), torch.cat([cond, uncond]), torch.cat([tt, tt]))
     out_c, out_u = out.chunk(2)
