@@ -54,7 +54,9 @@ def crop_token_indices(parent_side: int, y: int, x: int, rows: int, cols: int) -
     """Row-major indices, into the flat (parent_side**2) token list of a patch, of the sub-grid of `rows` x
     `cols` tokens at token (y, x): the tokens of a crop (the published features are row-major over the tiles)."""
     if y < 0 or x < 0 or y + rows > parent_side or x + cols > parent_side:
-        raise ValueError(f"crop of {rows}x{cols} tokens at ({y}, {x}) outside a {parent_side}x{parent_side} grid")
+        raise ValueError(
+            f"crop of {rows}x{cols} tokens at ({y}, {x}) outside a {parent_side}x{parent_side} grid"
+        )
     return [(y + i) * parent_side + (x + j) for i in range(rows) for j in range(cols)]
 
 
