@@ -141,7 +141,7 @@ def load_uni(source: str | Path = UNI2H_HUB_ID, device: str | torch.device = "cp
         except Exception as err:
             raise RuntimeError(
                 f"cannot load {source} ({type(err).__name__}): request access on the Hub and log in, or pass a "
-                "local folder/file with --uni (e.g. the downloaded pytorch_model.bin)"
+                "local folder/file as `uni` (e.g. the downloaded pytorch_model.bin)"
             ) from None
         return UNIEncoder(model).to(device)
     if path.is_dir():
@@ -243,7 +243,7 @@ def load_vae(source: str | Path = SD35_VAE_ID, subfolder: str | None = "vae", to
             raise
         raise RuntimeError(
             f"cannot load the VAE from {source} ({type(err).__name__}): accept the SD3.5 licence on the Hub and "
-            "log in, or pass a local folder with --vae"
+            "log in, or pass a local folder as `vae`"
         ) from None
 
 

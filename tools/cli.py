@@ -4,14 +4,23 @@ format), defined once, and `run_cli`, which turns bad input into one `error: ...
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from tqdm.auto import tqdm
 
 from diffusion.encoders import SD35_VAE_ID, UNI2H_HUB_ID
 from diffusion.geometry import DTYPES
+
+if TYPE_CHECKING:  # the sampling stack is imported by the tools that sample, not by every tool
+    from diffusion.sampling.pipeline import PixCellPipeline
+    from diffusion.sampling.runner import SampleSettings
 
 
 def add_model_args(parser: argparse.ArgumentParser, model_default: str | None = None) -> None:
@@ -38,6 +47,38 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--format", default="png", choices=["png", "jpeg"], help="image format (PNG is lossless)")
 
 
+# The library names its parameters in backquotes (`n_images`) in its error messages; a tool shows the flag that
+# sets that parameter. One mapping for every tool: a parameter keeps one flag name everywhere.
+FLAGS = {
+    "data_root": "--data-root",
+    "dataset_regions": "--region",
+    "features": "--features",
+    "fmt": "--format",
+    "grids": "--grid",
+    "images": "--image",
+    "index_file": "--index",
+    "mask_dir": "--masks",
+    "max_skips": "--max-skips",
+    "n_images": "--n-images",
+    "out_dir": "--out",
+    "patches": "--patches",
+    "region_size": "--region-size",
+    "uni": "--uni",
+    "vae": "--vae",
+}
+
+
+def flag_names(message: str) -> str:
+    """A library error message as a tool shows it: each `parameter` of FLAGS becomes its --flag."""
+    return re.sub(r"`(\w+)`", lambda m: FLAGS.get(m[1], m[0]), message)
+
+
+def error_line(err: BaseException) -> str:
+    """The one `error: ...` line for bad input (a KeyError's message without its quotes)."""
+    msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+    return f"error: {flag_names(str(msg))}"
+
+
 def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -51,8 +92,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     try:
         return int(main(argv) or 0)
     except (ValueError, FileNotFoundError, RuntimeError, OSError, KeyError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {msg}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         return 2
 
 
@@ -91,3 +131,156 @@ def check_sampler_args(args: argparse.Namespace) -> None:
         low, high = args.guidance_interval
         if not 0 <= low <= high <= 1000:
             raise ValueError(f"--guidance-interval {low} {high}: expected 0 <= LOW <= HIGH <= 1000")
+
+
+#################################################################################
+#                    Sampling tools (tools.sample, tools.sample_4k)             #
+#################################################################################
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """Output and throughput flags shared by sample.py and sample_4k.py."""
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", required=True, help="output folder (syn/, real/, manifest.jsonl, run.json)")
+    g.add_argument("--no-real", action="store_true", help="do not write the real reference images")
+    g.add_argument("--jpeg-quality", type=int, default=95, help="with --format jpeg")
+    g.add_argument("--vae-batch", type=int, default=None, help="images (windows) per VAE decode call")
+    g.add_argument(
+        "--workers", type=int, default=None, help="DataLoader workers (default: 4 on GPU, 0 on CPU)"
+    )
+    g.add_argument("--max-skips", type=int, default=100, help="stop after more unusable conditions than this")
+    g.add_argument("--compile", action="store_true", help="torch.compile each transformer block (GPU runs)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_paths(**flags: Sequence[str | None] | None) -> None:
+    """Missing input paths, before minutes of model loading: one line naming the flag."""
+    for flag, paths in flags.items():
+        for path in paths or ():
+            if path is not None and not Path(path).exists():
+                raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file or folder")
+
+
+def runtime_device(name: str) -> torch.device:
+    """--device, with each `accelerate launch` process on its own GPU."""
+    device = resolve_device(name)
+    if device.type == "cuda":
+        from accelerate import PartialState
+
+        state = PartialState()
+        if state.num_processes > 1:
+            return state.device
+    return device
+
+
+def load_pipeline(args: argparse.Namespace, device: torch.device) -> tuple[PixCellPipeline, str, str]:
+    """The pipeline on `device` in --dtype, plus what the manifest names as model and VAE."""
+    from diffusion.model.pixcell_transformer import compile_blocks
+    from diffusion.sampling.pipeline import PixCellPipeline
+    from diffusion.sampling.runner import model_reference
+
+    dtype = DTYPES[args.dtype]
+    torch_dtype = None if dtype == torch.float32 else dtype  # fp32 is the stored dtype: no cast
+    if getattr(args, "controlnet", None):
+        from diffusion.sampling.controlnet_pipeline import PixCellControlNetPipeline
+
+        pipe = PixCellControlNetPipeline.from_parts(
+            args.model, args.controlnet, args.vae, args.sampler, torch_dtype=torch_dtype
+        ).to(device)
+    else:
+        pipe = PixCellPipeline.from_parts(args.model, args.vae, args.sampler, torch_dtype=torch_dtype).to(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.compile:
+        compile_blocks(pipe.transformer, True)
+    return pipe, model_reference(args.model), model_reference(args.vae)
+
+
+def load_uni_encoder(args: argparse.Namespace, device: torch.device, channels: int):
+    """--uni in --dtype on `device`; its embeddings must have the model's `channels`."""
+    from diffusion.encoders import load_uni
+
+    uni = load_uni(args.uni, device)
+    if uni.embed_dim != channels:
+        raise ValueError(f"--uni {args.uni}: embeddings of dim {uni.embed_dim}, the model takes {channels}")
+    uni.model.to(DTYPES[args.dtype])
+    return uni
+
+
+def settings_from_args(args: argparse.Namespace, batch: int, workers: int) -> SampleSettings:
+    """SampleSettings from the sampler, runtime and output flags."""
+    from diffusion.sampling.runner import SampleSettings
+
+    check_sampler_args(args)
+    if batch < 1:
+        raise ValueError(f"--batch {batch}: expected >= 1")
+    return SampleSettings(
+        sampler=args.sampler,
+        steps=args.steps,
+        guidance=args.guidance,
+        guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
+        seed=args.seed,
+        dtype=args.dtype,
+        format=args.format,
+        jpeg_quality=args.jpeg_quality,
+        batch_size=batch,
+        vae_batch=args.vae_batch,
+        workers=workers,
+        write_real=not args.no_real,
+        max_skips=args.max_skips,
+        progress=not args.no_progress,
+    )
+
+
+def run_with_default_model(module: str, model: str, argv: Sequence[str] | None) -> int:
+    """An alias tool (tools.sample_256): `module`'s main with --model defaulting to `model` (a --model given
+    on the command line comes later and wins: argparse keeps the last value)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return int(importlib.import_module(module).main(["--model", model, *args]) or 0)
+
+
+#################################################################################
+#               Feature tools (tools.extract_features, tools.pack_features)     #
+#################################################################################
+
+
+class FailureCounter:
+    """Counts bad inputs of a long loop; logs each with a running count; raises past the allowed rate."""
+
+    def __init__(self, max_rate: float, min_failures: int, log_file: Path | None, what: str = "patches"):
+        self.max_rate, self.min_failures, self.log_file, self.what = max_rate, min_failures, log_file, what
+        self.ok = 0
+        self.failed = 0
+
+    def success(self, n: int = 1) -> None:
+        self.ok += n
+
+    def failure(self, path: str, reason: str) -> None:
+        self.failed += 1
+        seen = self.ok + self.failed
+        tqdm.write(f"skip {path}: {reason} [{self.failed} of {seen} {self.what} failed so far]")
+        if self.log_file is not None:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_file, "a") as fh:
+                fh.write(f"{path}\t{reason}\n")
+        if self.failed >= self.min_failures and self.failed / seen > self.max_rate:
+            raise RuntimeError(
+                f"{self.failed} of {seen} {self.what} failed ({self.failed / seen:.1%} > "
+                f"--max-failure-rate {self.max_rate:.1%}); last: {path}: {reason}"
+            )
+
+
+def add_index_args(p: argparse.ArgumentParser, verb: str) -> None:
+    """--root, --index, --keys: the patches a feature tool works on (this one and pack_features)."""
+    p.add_argument("--root", type=Path, required=True, help="patches root")
+    p.add_argument(
+        "--index", type=Path, default=None, help="index file (default <root>/metadata/patch_names_all.hdf5)"
+    )
+    p.add_argument("--keys", nargs="+", default=None, help=f"index keys to {verb} (default: all)")
+
+
+def add_failure_args(p: argparse.ArgumentParser, log_default: str) -> None:
+    """--max-failure-rate, --min-failures-before-stop, --failure-log: the FailureCounter's settings."""
+    p.add_argument("--max-failure-rate", type=float, default=0.01)
+    p.add_argument("--min-failures-before-stop", type=int, default=10)
+    p.add_argument("--failure-log", type=Path, default=None, help=f"default: {log_default}")

@@ -51,50 +51,9 @@ from diffusion.encoders import (
     vae_scale_factor,
 )
 from diffusion.geometry import UNI_TILE, latent_norm, norm_record
+from tools.cli import FailureCounter, add_failure_args, add_index_args, error_line
 
 log = logging.getLogger("pixcell.data")
-
-
-class FailureCounter:
-    """Counts bad inputs of a long loop; logs each with a running count; raises past the allowed rate."""
-
-    def __init__(self, max_rate: float, min_failures: int, log_file: Path | None, what: str = "patches"):
-        self.max_rate, self.min_failures, self.log_file, self.what = max_rate, min_failures, log_file, what
-        self.ok = 0
-        self.failed = 0
-
-    def success(self, n: int = 1) -> None:
-        self.ok += n
-
-    def failure(self, path: str, reason: str) -> None:
-        self.failed += 1
-        seen = self.ok + self.failed
-        tqdm.write(f"skip {path}: {reason} [{self.failed} of {seen} {self.what} failed so far]")
-        if self.log_file is not None:
-            self.log_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.log_file, "a") as fh:
-                fh.write(f"{path}\t{reason}\n")
-        if self.failed >= self.min_failures and self.failed / seen > self.max_rate:
-            raise RuntimeError(
-                f"{self.failed} of {seen} {self.what} failed ({self.failed / seen:.1%} > "
-                f"--max-failure-rate {self.max_rate:.1%}); last: {path}: {reason}"
-            )
-
-
-def add_index_args(p: argparse.ArgumentParser, verb: str) -> None:
-    """--root, --index, --keys: the patches a feature tool works on (this one and pack_features)."""
-    p.add_argument("--root", type=Path, required=True, help="patches root")
-    p.add_argument(
-        "--index", type=Path, default=None, help="index file (default <root>/metadata/patch_names_all.hdf5)"
-    )
-    p.add_argument("--keys", nargs="+", default=None, help=f"index keys to {verb} (default: all)")
-
-
-def add_failure_args(p: argparse.ArgumentParser, log_default: str) -> None:
-    """--max-failure-rate, --min-failures-before-stop, --failure-log: the FailureCounter's settings."""
-    p.add_argument("--max-failure-rate", type=float, default=0.01)
-    p.add_argument("--min-failures-before-stop", type=int, default=10)
-    p.add_argument("--failure-log", type=Path, default=None, help=f"default: {log_default}")
 
 
 class PatchImages(Dataset):
@@ -195,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         vae = load_vae(args.vae).to(device)
         uni = load_uni(args.uni, device=device)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
-        print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         return 2
     npy_root = args.features_root or args.root
     packed_root = args.packed_root or args.root / PACKED_DIRNAME

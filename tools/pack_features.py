@@ -34,7 +34,7 @@ from diffusion.data.features import (
 )
 from diffusion.data.index import default_index_file, key_size, read_index
 from diffusion.geometry import UNI_TILE, VAE_FACTOR, norm_record
-from tools.extract_features import FailureCounter, add_failure_args, add_index_args
+from tools.cli import FailureCounter, add_failure_args, add_index_args, error_line
 
 
 def expected_shapes(features_root: Path, names: list[str], size: int) -> tuple[tuple, tuple]:
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                     extra={"packed_from": str(npy_root), **norm},
                 )
     except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         return 2
     failure_log = args.failure_log or packed_root / f"pack_failures.{job[0]}of{job[1]}.tsv"
     counter = FailureCounter(args.max_failure_rate, args.min_failures_before_stop, failure_log)

@@ -26,110 +26,23 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
-from diffusion.encoders import load_uni
 from diffusion.geometry import UNI_TILE
-from diffusion.model.pixcell_transformer import compile_blocks
 from diffusion.sampling.conditions import EmbeddingSource, FolderSource, IndexSource
-from diffusion.sampling.pipeline import PixCellPipeline
-from diffusion.sampling.runner import MaskControl, SampleSettings, model_reference, sample_patches
+from diffusion.sampling.runner import MaskControl, model_reference, sample_patches
 from tools.cli import (
-    DTYPES,
     add_model_args,
+    add_output_args,
     add_runtime_args,
     add_sampler_args,
-    check_sampler_args,
-    resolve_device,
+    check_paths,
+    load_pipeline,
+    load_uni_encoder,
     run_cli,
+    runtime_device,
+    settings_from_args,
 )
 
 log = logging.getLogger("pixcell.sample")
-
-
-def add_output_args(parser: argparse.ArgumentParser) -> None:
-    """Output and throughput flags shared by sample.py and sample_4k.py."""
-    g = parser.add_argument_group("output")
-    g.add_argument("--out", required=True, help="output folder (syn/, real/, manifest.jsonl, run.json)")
-    g.add_argument("--no-real", action="store_true", help="do not write the real reference images")
-    g.add_argument("--jpeg-quality", type=int, default=95, help="with --format jpeg")
-    g.add_argument("--vae-batch", type=int, default=None, help="images (windows) per VAE decode call")
-    g.add_argument(
-        "--workers", type=int, default=None, help="DataLoader workers (default: 4 on GPU, 0 on CPU)"
-    )
-    g.add_argument("--max-skips", type=int, default=100, help="stop after more unusable conditions than this")
-    g.add_argument("--compile", action="store_true", help="torch.compile each transformer block (GPU runs)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def check_paths(**flags: Sequence[str | None] | None) -> None:
-    """Missing input paths, before minutes of model loading: one line naming the flag."""
-    for flag, paths in flags.items():
-        for path in paths or ():
-            if path is not None and not Path(path).exists():
-                raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file or folder")
-
-
-def runtime_device(name: str) -> torch.device:
-    """--device, with each `accelerate launch` process on its own GPU."""
-    device = resolve_device(name)
-    if device.type == "cuda":
-        from accelerate import PartialState
-
-        state = PartialState()
-        if state.num_processes > 1:
-            return state.device
-    return device
-
-
-def load_pipeline(args: argparse.Namespace, device: torch.device) -> tuple[PixCellPipeline, str, str]:
-    """The pipeline on `device` in --dtype, plus what the manifest names as model and VAE."""
-    dtype = DTYPES[args.dtype]
-    torch_dtype = None if dtype == torch.float32 else dtype  # fp32 is the stored dtype: no cast
-    if getattr(args, "controlnet", None):
-        from diffusion.sampling.controlnet_pipeline import PixCellControlNetPipeline
-
-        pipe = PixCellControlNetPipeline.from_parts(
-            args.model, args.controlnet, args.vae, args.sampler, torch_dtype=torch_dtype
-        ).to(device)
-    else:
-        pipe = PixCellPipeline.from_parts(args.model, args.vae, args.sampler, torch_dtype=torch_dtype).to(device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    if args.compile:
-        compile_blocks(pipe.transformer, True)
-    return pipe, model_reference(args.model), model_reference(args.vae)
-
-
-def load_uni_encoder(args: argparse.Namespace, device: torch.device, channels: int):
-    """--uni in --dtype on `device`; its embeddings must have the model's `channels`."""
-    uni = load_uni(args.uni, device)
-    if uni.embed_dim != channels:
-        raise ValueError(f"--uni {args.uni}: embeddings of dim {uni.embed_dim}, the model takes {channels}")
-    uni.model.to(DTYPES[args.dtype])
-    return uni
-
-
-def settings_from_args(args: argparse.Namespace, batch: int, workers: int) -> SampleSettings:
-    check_sampler_args(args)
-    if batch < 1:
-        raise ValueError(f"--batch {batch}: expected >= 1")
-    return SampleSettings(
-        sampler=args.sampler,
-        steps=args.steps,
-        guidance=args.guidance,
-        guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
-        seed=args.seed,
-        dtype=args.dtype,
-        format=args.format,
-        jpeg_quality=args.jpeg_quality,
-        batch_size=batch,
-        vae_batch=args.vae_batch,
-        workers=workers,
-        write_real=not args.no_real,
-        max_skips=args.max_skips,
-        progress=not args.no_progress,
-    )
 
 
 def read_patch_list(path: str) -> list[str]:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from tools import sample
-from tools.cli import run_cli
+from tools.cli import run_cli, run_with_default_model
 
 MODEL = "StonyBrook-CVLab/PixCell-256"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return sample.main(argv, model_default=MODEL)
+    return run_with_default_model("tools.sample", MODEL, argv)
 
 
 if __name__ == "__main__":

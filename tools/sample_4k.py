@@ -21,12 +21,15 @@ from collections.abc import Sequence
 
 from diffusion.sampling.conditions import RegionSource
 from diffusion.sampling.runner import RegionSettings, sample_regions
-from tools.cli import add_model_args, add_runtime_args, add_sampler_args, run_cli
-from tools.sample import (
+from tools.cli import (
+    add_model_args,
     add_output_args,
+    add_runtime_args,
+    add_sampler_args,
     check_paths,
     load_pipeline,
     load_uni_encoder,
+    run_cli,
     runtime_device,
     settings_from_args,
 )

@@ -243,8 +243,8 @@ def load_feature_encoder(
         try:
             model = load_uni(spec.source).model
         except (RuntimeError, FileNotFoundError, ValueError) as err:
-            flag = f"--encoder {spec.name}=PATH"  # load_uni's messages name the sampling tools' --uni flag
-            msg = str(err).replace("--uni", flag) if "--uni" in str(err) else f"{err} ({flag})"
+            flag = f"--encoder {spec.name}=PATH"  # load_uni names its source parameter `uni`
+            msg = str(err).replace("`uni`", flag) if "`uni`" in str(err) else f"{err} ({flag})"
             raise type(err)(f"encoder {spec.name}: {msg}") from None
         arch = spec.arch
     else:

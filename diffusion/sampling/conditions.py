@@ -15,7 +15,8 @@ tokens makes images of m*tile px (m = 1: PixCell-256, m = 4: PixCell-1024). A gr
 into (gh/m) x (gw/m) crops, each one image: a 1024 px patch with its (16, 1536) features gives 16 conditions
 for PixCell-256 or one for PixCell-1024. Tokens are row-major over the tiles, as the published features are.
 
-Bad input: a path that does not exist, a file of the wrong shape, NaNs: one-line ValueError/FileNotFoundError at
+Error messages name the parameters in backquotes (`n_images`); the command-line tools print them as their flags
+(tools/cli.py: FLAGS). Bad input: a path that does not exist, a file of the wrong shape, NaNs: one-line ValueError/FileNotFoundError at
 once. Inside a long list (a missing or unreadable feature file, a truncated patch image), `load` raises
 `SampleError`, which the runner logs and counts as a skip (hard stop past a threshold).
 """
@@ -200,13 +201,13 @@ class IndexSource(ConditionSource):
         super().__init__(tokens_side, tile, channels)
         if (index_file is None) == (patches is None):
             raise ValueError(
-                "dataset conditions: give either an index file (--index) or a patch list (--patches)"
+                "dataset conditions: give either an index file (`index_file`) or a patch list (`patches`)"
             )
         if features not in ("npy", "packed"):
-            raise ValueError(f"--features {features!r}: expected npy or packed")
+            raise ValueError(f"`features` {features!r}: expected npy or packed")
         if features == "packed" and patches is not None:
             raise ValueError(
-                "--features packed needs --index (packed shards are addressed by index position)"
+                "`features` packed needs `index_file` (packed shards are addressed by index position)"
             )
         self.index_file = Path(index_file) if index_file is not None else None
         if self.index_file is not None and not self.index_file.is_file():
@@ -215,7 +216,7 @@ class IndexSource(ConditionSource):
             )
         if data_root is None:
             if self.index_file is None:
-                raise ValueError("--patches needs --data-root (the folder the patch paths are relative to)")
+                raise ValueError("`patches` needs `data_root` (the folder the patch paths are relative to)")
             data_root = self.index_file.parent.parent
         self.data_root = Path(data_root)
         if not self.data_root.is_dir():
@@ -229,7 +230,7 @@ class IndexSource(ConditionSource):
         self.n_images = n_images
         self.seed = seed
         if n_images is not None and n_images < 1:
-            raise ValueError(f"--n-images {n_images}: expected >= 1")
+            raise ValueError(f"`n_images` {n_images}: expected >= 1")
         self.keys: list[str] = []
         self.readers: dict[str, PackedReader] = {}
         if self.index_file is not None:
@@ -282,7 +283,7 @@ class IndexSource(ConditionSource):
         if self.n_images is None:
             chosen = np.arange(total)
         elif self.n_images > total:
-            raise ValueError(f"--n-images {self.n_images}: the index holds only {total} crops")
+            raise ValueError(f"`n_images` {self.n_images}: the index holds only {total} crops")
         else:  # sampling without replacement, never listing every crop; sorted for locality on disk
             chosen = np.sort(np.random.default_rng(self.seed).choice(total, self.n_images, replace=False))
         out: list[Spec] = []
@@ -311,7 +312,7 @@ class IndexSource(ConditionSource):
         if self.n_images is None:
             return specs
         if self.n_images > len(specs):
-            raise ValueError(f"--n-images {self.n_images}: the listed patches hold only {len(specs)} crops")
+            raise ValueError(f"`n_images` {self.n_images}: the listed patches hold only {len(specs)} crops")
         keep = np.sort(np.random.default_rng(self.seed).choice(len(specs), self.n_images, replace=False))
         return [specs[i] for i in keep]
 
@@ -548,18 +549,18 @@ class RegionSource(ConditionSource):
                           "entry": name})  # fmt: skip
         if dataset_regions:
             if data_root is None:
-                raise ValueError("--region needs --data-root (the patches folder)")
+                raise ValueError("`dataset_regions` needs `data_root` (the patches folder)")
             self.data_root = Path(data_root)
             self.features_root = Path(features_root) if features_root else self.data_root
             for root in (self.data_root, self.features_root):
                 if not root.is_dir():
                     raise FileNotFoundError(f"{root}: no such folder")
             if region_size % self.window_px:
-                raise ValueError(f"--region-size {region_size}: expected a multiple of {self.window_px} px")
+                raise ValueError(f"`region_size` {region_size}: expected a multiple of {self.window_px} px")
             for slide, row, col in dataset_regions:
                 self._add_dataset_region(slide, int(row), int(col), region_size)
         if not self.entries:
-            raise ValueError("no regions given (use --image, --grid or --region)")
+            raise ValueError("no regions given (use `images`, `grids` or `dataset_regions`)")
 
     def _add(self, name: str, size: tuple[int, int], src: dict, **extra) -> None:
         h, w = size
@@ -590,7 +591,7 @@ class RegionSource(ConditionSource):
             patch_px = image_size(any_file)[0]
         if region % patch_px:
             raise ValueError(
-                f"--region-size {region}: not a multiple of the {patch_px} px patches of {slide_dir}"
+                f"`region_size` {region}: not a multiple of the {patch_px} px patches of {slide_dir}"
             )
         k = region // patch_px
         patches = []

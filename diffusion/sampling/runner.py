@@ -127,7 +127,7 @@ class OutputFolder:
 
     def __init__(self, root: str | Path, fmt: str = "png", jpeg_quality: int = 95, writers: int = 2):
         if fmt not in SUFFIX:
-            raise ValueError(f"--format {fmt!r}: expected png or jpeg")
+            raise ValueError(f"`fmt` {fmt!r}: expected png or jpeg")
         self.root = Path(root)
         self.fmt, self.quality = fmt, jpeg_quality
         self.suffix = SUFFIX[fmt]
@@ -152,7 +152,7 @@ class OutputFolder:
             if diff:
                 detail = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items()))
                 raise ValueError(
-                    f"{self.root}: holds images made with other settings ({detail}); use another --out"
+                    f"{self.root}: holds images made with other settings ({detail}); use another output folder (`out_dir`)"
                 )
         elif is_main:
             with atomic_path(path) as tmp:
@@ -232,7 +232,7 @@ class SkipCounter:
         if self.count > self.limit:
             raise RuntimeError(
                 f"more than {self.limit} conditions could not be used (last: {message}); fix the data or raise "
-                "--max-skips"
+                "`max_skips`"
             )
 
 
@@ -331,7 +331,7 @@ class MaskControl:
         for cand in (self.mask_dir / f"{name}.png", self.mask_dir / f"{Path(name).name}.png"):
             if cand.is_file():
                 return cand
-        raise FileNotFoundError(f"--masks {self.mask_dir}: no mask for {name} (expected {name}.png)")
+        raise FileNotFoundError(f"`mask_dir` {self.mask_dir}: no mask for {name} (expected {name}.png)")
 
 
 def sample_patches(
@@ -349,7 +349,7 @@ def sample_patches(
     transformer = pipe.transformer
     tokens = transformer.config.caption_num_tokens
     if isinstance(source, FolderSource) and uni is None:
-        raise ValueError("conditions from images need a UNI encoder (--uni)")
+        raise ValueError("conditions from images need a UNI encoder (`uni`)")
     skip = SkipCounter(settings.max_skips)
     skipped: list[str] = []
     specs = source.specs(skipped)
