@@ -104,13 +104,16 @@ class UNIEncoder(torch.nn.Module):
         param = next(self.model.parameters())
         return self.model(x.to(param.dtype)).float()
 
-    def embed_grid(self, images: Tensor, batch_size: int = 64) -> Tensor:
-        """(B, 3, H, W) images with H, W multiples of 256 -> (B, T, C) tokens, one per 256 px tile, row-major."""
-        tiles = tile_images(images)  # (B, T, 3, 256, 256)
+    def embed_grid(self, images: Tensor, batch_size: int = 64, tile: int = UNI_TILE) -> Tensor:
+        """(B, 3, H, W) images (float in [0, 1] or uint8, any device) with H, W multiples of `tile` -> (B, T, C)
+        tokens on the encoder's device, one per tile, row-major; tiles go through the encoder `batch_size` at a
+        time (the tiles of many large images need not fit at once)."""
+        tiles = tile_images(images, tile)  # (B, T, 3, tile, tile)
         b, t = tiles.shape[:2]
         flat = tiles.flatten(0, 1)
-        feats = torch.cat([self(flat[i : i + batch_size]) for i in range(0, len(flat), batch_size)])
-        return feats.view(b, t, -1)
+        device = self.mean.device
+        feats = [self(flat[i : i + batch_size].to(device)) for i in range(0, len(flat), batch_size)]
+        return torch.cat(feats).view(b, t, -1)
 
 
 def tile_images(images: Tensor, tile: int = UNI_TILE) -> Tensor:

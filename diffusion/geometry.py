@@ -50,14 +50,14 @@ def tokens_for_image_px(px: int, what: str = "image size") -> int:
     return (px // UNI_TILE) ** 2
 
 
-def crop_token_indices(parent_side: int, y: int, x: int, rows: int, cols: int) -> list[int]:
-    """Row-major indices, into the flat (parent_side**2) token list of a patch, of the sub-grid of `rows` x
-    `cols` tokens at token (y, x): the tokens of a crop (the published features are row-major over the tiles)."""
-    if y < 0 or x < 0 or y + rows > parent_side or x + cols > parent_side:
-        raise ValueError(
-            f"crop of {rows}x{cols} tokens at ({y}, {x}) outside a {parent_side}x{parent_side} grid"
-        )
-    return [(y + i) * parent_side + (x + j) for i in range(rows) for j in range(cols)]
+def crop_token_indices(grid: int | tuple[int, int], y: int, x: int, rows: int, cols: int) -> list[int]:
+    """Row-major indices, into the flat token list of a (gh, gw) grid (or a square one of side `grid`), of the
+    sub-grid of `rows` x `cols` tokens at token (y, x): the tokens of a crop (the published features are
+    row-major over the tiles). Training crops and sampling conditions both select their tokens here."""
+    gh, gw = (grid, grid) if isinstance(grid, int) else grid
+    if y < 0 or x < 0 or y + rows > gh or x + cols > gw:
+        raise ValueError(f"crop of {rows}x{cols} tokens at ({y}, {x}) outside a {gh}x{gw} grid")
+    return [(y + i) * gw + (x + j) for i in range(rows) for j in range(cols)]
 
 
 #################################################################################

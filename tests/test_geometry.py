@@ -4,6 +4,7 @@ validation and sampling share (recorded beside the features, checked against the
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,16 @@ TINY = str(REPO / "configs" / "tiny" / "pixcell_tiny_256.py")
 OTHER = (0.25, 0.75)  # a VAE normalisation that is not SD3.5's
 
 
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """The trainer points the root logger at this test's (captured) stderr: put the handlers back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 def test_tokens_and_image_sizes():
     assert [tokens_side(t) for t in (1, 4, 16)] == [1, 2, 4]
     assert [image_px_for_tokens(t) for t in (1, 4, 16)] == [256, 512, 1024]
@@ -44,6 +55,7 @@ def test_crop_token_indices_is_the_row_major_sub_grid():
     grid = np.arange(16).reshape(4, 4)  # token ids of a 1024 px patch, row-major
     for y, x, m in [(0, 0, 1), (2, 2, 2), (1, 0, 2), (0, 0, 4)]:
         assert crop_token_indices(4, y, x, m, m) == grid[y : y + m, x : x + m].reshape(-1).tolist()
+    assert crop_token_indices((2, 3), 1, 1, 1, 2) == [4, 5]  # a (2, 3) region grid: rows of 3 tokens
     with pytest.raises(ValueError, match="outside a 4x4 grid"):
         crop_token_indices(4, 3, 3, 2, 2)
 

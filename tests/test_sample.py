@@ -23,7 +23,7 @@ from diffusion.model.loading import save_original_checkpoint
 from diffusion.model.pixcell_transformer import build_pixcell
 from diffusion.sampling.conditions import EmbeddingSource, IndexSource, name_seed
 from diffusion.sampling.pipeline import PixCellPipeline
-from diffusion.sampling.runner import embed_tiles, initial_noise
+from diffusion.sampling.runner import as_images, initial_noise
 from tools.cli import run_cli
 from tools.sample import main
 from tools.sample_256 import main as main_256
@@ -189,7 +189,7 @@ def test_image_folder_source_embeds_on_the_fly(models, tiny_vae_dir, tiny_uni_di
     # Tokens on the fly: one UNI embedding per 256 px tile, row-major, as embed_grid computes them.
     uni = load_uni(tiny_uni_dir)
     image = np.array(Image.open(folder / "sub" / "b.png"))
-    tokens = embed_tiles(uni, [image], 256)
+    tokens = uni.embed_grid(as_images([image]))  # uint8, as the runner calls it
     ref = uni.embed_grid(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)
     assert tokens.shape == (1, 2, C) and torch.allclose(tokens, ref, atol=1e-5)
 

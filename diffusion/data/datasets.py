@@ -40,7 +40,7 @@ from diffusion.data.features import (
     npy_feature_paths,
 )
 from diffusion.data.index import default_index_file, index_lengths, key_size, resolve_keys
-from diffusion.geometry import UNI_TILE, VAE_FACTOR
+from diffusion.geometry import UNI_TILE, VAE_FACTOR, crop_token_indices
 
 log = logging.getLogger("pixcell.data")
 
@@ -193,8 +193,7 @@ class PatchFeatureDataset(Dataset):
         lat = self.resolution // VAE_FACTOR
         box = (slice(row * lat, (row + 1) * lat), slice(col * lat, (col + 1) * lat))
         g, c = self.parent_grid, self.crop_grid
-        r0, c0 = row * c, col * c
-        tokens = np.array([(r0 + i) * g + (c0 + j) for i in range(c) for j in range(c)])
+        tokens = np.array(crop_token_indices(g, row * c, col * c, c, c))
         if self.feature_format == "packed":
             vae, uni = self._readers[key].read(position, rel, box, tokens)
         else:

@@ -5,7 +5,7 @@ A *source* lists `Spec`s (one per image to generate) and loads each one as a tok
     IndexSource       the dataset index (`patches/metadata/patch_names_all.hdf5`) and the patches' stored
                       features (`<patch>_uni.npy` or packed shards, read by diffusion.data.features): all
                       crops, a random `n_images` of them, or the crops of listed patches
-    FolderSource      image files; their UNI2-h tokens are computed on the fly by the caller (`embed_tiles`)
+    FolderSource      image files; their UNI2-h tokens are computed on the fly by the caller (`embed_grid`)
     EmbeddingSource   an `.npy` / `.safetensors` file of embeddings
     RegionSource      whole large regions for the 4K tool: a large image, an embedding-grid file, or a square of
                       adjacent dataset patches stitched together
@@ -36,7 +36,7 @@ from PIL import Image
 
 from ..data.features import PACKED_DIRNAME, PackedReader, SampleError, load_npy, npy_feature_paths
 from ..data.index import INDEX_RELPATH, index_lengths, key_size, resolve_keys
-from ..geometry import IMAGE_SUFFIXES
+from ..geometry import IMAGE_SUFFIXES, crop_token_indices
 
 __all__ = ["SampleError"]  # re-exported: the data module's "skip and count this one" error
 
@@ -110,19 +110,25 @@ def feature_path(features_root: Path, rel_patch: str) -> Path:
     return npy_feature_paths(features_root, rel_patch)[1]
 
 
-def tokens_as_grid(
-    array: np.ndarray, where: str, grid: int | None = None, channels: int | None = None
+def as_token_grid(
+    array: np.ndarray, where: str, grid: int | None = None, channels: int | None = None, grids: bool = False
 ) -> np.ndarray:
-    """(T, C) stored tokens (or (C,) for one) -> (g, g, C) float32; SampleError when unusable."""
+    """Tokens as a (gh, gw, C) float32 grid: (C,) -> (1, 1, C); (T, C) with T = g*g -> (g, g, C); with
+    `grids`, (gh, gw, C) is kept. `grid`: the side a square grid must have; `channels`: the embedding dim.
+    SampleError (a ValueError) naming `where` when the array is unusable: wrong shape, wrong dim, NaN/Inf."""
     if array.ndim == 1:
         array = array[None]
-    side = math.isqrt(array.shape[0]) if array.ndim == 2 else 0
-    if array.ndim != 2 or side * side != array.shape[0] or (grid is not None and side != grid):
-        want = f"({grid * grid}, C)" if grid else "(T, C) with T a square"
-        raise SampleError(f"{where}: shape {tuple(array.shape)}, expected {want}")
-    if channels is not None and array.shape[1] != channels:
-        raise SampleError(f"{where}: tokens of dim {array.shape[1]}, the model takes {channels}")
-    tokens = np.asarray(array, dtype=np.float32).reshape(side, side, -1)
+    if array.ndim == 2:
+        side = math.isqrt(array.shape[0])
+        if side * side != array.shape[0] or (grid is not None and side != grid):
+            want = f"({grid * grid}, C)" if grid else "(T, C) with T = g*g tokens, a square grid"
+            raise SampleError(f"{where}: shape {tuple(array.shape)}, expected {want}")
+        array = array.reshape(side, side, -1)
+    elif not (grids and array.ndim == 3):
+        raise SampleError(f"{where}: shape {tuple(array.shape)}, expected (T, C){' or (gh, gw, C)' * grids}")
+    if channels is not None and array.shape[-1] != channels:
+        raise SampleError(f"{where}: tokens of dim {array.shape[-1]}, the model takes {channels}")
+    tokens = np.asarray(array, dtype=np.float32)
     if not np.isfinite(tokens).all():
         raise SampleError(f"{where}: contains NaN or Inf values")
     return tokens
@@ -130,7 +136,7 @@ def tokens_as_grid(
 
 def read_patch_tokens(path: Path, grid: int | None = None, channels: int | None = None) -> np.ndarray:
     """A `<patch>_uni.npy` file as a (g, g, C) float32 grid; SampleError when missing or unusable."""
-    return tokens_as_grid(load_npy(path), str(path), grid, channels)
+    return as_token_grid(load_npy(path), str(path), grid, channels)
 
 
 #################################################################################
@@ -167,7 +173,10 @@ def _crop_image(image: np.ndarray | None, spec: Spec, tile: int) -> np.ndarray |
 
 
 def _crop_tokens(grid: np.ndarray, spec: Spec) -> np.ndarray:
-    return grid[spec.y : spec.y + spec.rows, spec.x : spec.x + spec.cols]
+    """The crop's (rows, cols, C) sub-grid: the same token selection as the training data's crops."""
+    gh, gw, c = grid.shape
+    idx = crop_token_indices((gh, gw), spec.y, spec.x, spec.rows, spec.cols)
+    return grid.reshape(gh * gw, c)[idx].reshape(spec.rows, spec.cols, c)
 
 
 class IndexSource(ConditionSource):
@@ -322,7 +331,7 @@ class IndexSource(ConditionSource):
             # Only the UNI rows: an empty latent box makes the reader skip the (much larger) VAE posterior.
             empty = (slice(0, 0), slice(0, 0))
             _, uni = self.readers[key].read(spec.source["position"], spec.entry, empty)
-            return tokens_as_grid(uni, f"{self.features_root / key} [{spec.entry}]", channels=self.channels)
+            return as_token_grid(uni, f"{self.features_root / key} [{spec.entry}]", channels=self.channels)
         grid = key_size(key) // self.tile if key else None
         return read_patch_tokens(feature_path(self.features_root, spec.entry), grid, self.channels)
 
@@ -422,20 +431,6 @@ def _tensors_from_file(path: Path) -> dict[str, np.ndarray]:
     raise ValueError(f"embeddings {path}: expected a .npy or .safetensors file")
 
 
-def _as_grid(a: np.ndarray, where: str) -> np.ndarray:
-    """(C,) -> (1, 1, C); (T, C) with T = g*g -> (g, g, C); (gh, gw, C) kept; NaN/Inf is a ValueError."""
-    if a.ndim == 1:
-        a = a.reshape(1, 1, -1)
-    elif a.ndim == 2:
-        side = math.isqrt(a.shape[0])
-        if side * side != a.shape[0]:
-            raise ValueError(f"embeddings {where}: {a.shape[0]} tokens per condition, not a square grid")
-        a = a.reshape(side, side, -1)
-    if not np.isfinite(a).all():
-        raise ValueError(f"embeddings {where}: contains NaN or Inf values")
-    return np.asarray(a, dtype=np.float32)
-
-
 def token_grids(path: Path, channels: int, regions: bool = False) -> dict[str, np.ndarray]:
     """Read an embeddings file as {name: (gh, gw, C) token grid}; one-line ValueError for any other shape.
 
@@ -464,9 +459,9 @@ def token_grids(path: Path, channels: int, regions: bool = False) -> dict[str, n
         stem = key or path.stem
         if stacked:
             for i in range(len(a)):
-                out[f"{stem}_{i:06d}"] = _as_grid(a[i], f"{where} row {i}")
+                out[f"{stem}_{i:06d}"] = as_token_grid(a[i], f"embeddings {where} row {i}", grids=True)
         else:
-            out[stem] = _as_grid(a, where)
+            out[stem] = as_token_grid(a, f"embeddings {where}", grids=True)
     if not out:
         raise ValueError(f"embeddings {path}: empty")
     return out

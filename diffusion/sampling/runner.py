@@ -37,7 +37,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_path
-from ..encoders import decode_latents, tile_images, to_uint8
+from ..encoders import decode_latents, to_uint8
 from .conditions import ConditionSource, FolderSource, Loaded, SampleError, Spec, name_seed
 from .large_image import (
     Chunker,
@@ -268,25 +268,13 @@ def _loader(source, specs, batches, workers) -> torch.utils.data.DataLoader:
 
 
 #################################################################################
-#                                  UNI on the fly                               #
-#################################################################################
-
-
-@torch.no_grad()
-def embed_tiles(uni, images: Sequence[np.ndarray], tile: int, batch: int = 64) -> Tensor:
-    """Real images (H, W, 3) uint8, all one size -> UNI tokens (B, (H/tile)*(W/tile), C), row-major tiles."""
-    param = next(uni.parameters())
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
-    tiles = tile_images(x, tile)  # (B, T, 3, tile, tile)
-    b, t = tiles.shape[:2]
-    flat = tiles.flatten(0, 1)
-    feats = torch.cat([uni(flat[i : i + batch].to(param.device)) for i in range(0, len(flat), batch)])
-    return feats.view(b, t, -1)
-
-
-#################################################################################
 #                           Patches (PixCell-256 / 1024)                        #
 #################################################################################
+
+
+def as_images(arrays: Sequence[np.ndarray]) -> Tensor:
+    """Real images (H, W, 3) uint8, all one size -> (B, 3, H, W) uint8, as `UNIEncoder.embed_grid` takes them."""
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
 def decode_batched(vae, latents: Tensor, chunker: Chunker) -> Tensor:
@@ -404,7 +392,7 @@ def sample_patches(
         if ok[0][1].tokens is not None:
             cond = torch.from_numpy(np.stack([ld.tokens.reshape(tokens, -1) for _, ld in ok]))
         else:
-            cond = embed_tiles(uni, [ld.image for _, ld in ok], source.tile)
+            cond = uni.embed_grid(as_images([ld.image for _, ld in ok]), tile=source.tile)
         seeds = [name_seed(settings.seed, spec.name) for spec, _ in ok]
         latents, gens = initial_noise(seeds, (transformer.config.in_channels, size, size))
         masks = {}
@@ -520,7 +508,7 @@ def sample_regions(
             grid = torch.from_numpy(loaded.tokens)
         else:
             h, w = loaded.image.shape[:2]
-            flat = embed_tiles(uni, [loaded.image], source.tile)[0]  # (gh*gw, C)
+            flat = uni.embed_grid(as_images([loaded.image]), tile=source.tile)[0]  # (gh*gw, C)
             grid = flat.view(h // source.tile, w // source.tile, -1)
         gh, gw = grid.shape[:2]
         layout_tile = window // math.isqrt(tokens)
