@@ -28,6 +28,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -306,6 +307,52 @@ def _run_info(settings: SampleSettings, model_ref: str, vae_ref: str, tokens: in
     }
 
 
+@dataclass
+class _Run:
+    """What `_open_run` sets up for `sample_patches` and `sample_regions`, and `_close_run` finishes."""
+
+    state: object  # accelerate PartialState
+    out: OutputFolder
+    steps: int
+    guidance: float
+    manifest_meta: dict  # the settings every manifest row repeats
+
+
+def _open_run(
+    pipe: PixCellPipeline,
+    out_dir: str | Path,
+    settings: SampleSettings,
+    model_ref: str,
+    vae_ref: str,
+    extra: dict,
+    extra_in_manifest: bool = False,
+) -> _Run:
+    """The opening both runners share: process state, resolved steps/guidance, the output folder's run.json
+    (refusing other settings), leftovers of a killed run removed, then every process waits for that."""
+    state = _process_state(pipe._execution_device)
+    tokens = pipe.transformer.config.caption_num_tokens
+    steps, guidance = settings.resolved(tokens)
+    out = OutputFolder(out_dir, settings.format, settings.jpeg_quality)
+    info = _run_info(settings, model_ref, vae_ref, tokens, extra)
+    out.check_run(info, state.is_main_process)
+    if state.is_main_process:
+        out.clean_temporaries()
+    state.wait_for_everyone()
+    meta = {"sampler": settings.sampler, "steps": steps, "guidance": guidance, "model": model_ref,
+            "guidance_interval": info["guidance_interval"], "dtype": settings.dtype,
+            **(extra if extra_in_manifest else {})}  # fmt: skip
+    return _Run(state, out, steps, guidance, meta)
+
+
+def _close_run(run: _Run, specs: Sequence[Spec], shards: list[list[str]], summary: dict, seed: int) -> dict:
+    """The ending both runners share: mark this process's shard finished; the last one writes the manifest."""
+    rows = partial(_rows, run.out, specs, seed, run.manifest_meta)
+    if run.out.finish_shard(shards, run.state.process_index, rows):
+        summary["done"] = sum(run.out.done(s) for s in specs)
+        log.info("%d/%d images in %s; manifest written", summary["done"], len(specs), run.out.root)
+    return summary
+
+
 @dataclass(frozen=True)
 class MaskControl:
     """Cell-mask ControlNet inputs for `sample_patches`: one mask per image, `<mask_dir>/<name>.png` (or the
@@ -333,7 +380,6 @@ def sample_patches(
     control: MaskControl | None = None,  # cell masks, with a PixCellControlNetPipeline
 ) -> dict:
     """Generate one image per condition of `source` into `out_dir` (see the module docstring). -> run summary."""
-    state = _process_state(pipe._execution_device)
     transformer = pipe.transformer
     tokens = transformer.config.caption_num_tokens
     if isinstance(source, FolderSource) and uni is None:
@@ -351,14 +397,9 @@ def sample_patches(
             control.mask_for(spec.name)
         extra_info |= {"controlnet": control.controlnet_ref, "controlnet_scale": control.scale,
                        "masks": str(control.mask_dir)}  # fmt: skip
-    steps, guidance = settings.resolved(tokens)
     size = transformer.config.sample_size
-    out = OutputFolder(out_dir, settings.format, settings.jpeg_quality)
-    info = _run_info(settings, model_ref, vae_ref, tokens, extra_info)
-    out.check_run(info, state.is_main_process)
-    if state.is_main_process:
-        out.clean_temporaries()
-    state.wait_for_everyone()
+    run = _open_run(pipe, out_dir, settings, model_ref, vae_ref, extra_info)
+    state, out, steps, guidance = run.state, run.out, run.steps, run.guidance
 
     bs = max(1, settings.batch_size)
     batches = [list(range(i, min(i + bs, len(specs)))) for i in range(0, len(specs), bs)]
@@ -426,16 +467,11 @@ def sample_patches(
         "skipped_here": skip.count,
         "processes": state.num_processes,
     }
-    meta = {"sampler": settings.sampler, "steps": steps, "guidance": guidance, "model": model_ref,
-            "guidance_interval": info["guidance_interval"], "dtype": settings.dtype}  # fmt: skip
     shards = [
         [specs[i].name for b in batches[k :: state.num_processes] for i in b]
         for k in range(state.num_processes)
     ]
-    if out.finish_shard(shards, state.process_index, lambda: _rows(out, specs, settings.seed, meta)):
-        summary["done"] = sum(out.done(s) for s in specs)
-        log.info("%d/%d images in %s; manifest written", summary["done"], len(specs), out.root)
-    return summary
+    return _close_run(run, specs, shards, summary, settings.seed)
 
 
 def _rows(out: OutputFolder, specs: Sequence[Spec], seed: int, meta: dict) -> Iterator[dict]:
@@ -469,10 +505,8 @@ def sample_regions(
     uni=None,
 ) -> dict:
     """Generate each region of `source` by sliding-window denoising, then a blended tiled decode."""
-    state = _process_state(pipe._execution_device)
     transformer = pipe.transformer
     tokens = transformer.config.caption_num_tokens
-    steps, guidance = settings.resolved(tokens)
     window = transformer.config.sample_size
     decode_stride = region.decode_stride or window // 2
     specs = source.specs()
@@ -482,13 +516,9 @@ def sample_regions(
             window_layout(layout.height, layout.width, window, decode_stride, window, "decode stride")
         except ValueError as err:
             raise ValueError(f"region {spec.name}: {err}") from None
-    out = OutputFolder(out_dir, settings.format, settings.jpeg_quality)
     extra = {"stride": region.stride, "decode_stride": decode_stride, "sigma": region.sigma, "window": window}
-    info = _run_info(settings, model_ref, vae_ref, tokens, extra)
-    out.check_run(info, state.is_main_process)
-    if state.is_main_process:
-        out.clean_temporaries()
-    state.wait_for_everyone()
+    run = _open_run(pipe, out_dir, settings, model_ref, vae_ref, extra, extra_in_manifest=True)
+    state, out, steps, guidance = run.state, run.out, run.steps, run.guidance
 
     device = pipe._execution_device
     wb = Chunker(region.window_batch or default_window_batch(device), "window batch")
@@ -527,11 +557,7 @@ def sample_regions(
         made += 1
     out.flush()
     summary = {"regions": len(specs), "made_here": made, "processes": state.num_processes}
-    meta = {"sampler": settings.sampler, "steps": steps, "guidance": guidance, "model": model_ref,
-            "guidance_interval": info["guidance_interval"], "dtype": settings.dtype, **extra}  # fmt: skip
     shards = [
         [specs[i].name for i in range(k, len(specs), state.num_processes)] for k in range(state.num_processes)
     ]
-    if out.finish_shard(shards, state.process_index, lambda: _rows(out, specs, settings.seed, meta)):
-        summary["done"] = sum(out.done(s) for s in specs)
-    return summary
+    return _close_run(run, specs, shards, summary, settings.seed)
