@@ -4,7 +4,7 @@ Only what no library provides lives here: the forward process `q_sample` and the
 objective (Nichol & Dhariwal 2021, "Improved DDPM", Sec. 3.1): L = L_simple + L_vlb, where L_simple is the MSE on
 eps and L_vlb the variational bound term that trains the variance with the mean detached (Eq. 16). The model
 outputs 2C channels: eps (C) and v in [-1, 1] (C), with log Sigma = frac * log beta_t + (1 - frac) * log beta~_t,
-frac = (v + 1) / 2 (Eq. 15). Sampling uses diffusers' schedulers (diffusion/sampling.py), not code of ours.
+frac = (v + 1) / 2 (Eq. 15). Sampling uses diffusers' schedulers (diffusion/sampling/samplers.py), not code of ours.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
     python -m tools.sample_4k --data-root patches --region tcga/lihc/single_1024/TCGA-XX 10 12 --out runs/4k
 
 Each 1024 px window is conditioned on its own 4 x 4 sub-grid of the region's UNI grid, overlapping predictions
-are averaged at every step (stride 32/64/128 latent px; see diffusion/large_image.py for the exact update), all
+are averaged at every step (stride 32/64/128 latent px; see diffusion/sampling/large_image.py for the exact update), all
 windows of a step, conditional and unconditional, run through the model in batched chunks, and the VAE decodes
 overlapping windows blended with a Gaussian window. Rerunning the same command skips finished regions.
 """
