@@ -21,8 +21,9 @@ VAE_FACTOR = 8  # px per latent px (SD3.5 VAE, f8)
 SD35_LATENT_SHIFT = 0.0609  # model latent = (z - shift) * scale (SD3.5 VAE config: shift_factor)
 SD35_LATENT_SCALE = 1.5305  # (scaling_factor)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Images read as conditions, references or evaluation inputs (sampling and evaluation read the same ones).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
+# Images read as conditions, references, training pairs or evaluation inputs: sampling, virtual staining and
+# evaluation read the same ones (lossless PNG/TIFF and JPEG; WebP and BMP are not read: convert them first).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 #################################################################################
