@@ -26,7 +26,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffusion.geometry import UNI_TILE
+from diffusion.geometry import UNI_TILE, tokens_side
 from diffusion.sampling.conditions import EmbeddingSource, FolderSource, IndexSource
 from diffusion.sampling.runner import MaskControl, model_reference, sample_patches
 from tools.cli import (
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
     device = runtime_device(args.device)
     pipe, model_ref, vae_ref = load_pipeline(args, device)
     t = pipe.transformer.config
-    m = round(t.caption_num_tokens**0.5)
+    m = tokens_side(t.caption_num_tokens)
     tile = pipe.image_size // m  # px per UNI token: 256 for every published model
     if tile != UNI_TILE:
         log.warning("this model makes %d px images from %d tokens: %d px per token, not UNI's %d", pipe.image_size,

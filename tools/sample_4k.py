@@ -19,6 +19,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from diffusion.geometry import tokens_side
 from diffusion.sampling.conditions import RegionSource
 from diffusion.sampling.runner import RegionSettings, sample_regions
 from tools.cli import (
@@ -82,9 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = runtime_device(args.device)
     pipe, model_ref, vae_ref = load_pipeline(args, device)
     t = pipe.transformer.config
-    m = round(t.caption_num_tokens**0.5)
-    if m * m != t.caption_num_tokens:
-        raise ValueError(f"--model {args.model}: {t.caption_num_tokens} UNI tokens do not form a square grid")
+    try:
+        m = tokens_side(t.caption_num_tokens)
+    except ValueError as err:
+        raise ValueError(f"--model {args.model}: {err}") from None
     # A one-token model (PixCell-256) can only step by whole windows (each window is one UNI tile): its
     # windows do not overlap while denoising, and only the blended decode joins them.
     tile = pipe.image_size // m

@@ -43,6 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..encoders import decode_latents, vae_scale_factor
+from ..geometry import tokens_side
 from .samplers import (
     denoise,
     guided_prediction,
@@ -263,7 +264,7 @@ def reference_eps_fn(
 def region_layout(transformer, grid_shape: tuple[int, int], stride: int) -> WindowLayout:
     """The layout for a (Gh, Gw) token grid and this transformer (window = its sample_size)."""
     window = transformer.config.sample_size
-    m = math.isqrt(transformer.config.caption_num_tokens)
+    m = tokens_side(transformer.config.caption_num_tokens)
     tile = window // m
     return window_layout(grid_shape[0] * tile, grid_shape[1] * tile, window, stride, m)
 

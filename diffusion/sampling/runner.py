@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_path
 from ..encoders import decode_latents, to_uint8
+from ..geometry import tokens_side
 from .conditions import ConditionSource, FolderSource, Loaded, SampleError, Spec, name_seed
 from .large_image import (
     Chunker,
@@ -541,7 +541,7 @@ def sample_regions(
             flat = uni.embed_grid(as_images([loaded.image]), tile=source.tile)[0]  # (gh*gw, C)
             grid = flat.view(h // source.tile, w // source.tile, -1)
         gh, gw = grid.shape[:2]
-        layout_tile = window // math.isqrt(tokens)
+        layout_tile = window // tokens_side(tokens)
         noise, gens = initial_noise(
             [name_seed(settings.seed, spec.name)],
             (transformer.config.in_channels, gh * layout_tile, gw * layout_tile),
