@@ -19,7 +19,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusion.geometry import DTYPES
+from diffusion.geometry import DTYPES, VAE_FACTOR
 from diffusion.model.pixcell_transformer import PIXCELL_MODELS, build_pixcell
 
 
@@ -106,7 +106,7 @@ def bench(args: argparse.Namespace) -> dict:
     t_train = timed(train_step, device, args.warmup, args.iters)
     row = {
         "preset": args.preset,
-        "px": size * 8,
+        "px": size * VAE_FACTOR,
         "batch": args.batch,
         "dtype": args.dtype,
         "ckpt": args.grad_ckpt,

@@ -23,6 +23,7 @@ import time
 import torch
 
 from diffusion.gaussian_diffusion import GaussianDiffusion
+from diffusion.geometry import VAE_FACTOR
 from diffusion.model.pixcell_transformer import PIXCELL_MODELS, build_pixcell, compile_blocks
 from diffusion.training.ema import EMA
 from diffusion.training.optim import build_optimizer
@@ -72,7 +73,7 @@ def bench(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     overrides = {"caption_channels": args.caption_channels} if args.caption_channels else {}
     if args.resolution:
-        overrides["sample_size"] = args.resolution // 8
+        overrides["sample_size"] = args.resolution // VAE_FACTOR
     torch.manual_seed(0)
     model = build_pixcell(args.preset, **overrides).to(device).train()
     mixed = DTYPE_NAMES[args.dtype]
@@ -122,7 +123,7 @@ def bench(args: argparse.Namespace) -> dict:
     flops = 3 * forward_flops(model, args.batch)
     row = dict(
         preset=args.preset,
-        px=c.sample_size * 8,
+        px=c.sample_size * VAE_FACTOR,
         batch=args.batch,
         dtype=args.dtype,
         grad_ckpt=args.grad_ckpt,
