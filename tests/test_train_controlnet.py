@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from diffusion.checkpoints import latest_checkpoint, list_checkpoints
 from diffusion.model.controlnet import load_controlnet
 from diffusion.model.loading import load_transformer
 from diffusion.model.pixcell_transformer import build_pixcell
 from diffusion.sampling.controlnet_pipeline import PixCellControlNetPipeline
-from diffusion.training.checkpoint import latest_checkpoint, list_checkpoints
 from train_scripts.train_controlnet import cli
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffusion.checkpoints import latest_checkpoint, list_checkpoints
 from diffusion.config import build_model_from_config, load_config
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.model.loading import load_transformer, save_original_checkpoint
-from diffusion.training.checkpoint import latest_checkpoint, list_checkpoints
 from train_scripts.train_pixcell import cli
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
+from diffusion.checkpoints import latest_checkpoint, list_checkpoints
 from diffusion.model.loading import save_original_checkpoint
 from diffusion.model.pixcell_transformer import build_pixcell, compile_blocks
-from diffusion.training.checkpoint import CheckpointManager, latest_checkpoint, list_checkpoints
+from diffusion.training.checkpoint import CheckpointManager
 from diffusion.training.ema import EMA
 from diffusion.training.init import initialise_from
 from diffusion.training.optim import build_lr_scheduler, build_optimizer, lr_factor

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from diffusion.atomic import atomic_path
+from diffusion.checkpoints import latest_checkpoint
 from diffusion.encoders import SD35_VAE_ID
 from diffusion.sampling.samplers import SAMPLERS
-from diffusion.training.checkpoint import latest_checkpoint
 from tools.cli import run_cli
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..atomic import atomic_path
+from ..checkpoints import resolve_init_source
 from .original_format import (
     diffusers_to_original,
     infer_config,
@@ -127,8 +128,6 @@ def load_transformer(
         folder = _transformer_folder(path)
         if folder is None and ((path / "checkpoints").is_dir() or (path / "meta.json").is_file()):
             # A training work dir (its latest complete checkpoint) or one checkpoint: its portable weights.
-            from ..training.init import resolve_init_source
-
             folder = Path(resolve_init_source(path, use_ema=ema))
         if folder is None:
             raise ValueError(

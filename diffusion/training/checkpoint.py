@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import time
 from pathlib import Path
@@ -32,40 +31,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..atomic import atomic_path
+from ..checkpoints import CHECKPOINT_DIR, checkpoint_name, list_checkpoints
 
 log = logging.getLogger("pixcell.train")
 
-CHECKPOINT_DIR = "checkpoints"
 FORMAT = "pixcell-train-checkpoint"
 VERSION = 1
-_NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"checkpoint-{step:07d}"
-
-
-def is_complete(path: str | Path) -> bool:
-    """A checkpoint folder is complete when its meta.json (written last, before the rename) is there."""
-    return (Path(path) / "meta.json").is_file() and _NAME.match(Path(path).name) is not None
-
-
-def list_checkpoints(work_dir: str | Path) -> list[Path]:
-    """Complete checkpoints under `<work_dir>/checkpoints`, oldest first (by step)."""
-    root = Path(work_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and is_complete(p)]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(path: str | Path) -> Path | None:
-    """The checkpoint to resume from: `path` itself if it is one, else the newest complete one in work dir `path`."""
-    path = Path(path)
-    if is_complete(path):
-        return path
-    found = list_checkpoints(path)
-    return found[-1] if found else None
 
 
 def read_meta(path: str | Path) -> dict:

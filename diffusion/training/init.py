@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..checkpoints import resolve_init_source
 from ..model.loading import load_transformer
-from .checkpoint import is_complete, latest_checkpoint
 
 # Fixed tables that depend on the token count / grid and are re-made when it changes.
 TOKEN_POS_KEY = "y_pos_embed.y_pos_embed"
@@ -40,23 +40,6 @@ class InitReport:
         lines = [f"initialised from {self.source}: {len(self.loaded)} tensors copied"]
         lines += [f"  re-initialised {key}: {why}" for key, why in self.reinitialised]
         return "\n".join(lines)
-
-
-def resolve_init_source(source: str | Path, use_ema: bool = False) -> str:
-    """Map a work dir or training checkpoint to its portable weights folder; other sources pass through."""
-    path = Path(source)
-    if path.is_dir() and not (path / "config.json").is_file() and not (path / "model_index.json").is_file():
-        ckpt = path if is_complete(path) else latest_checkpoint(path)
-        if ckpt is None:
-            raise FileNotFoundError(
-                f"load_from {path}: no complete checkpoint here (expected a work dir with checkpoints/checkpoint-*, "
-                "a checkpoint folder, a diffusers folder or an original .pth)"
-            )
-        folder = ckpt / ("transformer_ema" if use_ema else "transformer")
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"load_from {ckpt}: no portable weights in {folder.name}/")
-        return str(folder)
-    return str(source)
 
 
 @torch.no_grad()

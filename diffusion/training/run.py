@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from ..atomic import atomic_path
-from .checkpoint import latest_checkpoint
+from ..checkpoints import latest_checkpoint
 from .signals import StopRequest
 from .tracking import REPORT_TO, RunTracker, Throughput, progress_bar
 

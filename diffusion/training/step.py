@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import latest_checkpoint
+from ..checkpoints import latest_checkpoint
 
 log = logging.getLogger("pixcell.train")
 
