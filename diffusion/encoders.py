@@ -4,15 +4,13 @@ Real weights are the default path: UNI2-h from `hf-hub:MahmoodLab/UNI2-h` or a l
 `stabilityai/stable-diffusion-3.5-large` (subfolder `vae`) or a local folder. Both are gated on the Hub; when
 they cannot be reached the loaders fail with one line saying what to pass instead.
 
-Small stand-ins (`build_tiny_uni`, `build_tiny_vae`) exist for tests and the CPU demo only. They are built from
-the same classes, saved in the same on-disk format and loaded back through the same loaders.
+Small stand-ins for tests and the CPU demo only live in `diffusion/standins.py`: built from the same classes,
+saved in the same on-disk format and loaded back through these loaders.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .geometry import (
-    SD35_LATENT_SCALE,
-    SD35_LATENT_SHIFT,
     UNI_TILE,
     from_model_latents,
     latent_norm,
@@ -183,45 +179,6 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
         raise ValueError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
 
 
-def build_tiny_uni(
-    out_dir: str | Path,
-    embed_dim: int = 96,
-    depth: int = 2,
-    seed: int = 0,
-    init_values: float | None = 1e-5,
-) -> Path:
-    """A UNI2-h-shaped stand-in (same timm architecture family, SwiGLU, registers), saved like UNI2-h.
-
-    For tests and the CPU demo only. int(embed_dim * 5.33334) must be even for SwiGLUPacked (96 works).
-    With UNI2-h's layer scale (init_values 1e-5) a random model's features are ~1e-4 and nearly constant;
-    init_values=None gives random features that differ between images (the demo's stand-in).
-    """
-    import timm
-
-    kwargs = {**UNI2H_KWARGS, "embed_dim": embed_dim, "depth": depth, "num_heads": max(1, embed_dim // 48)}
-    kwargs["init_values"] = init_values
-    torch.manual_seed(seed)
-    model = timm.create_model(UNI2H_ARCH, pretrained=False, **resolve_timm_layers(kwargs))
-    cfg = {
-        "architecture": UNI2H_ARCH,
-        "model_args": kwargs,
-        "note": "tiny random stand-in for UNI2-h (tests/demo)",
-    }
-    return save_timm_folder(model, out_dir, cfg)
-
-
-def save_timm_folder(model: torch.nn.Module, out_dir: str | Path, config: dict) -> Path:
-    """A timm model in the Hub's timm layout (model.safetensors + config.json), as `load_uni` and the metrics'
-    `load_feature_encoder` read it back; for the tiny stand-ins of tests and the demo."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    return out
-
-
 #################################################################################
 #                                SD3.5 VAE                                      #
 #################################################################################
@@ -248,39 +205,6 @@ def load_vae(source: str | Path = SD35_VAE_ID, subfolder: str | None = "vae", to
             f"cannot load the VAE from {source} ({type(err).__name__}): accept the SD3.5 licence on the Hub and "
             "log in, or pass a local folder as `vae`"
         ) from None
-
-
-def build_tiny_vae(
-    out_dir: str | Path,
-    seed: int = 0,
-    block_out_channels: Sequence[int] = (32, 32, 64, 64),
-    mid_attention: bool = True,
-):
-    """A 16-channel, f8 `AutoencoderKL` with SD3.5's shift/scale; for tests and the CPU demo only.
-
-    mid_attention=False makes it fully convolutional, so it can be trained on small crops and used on
-    whole tiles (the demo's stand-in)."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
-        block_out_channels=tuple(block_out_channels),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=16,
-        sample_size=256,
-        scaling_factor=SD35_LATENT_SCALE,
-        shift_factor=SD35_LATENT_SHIFT,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        mid_block_add_attention=mid_attention,
-    )
-    vae.save_pretrained(out_dir)
-    return vae.eval()
 
 
 def vae_scale_factor(vae) -> int:
@@ -318,8 +242,3 @@ def to_uint8(images: Tensor) -> np.ndarray:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def grid_side(num_tokens: int) -> int:
-    side = math.isqrt(num_tokens)
-    if side * side != num_tokens:
-        raise ValueError(f"UNI token count {num_tokens} is not a square grid")
-    return side

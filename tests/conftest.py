@@ -24,7 +24,7 @@ def shared_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_vae_dir(tmp_path_factory) -> Path:
-    from diffusion.encoders import build_tiny_vae
+    from diffusion.standins import build_tiny_vae
 
     out = tmp_path_factory.mktemp("tiny_vae")
     build_tiny_vae(out)
@@ -33,7 +33,7 @@ def tiny_vae_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_uni_dir(tmp_path_factory) -> Path:
-    from diffusion.encoders import build_tiny_uni
+    from diffusion.standins import build_tiny_uni
 
     out = tmp_path_factory.mktemp("tiny_uni")
     build_tiny_uni(out)

@@ -34,7 +34,7 @@ UNI_DIM = 96  # build_tiny_uni; the real UNI2-h gives 1536
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory) -> Path:
     """An even smaller random 16-channel f8 VAE than conftest's (1024 px encodes dominate this file's time)."""
-    from diffusion.encoders import build_tiny_vae
+    from diffusion.standins import build_tiny_vae
 
     out = tmp_path_factory.mktemp("vae16")
     build_tiny_vae(out, block_out_channels=(16, 16, 16, 16))

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion.metrics.encoders import build_tiny_timm_encoder
 from diffusion.metrics.evaluation import evaluate, resolve_plan
-from diffusion.metrics.inception import build_tiny_inception
+from diffusion.standins import build_tiny_inception, build_tiny_timm_encoder
 from tools.evaluate import encoder_specs, main
 
 N = 8

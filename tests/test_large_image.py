@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.encoders import build_tiny_vae, decode_latents
+from diffusion.encoders import decode_latents
 from diffusion.model.pixcell_transformer import build_pixcell
 from diffusion.sampling.large_image import (
     Chunker,
@@ -19,6 +19,7 @@ from diffusion.sampling.large_image import (
     window_conditions,
     window_layout,
 )
+from diffusion.standins import build_tiny_vae
 from tools.cli import run_cli
 from tools.sample_4k import main
 

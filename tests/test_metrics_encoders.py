@@ -10,7 +10,6 @@ from PIL import Image
 from diffusion.encoders import load_uni
 from diffusion.metrics.encoders import (
     FEATURE_ENCODERS,
-    build_tiny_timm_encoder,
     load_feature_encoder,
     parse_encoder_spec,
 )
@@ -18,10 +17,10 @@ from diffusion.metrics.features import embed_images
 from diffusion.metrics.images import check_paired, content_hash, list_images, read_rgb
 from diffusion.metrics.inception import (
     INCEPTION_FILE,
-    build_tiny_inception,
     find_inception,
     load_inception,
 )
+from diffusion.standins import build_tiny_inception, build_tiny_timm_encoder
 
 
 def _write_images(folder, n, seed=0, size=48, suffix=".png", names=None):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from diffusion.standins import TINY_FLOW, build_tiny_transformer
 from tests.vs_common import one_torch_thread  # noqa: F401
 from virtual_staining.flow_mlp import (
     TIME_SCALE,
@@ -27,7 +28,6 @@ from virtual_staining.lora import (
     read_lora_settings,
     save_lora_weights,
 )
-from virtual_staining.tiny import TINY_FLOW, build_tiny_transformer
 
 # ---------------------------------------------------------------------- flow MLP
 

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffusion.atomic import atomic_path
-from diffusion.encoders import build_tiny_uni, build_tiny_vae
+from diffusion.standins import build_tiny_uni, build_tiny_vae
 
 VAE_CHANNELS = (32, 32, 64, 64)
 

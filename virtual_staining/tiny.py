@@ -1,6 +1,6 @@
 """Tiny random stand-ins for every part of virtual staining: for tests and the notebook's offline mode only.
 
-They are NOT PixCell weights and produce noise-like images. Each part is built by the project's own code and
+The builders are `diffusion.standins`'; this module writes the bundle. They are NOT PixCell weights and produce noise-like images. Each part is built by the project's own code and
 written in the same on-disk format as the real one, so everything downstream runs through the real loaders:
 
     transformer/  PixCell-tiny-128-T16 (16 UNI tokens of 96-d -> 128 px images), diffusers folder
@@ -16,22 +16,10 @@ from pathlib import Path
 
 import torch
 
-from diffusion.encoders import build_tiny_uni, build_tiny_vae
-from diffusion.model.pixcell_transformer import build_pixcell
+from diffusion.standins import TINY_FLOW, TINY_UNI_DIM, build_tiny_transformer, build_tiny_uni, build_tiny_vae
 
 from .flow_mlp import FlowMLP, save_flow_mlp
 from .lora import add_lora, save_lora_weights
-
-TINY_PRESET = "PixCell-tiny-128-T16"
-TINY_UNI_DIM = 96
-TINY_FLOW = dict(
-    in_channels=96,
-    out_channels=96,
-    model_channels=64,
-    time_embed_dim=64,
-    bottleneck_channels=64,
-    num_res_blocks=2,
-)
 
 
 @dataclass
@@ -41,15 +29,6 @@ class TinyParts:
     uni: Path
     flow: Path
     lora: Path
-
-
-def build_tiny_transformer(seed: int = 0, scale: float = 0.05):
-    """PixCell-tiny-128-T16 for the tiny UNI, with non-zero random weights (so outputs depend on the condition)."""
-    torch.manual_seed(seed)
-    model = build_pixcell(TINY_PRESET, caption_channels=TINY_UNI_DIM)
-    for p in model.parameters():
-        p.data.normal_(0, scale)
-    return model.eval()
 
 
 def build_tiny_parts(out_dir: str | Path, seed: int = 0) -> TinyParts:

@@ -20,7 +20,7 @@ Preprocessing, for every encoder: the whole image is resized to `size` x `size` 
 normalized with `mean`/`std`; one vector per image. Precedence: spec options, then the preset, then the
 folder's `pretrained_cfg`, then timm's pretrained config for the architecture.
 
-Stand-ins for tests and the CPU demo (`build_tiny_timm_encoder`, and `diffusion.encoders.build_tiny_uni`) are
+Stand-ins for tests and the CPU demo (`diffusion.standins`: `build_tiny_timm_encoder`, `build_tiny_uni`) are
 saved in the same layout and loaded through `load_feature_encoder` like the real ones.
 """
 
@@ -42,7 +42,6 @@ from diffusion.encoders import (
     UNIEncoder,
     load_uni,
     resolve_timm_layers,
-    save_timm_folder,
 )
 from diffusion.metrics.features import FeatureExtractor, to_uint8_chw, weights_fingerprint
 
@@ -332,45 +331,3 @@ def _create(spec: EncoderSpec, arch: str, where, file: Path | None = None, **kwa
         ) from None
 
 
-#################################################################################
-#                        Tiny stand-ins (tests, CPU demo)                       #
-#################################################################################
-
-
-def build_tiny_timm_encoder(
-    out_dir: str | Path,
-    arch: str = "vit_tiny_patch16_224",
-    model_args: Mapping | None = None,
-    input_size: int = 32,
-    mean: tuple[float, float, float] = (0.70, 0.58, 0.70),
-    std: tuple[float, float, float] = (0.21, 0.23, 0.18),
-    seed: int = 0,
-) -> Path:
-    """A tiny random timm encoder saved in the Hub's timm layout (config.json + model.safetensors).
-
-    For tests and the CPU demo only: it stands in for H-optimus-0 / Virchow2-style encoders and is loaded
-    back through `load_feature_encoder` exactly like a downloaded one. The default is a 1-block ViT with a
-    class token and 2 registers that returns tokens (global_pool=''), so it needs a `pool=` option.
-    """
-    import timm
-
-    args = dict(
-        img_size=input_size,
-        patch_size=8,
-        embed_dim=32,
-        depth=1,
-        num_heads=2,
-        num_classes=0,
-        reg_tokens=2,
-        global_pool="",
-    )
-    args.update(model_args or {})
-    torch.manual_seed(seed)
-    model = timm.create_model(arch, pretrained=False, **args)
-    cfg = {
-        "architecture": arch,
-        "model_args": args,
-        "pretrained_cfg": {"input_size": [3, input_size, input_size], "mean": list(mean), "std": list(std)},
-        "note": "tiny random stand-in encoder (tests/demo only)",
-    }
-    return save_timm_folder(model, out_dir, cfg)
