@@ -35,6 +35,7 @@ from diffusion.sampling.large_image import (
 )
 from diffusion.sampling.pipeline import PixCellPipeline
 from diffusion.sampling.samplers import make_scheduler
+from diffusion.standins import reference_eps_fn
 
 TINY = ["PixCell-tiny-256", "PixCell-tiny-128-T16"]
 
@@ -120,7 +121,8 @@ def bench_region(
 
     def run(steps: int = steps) -> None:
         x = denoise_region(pipe.transformer, grid, stride=stride, num_inference_steps=steps, guidance_scale=guidance,
-                           latents=latents, window_batch=wb, reference=reference, progress=False)  # fmt: skip
+                           latents=latents, window_batch=wb, window_eps=reference_eps_fn if reference else None,
+                           progress=False)  # fmt: skip
         decode_region(pipe.vae, x, t.sample_size, t.sample_size // 2, vae_batch=vb)
 
     return timed(run, device, repeats, warmup=lambda: run(2))  # warm-up: the same shapes, 2 steps

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -33,6 +33,8 @@ from .encoders import UNI2H_ARCH, UNI2H_KWARGS, resolve_timm_layers
 from .geometry import SD35_LATENT_SCALE, SD35_LATENT_SHIFT
 from .metrics.inception import INCEPTION_DIM, INCEPTION_FILE
 from .model.pixcell_transformer import build_pixcell
+from .sampling.large_image import WindowLayout
+from .sampling.samplers import guided_prediction
 
 TINY_PRESET = "PixCell-tiny-128-T16"  # 16 UNI tokens -> 128 px images
 TINY_UNI_DIM = 96  # build_tiny_uni's feature size (int(96 * 5.33334) is even, as SwiGLUPacked needs)
@@ -218,3 +220,44 @@ def build_tiny_inception(out_dir: str | Path, seed: int = 0) -> Path:
         )  # jit.script is deprecated, but the format is TorchScript
         torch.jit.script(_TinyInception().eval()).save(str(tmp))
     return out
+
+
+#################################################################################
+#                        Large images: the one-window reference                 #
+#################################################################################
+
+
+def reference_eps_fn(
+    model_fn: Callable[[Tensor, Tensor, Tensor], Tensor],
+    layout: WindowLayout,
+    grid: Tensor,  # (Gh, Gw, C) region token grid
+    uncond: Tensor | None,  # (T, C)
+    guidance_scale: float,
+    guidance_interval: tuple[float, float] | None = None,
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """The one-window-at-a-time reference (the published script's loop): for tests and benchmarks only.
+
+    Each window is cut, its sub-grid sliced straight from the grid, and the model run once for the conditional
+    and once for the unconditional input (batch 1 each); the guidance itself is `guided_prediction`'s.
+    """
+    m, tile, w = layout.tokens_side, layout.tile, layout.window
+
+    def single(x: Tensor, cond: Tensor, t: Tensor) -> Tensor:  # one forward per row (cond, then uncond)
+        return torch.cat([model_fn(x[i : i + 1], cond[i : i + 1], t[i : i + 1]) for i in range(x.shape[0])])
+
+    def eps_fn(x: Tensor, t: Tensor) -> Tensor:
+        total = None
+        count = torch.zeros(1, 1, layout.height, layout.width, device=x.device)
+        for y in range(0, layout.height - w + 1, layout.stride):
+            for u in range(0, layout.width - w + 1, layout.stride):
+                c = grid[y // tile : y // tile + m, u // tile : u // tile + m].reshape(1, m * m, -1)
+                unc = uncond.unsqueeze(0) if uncond is not None else None
+                out = guided_prediction(single, x[:, :, y : y + w, u : u + w], t, c, unc, guidance_scale,
+                                        guidance_interval)  # fmt: skip
+                if total is None:
+                    total = torch.zeros(1, out.shape[1], layout.height, layout.width, device=x.device)
+                total[:, :, y : y + w, u : u + w] += out
+                count[:, :, y : y + w, u : u + w] += 1
+        return total / count
+
+    return eps_fn

@@ -16,14 +16,12 @@ docs/controlnet.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader, default_collate
 
@@ -31,26 +29,14 @@ from diffusion.config import build_model_from_config, load_config, parse_cfg_opt
 from diffusion.data.mask_pairs import MaskPairDataset, write_missing_uni
 from diffusion.encoders import encode_posterior, latents_to_model, load_uni, load_vae, to_uint8
 from diffusion.gaussian_diffusion import GaussianDiffusion
-from diffusion.model.controlnet import PixCellControlNet, load_controlnet
+from diffusion.model.controlnet import PixCellControlNet, controlled_forward, load_controlnet
 from diffusion.model.loading import load_transformer
 from diffusion.sampling.controlnet_pipeline import PixCellControlNetPipeline, check_pair
 from diffusion.sampling.samplers import make_scheduler
-from diffusion.training.checkpoint import CheckpointManager, restore_training_state, save_training_state
-from diffusion.training.ema import EMA
-from diffusion.training.optim import build_lr_scheduler, build_optimizer
 from diffusion.training.precision import set_gradient_checkpointing
-from diffusion.training.run import (
-    TrainLoop,
-    add_resume_args,
-    resume_checkpoint,
-    run_trainer,
-    seeded_generator,
-    setup_logging,
-)
+from diffusion.training.run import add_resume_args, launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
-from diffusion.training.signals import parse_duration
-from diffusion.training.step import NonFiniteGuard, clipped_step
-from diffusion.training.tracking import environment, save_run_info
+from diffusion.training.step import NonFiniteGuard, accumulate, noised_inputs
 
 log = logging.getLogger("pixcell.train")
 SCHEMA = Path(__file__).resolve().parents[1] / "configs" / "_base_" / "controlnet.py"
@@ -174,14 +160,12 @@ def validation_grid(base, controlnet, vae, held_out: list[dict], cfg, device, se
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     work_dir = Path(args.work_dir)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator, resume = launch(work_dir, args.resume_from, cfg.mixed_precision)
     is_main, device = accelerator.is_main_process, accelerator.device
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ValueError(
             "train_controlnet: DDP only (the frozen base is replicated, the ControlNet is small)"
         )
-    setup_logging(accelerator, work_dir)
-    resume = resume_checkpoint(work_dir, args.resume_from)
 
     # ---- models (same seed everywhere: identical ControlNet initialisation on every process)
     torch.manual_seed(cfg.seed)
@@ -212,98 +196,54 @@ def main(args: argparse.Namespace) -> int:
     if total_steps < 1:
         raise ValueError(f"config: no steps to train ({sampler.batches_per_epoch} batches per epoch)")
 
-    # ---- optimisation
-    optimizer = build_optimizer(controlnet.parameters(), cfg.optimizer)
-    lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_schedule, total_steps)
-    model, optimizer = accelerator.prepare(controlnet, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    ema = EMA(unwrapped, cfg.ema_rate) if cfg.ema_rate else None
+    # ---- optimisation, EMA, noise, checkpoints, counters (restored when resuming)
+    run = start_run(accelerator, cfg, work_dir, controlnet, total_steps, resume,
+                    counters=dict(nonfinite_total=0, images_seen=0), info=dict(pairs=len(dataset)))  # fmt: skip
+    model, unwrapped, state, noise_gen = run.model, run.unwrapped, run.state, run.generator
     diffusion = GaussianDiffusion()
-    noise_gen = seeded_generator(device, cfg.seed, accelerator.process_index)
-    manager = CheckpointManager(work_dir, accelerator, keep_last=cfg.keep_last)
-    state = dict(step=0, epoch=0, batch_in_epoch=0, nonfinite_total=0, images_seen=0)
-    if resume is not None:
-        restore_training_state(manager, resume, state, lr_scheduler, {"noise_generator": noise_gen}, ema=ema)
-        log.info("resumed from %s at step %d", resume, state["step"])
-    if is_main:
-        env = environment(accelerator)
-        env.update(total_steps=total_steps, pairs=len(dataset), resumed_from=str(resume or ""))
-        save_run_info(work_dir, cfg.pretty_text, env)
     held_out = [dataset[i] for i in held_out_idx] if is_main else []
 
     def save(step: int) -> Path:
         portable = {"controlnet": (unwrapped, accelerator.get_state_dict(model))}
-        if ema is not None:
-            with ema.swapped(unwrapped):
+        if run.ema is not None:
+            with run.ema_weights():
                 portable["controlnet_ema"] = (unwrapped, accelerator.get_state_dict(model))
-        return save_training_state(manager, step, state, lr_scheduler, cfg.pretty_text,
-                                   {"noise_generator": noise_gen}, ema=ema, portable=portable)  # fmt: skip
+        return run.save(step, portable=portable)
 
     batch_stream = BatchStream(loader, sampler, state)
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, work_dir)
     log.info("training %d steps: %d process(es) x batch %d x accumulation %d, %d pairs", total_steps,
              accelerator.num_processes, cfg.train_batch_size, accum, len(dataset))  # fmt: skip
-    with TrainLoop(accelerator, work_dir, cfg, save, total_steps, state["step"], resumed=resume is not None,
-                   time_limit=parse_duration(args.time_limit)) as loop:  # fmt: skip
-        while state["step"] < total_steps:
-            position = batch_stream.position
+    with run.loop(save, args.time_limit) as loop:
+        while state["step"] < total_steps and not loop.should_stop(state["step"]):
             batches = [next(batch_stream) for _ in range(accum)]
-            reason = loop.stop_reason()
-            if reason:
-                batch_stream.rewind(position)  # these batches were not trained on
-                loop.save_and_stop(reason, state["step"])
-                break
 
             # ---- forward / backward: base frozen, eps MSE on the 16 noise channels (published objective)
-            losses, images = [], 0
-            for micro, batch in enumerate(batches):
+            def loss_of(batch: dict) -> tuple[torch.Tensor, int]:
                 x0 = encode(vae, batch["image"].to(device))  # (B, 16, h, w)
                 mask_latents = encode(vae, batch["mask"].to(device))  # (B, 16, h, w)
-                uni = batch["uni"].to(device)
-                b = x0.shape[0]
-                t = diffusion.sample_timesteps(b, device, generator=noise_gen)
-                noise = torch.randn(x0.shape, generator=noise_gen, device=device)
-                if cfg.class_dropout_prob > 0:
-                    drop = torch.rand(b, generator=noise_gen, device=device) < cfg.class_dropout_prob
-                    uni = base.drop_condition(uni, drop)
-                x_t = diffusion.q_sample(x0, t, noise)
-                sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
-                with sync, accelerator.autocast():
-                    residuals = model(
-                        x_t, mask_latents, uni, t, cfg.controlnet.conditioning_scale, return_dict=False
-                    )[0]
-                    out = base(x_t, uni, t, return_dict=False, block_residuals=residuals)[0]
-                    loss = ((out[:, : x0.shape[1]].float() - noise) ** 2).mean()
-                    accelerator.backward(loss / accum)
-                losses.append(loss.detach())
-                images += b
-            loss = torch.stack(losses).mean()
-            grad_norm, skipped = clipped_step(accelerator, model.parameters(), optimizer, cfg.gradient_clip)
-            state["step"] += 1
+                x_t, t, noise, uni = noised_inputs(diffusion, x0, batch["uni"].to(device), noise_gen,
+                                                   cfg.class_dropout_prob, base.drop_condition)  # fmt: skip
+                with accelerator.autocast():
+                    # through the DDP wrapper `model`, so the ControlNet's gradients are synchronised
+                    out = controlled_forward(base, model, x_t, mask_latents, uni, t, cfg.controlnet.conditioning_scale)
+                    return ((out[:, : x0.shape[1]].float() - noise) ** 2).mean(), len(x0)
+
+            loss, images = accumulate(accelerator, model, batches, loss_of)
+            grad_norm, step = run.optimizer_step(cfg.gradient_clip, guard=guard)
             state["images_seen"] += images * accelerator.num_processes
-            guard.update(skipped, state)
-            if not skipped:
-                lr_scheduler.step()
-                if ema is not None:
-                    ema.update(unwrapped)
 
             # ---- report, validate, save
-            step = state["step"]
-            loop.log_step(step, loss, optimizer.param_groups[0]["lr"], grad_norm,
-                          images=images * accelerator.num_processes, show_rate=False)  # fmt: skip
+            loop.log_step(step, loss, run.lr, grad_norm, images=images * accelerator.num_processes,
+                          show_rate=False)  # fmt: skip
             if validate and is_main and step % cfg.validation.every_steps == 0:
                 model.eval()
-                with ema.swapped(unwrapped) if ema is not None else contextlib.nullcontext():
+                with run.ema_weights():
                     grid = validation_grid(base, unwrapped, vae, held_out, cfg, device, seed=cfg.seed)
                 model.train()
                 loop.save_grid("validation/mask_reference_samples", grid, step)
             loop.save_if_due(step)
-    if state["step"] >= total_steps:
-        log.info("done: %d steps; checkpoints in %s", state["step"], manager.root)
-    else:
-        log.info("stopped at step %d of %d; run the same command again to resume", state["step"], total_steps)
-    accelerator.end_training()
-    return 0
+    return run.finish()
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -14,14 +14,12 @@ pre-emption) and `--time-limit` save a checkpoint and exit cleanly. See docs/tra
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -31,23 +29,11 @@ from diffusion.data.datasets import PatchFeatureDataset, collate_skip_none
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.geometry import UNI_TILE, VAE_FACTOR, latent_norm, resolve_norm, to_model_latents
 from diffusion.model.pixcell_transformer import compile_blocks
-from diffusion.training.checkpoint import CheckpointManager, restore_training_state, save_training_state
-from diffusion.training.ema import EMA
 from diffusion.training.init import initialise_from
-from diffusion.training.optim import build_lr_scheduler, build_optimizer
 from diffusion.training.precision import set_fp32_attention, set_gradient_checkpointing
-from diffusion.training.run import (
-    TrainLoop,
-    add_resume_args,
-    resume_checkpoint,
-    run_trainer,
-    seeded_generator,
-    setup_logging,
-)
+from diffusion.training.run import add_resume_args, launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
-from diffusion.training.signals import parse_duration
-from diffusion.training.step import NonFiniteGuard, clipped_step
-from diffusion.training.tracking import environment, save_run_info
+from diffusion.training.step import NonFiniteGuard, accumulate, noised_inputs
 
 log = logging.getLogger("pixcell.train")
 
@@ -124,14 +110,9 @@ def main(args: argparse.Namespace) -> int:
         options["report_to"] = args.report_to
     cfg = load_config(args.config, options)
     work_dir = Path(args.work_dir)
-    time_limit = parse_duration(args.time_limit)
-
-    # ---- accelerate: DDP / FSDP / DeepSpeed and the process group come from `accelerate launch`
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator, resume = launch(work_dir, args.resume_from, cfg.mixed_precision)
     is_main, device = accelerator.is_main_process, accelerator.device
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    setup_logging(accelerator, work_dir)
-    resume = resume_checkpoint(work_dir, args.resume_from)
 
     # ---- model (same seed on every process: identical initialisation and null condition)
     torch.manual_seed(cfg.seed)
@@ -189,28 +170,12 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"config: no steps to train (max_steps {cfg.max_steps}, {sampler.batches_per_epoch} "
                          f"batches per epoch, gradient_accumulation_steps {accum})")  # fmt: skip
 
-    # ---- optimisation
-    optimizer = build_optimizer(model.parameters(), cfg.optimizer)
-    lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_schedule, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    # EMA over this process's parameters, never through accelerate: the full copy under DDP, the local shard
-    # under FSDP (elementwise, so the shards of the EMA are the EMA of the shards).
-    ema_module = model if sharded else unwrapped
-    ema = EMA(ema_module, cfg.ema_rate, sharded=sharded)
+    # ---- optimisation, EMA, noise, checkpoints, counters (restored when resuming)
+    run = start_run(accelerator, cfg, work_dir, model, total_steps, resume, sharded_ema=sharded,
+                    counters=dict(nonfinite_total=0, skipped_samples=0, images_seen=0),
+                    info=dict(dataset_samples=len(dataset)))  # fmt: skip
+    model, unwrapped, state, noise_gen = run.model, run.unwrapped, run.state, run.generator
     diffusion = GaussianDiffusion()
-    noise_gen = seeded_generator(device, cfg.seed, accelerator.process_index)
-    manager = CheckpointManager(work_dir, accelerator, keep_last=cfg.keep_last)
-
-    state = dict(step=0, epoch=0, batch_in_epoch=0, nonfinite_total=0, skipped_samples=0, images_seen=0)
-    if resume is not None:
-        restore_training_state(manager, resume, state, lr_scheduler, {"noise_generator": noise_gen}, ema=ema)
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, state["step"], state["epoch"],
-                 state["batch_in_epoch"])  # fmt: skip
-    if is_main:
-        env = environment(accelerator)
-        env.update(total_steps=total_steps, dataset_samples=len(dataset), resumed_from=str(resume or ""))
-        save_run_info(work_dir, cfg.pretty_text, env)
 
     # ---- validation material (fixed held-out conditions, their real crops, the VAE) on the main process
     vae, held_out = None, []
@@ -228,40 +193,20 @@ def main(args: argparse.Namespace) -> int:
 
     def save(step: int) -> Path:
         sd = accelerator.get_state_dict(model)  # full weights (a gather under FSDP: every process calls it)
-        with ema.swapped(ema_module):
+        with run.ema_weights():
             sd_ema = accelerator.get_state_dict(model)
-        portable = {"transformer": (unwrapped, sd), "transformer_ema": (unwrapped, sd_ema)}
-        return save_training_state(manager, step, state, lr_scheduler, cfg.pretty_text,
-                                   {"noise_generator": noise_gen}, ema=ema, portable=portable)  # fmt: skip
+        return run.save(step, portable={"transformer": (unwrapped, sd), "transformer_ema": (unwrapped, sd_ema)})
 
     batch_stream = BatchStream(loader, sampler, state, set_epoch=dataset.set_epoch)
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, work_dir)
     log.info("training %d steps: %d process(es) x batch %d x accumulation %d, %d samples, %d batches per epoch",
              total_steps, accelerator.num_processes, cfg.train_batch_size, accum, len(dataset),
              sampler.batches_per_epoch)  # fmt: skip
-    with TrainLoop(accelerator, work_dir, cfg, save, total_steps, state["step"], resumed=resume is not None,
-                   time_limit=time_limit) as loop:  # fmt: skip
-        while state["step"] < total_steps:
-            # ---- gather this step's micro-batches, then agree over processes on stopping / skipping
-            position = batch_stream.position
+    with run.loop(save, args.time_limit) as loop:
+        while state["step"] < total_steps and not loop.should_stop(state["step"]):
+            # ---- this step's micro-batches; skipped together when one failed to load on any process
             batches = [next(batch_stream) for _ in range(accum)]
-            missing = any(b is None for b in batches)
-            reason = loop.stop.local_reason()  # agreed below, in one all-reduce with `missing`
-            if accelerator.num_processes > 1:
-                flags = torch.tensor([float(reason is not None), float(missing)], device=device)
-                flags = accelerator.reduce(flags, reduction="sum")
-                reason = reason or ("another process was asked to stop" if flags[0] > 0 else None)
-                missing = bool(flags[1] > 0)
-            if reason:
-                batch_stream.rewind(position)  # these batches were not trained on
-                loop.save_and_stop(reason, state["step"])
-                log.info(
-                    "stopped at step %d of %d; run the same command again to resume",
-                    state["step"],
-                    total_steps,
-                )
-                break
-            if missing:  # every sample of a batch failed to load (logged and counted by the dataset)
+            if loop.any_process(any(b is None for b in batches)):  # all samples failed (logged by the dataset)
                 state["skipped_samples"] += sum(cfg.train_batch_size for b in batches if b is None)
                 log.warning(
                     "step %d: a batch had no loadable sample on some process; step skipped", state["step"]
@@ -269,55 +214,34 @@ def main(args: argparse.Namespace) -> int:
                 continue
 
             # ---- forward / backward over the micro-batches (gradients synchronised on the last one only)
-            losses, images = [], 0
-            for micro, batch in enumerate(batches):
+            def loss_of(batch: dict) -> tuple[torch.Tensor, int]:
                 state["skipped_samples"] += batch["skipped"]
                 x0 = to_model_latents(batch["latent"].to(device), cfg.vae_shift, cfg.vae_scale)  # (B, 16, h, w)
-                uni = batch["uni"].to(device)  # (B, T, C)
-                b = x0.shape[0]
-                t = diffusion.sample_timesteps(b, device, generator=noise_gen)
-                noise = torch.randn(x0.shape, generator=noise_gen, device=device)
-                drop = torch.rand(b, generator=noise_gen, device=device) < cfg.class_dropout_prob
-                uni = unwrapped.drop_condition(
-                    uni, drop
-                )  # null condition through the same path as a real one
-                x_t = diffusion.q_sample(x0, t, noise)
-                sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
-                with sync:
-                    with accelerator.autocast():
-                        out = model(x_t, uni, t, return_dict=False)[0]
-                    loss = diffusion.training_losses(out.float(), x0, x_t, t, noise).loss.mean()  # fp32
-                    accelerator.backward(loss / accum)
-                losses.append(loss.detach())
-                images += b
-            loss = torch.stack(losses).mean()
-            grad_norm, skipped = clipped_step(accelerator, model.parameters(), optimizer, cfg.gradient_clip)
-            state["step"] += 1
+                x_t, t, noise, uni = noised_inputs(diffusion, x0, batch["uni"].to(device), noise_gen,
+                                                   cfg.class_dropout_prob, unwrapped.drop_condition)  # fmt: skip
+                with accelerator.autocast():
+                    out = model(x_t, uni, t, return_dict=False)[0]
+                return diffusion.training_losses(out.float(), x0, x_t, t, noise).loss.mean(), len(x0)  # fp32
+
+            loss, images = accumulate(accelerator, model, batches, loss_of)
+            grad_norm, step = run.optimizer_step(cfg.gradient_clip, guard=guard)
             state["images_seen"] += images * accelerator.num_processes
-            guard.update(skipped, state)
-            if not skipped:
-                lr_scheduler.step()
-                ema.update(ema_module)
 
             # ---- report, validate, save
-            step = state["step"]
-            loop.log_step(step, loss, optimizer.param_groups[0]["lr"], grad_norm,
-                          images=images * accelerator.num_processes,
+            loop.log_step(step, loss, run.lr, grad_norm, images=images * accelerator.num_processes,
                           scalars={"train/nonfinite_steps": state["nonfinite_total"],
                                    "train/skipped_samples": state["skipped_samples"]})  # fmt: skip
             if validate and step % cfg.validation.every_steps == 0 and (is_main or sharded):
                 model.eval()
-                with ema.swapped(ema_module):
+                with run.ema_weights():
                     grid = validation_grid(unwrapped, vae, held_out, cfg, device, seed=cfg.seed)
                 model.train()
                 if is_main:
                     loop.save_grid("validation/real_vs_ema", grid, step)
             loop.save_if_due(step)
     if state["step"] >= total_steps:
-        log.info("done: %d steps, %d non-finite steps skipped, %d samples skipped; final checkpoint in %s",
-                 state["step"], state["nonfinite_total"], state["skipped_samples"], manager.root)  # fmt: skip
-    accelerator.end_training()
-    return 0
+        log.info("%d non-finite steps skipped, %d samples skipped", state["nonfinite_total"], state["skipped_samples"])
+    return run.finish()
 
 
 def check_data_matches_model(dataset: PatchFeatureDataset, model, cfg) -> None:

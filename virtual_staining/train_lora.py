@@ -17,7 +17,6 @@ staining is written to `<work_dir>/lora.safetensors` at every checkpoint (diffus
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -25,22 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
 from diffusion.encoders import encode_posterior, latents_to_model, load_vae, to_uint8
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.geometry import UNI_TILE, VAE_FACTOR
 from diffusion.model.loading import load_transformer
-from diffusion.training.checkpoint import CheckpointManager, restore_training_state, save_training_state
-from diffusion.training.ema import EMA
-from diffusion.training.optim import build_lr_scheduler, build_optimizer
 from diffusion.training.precision import set_gradient_checkpointing
-from diffusion.training.run import TrainLoop, resume_checkpoint, run_trainer, seeded_generator, setup_logging
+from diffusion.training.run import launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
-from diffusion.training.signals import parse_duration
-from diffusion.training.step import NonFiniteGuard, clipped_step
-from diffusion.training.tracking import environment, save_run_info
+from diffusion.training.step import NonFiniteGuard, accumulate, noised_inputs
 from virtual_staining.data import read_image
 from virtual_staining.lora import LoRASettings, add_lora, lora_parameters, save_lora_weights
 from virtual_staining.training import (
@@ -107,10 +100,8 @@ def main(args: argparse.Namespace) -> int:
     if cfg.loss not in LOSSES:
         raise ValueError(f"loss {cfg.loss!r}: expected one of {', '.join(LOSSES)}")
     work_dir = Path(args.work_dir)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator, resume = launch(work_dir, args.resume_from, cfg.mixed_precision)
     is_main, device = accelerator.is_main_process, accelerator.device
-    setup_logging(accelerator, work_dir)
-    resume = resume_checkpoint(work_dir, args.resume_from)
 
     # ---- frozen parts: base transformer + adapter, VAE
     model = load_transformer(cfg.model)
@@ -164,34 +155,18 @@ def main(args: argparse.Namespace) -> int:
             f"no steps to train ({sampler.batches_per_epoch} batches per epoch, accumulation {accum})"
         )
 
-    # ---- optimisation: the LoRA parameters only
-    optimizer = build_optimizer(lora_parameters(model), cfg.optimizer)
-    lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_schedule, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    register_lora_checkpoint_hooks(accelerator)
-    unwrapped = accelerator.unwrap_model(model)
-    ema = EMA(unwrapped, cfg.ema_rate) if cfg.ema_rate else None  # trainable = LoRA parameters only
+    # ---- optimisation of the LoRA parameters only (and the EMA of them), noise, checkpoints, counters
+    register_lora_checkpoint_hooks(accelerator)  # checkpoints hold the adapter, not the frozen base
+    run = start_run(accelerator, cfg, work_dir, model, total_steps, resume, params=lora_parameters(model),
+                    counters=dict(skipped_samples=0, nonfinite_total=0), generator_name="generator",
+                    info=dict(train_images=len(dataset), lora_parameters=sum(p.numel() for p in lora_parameters(model))))  # fmt: skip
+    model, unwrapped, state, gen = run.model, run.unwrapped, run.state, run.generator
     diffusion = GaussianDiffusion()
-    gen = seeded_generator(device, cfg.seed, accelerator.process_index)
-    manager = CheckpointManager(work_dir, accelerator, keep_last=cfg.keep_last)
-
-    state = dict(step=0, epoch=0, batch_in_epoch=0, skipped_samples=0, nonfinite_total=0)
-    if resume is not None:
-        restore_training_state(manager, resume, state, lr_scheduler, {"generator": gen}, ema=ema)
-        log.info("resumed from %s at step %d", resume, state["step"])
-    if is_main:
-        env = environment(accelerator)
-        env.update(total_steps=total_steps, train_images=len(dataset), resumed_from=str(resume or ""),
-                   lora_parameters=sum(p.numel() for p in lora_parameters(unwrapped)))  # fmt: skip
-        save_run_info(work_dir, cfg.pretty_text, env)
-
-    def weights_for_use():
-        return ema.swapped(unwrapped) if ema is not None else contextlib.nullcontext()
 
     def save(step: int) -> None:
-        save_training_state(manager, step, state, lr_scheduler, cfg.pretty_text, {"generator": gen}, ema=ema)
+        run.save(step)
         if is_main:
-            with weights_for_use():
+            with run.ema_weights():
                 save_lora_weights(unwrapped, work_dir / "lora.safetensors")
 
     batch_stream = BatchStream(loader, sampler, state)
@@ -200,16 +175,11 @@ def main(args: argparse.Namespace) -> int:
     log.info("training %d steps: %d process(es) x batch %d x accumulation %d, %d IHC images, %d LoRA parameters",
              total_steps, accelerator.num_processes, cfg.train_batch_size, accum, len(dataset),
              sum(p.numel() for p in lora_parameters(unwrapped)))  # fmt: skip
-    with TrainLoop(accelerator, work_dir, cfg, save, total_steps, state["step"], resumed=resume is not None,
-                   time_limit=parse_duration(args.time_limit), desc="LoRA") as loop:  # fmt: skip
-        while state["step"] < total_steps:
-            reason = loop.stop_reason()
-            if reason:
-                loop.save_and_stop(reason, state["step"])
-                break
+    with run.loop(save, args.time_limit, desc="LoRA") as loop:
+        while state["step"] < total_steps and not loop.should_stop(state["step"]):
             batches = [next(batch_stream) for _ in range(accum)]
-            losses, images = [], 0
-            for micro, batch in enumerate(batches):
+
+            def loss_of(batch: dict) -> tuple[torch.Tensor, int] | None:
                 state["skipped_samples"] += batch["skipped"]
                 if state["skipped_samples"] > max_skipped:
                     raise RuntimeError(
@@ -221,7 +191,7 @@ def main(args: argparse.Namespace) -> int:
                         raise RuntimeError(
                             f"step {state['step']}: a whole batch of IHC images was unreadable"
                         )
-                    continue
+                    return None
                 ihc = batch["image"].to(device)
                 if ihc.shape[-1] != model_px:  # data.resize_to_model (checked above)
                     ihc = F.interpolate(ihc, size=(model_px, model_px), mode="bilinear", antialias=True)
@@ -230,47 +200,29 @@ def main(args: argparse.Namespace) -> int:
                     x0 = latents_to_model(
                         mean + std * torch.randn(mean.shape, generator=gen, device=device), vae
                     )
-                b = x0.shape[0]
-                t = diffusion.sample_timesteps(b, device, generator=gen)
-                noise = torch.randn(x0.shape, generator=gen, device=device)
-                drop = torch.rand(b, generator=gen, device=device) < cfg.class_dropout_prob
-                uni = unwrapped.drop_condition(batch["uni"].to(device), drop)  # null condition, same path
-                x_t = diffusion.q_sample(x0, t, noise)
-                sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
-                with sync:
-                    with accelerator.autocast():
-                        out = model(x_t, uni, t, return_dict=False)[0]
-                    terms = diffusion.training_losses(out.float(), x0, x_t, t, noise)
-                    loss = (terms.mse if cfg.loss == "mse" else terms.loss).mean()
-                    accelerator.backward(loss / accum)
-                losses.append(loss.detach())
-                images += b
-            if not losses:
-                continue
-            loss = torch.stack(losses).mean()
-            grad_norm, skipped = clipped_step(
-                accelerator, lora_parameters(model), optimizer, cfg.gradient_clip
-            )
-            state["step"] += 1
-            step = state["step"]
-            guard.update(skipped, state)
-            if not skipped:
-                lr_scheduler.step()
-                if ema is not None:
-                    ema.update(unwrapped)
+                x_t, t, noise, uni = noised_inputs(diffusion, x0, batch["uni"].to(device), gen,
+                                                   cfg.class_dropout_prob, unwrapped.drop_condition)  # fmt: skip
+                with accelerator.autocast():
+                    out = model(x_t, uni, t, return_dict=False)[0]
+                terms = diffusion.training_losses(out.float(), x0, x_t, t, noise)
+                return (terms.mse if cfg.loss == "mse" else terms.loss).mean(), len(x0)
 
-            loop.log_step(step, loss, optimizer.param_groups[0]["lr"], grad_norm,
+            loss, images = accumulate(accelerator, model, batches, loss_of)
+            if loss is None:
+                continue
+            grad_norm, step = run.optimizer_step(cfg.gradient_clip, params=lora_parameters(model), guard=guard)
+
+            loop.log_step(step, loss, run.lr, grad_norm,
                           images=images * accelerator.num_processes,
                           scalars={"train/skipped_samples": state["skipped_samples"]})  # fmt: skip
             if validate and is_main and (step % cfg.validation.every_steps == 0 or step == total_steps):
                 model.eval()
-                with weights_for_use():
+                with run.ema_weights():
                     grid = validation_grid(unwrapped, vae, val_images, val_tokens, cfg, device, cfg.seed)
                 model.train()
                 loop.save_grid("validation/real_vs_generated", grid, step)
             loop.save_if_due(step)
-    accelerator.end_training()
-    return 0
+    return run.finish()
 
 
 def cli(argv: list[str] | None = None) -> int:

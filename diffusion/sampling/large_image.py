@@ -21,7 +21,8 @@ script used (w+1) eps_c - w eps_u: its w = 2 is w = 3 here).
 Speed: the original ran one window per forward, conditional and unconditional separately (2 x 49 forwards per
 step at stride 64 for 4096 px). Here all windows of a step, conditional and unconditional, go through the model
 in chunks of `window_batch` windows (2 x window_batch rows per forward); the chunk halves itself on CUDA
-out-of-memory. `reference_eps_fn` keeps the one-window-at-a-time loop, for tests and benchmarks.
+out-of-memory. `diffusion.standins.reference_eps_fn` keeps the one-window-at-a-time loop, for tests and
+benchmarks.
 
 Decoding: the VAE decodes overlapping windows of the final latent (batched; by default at half a window's
 stride), each weighted by a Gaussian window exp(-(u^2 + v^2) / sigma^2) over u, v in [-1, 1], and the weighted
@@ -220,42 +221,6 @@ def windowed_eps_fn(
     return eps_fn
 
 
-def reference_eps_fn(
-    model_fn: Callable[[Tensor, Tensor, Tensor], Tensor],
-    layout: WindowLayout,
-    grid: Tensor,  # (Gh, Gw, C) region token grid
-    uncond: Tensor | None,  # (T, C)
-    guidance_scale: float,
-    guidance_interval: tuple[float, float] | None = None,
-) -> Callable[[Tensor, Tensor], Tensor]:
-    """The one-window-at-a-time reference (the published script's loop): for tests and benchmarks only.
-
-    Each window is cut, its sub-grid sliced straight from the grid, and the model run once for the conditional
-    and once for the unconditional input (batch 1 each); the guidance itself is `guided_prediction`'s.
-    """
-    m, tile, w = layout.tokens_side, layout.tile, layout.window
-
-    def single(x: Tensor, cond: Tensor, t: Tensor) -> Tensor:  # one forward per row (cond, then uncond)
-        return torch.cat([model_fn(x[i : i + 1], cond[i : i + 1], t[i : i + 1]) for i in range(x.shape[0])])
-
-    def eps_fn(x: Tensor, t: Tensor) -> Tensor:
-        total = None
-        count = torch.zeros(1, 1, layout.height, layout.width, device=x.device)
-        for y in range(0, layout.height - w + 1, layout.stride):
-            for u in range(0, layout.width - w + 1, layout.stride):
-                c = grid[y // tile : y // tile + m, u // tile : u // tile + m].reshape(1, m * m, -1)
-                unc = uncond.unsqueeze(0) if uncond is not None else None
-                out = guided_prediction(single, x[:, :, y : y + w, u : u + w], t, c, unc, guidance_scale,
-                                        guidance_interval)  # fmt: skip
-                if total is None:
-                    total = torch.zeros(1, out.shape[1], layout.height, layout.width, device=x.device)
-                total[:, :, y : y + w, u : u + w] += out
-                count[:, :, y : y + w, u : u + w] += 1
-        return total / count
-
-    return eps_fn
-
-
 #################################################################################
 #                                   Generation                                  #
 #################################################################################
@@ -281,7 +246,7 @@ def denoise_region(
     latents: Tensor | None = None,  # (1, 16, H, W) initial noise; default: drawn from `generator`
     generator: torch.Generator | None = None,
     window_batch: int | Chunker | None = None,  # windows per forward (x2 with guidance); None: all
-    reference: bool = False,  # the one-window-at-a-time loop instead (tests, benchmarks)
+    window_eps: Callable[..., Callable[[Tensor, Tensor], Tensor]] | None = None,  # tests, benchmarks: standins.reference_eps_fn
     progress: bool = True,
 ) -> Tensor:
     """Sliding-window denoising of a whole region: -> final model-space latents (1, 16, H, W)."""
@@ -304,8 +269,8 @@ def denoise_region(
     )
     uncond = transformer.null_condition(1)[0] if guides(guidance_scale) else None
     model_fn = transformer_fn(transformer)
-    if reference:
-        eps_fn = reference_eps_fn(model_fn, layout, grid, uncond, guidance_scale, guidance_interval)
+    if window_eps is not None:  # another windowing of the same guided model (the one-window reference)
+        eps_fn = window_eps(model_fn, layout, grid, uncond, guidance_scale, guidance_interval)
     else:
         conds = window_conditions(grid, layout)
         eps_fn = windowed_eps_fn(

@@ -5,15 +5,20 @@
     sampler.py     ResumableSampler: seeded per-epoch shuffle, sharded over processes, restartable mid-epoch;
                    BatchStream: endless batches that keep the data position in the trainer's state
     checkpoint.py  CheckpointManager: atomic full-state checkpoints (accelerate state + EMA + RNG + data position),
-                   keep-last-K, find the latest complete one, portable transformer weights; save/restore of a
-                   trainer's counters, LR scheduler, config and noise generators
+                   keep-last-K, portable transformer weights; save/restore of a trainer's counters, LR
+                   scheduler, config and noise generators (the on-disk names and the latest complete checkpoint
+                   are the leaf module `diffusion/checkpoints.py`, which the model loaders read too)
     signals.py     StopRequest: SIGTERM / SIGUSR1 / wall-time limit -> save and stop, agreed over processes
     precision.py   fp32 attention under fp16/bf16 autocast, gradient checkpointing, autocast dtype
     init.py        initialise_from: --load-from a previous stage / published weights across resolutions
-    step.py        clipped_step: clip, skip non-finite steps; NonFiniteGuard: stop after too many in a row
+    step.py        noised_inputs: (x_t, t, noise, condition with null rows) of a diffusion batch; accumulate:
+                   forward/backward over the micro-batches of a step; clipped_step: clip, skip non-finite steps;
+                   NonFiniteGuard: stop after too many in a row
     tracking.py    RunTracker (TensorBoard by default, W&B by flag), progress bar, config + environment dump
-    run.py         the run around the model: shared flags, console + train.log logging, the checkpoint to resume
-                   from, the error-line entry point, TrainLoop (bar, log line, tracker, save on interval / signal)
+    run.py         the trainer skeleton: launch (accelerate, logging, the checkpoint to resume from), start_run ->
+                   Run (optimizer, schedule, prepare, EMA, noise generator, counters, restore, run info),
+                   TrainLoop (bar, log line, tracker, save on interval; the one stop protocol), shared flags, the
+                   error-line entry point; its docstring is a minimal trainer to copy
 
-Each trainer stays one linear `main(args)` (train_scripts/, virtual_staining/) and calls these.
+Each trainer stays one linear `main(args)` (train_scripts/, virtual_staining/) on run.py's skeleton.
 """

@@ -1,17 +1,49 @@
-"""What every trainer does around its own model and loss: the run's command-line flags, logging to the console and
-`<work_dir>/train.log`, the checkpoint to resume from, the per-process noise generator, the error-line entry
-point, and `TrainLoop`, the bookkeeping after each optimizer step (progress bar, tracker, log line, checkpoint on
-an interval, at the end, and on a stop signal or the time limit).
+"""The trainer skeleton, written once: what every trainer does around its own model, data and loss.
+
+`launch` starts accelerate, logging (console + `<work_dir>/train.log`) and finds the checkpoint to resume from;
+`start_run` builds the optimizer and LR schedule, prepares the model, makes the EMA, the per-process noise
+generator, the checkpoint manager and the checkpointed counters, restores them all when resuming, and writes the
+run info; it returns a `Run`. `Run.loop` gives the `TrainLoop`, which owns the bookkeeping after each optimizer
+step (progress bar, tracker, log line, checkpoint on an interval and at the end) and the one stop protocol (a
+signal or the time limit, agreed over processes, checked at the top of each step: save and leave). `run_trainer`
+is the error-line entry point. A minimal trainer (the four real ones, `train_scripts/train_pixcell.py`,
+`train_scripts/train_controlnet.py`, `virtual_staining/train_lora.py`, `virtual_staining/train_flow_mlp.py`, add
+validation, gradient accumulation and portable weights to the same lines):
+
+    def main(args):
+        cfg = load_strict_config(args.config, SCHEMA, parse_cfg_options(args.cfg_options))
+        work_dir = Path(args.work_dir)
+        accelerator, resume = launch(work_dir, args.resume_from, cfg.mixed_precision)
+        torch.manual_seed(cfg.seed)  # identical initialisation on every process
+        data = MyDataset(cfg.data)
+        sampler = ResumableSampler(len(data), cfg.train_batch_size, accelerator.num_processes,
+                                   accelerator.process_index, seed=cfg.seed)
+        run = start_run(accelerator, cfg, work_dir, MyModel(**cfg.model), cfg.max_steps, resume)
+        loader = DataLoader(data, cfg.train_batch_size, sampler=sampler, drop_last=True)
+        batches = BatchStream(loader, sampler, run.state)  # the data position is checkpointed in run.state
+        with run.loop(run.save, args.time_limit) as loop:
+            while run.state["step"] < run.total_steps and not loop.should_stop(run.state["step"]):
+                loss = my_loss(run.model, next(batches), generator=run.generator)
+                accelerator.backward(loss)
+                grad_norm, step = run.optimizer_step(cfg.gradient_clip)  # clip, step, LR schedule, EMA
+                loop.log_step(step, loss, run.lr, grad_norm)
+                loop.save_if_due(step)
+        return run.finish()
+
+The config needs: seed, optimizer, lr_schedule, ema_rate (None: no EMA), keep_last, report_to, log_every_steps,
+save_every_steps. To resume, run the same command again.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +52,12 @@ from PIL import Image
 
 from ..atomic import atomic_path
 from ..checkpoints import latest_checkpoint
-from .signals import StopRequest
-from .tracking import REPORT_TO, RunTracker, Throughput, progress_bar
+from .checkpoint import CheckpointManager, restore_training_state, save_training_state
+from .ema import EMA
+from .optim import build_lr_scheduler, build_optimizer
+from .signals import StopRequest, parse_duration
+from .step import NonFiniteGuard, clipped_step
+from .tracking import REPORT_TO, RunTracker, Throughput, environment, progress_bar, save_run_info
 
 log = logging.getLogger("pixcell.train")
 
@@ -82,6 +118,17 @@ def resume_checkpoint(work_dir: Path, resume_from: str | None) -> Path | None:
 def seeded_generator(device: torch.device, seed: int, rank: int) -> torch.Generator:
     """The trainer's noise generator: different per process, saved per rank in every checkpoint."""
     return torch.Generator(device=device).manual_seed(seed * 100_003 + rank)
+
+
+def launch(work_dir: Path, resume_from: str | None, mixed_precision: str = "no"):
+    """The first lines of every trainer: accelerate (DDP / FSDP / DeepSpeed and the process group come from
+    `accelerate launch`), logging, and the checkpoint to continue from (None: a fresh run).
+    -> (accelerator, resume)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    setup_logging(accelerator, work_dir)
+    return accelerator, resume_checkpoint(work_dir, resume_from)
 
 
 def run_trainer(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -198,3 +245,136 @@ class TrainLoop:
         if step % self.save_every == 0 or step == self.total_steps:
             self.save(step)
             self.last_saved = step
+
+
+    def should_stop(self, step: int) -> bool:
+        """The stop protocol of every trainer, called at the top of each step before its batches are drawn (so the
+        data position needs no rewinding): when any process was asked to stop (a signal or the time limit; one
+        collective), save checkpoint `step` (unless saved already) and return True: leave the training loop."""
+        reason = self.stop_reason()
+        if reason is None:
+            return False
+        self.save_and_stop(reason, step)
+        log.info("stopped at step %d of %d; run the same command again to resume", step, self.total_steps)
+        return True
+
+    def any_process(self, flag: bool) -> bool:
+        """True if `flag` is true on any process (collective), e.g. "a batch failed to load" to skip a step together."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+@dataclass
+class Run:
+    """What `start_run` hands a trainer: the prepared model and optimizer, the schedule, EMA, noise generator,
+    checkpointed counters and the checkpoint manager of one run."""
+
+    accelerator: object
+    cfg: object  # the resolved config (mmengine Config)
+    work_dir: Path
+    model: torch.nn.Module  # prepared (the DDP / FSDP wrapper): forward, backward and clipping go through it
+    unwrapped: torch.nn.Module  # the trainer's own module: its methods, config and portable weights
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    ema: EMA | None
+    ema_module: torch.nn.Module  # what the EMA tracks: `unwrapped`, or the local shards (`model`) under FSDP
+    generator: torch.Generator  # this process's noise generator, saved per rank in every checkpoint
+    generator_name: str  # its name in the checkpoint's rank files
+    state: dict  # step, epoch, batch_in_epoch + the trainer's own counters: saved in every checkpoint
+    manager: CheckpointManager
+    resume: Path | None  # the checkpoint this run continued from
+    total_steps: int
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def ema_weights(self):
+        """Context: the EMA weights swapped into the model (validation, export); the raw weights without EMA."""
+        return self.ema.swapped(self.ema_module) if self.ema is not None else contextlib.nullcontext()
+
+    def save(self, step: int, portable: dict | None = None) -> Path:
+        """Checkpoint `step` (every process calls it): accelerate's state, EMA, LR schedule, counters, config and
+        noise generator; `portable` as in `CheckpointManager.save`."""
+        return save_training_state(self.manager, step, self.state, self.lr_scheduler, self.cfg.pretty_text,
+                                   {self.generator_name: self.generator}, ema=self.ema, portable=portable)  # fmt: skip
+
+    def loop(self, save: Callable[[int], object], time_limit: str | float | None = None, desc: str = "train"):
+        """The TrainLoop of this run; `save(step)` writes a checkpoint (`self.save`, or the trainer's, which adds
+        portable weights); `time_limit` as `--time-limit` takes it (3:55:00, 4h, seconds)."""
+        return TrainLoop(self.accelerator, self.work_dir, self.cfg, save, self.total_steps, self.state["step"],
+                         resumed=self.resume is not None, time_limit=parse_duration(time_limit), desc=desc)  # fmt: skip
+
+    def optimizer_step(
+        self,
+        clip: float | None,  # max global grad norm; None / 0: no clipping
+        params: Iterable[torch.nn.Parameter] | None = None,  # default: the prepared model's parameters
+        guard: NonFiniteGuard | None = None,  # counts skipped steps and stops after too many in a row
+    ) -> tuple[float, int]:
+        """After the backward passes of a step: clip, step (skipped when the loss or gradient is non-finite),
+        `advance`. -> (grad norm before clipping, the step just taken)."""
+        params = self.model.parameters() if params is None else params
+        grad_norm, skipped = clipped_step(self.accelerator, params, self.optimizer, clip)
+        step = self.advance(skipped)
+        if guard is not None:
+            guard.update(skipped, self.state)
+        return grad_norm, step
+
+    def advance(self, skipped: bool = False) -> int:
+        """After an optimizer step: the step count + 1, and unless the step was skipped (non-finite), the LR
+        schedule and the EMA follow. -> the step just taken."""
+        self.state["step"] += 1
+        if not skipped:
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.ema_module)
+        return self.state["step"]
+
+    def finish(self) -> int:
+        """The last line of a trainer: the log line of a finished run, and accelerate's end. -> exit status 0."""
+        if self.state["step"] >= self.total_steps:
+            log.info("done: %d steps; checkpoints in %s", self.state["step"], self.manager.root)
+        self.accelerator.end_training()
+        return 0
+
+
+def start_run(
+    accelerator,
+    cfg,  # reads seed, optimizer, lr_schedule, ema_rate, keep_last, pretty_text (+ TrainLoop's keys)
+    work_dir: Path,
+    model: torch.nn.Module,  # built on every process with the same seed
+    total_steps: int,
+    resume: Path | None,  # from `launch`
+    params: Iterable[torch.nn.Parameter] | None = None,  # what to train (default: model.parameters())
+    counters: Mapping[str, int] | None = None,  # the trainer's own checkpointed counters, e.g. images_seen=0
+    generator_name: str = "noise_generator",  # the generator's key in the checkpoint's rank files
+    sharded_ema: bool = False,  # FSDP / DeepSpeed: the EMA of the local shards
+    info: Mapping[str, object] | None = None,  # extra run facts for <work_dir>/environment.json
+) -> Run:
+    """The part of every trainer between building its model and its loop: optimizer -> LR schedule -> prepare
+    -> EMA -> noise generator -> checkpoint manager -> counters -> restore (when `resume`) -> run info."""
+    if total_steps < 1:
+        raise ValueError(f"config: no steps to train (total_steps {total_steps})")
+    optimizer = build_optimizer(model.parameters() if params is None else params, cfg.optimizer)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_schedule, total_steps)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(prepared)
+    # EMA over this process's parameters, never through accelerate: the full copy under DDP, the local shard
+    # under FSDP (elementwise, so the shards of the EMA are the EMA of the shards).
+    ema_module = prepared if sharded_ema else unwrapped
+    ema = EMA(ema_module, cfg.ema_rate, sharded=sharded_ema) if cfg.ema_rate else None
+    generator = seeded_generator(accelerator.device, cfg.seed, accelerator.process_index)
+    manager = CheckpointManager(work_dir, accelerator, keep_last=cfg.keep_last)
+    state = dict(step=0, epoch=0, batch_in_epoch=0, **(counters or {}))
+    if resume is not None:
+        restore_training_state(manager, resume, state, lr_scheduler, {generator_name: generator}, ema=ema)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, state["step"], state["epoch"],
+                 state["batch_in_epoch"])  # fmt: skip
+    if accelerator.is_main_process:
+        env = environment(accelerator)
+        env.update(total_steps=total_steps, resumed_from=str(resume or ""), **(info or {}))
+        save_run_info(work_dir, cfg.pretty_text, env)
+    return Run(accelerator, cfg, work_dir, prepared, unwrapped, optimizer, lr_scheduler, ema, ema_module,
+               generator, generator_name, state, manager, resume, total_steps)  # fmt: skip

@@ -1,18 +1,62 @@
-"""The optimizer step every trainer takes: clip the global gradient norm, skip non-finite steps, stop after too
-many in a row (naming the last good checkpoint, which stays intact)."""
+"""The optimizer step every trainer takes: the noised inputs of a diffusion batch, forward/backward over the
+micro-batches of one step, clip the global gradient norm, skip non-finite steps, stop after too many in a row
+(naming the last good checkpoint, which stays intact)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from ..checkpoints import latest_checkpoint
 
 log = logging.getLogger("pixcell.train")
+
+
+def noised_inputs(
+    diffusion,  # GaussianDiffusion
+    x0: Tensor,  # (B, C, h, w) model-space latents
+    uni: Tensor,  # (B, T, C_uni) conditions
+    generator: torch.Generator,  # the trainer's noise generator (checkpointed)
+    drop_prob: float,  # classifier-free guidance: p of the null condition
+    drop_condition: Callable[[Tensor, Tensor], Tensor],  # the model's own (same path as a real condition)
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The inputs of one diffusion training batch: -> (x_t, t, noise, uni with null rows).
+
+    Timesteps uniform, Gaussian noise, and the null condition swapped in for each row with p = drop_prob (no draw
+    when 0). The draws come from `generator` in this order (t, noise, drop), which exact resume relies on."""
+    b, device = x0.shape[0], x0.device
+    t = diffusion.sample_timesteps(b, device, generator=generator)
+    noise = torch.randn(x0.shape, generator=generator, device=device)
+    if drop_prob > 0:
+        uni = drop_condition(uni, torch.rand(b, generator=generator, device=device) < drop_prob)
+    return diffusion.q_sample(x0, t, noise), t, noise, uni
+
+
+def accumulate(
+    accelerator,
+    model: torch.nn.Module,  # the prepared (DDP) model whose gradients are synchronised
+    batches: Sequence,  # the micro-batches of one optimizer step
+    loss_of: Callable[[object], tuple[Tensor, int] | None],  # batch -> (loss, images), or None to skip it
+) -> tuple[Tensor | None, int]:
+    """Forward and backward over the micro-batches of one optimizer step, gradients synchronised on the last one
+    only (`no_sync` before). -> (mean loss, images), (None, 0) when every micro-batch was skipped."""
+    losses, images = [], 0
+    for micro, batch in enumerate(batches):
+        with contextlib.nullcontext() if micro == len(batches) - 1 else accelerator.no_sync(model):
+            result = loss_of(batch)
+            if result is None:
+                continue
+            loss, n = result
+            accelerator.backward(loss / len(batches))
+        losses.append(loss.detach())
+        images += n
+    return (torch.stack(losses).mean(), images) if losses else (None, 0)
 
 
 def clipped_step(accelerator, params: Iterable[torch.nn.Parameter], optimizer, clip: float | None) -> tuple[float, bool]:
