@@ -12,18 +12,24 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import named_write_errors
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` (file or folder) atomically."""
+    """Yield a temporary path beside `path`; on success it replaces `path` (file or folder) atomically.
+
+    A write that fails for want of space or permission is re-raised naming `path` (`named_write_errors`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with named_write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.unlink(tmp)
     tmp = Path(tmp)
     try:
-        yield tmp
+        with named_write_errors(path):
+            yield tmp
         if path.is_dir() and tmp.is_dir():  # folders cannot be renamed over: swap through a trash name
             trash = path.with_name(f".{path.name}.old")
             shutil.rmtree(trash, ignore_errors=True)

@@ -12,7 +12,6 @@ row, column (deterministic). The file is written atomically.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from diffusion.data.index import (
     scan_patches,
     write_index,
 )
+from tools.cli import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,29 +49,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    """Bad input, an unwritable or full output: one `error:` line, exit status 2."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.root is not None:
-            index = scan_patches(args.root, args.sizes, args.datasets)
-            output = args.output or default_index_file(args.root)
-        else:
-            if args.output is None:
-                raise ValueError("--output is required with --merge/--from")
-            sources = args.merge or [args.source]
-            index = merge_indexes(read_index(s) for s in sources)
-            output = args.output
-        if args.keys is not None:
-            index = {k: index[k] for k in resolve_keys(index.keys(), args.keys, "--keys")}
-        if not index:
-            raise ValueError(
-                "no patches found: expected <root>/<dataset>/<group>/single_<size>/<slide>/<row>_<col>.png"
-            )
-        write_index(output, index)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) else err
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    if args.root is not None:
+        index = scan_patches(args.root, args.sizes, args.datasets)
+        output = args.output or default_index_file(args.root)
+    else:
+        if args.output is None:
+            raise ValueError("--output is required with --merge/--from")
+        sources = args.merge or [args.source]
+        index = merge_indexes(read_index(s) for s in sources)
+        output = args.output
+    if args.keys is not None:
+        index = {k: index[k] for k in resolve_keys(index.keys(), args.keys, "--keys")}
+    if not index:
+        raise ValueError(
+            "no patches found: expected <root>/<dataset>/<group>/single_<size>/<slide>/<row>_<col>.png"
+        )
+    write_index(output, index)
     for key, names in index.items():
         print(f"{key}: {len(names)} patches")
     print(f"wrote {output}")

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion.encoders import SD35_VAE_ID, UNI2H_HUB_ID
+from diffusion.errors import USER_ERRORS, describe_error
 from diffusion.geometry import DTYPES
 
 if TYPE_CHECKING:  # the sampling stack is imported by the tools that sample, not by every tool
@@ -74,9 +75,9 @@ def flag_names(message: str) -> str:
 
 
 def error_line(err: BaseException) -> str:
-    """The one `error: ...` line for bad input (a KeyError's message without its quotes)."""
-    msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-    return f"error: {flag_names(str(msg))}"
+    """The one `error: ...` line for bad input (a KeyError's message without its quotes, an OSError's path and
+    cause), with the library's parameter names as the tools' flags."""
+    return f"error: {flag_names(describe_error(err))}"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,7 +92,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(main(argv) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError, KeyError) as err:
+    except USER_ERRORS as err:
         print(error_line(err), file=sys.stderr)
         return 2
 

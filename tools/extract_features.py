@@ -51,7 +51,7 @@ from diffusion.encoders import (
     vae_scale_factor,
 )
 from diffusion.geometry import UNI_TILE, latent_norm, norm_record
-from tools.cli import FailureCounter, add_failure_args, add_index_args, error_line
+from tools.cli import FailureCounter, add_failure_args, add_index_args, run_cli
 
 log = logging.getLogger("pixcell.data")
 
@@ -138,24 +138,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad input, an unwritable or full output: one `error:` line, exit status 2."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        job = parse_shard(args.shard)
-        index = read_index(args.index or default_index_file(args.root), args.keys)
-        sizes = {key: key_size(key) for key in index}
-        for key, size in sizes.items():
-            if size % UNI_TILE:
-                raise ValueError(
-                    f"index key {key}: patch size {size} is not a multiple of {UNI_TILE} (one UNI token per tile)"
-                )
-        if args.batch_size < 1 or args.num_workers < 0:
-            raise ValueError("--batch-size must be >= 1 and --num-workers >= 0")
-        device = pick_device(args.device)
-        vae = load_vae(args.vae).to(device)
-        uni = load_uni(args.uni, device=device)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
-        print(error_line(err), file=sys.stderr)
-        return 2
+    job = parse_shard(args.shard)
+    index = read_index(args.index or default_index_file(args.root), args.keys)
+    sizes = {key: key_size(key) for key in index}
+    for key, size in sizes.items():
+        if size % UNI_TILE:
+            raise ValueError(
+                f"index key {key}: patch size {size} is not a multiple of {UNI_TILE} (one UNI token per tile)"
+            )
+    if args.batch_size < 1 or args.num_workers < 0:
+        raise ValueError("--batch-size must be >= 1 and --num-workers >= 0")
+    device = pick_device(args.device)
+    vae = load_vae(args.vae).to(device)
+    uni = load_uni(args.uni, device=device)
     npy_root = args.features_root or args.root
     packed_root = args.packed_root or args.root / PACKED_DIRNAME
     want_npy, want_packed = "npy" in args.format, "packed" in args.format
@@ -165,23 +166,19 @@ def main(argv: list[str] | None = None) -> int:
     amp = autocast_for(device, args.precision)
     factor, latent_ch = vae_scale_factor(vae), 2 * vae.config.latent_channels
     norm = norm_record(*latent_norm(vae))  # recorded beside the features: the trainer checks its config against it
-    try:
-        if want_npy:
-            write_npy_meta(npy_root, {"vae": str(args.vae), "uni": str(args.uni), **norm})
-        for key, names in index.items() if want_packed else ():
-            s = sizes[key]
-            write_packed_meta(
-                packed_root,
-                key,
-                len(names),
-                args.shard_size,
-                (latent_ch, s // factor, s // factor),
-                ((s // UNI_TILE) ** 2, uni.embed_dim),
-                extra={"vae": str(args.vae), "uni": str(args.uni), **norm},
-            )
-    except ValueError as err:  # features of another VAE already there
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if want_npy:
+        write_npy_meta(npy_root, {"vae": str(args.vae), "uni": str(args.uni), **norm})
+    for key, names in index.items() if want_packed else ():
+        s = sizes[key]
+        write_packed_meta(
+            packed_root,
+            key,
+            len(names),
+            args.shard_size,
+            (latent_ch, s // factor, s // factor),
+            ((s // UNI_TILE) ** 2, uni.embed_dim),
+            extra={"vae": str(args.vae), "uni": str(args.uni), **norm},
+        )
 
     units = work_units({k: len(v) for k, v in index.items()}, args.shard_size, job)
     written = 0
@@ -238,9 +235,11 @@ def main(argv: list[str] | None = None) -> int:
                     written += len(good)
                     bar.set_postfix(patches=written, failed=counter.failed)
     except RuntimeError as err:  # the failure threshold
+        bar.close()
         print(f"error: {err} (list in {failure_log})", file=sys.stderr)
         return 2
-    bar.close()
+    finally:
+        bar.close()  # before any error line (a full or read-only disk: run_cli's)
     print(f"{written} patches encoded, {counter.failed} failed (job {job[0]}/{job[1]}, {len(units)} units)")
     return 0
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from diffusion.data.slides import SlideError, SlideJob, SlideSummary, TilingParams, extract_slide
+from tools.cli import run_cli
 
 # Extensions openslide/tiffslide read (a folder argument is searched for these).
 SLIDE_EXTENSIONS = {
@@ -129,28 +130,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad input, an unwritable or full output: one `error:` line, exit status 2."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.workers < 1:
-            raise ValueError(f"--workers {args.workers}: expected >= 1")
-        if args.mpp is not None and args.mpp <= 0:
-            raise ValueError(f"--mpp {args.mpp}: expected um/px > 0")
-        if args.magnification <= 0:
-            raise ValueError(f"--magnification {args.magnification}: expected > 0")
-        target_mpp = args.target_mpp if args.target_mpp is not None else 10.0 / args.magnification
-        params = TilingParams(
-            args.patch_size,
-            target_mpp,
-            args.mpp_tolerance,
-            args.min_tissue,
-            args.min_saturation,
-            args.format,
-            args.jpeg_quality,
-        )
-        jobs = collect_jobs(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: expected >= 1")
+    if args.mpp is not None and args.mpp <= 0:
+        raise ValueError(f"--mpp {args.mpp}: expected um/px > 0")
+    if args.magnification <= 0:
+        raise ValueError(f"--magnification {args.magnification}: expected > 0")
+    target_mpp = args.target_mpp if args.target_mpp is not None else 10.0 / args.magnification
+    params = TilingParams(
+        args.patch_size,
+        target_mpp,
+        args.mpp_tolerance,
+        args.min_tissue,
+        args.min_saturation,
+        args.format,
+        args.jpeg_quality,
+    )
+    jobs = collect_jobs(args)
 
     summaries: list[SlideSummary] = []
     failures: list[tuple[str, str]] = []
@@ -173,32 +175,34 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix(patches=sum(s.patches_kept for s in summaries), failed=len(failures))
         return len(failures) <= args.max_failed_slides
 
-    stopped = False
-    out = str(args.out)
-    if args.workers == 1:
-        for job in jobs:
-            try:
-                summary, err = extract_slide(job, out, params, args.backend, progress=True), None
-            except (SlideError, ValueError) as e:  # ValueError: parameters differ from a previous run
-                summary, err = None, e
-            if not record(job, summary, err):
-                stopped = True
-                break
-    else:
-        with ProcessPoolExecutor(max_workers=args.workers) as pool:
-            pending = {pool.submit(_run, job, out, params, args.backend, False): job for job in jobs}
-            while pending and not stopped:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    job = pending.pop(fut)
-                    err = fut.exception()
-                    if err is not None and not isinstance(err, (SlideError, ValueError)):
-                        raise err
-                    if not record(job, fut.result() if err is None else None, err):
-                        stopped = True
-            for fut in pending:
-                fut.cancel()
-    bar.close()
+    try:  # the bar ends its line before an error line is printed
+        stopped = False
+        out = str(args.out)
+        if args.workers == 1:
+            for job in jobs:
+                try:
+                    summary, err = extract_slide(job, out, params, args.backend, progress=True), None
+                except (SlideError, ValueError) as e:  # ValueError: parameters differ from a previous run
+                    summary, err = None, e
+                if not record(job, summary, err):
+                    stopped = True
+                    break
+        else:
+            with ProcessPoolExecutor(max_workers=args.workers) as pool:
+                pending = {pool.submit(_run, job, out, params, args.backend, False): job for job in jobs}
+                while pending and not stopped:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        job = pending.pop(fut)
+                        err = fut.exception()
+                        if err is not None and not isinstance(err, (SlideError, ValueError)):
+                            raise err
+                        if not record(job, fut.result() if err is None else None, err):
+                            stopped = True
+                for fut in pending:
+                    fut.cancel()
+    finally:
+        bar.close()
 
     if args.summary_csv is not None:
         from diffusion.atomic import atomic_path

@@ -29,6 +29,9 @@ SUMMARY_FILE = "summary.json"  # written last: its presence means the slide is c
 PARAMS_FILE = ".params.json"  # written first: a resumed slide must use the same parameters
 MPP_KEYS = ("openslide.mpp-x", "tiffslide.mpp-x")
 MPP_Y_KEYS = ("openslide.mpp-y", "tiffslide.mpp-y")
+# Microscopy scans lie between ~0.1 um/px (100x oil) and a few um/px (2.5x); a plain TIFF's 72-dpi tags read
+# as 352.8 um/px. Outside this range the metadata describes a print, not a scan, and tiling would be nonsense.
+PLAUSIBLE_MPP = (0.05, 10.0)
 
 
 class SlideError(ValueError):
@@ -136,6 +139,18 @@ def open_slide(path: str | Path, backend: str = "auto"):
     raise SlideError(f"{path}: cannot open slide ({'; '.join(errors)})")
 
 
+def check_mpp(mpp: float, source: str) -> float:
+    """`mpp` when it is a plausible microscope resolution (PLAUSIBLE_MPP); SlideError naming `source` otherwise."""
+    low, high = PLAUSIBLE_MPP
+    if not low <= mpp <= high:
+        raise SlideError(
+            f"{source} says {mpp:g} um/px, outside the plausible range for a microscope scan ({low}-{high} "
+            "um/px; a plain TIFF's 72-dpi tags read as 352.8): pass --mpp with the level-0 resolution (0.25 for "
+            "a 40x scan, 0.5 for 20x)"
+        )
+    return mpp
+
+
 def slide_mpp(slide, path: str | Path = "") -> float:
     """Level-0 microns per pixel from the slide's metadata; SlideError when it is absent."""
     props = slide.properties
@@ -149,7 +164,7 @@ def slide_mpp(slide, path: str | Path = "") -> float:
                 raise SlideError(
                     f"{path}: non-square pixels (mpp-x {mx}, mpp-y {my}); pass --mpp to force one"
                 )
-            return mx
+            return check_mpp(mx, f"{path}: the metadata ({kx})")
     raise SlideError(
         f"{path}: no microns-per-pixel in the slide metadata (openslide.mpp-x); pass --mpp with the level-0 "
         "resolution in um/px (0.25 for a 40x scan, 0.5 for 20x), or an mpp column in the manifest"
@@ -244,6 +259,11 @@ def plan_slide(slide, params: TilingParams, mpp: float) -> SlideGrid:
     if abs(scale - 1) <= params.mpp_tolerance:
         scale = 1.0  # e.g. 0.499 um/px is read as 20x; resampling by 0.2% would only blur
     step = int(round(params.patch_size * scale))
+    if step < 1:  # only reachable with an mpp far outside PLAUSIBLE_MPP; never divide by a zero step
+        raise SlideError(
+            f"slide at {mpp:g} um/px: a {params.patch_size} px patch at {params.target_mpp} um/px covers less "
+            "than one level-0 pixel; check --mpp"
+        )
     width, height = slide.dimensions
     rows, cols = height // step, width // step
     level = int(slide.get_best_level_for_downsample(scale)) if scale > 1 else 0
@@ -296,7 +316,7 @@ def extract_slide(
     t0 = time.perf_counter()
     slide, backend_name = open_slide(job.path, backend)
     try:
-        mpp = float(job.mpp) if job.mpp is not None else slide_mpp(slide, job.path)
+        mpp = check_mpp(float(job.mpp), "--mpp") if job.mpp is not None else slide_mpp(slide, job.path)
         grid = plan_slide(slide, params, mpp)
         if grid.fractions.size == 0:
             w, h = slide.dimensions

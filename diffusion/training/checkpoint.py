@@ -31,12 +31,17 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..atomic import atomic_path
-from ..checkpoints import CHECKPOINT_DIR, checkpoint_name, list_checkpoints
+from ..checkpoints import CHECKPOINT_DIR, checkpoint_name, latest_checkpoint, list_checkpoints
+from ..errors import named_write_errors
 
 log = logging.getLogger("pixcell.train")
 
 FORMAT = "pixcell-train-checkpoint"
 VERSION = 1
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def read_meta(path: str | Path) -> dict:
@@ -91,10 +96,25 @@ class CheckpointManager:
         ema:       a diffusion.training.ema.EMA (saved in trainer_state.pt, or per rank when `ema.sharded`).
         portable:  {folder name: (config-holding model, full state dict)} written by the main process as diffusers
                    folders; state dicts are only needed on the main process (None elsewhere is fine).
+
+        A save that fails (a full disk: torch.save says "unexpected pos") is an OSError naming the folder, the
+        free space and the size of the previous checkpoint; its temporary folder is removed, the earlier
+        checkpoints stay as they were.
         """
+        tmp = self.root / f".{checkpoint_name(step)}.tmp"
+        previous = latest_checkpoint(self.work_dir)
+        needed = _folder_bytes(previous) if previous is not None else None  # the last one: a fair estimate
+        try:
+            with named_write_errors(tmp, needed):
+                return self._save(step, train_state, rank_state, ema, portable, tmp)
+        except Exception:
+            if self.accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _save(self, step, train_state, rank_state, ema, portable, tmp: Path) -> Path:
         acc = self.accelerator
         final = self.root / checkpoint_name(step)
-        tmp = self.root / f".{final.name}.tmp"
         t0 = time.monotonic()
         if acc.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)

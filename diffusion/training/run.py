@@ -52,6 +52,7 @@ from PIL import Image
 
 from ..atomic import atomic_path
 from ..checkpoints import latest_checkpoint
+from ..errors import USER_ERRORS, describe_error
 from .checkpoint import CheckpointManager, restore_training_state, save_training_state
 from .ema import EMA
 from .optim import build_lr_scheduler, build_optimizer
@@ -137,8 +138,8 @@ def run_trainer(main: Callable[[argparse.Namespace], int], args: argparse.Namesp
     t0 = time.monotonic()
     try:
         code = main(args)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:  # the same set as the tools' run_cli
+        print(f"error: {describe_error(err)}", file=sys.stderr)
         return 2
     finally:
         root = logging.getLogger()

@@ -1,0 +1,163 @@
+"""The standing fault battery: bad input and failing environments, through the real command-line tools on tiny
+models and the real slide. Each case asserts its outcome: the exit status, the one `error:` line (no traceback),
+and that nothing written before is damaged.
+
+Full and read-only disks are real: a small tmpfs mounted for the test (the tests run as root in CI; elsewhere
+those cases skip, saying why).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from tools import build_index, extract_features, extract_patches
+
+TRACEBACK = "Traceback (most recent call last)"
+
+
+def one_error_line(err: str) -> str:
+    """The tool's stderr holds exactly one `error:` line and no traceback; returns that line."""
+    assert TRACEBACK not in err, err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size_kib: int, readonly: bool = False) -> Iterator[Path]:
+    """A real file system of `size_kib` KiB at `path` (read-only when asked), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    path.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size_kib}k" + (",ro" if readonly else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path: Path, leave_bytes: int = 0) -> None:
+    """Fill the file system holding `path` up to `leave_bytes` free."""
+    free = shutil.disk_usage(path).free
+    with open(path / ".filler", "wb") as fh:
+        fh.write(b"\0" * max(free - leave_bytes, 0))
+
+
+@pytest.fixture(scope="module")
+def slide_patches(tmp_path_factory, real_slide) -> Path:
+    """The real slide tiled into 256 px patches and indexed."""
+    root = tmp_path_factory.mktemp("patches")
+    argv = [str(real_slide), "--out", str(root), "--dataset", "cmu", "--group", "demo", "--patch-size", "256"]
+    assert extract_patches.main(argv) == 0
+    assert build_index.main(["--root", str(root)]) == 0
+    return root
+
+
+#################################################################################
+#                     Slides whose resolution is implausible                    #
+#################################################################################
+
+
+def test_plain_tiff_with_72_dpi_tags_asks_for_mpp(tmp_path, capsys):
+    """A plain TIFF's 72-dpi tags read as 352.8 um/px: one line that says to pass --mpp, no ZeroDivisionError."""
+    tiff = tmp_path / "scan.tif"
+    image = np.random.default_rng(0).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
+    tifffile.imwrite(tiff, image, tile=(256, 256), resolution=(72, 72), resolutionunit="INCH", photometric="rgb")
+    rc = extract_patches.main([str(tiff), "--out", str(tmp_path / "out"), "--dataset", "x", "--group", "y"])
+    assert rc == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "352.8" in line and "pass --mpp" in line and str(tiff) in line
+    # the same slide with the resolution given tiles normally
+    rc = extract_patches.main(
+        [str(tiff), "--out", str(tmp_path / "out"), "--dataset", "x", "--group", "y", "--mpp", "0.5"]
+    )
+    assert rc == 0
+
+
+def test_implausible_mpp_flag_is_one_line(real_slide, tmp_path, capsys):
+    argv = [str(real_slide), "--out", str(tmp_path), "--dataset", "x", "--group", "y", "--mpp", "400"]
+    assert extract_patches.main(argv) == 2
+    assert "--mpp says 400 um/px" in one_error_line(capsys.readouterr().err)
+
+
+#################################################################################
+#                   Outputs that are read-only, not folders, full               #
+#################################################################################
+
+
+def test_extract_patches_unwritable_outputs(real_slide, tmp_path, capsys):
+    base = [str(real_slide), "--dataset", "cmu", "--group", "demo", "--patch-size", "256"]
+    regular = tmp_path / "a_file"
+    regular.write_text("not a folder")
+    assert extract_patches.main([*base, "--out", str(regular / "patches")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(regular) in line and "regular file" in line
+    assert regular.read_text() == "not a folder"
+
+    with tmpfs(tmp_path / "ro", 1024, readonly=True) as ro:
+        assert extract_patches.main([*base, "--out", str(ro / "patches")]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert str(ro) in line and "read-only file system" in line
+
+    with tmpfs(tmp_path / "full", 256) as full:
+        assert extract_patches.main([*base, "--out", str(full / "patches")]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert str(full) in line and "no space left on the device" in line and "MiB free" in line
+        # what was written is whole: every patch on disk decodes, no temporary file is left
+        from PIL import Image
+
+        for png in (full / "patches").rglob("*.png"):
+            with Image.open(png) as im:
+                im.load()
+        assert not list((full / "patches").rglob(".*.tmp"))
+
+
+def test_build_index_unwritable_outputs(slide_patches, tmp_path, capsys):
+    index = slide_patches / "metadata" / "patch_names_all.hdf5"
+    before = index.read_bytes()
+    regular = tmp_path / "a_file"
+    regular.write_text("x")
+    assert build_index.main(["--from", str(index), "--output", str(regular / "index.hdf5")]) == 2
+    assert "regular file" in one_error_line(capsys.readouterr().err)
+    with tmpfs(tmp_path / "ro", 1024, readonly=True) as ro:
+        assert build_index.main(["--from", str(index), "--output", str(ro / "index.hdf5")]) == 2
+        assert "read-only file system" in one_error_line(capsys.readouterr().err)
+    with tmpfs(tmp_path / "full", 64) as full:
+        fill(full)
+        assert build_index.main(["--from", str(index), "--output", str(full / "index.hdf5")]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert str(full / "index.hdf5") in line and "no space left" in line
+        assert not (full / "index.hdf5").exists()
+    assert index.read_bytes() == before
+
+
+def test_extract_features_full_disk_keeps_what_was_written(slide_patches, tiny_vae_dir, tiny_uni_dir, tmp_path,
+                                                           capsys):  # fmt: skip
+    enc = ["--root", str(slide_patches), "--vae", str(tiny_vae_dir), "--uni", str(tiny_uni_dir)]
+    enc += ["--device", "cpu", "--num-workers", "0", "--format", "npy"]
+    regular = tmp_path / "a_file"
+    regular.write_text("x")
+    assert extract_features.main([*enc, "--features-root", str(regular / "f")]) == 2
+    assert "regular file" in one_error_line(capsys.readouterr().err)
+    with tmpfs(tmp_path / "ro", 1024, readonly=True) as ro:
+        assert extract_features.main([*enc, "--features-root", str(ro)]) == 2
+        assert "read-only file system" in one_error_line(capsys.readouterr().err)
+    with tmpfs(tmp_path / "full", 96) as full:  # room for a few tiny-VAE npy files, not all
+        assert extract_features.main([*enc, "--features-root", str(full)]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert str(full) in line and "no space left" in line
+        written = sorted(full.rglob("*.npy"))
+        assert written, "expected some features before the disk filled"
+        for f in written:  # every file on disk is whole
+            assert np.load(f).size > 0
+        assert not list(full.rglob(".*.tmp"))
