@@ -26,6 +26,11 @@ def _check_keys(cfg: dict, schema: dict, where: str, source: str) -> None:
             raise ValueError(
                 f"{source}: unknown config key {where}{key!r} (known: {', '.join(sorted(schema))})"
             )
+        if isinstance(schema[key], dict) and not isinstance(value, dict):
+            raise ValueError(
+                f"{source}: config key {where}{key} must be a dict (got {type(value).__name__} {value!r}); set "
+                f"one entry with {where}{key}.NAME=VALUE or a whole dict as dict(k=v)"
+            )
         if isinstance(value, dict) and isinstance(schema[key], dict) and key not in _OPEN_DICTS:
             _check_keys(value, schema[key], f"{where}{key}.", source)
 
@@ -38,11 +43,26 @@ def parse_cfg_options(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--cfg-options {item!r}: expected KEY=VALUE")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
+        out[key] = _literal(value)
     return out
+
+
+def _literal(text: str):
+    """A Python literal, or `dict(k=literal, ...)` as in config files, else the text itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        pass
+    try:
+        call = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        return text
+    if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "dict" and not call.args:
+        try:
+            return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg is not None}
+        except ValueError:
+            pass
+    return text
 
 
 def load_strict_config(path: str | Path, schema_file: str | Path, options: dict | None = None) -> Config:

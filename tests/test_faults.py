@@ -161,3 +161,56 @@ def test_extract_features_full_disk_keeps_what_was_written(slide_patches, tiny_v
         for f in written:  # every file on disk is whole
             assert np.load(f).size > 0
         assert not list(full.rglob(".*.tmp"))
+
+
+#################################################################################
+#                          Checkpoints and configs                              #
+#################################################################################
+
+
+def _tiny_transformer():
+    from diffusion.model.pixcell_transformer import PixCellTransformer2DModel
+
+    return PixCellTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, num_layers=1, cross_attention_dim=16, sample_size=8,
+        caption_channels=32,
+    )  # fmt: skip
+
+
+def test_truncated_safetensors_names_the_file(tmp_path, capsys):
+    from tools import convert_checkpoint
+
+    folder = tmp_path / "transformer"
+    _tiny_transformer().save_pretrained(folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    assert convert_checkpoint.run_cli(convert_checkpoint.main, [str(folder), str(tmp_path / "out.pth")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(folder) in line and "diffusion_pytorch_model.safetensors" in line and "log in" not in line
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_convert_checkpoint_unknown_keys_names_the_file(tmp_path, capsys):
+    import torch
+
+    from diffusion.model.loading import save_original_checkpoint
+    from tools import convert_checkpoint
+
+    ckpt = tmp_path / "model.pth"
+    save_original_checkpoint(_tiny_transformer(), ckpt)
+    data = torch.load(ckpt, weights_only=True)
+    data["state_dict"]["extra_head.weight"] = torch.zeros(2)
+    torch.save(data, ckpt)
+    assert convert_checkpoint.run_cli(convert_checkpoint.main, [str(ckpt), str(tmp_path / "out")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(ckpt) in line and "extra_head.weight" in line
+
+
+def test_cfg_options_whole_dict_as_in_config_files(tmp_path):
+    from diffusion.config import load_config, parse_cfg_options
+
+    tiny = "configs/tiny/pixcell_tiny_256.py"
+    cfg = load_config(tiny, parse_cfg_options(["optimizer=dict(type='CAME', lr=1e-4)"]))
+    assert cfg.optimizer["type"] == "CAME" and cfg.optimizer["lr"] == 1e-4
+    with pytest.raises(ValueError, match=r"config key optimizer must be a dict \(got str 'CAME'\)"):
+        load_config(tiny, parse_cfg_options(["optimizer=CAME"]))

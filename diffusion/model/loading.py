@@ -65,7 +65,10 @@ def load_original_checkpoint(
     """
     sd, stored = read_original_checkpoint(path, ema=ema)
     cfg = config or stored or infer_config(sd, head_dim=head_dim)
-    mapped = original_to_diffusers(sd)
+    try:
+        mapped = original_to_diffusers(sd)
+    except ValueError as err:  # unknown keys: say which file holds them
+        raise ValueError(f"checkpoint {path}: {err}") from None
     with torch.device("meta"):
         model = PixCellTransformer2DModel(**cfg)
     check_state_dict(model, mapped, str(path))

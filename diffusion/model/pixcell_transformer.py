@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -136,6 +137,13 @@ class PixCellModelMixin:
                 f"{name}: does not match its config ({str(err).splitlines()[0][:300]})"
             ) from None
         except OSError as err:
+            local = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+            if local.is_dir():  # a local folder whose files cannot be read (truncated, not safetensors)
+                files = sorted(p.name for p in local.glob("*.safetensors")) or ["no weights file"]
+                raise OSError(
+                    f"{local}: cannot read the weights ({', '.join(files)}): "
+                    f"{str(err).splitlines()[0][:200]}"
+                ) from None
             raise OSError(
                 f"cannot load a {cls.__name__} from {name} ({type(err).__name__}): pass a local folder or "
                 "original checkpoint, or log in to the Hub (HF_TOKEN) with network access"
