@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -214,3 +215,34 @@ def test_cfg_options_whole_dict_as_in_config_files(tmp_path):
     assert cfg.optimizer["type"] == "CAME" and cfg.optimizer["lr"] == 1e-4
     with pytest.raises(ValueError, match=r"config key optimizer must be a dict \(got str 'CAME'\)"):
         load_config(tiny, parse_cfg_options(["optimizer=CAME"]))
+
+
+#################################################################################
+#                         One run per work dir / output                         #
+#################################################################################
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    """Another process that takes the folder's lock and waits (until killed)."""
+    code = (
+        "import sys, time; from diffusion.lock import FolderLock; "
+        f"lock = FolderLock({str(folder)!r}).acquire(); print('held', flush=True); time.sleep(600)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_folder_lock_names_the_holder_and_dies_with_it(tmp_path):
+    from diffusion.lock import FolderInUse, FolderLock
+
+    holder = _hold_lock(tmp_path)
+    try:
+        with pytest.raises(FolderInUse, match=rf"in use by another run \(host .+, PID {holder.pid}, started "):
+            FolderLock(tmp_path).acquire()
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs, the kernel drops the lock
+        holder.wait()
+    with FolderLock(tmp_path, what="work dir"):
+        pass
