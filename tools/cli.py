@@ -51,6 +51,10 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
 # The library names its parameters in backquotes (`n_images`) in its error messages; a tool shows the flag that
 # sets that parameter. One mapping for every tool: a parameter keeps one flag name everywhere.
 FLAGS = {
+    "allow_negative_guidance": "--allow-negative-guidance",
+    "guidance_scale": "--guidance",
+    "num_inference_steps": "--steps",
+    "stride": "--stride",
     "data_root": "--data-root",
     "dataset_regions": "--region",
     "features": "--features",
@@ -122,15 +126,21 @@ def add_sampler_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="guide only for timesteps t in [LOW, HIGH] (of 0..999), as CytoSyn does; unguided elsewhere",
     )
+    g.add_argument(
+        "--allow-negative-guidance",
+        action="store_true",
+        help="accept --guidance < 0 (pushes samples away from their condition); an error otherwise",
+    )
 
 
 def check_sampler_args(args: argparse.Namespace) -> None:
-    """One-line errors for sampler flags that argparse cannot check."""
+    """One-line errors for sampler flags that argparse cannot check, before any model loads (the library checks
+    steps and guidance again where every sampling path resolves them: `resolve_defaults`)."""
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps {args.steps}: expected >= 1")
     if args.guidance_interval is not None:
         low, high = args.guidance_interval
-        if not 0 <= low <= high <= 1000:
+        if not 0 <= low <= high <= 1000:  # NaN fails too
             raise ValueError(f"--guidance-interval {low} {high}: expected 0 <= LOW <= HIGH <= 1000")
 
 
@@ -220,6 +230,7 @@ def settings_from_args(args: argparse.Namespace, batch: int, workers: int) -> Sa
         steps=args.steps,
         guidance=args.guidance,
         guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
+        allow_negative_guidance=args.allow_negative_guidance,
         seed=args.seed,
         dtype=args.dtype,
         format=args.format,

@@ -58,7 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     src.add_argument("--features-root", help="folder of <patch>_uni.npy (default: beside the patches)")
     src.add_argument("--region-size", type=int, default=4096, help="px, for --region (a multiple of 1024)")
     win = p.add_argument_group("windows")
-    win.add_argument("--stride", type=int, default=64, help="latent px between windows: 32, 64 or 128")
+    win.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="latent px between windows (PixCell-1024: 32, 64 or 128; default half a window: 64)",
+    )
     win.add_argument(
         "--decode-stride", type=int, default=None, help="latent px between decoded windows (half)"
     )

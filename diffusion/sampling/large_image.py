@@ -226,11 +226,21 @@ def windowed_eps_fn(
 #################################################################################
 
 
-def region_layout(transformer, grid_shape: tuple[int, int], stride: int) -> WindowLayout:
-    """The layout for a (Gh, Gw) token grid and this transformer (window = its sample_size)."""
+def default_stride(transformer) -> int:
+    """Half a window, rounded down to whole UNI tiles (64 latent px for PixCell-1024); one tile at least, so a
+    one-token model (window = one tile) steps window by window."""
+    window = transformer.config.sample_size
+    tile = window // tokens_side(transformer.config.caption_num_tokens)
+    return max(tile, window // 2 // tile * tile)
+
+
+def region_layout(transformer, grid_shape: tuple[int, int], stride: int | None) -> WindowLayout:
+    """The layout for a (Gh, Gw) token grid and this transformer (window = its sample_size; stride None: half a
+    window, `default_stride`)."""
     window = transformer.config.sample_size
     m = tokens_side(transformer.config.caption_num_tokens)
     tile = window // m
+    stride = default_stride(transformer) if stride is None else stride
     return window_layout(grid_shape[0] * tile, grid_shape[1] * tile, window, stride, m)
 
 
@@ -238,7 +248,7 @@ def region_layout(transformer, grid_shape: tuple[int, int], stride: int) -> Wind
 def denoise_region(
     transformer,
     grid: Tensor,  # (Gh, Gw, C) UNI tokens of the region, row-major tiles
-    stride: int = 64,  # latent px between windows
+    stride: int | None = None,  # latent px between windows; None: half a window (64 for PixCell-1024)
     sampler: str = "dpm-solver",
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,  # None: the published default for the model's token count
@@ -248,6 +258,7 @@ def denoise_region(
     window_batch: int | Chunker | None = None,  # windows per forward (x2 with guidance); None: all
     window_eps: Callable[..., Callable[[Tensor, Tensor], Tensor]] | None = None,  # tests, benchmarks: standins.reference_eps_fn
     progress: bool = True,
+    allow_negative_guidance: bool = False,  # a guidance_scale < 0 is an error unless this says it is meant
 ) -> Tensor:
     """Sliding-window denoising of a whole region: -> final model-space latents (1, 16, H, W)."""
     device = next(transformer.parameters()).device
@@ -265,7 +276,11 @@ def denoise_region(
         raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
     scheduler = make_scheduler(sampler)
     steps, guidance_scale = resolve_defaults(
-        sampler_name(scheduler), num_inference_steps, guidance_scale, transformer.config.caption_num_tokens
+        sampler_name(scheduler),
+        num_inference_steps,
+        guidance_scale,
+        transformer.config.caption_num_tokens,
+        allow_negative_guidance,
     )
     uncond = transformer.null_condition(1)[0] if guides(guidance_scale) else None
     model_fn = transformer_fn(transformer)

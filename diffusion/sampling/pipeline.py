@@ -120,6 +120,7 @@ class PixCellPipeline(DiffusionPipeline):
         latents: Tensor | None = None,  # (B, 16, h, w) initial noise, for exact seeding
         negative_uni_embeds: Tensor | None = None,  # unconditional input; default: the model's null condition
         guidance_interval: tuple[float, float] | None = None,  # guide only for timesteps in [low, high]
+        allow_negative_guidance: bool = False,  # a guidance_scale < 0 is an error unless this says it is meant
         output_type: str = "pil",  # 'pil' | 'np' | 'pt' | 'latent'
         return_dict: bool = True,
         progress: bool = True,
@@ -129,7 +130,9 @@ class PixCellPipeline(DiffusionPipeline):
         device = self._execution_device
         uni = self.prepare_condition(uni_embeds).to(device)
         batch, tokens = uni.shape[:2]
-        steps, w = resolve_defaults(sampler_name(self.scheduler), num_inference_steps, guidance_scale, tokens)
+        steps, w = resolve_defaults(
+            sampler_name(self.scheduler), num_inference_steps, guidance_scale, tokens, allow_negative_guidance
+        )
 
         size = self.transformer.config.sample_size
         shape = (batch, self.transformer.config.in_channels, size, size)

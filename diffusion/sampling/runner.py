@@ -43,6 +43,7 @@ from .conditions import ConditionSource, FolderSource, Loaded, SampleError, Spec
 from .large_image import (
     Chunker,
     decode_region,
+    default_stride,
     default_vae_batch,
     default_window_batch,
     denoise_region,
@@ -69,6 +70,7 @@ class SampleSettings:
     steps: int | None = None  # None: the sampler's default (20 for DPM-Solver++)
     guidance: float | None = None  # None: published default for the model's token count (2.0 @256, 1.2 @1024)
     guidance_interval: tuple[float, float] | None = None  # guide only for timesteps in [low, high]
+    allow_negative_guidance: bool = False  # a negative guidance is an error unless this says it is meant
     seed: int = 0
     dtype: str = "fp32"
     format: str = "png"  # 'png' (lossless, default) or 'jpeg'
@@ -82,14 +84,14 @@ class SampleSettings:
     progress: bool = True
 
     def resolved(self, tokens: int) -> tuple[int, float]:
-        return resolve_defaults(self.sampler, self.steps, self.guidance, tokens)
+        return resolve_defaults(self.sampler, self.steps, self.guidance, tokens, self.allow_negative_guidance)
 
 
 @dataclass
 class RegionSettings:
     """Sliding-window options for large regions (see diffusion.sampling.large_image)."""
 
-    stride: int = 64  # latent px between denoising windows (32, 64, 128 for PixCell-1024)
+    stride: int | None = None  # latent px between denoising windows; None: half a window (64 for PixCell-1024)
     decode_stride: int | None = None  # latent px between decoded windows; None: half a window
     sigma: float = 0.3  # Gaussian blending window over [-1, 1]; the published script used 0.8
     window_batch: int | None = None  # windows per forward (x2 with guidance); None: all on GPU, 8 on CPU
@@ -350,6 +352,11 @@ def _close_run(run: _Run, specs: Sequence[Spec], shards: list[list[str]], summar
     if run.out.finish_shard(shards, run.state.process_index, rows):
         summary["done"] = sum(run.out.done(s) for s in specs)
         log.info("%d/%d images in %s; manifest written", summary["done"], len(specs), run.out.root)
+        if specs and not summary["done"]:  # every condition was skipped: a failed run, not an empty success
+            raise RuntimeError(
+                f"no image written to {run.out.root}: none of the {len(specs)} conditions could be used (each "
+                "skip is logged above)"
+            )
     return summary
 
 
@@ -448,6 +455,7 @@ def sample_patches(
             generator=gens,
             latents=latents.to(device),
             guidance_interval=settings.guidance_interval,
+            allow_negative_guidance=settings.allow_negative_guidance,
             output_type="latent",
             progress=False,
         ).images
@@ -509,14 +517,15 @@ def sample_regions(
     tokens = transformer.config.caption_num_tokens
     window = transformer.config.sample_size
     decode_stride = region.decode_stride or window // 2
+    stride = default_stride(transformer) if region.stride is None else region.stride
     specs = source.specs()
     for spec in specs:  # geometry errors now, not after hours of sampling
         try:
-            layout = region_layout(transformer, (spec.rows, spec.cols), region.stride)
+            layout = region_layout(transformer, (spec.rows, spec.cols), stride)
             window_layout(layout.height, layout.width, window, decode_stride, window, "decode stride")
         except ValueError as err:
             raise ValueError(f"region {spec.name}: {err}") from None
-    extra = {"stride": region.stride, "decode_stride": decode_stride, "sigma": region.sigma, "window": window}
+    extra = {"stride": stride, "decode_stride": decode_stride, "sigma": region.sigma, "window": window}
     run = _open_run(pipe, out_dir, settings, model_ref, vae_ref, extra, extra_in_manifest=True)
     state, out, steps, guidance = run.state, run.out, run.steps, run.guidance
 
@@ -547,9 +556,10 @@ def sample_regions(
             (transformer.config.in_channels, gh * layout_tile, gw * layout_tile),
         )
         latents = denoise_region(
-            transformer, grid, stride=region.stride, sampler=settings.sampler, num_inference_steps=steps,
+            transformer, grid, stride=stride, sampler=settings.sampler, num_inference_steps=steps,
             guidance_scale=guidance, guidance_interval=settings.guidance_interval, latents=noise,
             generator=gens[0], window_batch=wb, progress=show,
+            allow_negative_guidance=settings.allow_negative_guidance,
         )  # fmt: skip
         image = decode_region(pipe.vae, latents, window, decode_stride, region.sigma, vb, progress=show)
         real = loaded.image if (settings.write_real and spec.has_real) else None

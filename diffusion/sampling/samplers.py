@@ -13,6 +13,7 @@ spacing it would not. Trap: DPM-Solver and SA-Solver slice a learned variance as
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -58,13 +59,32 @@ DEFAULT_STEPS = {"dpm-solver": 20, "ddim": 50, "sa-solver": 25, "ddpm": 100}
 DEFAULT_GUIDANCE = {1: 2.0, 4: 1.5, 16: 1.2}
 
 
-def resolve_defaults(sampler: str, steps: int | None, guidance: float | None, tokens: int) -> tuple[int, float]:
+def resolve_defaults(
+    sampler: str,
+    steps: int | None,
+    guidance: float | None,
+    tokens: int,
+    allow_negative_guidance: bool = False,
+) -> tuple[int, float]:
     """(steps, guidance) with None replaced by the defaults: DEFAULT_STEPS of the sampler, and the published
-    guidance for a model taking `tokens` UNI tokens (1.5 for token counts without a published value)."""
+    guidance for a model taking `tokens` UNI tokens (1.5 for token counts without a published value).
+
+    Every sampling path resolves its settings here, so one check covers them all: a NaN guidance used to give
+    all-black images and exit 0. A negative scale (pushing away from the condition) is an error unless
+    `allow_negative_guidance` says it is meant."""
     if sampler not in DEFAULT_STEPS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(DEFAULT_STEPS)}")
+    if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
+        raise ValueError(f"`num_inference_steps` {steps}: expected a whole number >= 1")
     w = DEFAULT_GUIDANCE.get(tokens, 1.5) if guidance is None else float(guidance)
-    return steps or DEFAULT_STEPS[sampler], w
+    if not math.isfinite(w):
+        raise ValueError(f"`guidance_scale` {w}: expected a finite number (1 = conditional only)")
+    if w < 0 and not allow_negative_guidance:
+        raise ValueError(
+            f"`guidance_scale` {w:g}: a negative scale pushes samples away from their condition; pass "
+            "`allow_negative_guidance` if that is meant"
+        )
+    return int(steps or DEFAULT_STEPS[sampler]), w
 
 
 def guides(guidance_scale: float) -> bool:
