@@ -9,6 +9,7 @@ those cases skip, saying why).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -246,3 +247,93 @@ def test_folder_lock_names_the_holder_and_dies_with_it(tmp_path):
         holder.wait()
     with FolderLock(tmp_path, what="work dir"):
         pass
+
+
+#################################################################################
+#                        Sampling: guidance, strides, sources                   #
+#################################################################################
+
+C = 96  # the tiny UNI stand-in's embedding size
+
+
+@pytest.fixture(scope="module")
+def t64(tmp_path_factory) -> Path:
+    """A tiny one-token transformer (64 px images) saved like a released one."""
+    import torch
+
+    from diffusion.model.pixcell_transformer import build_pixcell
+
+    torch.manual_seed(0)
+    model = build_pixcell("PixCell-tiny-64", caption_channels=C).eval()
+    out = tmp_path_factory.mktemp("t64") / "model"
+    model.save_pretrained(out)
+    return out
+
+
+def _sample(argv: list[str], capsys, tool: str = "sample") -> tuple[int, str]:
+    import importlib
+
+    from tools.cli import run_cli
+
+    rc = run_cli(importlib.import_module(f"tools.{tool}").main, argv)
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "guidance, message",
+    [("nan", "--guidance nan: expected a finite number"), ("inf", "--guidance inf: expected a finite number"),
+     ("-1", "--guidance -1: a negative scale pushes samples away from their condition; pass "
+            "--allow-negative-guidance")],
+)  # fmt: skip
+def test_guidance_not_finite_or_negative_is_one_line(t64, tiny_vae_dir, tmp_path, capsys, guidance, message):
+    np.save(tmp_path / "e.npy", np.random.default_rng(0).standard_normal((2, 1, C)).astype(np.float32))
+    out = tmp_path / "out"
+    base = ["--model", str(t64), "--vae", str(tiny_vae_dir), "--embeddings", str(tmp_path / "e.npy"),
+            "--out", str(out), "--steps", "2", "--device", "cpu", "--no-progress"]  # fmt: skip
+    rc, err = _sample([*base, "--guidance", guidance], capsys)
+    assert rc == 2 and message in one_error_line(err)
+    assert not list(out.rglob("*.png")), "no image may be written"
+    if guidance == "-1":  # meant: the flag says so
+        rc, err = _sample([*base, "--guidance", guidance, "--allow-negative-guidance"], capsys)
+        assert rc == 0 and len(list((out / "syn").glob("*.png"))) == 2
+
+
+def test_pipeline_and_region_refuse_nan_guidance(t64, tiny_vae_dir):
+    import torch
+
+    from diffusion.sampling.large_image import denoise_region
+    from diffusion.sampling.pipeline import PixCellPipeline
+
+    pipe = PixCellPipeline.from_parts(t64, tiny_vae_dir)
+    cond = torch.randn(1, 1, C)
+    with pytest.raises(ValueError, match="`guidance_scale` nan: expected a finite number"):
+        pipe(cond, guidance_scale=float("nan"), num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match="`num_inference_steps` 2.5: expected a whole number"):
+        pipe(cond, num_inference_steps=2.5, progress=False)
+    with pytest.raises(ValueError, match="`guidance_scale` -2: a negative scale"):
+        denoise_region(pipe.transformer, torch.randn(2, 2, C), guidance_scale=-2.0, num_inference_steps=2)
+
+
+def test_sample_4k_default_stride_follows_a_one_token_model(t64, tiny_vae_dir, tmp_path, capsys):
+    np.save(tmp_path / "grid.npy", np.random.default_rng(0).standard_normal((2, 3, C)).astype(np.float32))
+    out = tmp_path / "out"
+    argv = ["--model", str(t64), "--vae", str(tiny_vae_dir), "--grid", str(tmp_path / "grid.npy"),
+            "--out", str(out), "--steps", "2", "--device", "cpu", "--no-progress"]  # fmt: skip
+    rc, err = _sample(argv, capsys, "sample_4k")
+    assert rc == 0, err
+    row = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    assert row["stride"] == 8  # one window (one token of 8 latent px) per step: no overlap possible
+
+
+def test_a_run_whose_every_condition_failed_exits_2(t64, tiny_vae_dir, tiny_uni_dir, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    from PIL import Image
+
+    Image.fromarray(np.zeros((256, 256, 3), np.uint8)).save(folder / "a.png")
+    data = (folder / "a.png").read_bytes()
+    (folder / "a.png").write_bytes(data[: len(data) // 2])  # truncated
+    argv = ["--model", str(t64), "--vae", str(tiny_vae_dir), "--uni", str(tiny_uni_dir), "--images",
+            str(folder), "--out", str(tmp_path / "out"), "--steps", "2", "--device", "cpu", "--no-progress"]  # fmt: skip
+    rc, err = _sample(argv, capsys)
+    assert rc == 2 and "no image written" in one_error_line(err) and "none of the 16 conditions" in err  # 16 crops of 64 px
