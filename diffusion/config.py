@@ -133,3 +133,61 @@ def build_model_from_config(cfg: Config) -> PixCellTransformer2DModel:
             f"{cfg.resolution} needs {cfg.resolution} px and {tokens} token(s)"
         )
     return model
+
+
+#################################################################################
+#                      What may change when a run resumes                       #
+#################################################################################
+
+# Keys (or dotted prefixes) a resumed run may change: where data is read from, how long to train, how often
+# to log/save/validate, the learning rate (applied to the optimizer and LR schedule) and the safety limits.
+# Anything else (model, data selection, batch size, seeds, precision, schedule shape) would make the resumed run
+# a different experiment than its checkpoints: it is refused with one line.
+RESUME_CHANGEABLE = (
+    "optimizer.lr",
+    "max_steps",
+    "num_epochs",
+    "save_every_steps",
+    "keep_last",
+    "log_every_steps",
+    "report_to",
+    "validation",
+    "max_nonfinite_steps",
+    "gradient_clip",
+    "data.root",
+    "data.index_file",
+    "data.features_root",
+    "data.num_workers",
+    "data.max_failure_rate",
+)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def config_changes(saved_text: str, cfg: Config) -> dict[str, tuple]:
+    """{dotted key: (value in the checkpoint's config, value now)} for every key that differs."""
+    old = _flat(Config.fromstring(saved_text, ".py").to_dict())
+    new = _flat(cfg.to_dict())
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
+def check_resume_changes(saved_text: str, cfg: Config, checkpoint: str | Path) -> dict[str, tuple]:
+    """The config changes of a resumed run, when every one may change (RESUME_CHANGEABLE); else one ValueError
+    naming the first key that may not."""
+    changes = config_changes(saved_text, cfg)
+    for key, (old, new) in changes.items():
+        if not any(key == k or key.startswith(k + ".") for k in RESUME_CHANGEABLE):
+            raise ValueError(
+                f"resume from {checkpoint}: config key {key} is {old!r} there and {new!r} now, and cannot change "
+                "when a run resumes (changeable: optimizer.lr, max_steps, logging/saving/validation intervals, "
+                "data locations); use another --work-dir, with --load-from to start from these weights"
+            )
+    return changes

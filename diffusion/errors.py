@@ -28,8 +28,8 @@ OS_CAUSES = {
     errno.ENOENT: "no such file or folder",
     errno.EEXIST: "is a regular file where a folder is expected",
 }
-# Below this many free bytes a failed write is taken as a full disk (torch.save and h5py report it without
-# errno 28: "enforce fail at inline_container.cc ... unexpected pos", "Can't write data").
+# Below this many free bytes a failed write is taken as a full disk (torch.save, safetensors and h5py report it
+# without errno 28: "enforce fail at inline_container.cc ... unexpected pos", "I/O error", "Can't write data").
 FULL_DISK_BYTES = 1 << 20
 
 
@@ -75,7 +75,7 @@ def named_write_errors(path: str | Path, needed_bytes: int | None = None) -> Ite
     """
     try:
         yield
-    except (OSError, RuntimeError) as err:
+    except Exception as err:  # torch.save: RuntimeError; safetensors: SafetensorError; h5py, PIL: OSError
         code = getattr(err, "errno", None)
         free = free_bytes(path)
         if code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < FULL_DISK_BYTES):

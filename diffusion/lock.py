@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 LOCK_NAME = ".lock"
+# The locks this process holds, by folder: a run in this process that ended without releasing its lock (an
+# exception in a test that runs trainers in-process) is superseded by the next run on the same folder here.
+_HELD: dict[Path, FolderLock] = {}
 
 
 class FolderInUse(RuntimeError):
@@ -41,6 +44,9 @@ class FolderLock:
 
     def acquire(self) -> FolderLock:
         self.folder.mkdir(parents=True, exist_ok=True)
+        key = self.folder.resolve()
+        if key in _HELD:  # this process's own earlier run on the folder
+            _HELD[key].release()
         path = self.folder / LOCK_NAME
         fh = open(path, "a+")  # never truncates: a loser must not erase the holder's note
         try:
@@ -59,6 +65,7 @@ class FolderLock:
         fh.write(json.dumps(note))
         fh.flush()
         self._fh = fh
+        _HELD[key] = self
         return self
 
     def release(self) -> None:
@@ -66,12 +73,19 @@ class FolderLock:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None
+            _HELD.pop(self.folder.resolve(), None)
 
     def __enter__(self) -> FolderLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def release_held() -> None:
+    """Release every lock this process holds (the end of a run's entry point)."""
+    for lock in list(_HELD.values()):
+        lock.release()
 
 
 def _describe(text: str) -> str:

@@ -49,3 +49,32 @@ def real_slide() -> Path:
     from tools.fetch_slide import fetch_slide
 
     return fetch_slide()
+
+
+@pytest.fixture(scope="session")
+def real_features(tmp_path_factory, real_slide, tiny_vae_dir, tiny_uni_dir) -> Path:
+    """Patches root with 4 real 512 px patches and their tiny-encoder features (npy + packed)."""
+    from diffusion.data.index import read_index, write_index
+    from tools.extract_features import main as extract_features
+    from tools.extract_patches import main as extract_patches
+
+    root = tmp_path_factory.mktemp("real_features") / "patches"
+    args = [str(real_slide), "--out", str(root), "--dataset", "cmu", "--group", "demo", "--patch-size", "512"]
+    assert extract_patches(args) in (0, None)
+    patches = sorted(str(p.relative_to(root)) for p in root.rglob("*.png"))
+    assert len(patches) >= 4, patches
+    index = root / "metadata" / "patch_names_all.hdf5"
+    write_index(index, {"cmu_512": patches[:4]})
+    assert read_index(index)["cmu_512"] == patches[:4]
+    feats = [
+        "--root",
+        str(root),
+        "--vae",
+        str(tiny_vae_dir),
+        "--uni",
+        str(tiny_uni_dir),
+        "--num-workers",
+        "0",
+    ]
+    assert extract_features([*feats, "--device", "cpu", "--format", "npy", "packed"]) in (0, None)
+    return root

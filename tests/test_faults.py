@@ -337,3 +337,147 @@ def test_a_run_whose_every_condition_failed_exits_2(t64, tiny_vae_dir, tiny_uni_
             str(folder), "--out", str(tmp_path / "out"), "--steps", "2", "--device", "cpu", "--no-progress"]  # fmt: skip
     rc, err = _sample(argv, capsys)
     assert rc == 2 and "no image written" in one_error_line(err) and "none of the 16 conditions" in err  # 16 crops of 64 px
+
+
+#################################################################################
+#                 Trainers: one run per work dir, resume, non-finite            #
+#################################################################################
+
+TINY = "configs/tiny/pixcell_tiny_256.py"
+
+
+def _train_pixcell(work: Path, data: Path, *options: str) -> int:
+    from train_scripts.train_pixcell import cli
+
+    argv = [TINY, "--work-dir", str(work), "--data-root", str(data), "--report-to", "none"]
+    return cli([*argv, "--cfg-options", "lr_schedule.warmup_steps=0", *options])
+
+
+def test_second_run_on_a_work_dir_or_output_stops_naming_the_holder(real_features, t64, tiny_vae_dir, tmp_path,
+                                                                      capsys):  # fmt: skip
+    work = tmp_path / "work"
+    holder = _hold_lock(work)
+    try:
+        assert _train_pixcell(work, real_features, "max_steps=1") == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert "this work dir is in use by another run (host " in line and f"PID {holder.pid}" in line
+        assert not (work / "train.log").exists() and not (work / "config.py").exists()  # nothing touched
+        out = tmp_path / "out"
+        _hold = _hold_lock(out)
+        np.save(tmp_path / "e.npy", np.zeros((1, 1, C), np.float32))
+        rc, err = _sample(["--model", str(t64), "--vae", str(tiny_vae_dir), "--embeddings",
+                           str(tmp_path / "e.npy"), "--out", str(out), "--steps", "1", "--no-progress"], capsys)  # fmt: skip
+        assert rc == 2 and "output folder is in use by another run" in one_error_line(err)
+        assert not (out / "run.json").exists()
+        _hold.kill()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _train_pixcell(work, real_features, "max_steps=1") == 0  # the holder died: its lock went with it
+
+
+def test_resume_applies_a_new_learning_rate_and_refuses_other_changes(real_features, tmp_path, capsys):
+    import torch
+
+    from diffusion.checkpoints import latest_checkpoint
+
+    work = tmp_path / "work"
+    assert _train_pixcell(work, real_features, "max_steps=2", "optimizer.lr=1e-3") == 0
+    # Another batch size cannot change on resume: one line naming the key, config.py as it was.
+    before = (work / "config.py").read_text()
+    assert _train_pixcell(work, real_features, "max_steps=4", "train_batch_size=1") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "config key train_batch_size" in line and "cannot change when a run resumes" in line
+    assert (work / "config.py").read_text() == before
+    # The learning rate can: optimizer and schedule follow, the log says so, config.py records what runs.
+    assert _train_pixcell(work, real_features, "max_steps=4", "optimizer.lr=2.5e-4") == 0
+    log = (work / "train.log").read_text()
+    assert "resume: config optimizer.lr changed from 0.001 to 0.00025" in log
+    assert "lr=0.00025" in (work / "config.py").read_text().replace(" ", "")
+    groups = torch.load(latest_checkpoint(work) / "optimizer.bin", weights_only=False)["param_groups"]
+    assert all(g["lr"] == pytest.approx(2.5e-4) for g in groups)
+
+
+def test_trainer_keyerror_is_one_line(real_features, tmp_path, capsys):
+    assert _train_pixcell(tmp_path, real_features, "max_steps=1", "data.dataset_keys=['nonexistent']") == 2
+    assert "nonexistent" in one_error_line(capsys.readouterr().err)
+
+
+def _toy_trainer(
+    work: Path,
+    nan_steps: set[int] = frozenset(),
+    nan_weights_at: int | None = None,
+    total: int = 8,
+    before_save: dict | None = None,  # {step: callable} run just before the checkpoint of that step
+) -> int:
+    """The skeleton's minimal trainer on a linear model; its loss is NaN at `nan_steps`, its weights are set to
+    NaN after step `nan_weights_at`."""
+    import argparse
+
+    import torch
+    from mmengine.config import Config
+    from torch import nn
+
+    from diffusion.training.run import launch, run_trainer, start_run
+
+    def main(args):
+        cfg = Config(dict(seed=0, optimizer=dict(type="AdamW", lr=1e-2, weight_decay=0.0),
+                          lr_schedule=dict(type="constant", warmup_steps=0), ema_rate=None, keep_last=2,
+                          report_to="none", log_every_steps=1, save_every_steps=1, max_nonfinite_steps=3))  # fmt: skip
+        accelerator, resume = launch(work, None)
+        torch.manual_seed(0)
+        run = start_run(accelerator, cfg, work, nn.Linear(4, 1), total, resume)
+        with run.loop(run.save) as loop:
+            while run.state["step"] < run.total_steps and not loop.should_stop(run.state["step"]):
+                loss = run.model(torch.ones(2, 4)).pow(2).mean()
+                if run.state["step"] + 1 in nan_steps:
+                    loss = loss * float("nan")
+                accelerator.backward(loss)
+                grad_norm, step = run.optimizer_step(None)
+                if step == nan_weights_at:
+                    run.unwrapped.weight.data[0, 0] = float("nan")
+                loop.log_step(step, loss, run.lr, grad_norm)
+                (before_save or {}).get(step, lambda: None)()
+                loop.save_if_due(step)
+        return run.finish()
+
+    return run_trainer(main, argparse.Namespace())
+
+
+def test_no_checkpoint_is_written_or_pruned_during_a_nonfinite_streak(tmp_path, capsys):
+    from diffusion.checkpoints import list_checkpoints
+
+    assert _toy_trainer(tmp_path, nan_steps={3, 4, 5}) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "3 consecutive steps with a non-finite loss" in line
+    assert "checkpoint-0000002" in line  # the last one written before the streak, still there
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-0000001", "checkpoint-0000002"]
+    assert "not saving a checkpoint during 1 non-finite steps in a row" in (tmp_path / "train.log").read_text()
+
+
+def test_weights_that_are_not_finite_are_never_saved(tmp_path, capsys):
+    from diffusion.checkpoints import list_checkpoints
+
+    assert _toy_trainer(tmp_path, nan_weights_at=2) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "step 2: the weights hold NaN or Inf, not saving them" in line and "checkpoint-0000001" in line
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-0000001"]
+
+
+def test_trainer_on_a_full_disk_names_it_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    import torch
+
+    from diffusion.checkpoints import list_checkpoints
+
+    with tmpfs(tmp_path / "full", 2048) as full:
+        work = full / "work"
+        assert _toy_trainer(work) == 0
+        kept = list_checkpoints(work)
+        assert [p.name for p in kept] == ["checkpoint-0000007", "checkpoint-0000008"]
+        # resumed at 8; the disk fills up before the save of step 9
+        assert _toy_trainer(work, total=12, before_save={9: lambda: fill(full)}) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert "no space left on the device" in line and ".checkpoint-0000009.tmp" in line and "MiB needed" in line
+        assert list_checkpoints(work) == kept  # the earlier checkpoints are whole and still load
+        torch.load(kept[-1] / "trainer_state.pt", weights_only=False)
+        assert not list((work / "checkpoints").glob(".checkpoint-*"))  # no half-written folder left behind

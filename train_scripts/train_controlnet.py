@@ -36,7 +36,7 @@ from diffusion.sampling.samplers import make_scheduler
 from diffusion.training.precision import set_gradient_checkpointing
 from diffusion.training.run import add_resume_args, launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
-from diffusion.training.step import NonFiniteGuard, accumulate, noised_inputs
+from diffusion.training.step import accumulate, noised_inputs
 
 log = logging.getLogger("pixcell.train")
 SCHEMA = Path(__file__).resolve().parents[1] / "configs" / "_base_" / "controlnet.py"
@@ -211,7 +211,6 @@ def main(args: argparse.Namespace) -> int:
         return run.save(step, portable=portable)
 
     batch_stream = BatchStream(loader, sampler, state)
-    guard = NonFiniteGuard(cfg.max_nonfinite_steps, work_dir)
     log.info("training %d steps: %d process(es) x batch %d x accumulation %d, %d pairs", total_steps,
              accelerator.num_processes, cfg.train_batch_size, accum, len(dataset))  # fmt: skip
     with run.loop(save, args.time_limit) as loop:
@@ -230,7 +229,7 @@ def main(args: argparse.Namespace) -> int:
                     return ((out[:, : x0.shape[1]].float() - noise) ** 2).mean(), len(x0)
 
             loss, images = accumulate(accelerator, model, batches, loss_of)
-            grad_norm, step = run.optimizer_step(cfg.gradient_clip, guard=guard)
+            grad_norm, step = run.optimizer_step(cfg.gradient_clip)
             state["images_seen"] += images * accelerator.num_processes
 
             # ---- report, validate, save

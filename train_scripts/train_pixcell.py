@@ -33,7 +33,7 @@ from diffusion.training.init import initialise_from
 from diffusion.training.precision import set_fp32_attention, set_gradient_checkpointing
 from diffusion.training.run import add_resume_args, launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
-from diffusion.training.step import NonFiniteGuard, accumulate, noised_inputs
+from diffusion.training.step import accumulate, noised_inputs
 
 log = logging.getLogger("pixcell.train")
 
@@ -198,7 +198,6 @@ def main(args: argparse.Namespace) -> int:
         return run.save(step, portable={"transformer": (unwrapped, sd), "transformer_ema": (unwrapped, sd_ema)})
 
     batch_stream = BatchStream(loader, sampler, state, set_epoch=dataset.set_epoch)
-    guard = NonFiniteGuard(cfg.max_nonfinite_steps, work_dir)
     log.info("training %d steps: %d process(es) x batch %d x accumulation %d, %d samples, %d batches per epoch",
              total_steps, accelerator.num_processes, cfg.train_batch_size, accum, len(dataset),
              sampler.batches_per_epoch)  # fmt: skip
@@ -224,7 +223,7 @@ def main(args: argparse.Namespace) -> int:
                 return diffusion.training_losses(out.float(), x0, x_t, t, noise).loss.mean(), len(x0)  # fp32
 
             loss, images = accumulate(accelerator, model, batches, loss_of)
-            grad_norm, step = run.optimizer_step(cfg.gradient_clip, guard=guard)
+            grad_norm, step = run.optimizer_step(cfg.gradient_clip)
             state["images_seen"] += images * accelerator.num_processes
 
             # ---- report, validate, save

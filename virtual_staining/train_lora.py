@@ -33,7 +33,7 @@ from diffusion.model.loading import load_transformer
 from diffusion.training.precision import set_gradient_checkpointing
 from diffusion.training.run import launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
-from diffusion.training.step import NonFiniteGuard, accumulate, noised_inputs
+from diffusion.training.step import accumulate, noised_inputs
 from virtual_staining.data import read_image
 from virtual_staining.lora import LoRASettings, add_lora, lora_parameters, save_lora_weights
 from virtual_staining.training import (
@@ -170,7 +170,6 @@ def main(args: argparse.Namespace) -> int:
                 save_lora_weights(unwrapped, work_dir / "lora.safetensors")
 
     batch_stream = BatchStream(loader, sampler, state)
-    guard = NonFiniteGuard(cfg.max_nonfinite_steps, work_dir)
     max_skipped = max(1, int(cfg.data.max_failure_rate * len(dataset)))
     log.info("training %d steps: %d process(es) x batch %d x accumulation %d, %d IHC images, %d LoRA parameters",
              total_steps, accelerator.num_processes, cfg.train_batch_size, accum, len(dataset),
@@ -210,7 +209,7 @@ def main(args: argparse.Namespace) -> int:
             loss, images = accumulate(accelerator, model, batches, loss_of)
             if loss is None:
                 continue
-            grad_norm, step = run.optimizer_step(cfg.gradient_clip, params=lora_parameters(model), guard=guard)
+            grad_norm, step = run.optimizer_step(cfg.gradient_clip, params=lora_parameters(model))
 
             loop.log_step(step, loss, run.lr, grad_norm,
                           images=images * accelerator.num_processes,

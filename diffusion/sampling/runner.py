@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_path
 from ..encoders import decode_latents, to_uint8
 from ..geometry import tokens_side
+from ..lock import FolderLock
 from .conditions import ConditionSource, FolderSource, Loaded, SampleError, Spec, name_seed
 from .large_image import (
     Chunker,
@@ -318,6 +319,7 @@ class _Run:
     steps: int
     guidance: float
     manifest_meta: dict  # the settings every manifest row repeats
+    lock: FolderLock | None  # the output folder's, on the main process
 
 
 def _open_run(
@@ -332,6 +334,8 @@ def _open_run(
     """The opening both runners share: process state, resolved steps/guidance, the output folder's run.json
     (refusing other settings), leftovers of a killed run removed, then every process waits for that."""
     state = _process_state(pipe._execution_device)
+    # One run per output folder: the main process holds the lock until _close_run (or its own death).
+    lock = FolderLock(out_dir, what="output folder").acquire() if state.is_main_process else None
     tokens = pipe.transformer.config.caption_num_tokens
     steps, guidance = settings.resolved(tokens)
     out = OutputFolder(out_dir, settings.format, settings.jpeg_quality)
@@ -343,13 +347,16 @@ def _open_run(
     meta = {"sampler": settings.sampler, "steps": steps, "guidance": guidance, "model": model_ref,
             "guidance_interval": info["guidance_interval"], "dtype": settings.dtype,
             **(extra if extra_in_manifest else {})}  # fmt: skip
-    return _Run(state, out, steps, guidance, meta)
+    return _Run(state, out, steps, guidance, meta, lock)
 
 
 def _close_run(run: _Run, specs: Sequence[Spec], shards: list[list[str]], summary: dict, seed: int) -> dict:
     """The ending both runners share: mark this process's shard finished; the last one writes the manifest."""
     rows = partial(_rows, run.out, specs, seed, run.manifest_meta)
-    if run.out.finish_shard(shards, run.state.process_index, rows):
+    finished = run.out.finish_shard(shards, run.state.process_index, rows)
+    if run.lock is not None:
+        run.lock.release()
+    if finished:
         summary["done"] = sum(run.out.done(s) for s in specs)
         log.info("%d/%d images in %s; manifest written", summary["done"], len(specs), run.out.root)
         if specs and not summary["done"]:  # every condition was skipped: a failed run, not an empty success

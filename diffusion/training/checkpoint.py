@@ -214,13 +214,14 @@ def restore_training_state(
     lr_scheduler,
     generators: dict[str, torch.Generator],
     ema=None,
-) -> None:
+) -> dict:
     """Continue from checkpoint `path`: accelerate's state and the EMA, the LR scheduler, the keys of `state`
     (updated in place) and the generators (a process without a rank file, on more processes than saved, keeps
-    its fresh seed)."""
+    its fresh seed). -> the checkpoint's trainer state (its `config` text among it)."""
     saved, rank_state = manager.load(path, ema=ema)
     lr_scheduler.load_state_dict(saved["lr_scheduler"])
     state.update({k: saved[k] for k in state})
     for name, gen in generators.items():
         if name in rank_state:
             gen.set_state(rank_state[name].to(gen.get_state().device))
+    return saved

@@ -96,3 +96,14 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping, total_ste
     if warmup < 0:
         raise ValueError(f"lr_schedule.warmup_steps must be >= 0, got {warmup}")
     return LambdaLR(optimizer, lambda step: lr_factor(step, kind, warmup, total_steps, min_ratio))
+
+
+def rescale_lr(optimizer: torch.optim.Optimizer, lr_scheduler: LambdaLR, old_lr: float, new_lr: float) -> None:
+    """A resumed run's new `optimizer.lr`: every group's base LR scaled by new/old (groups keep their ratios),
+    and the current LR recomputed from the schedule at its step, as if the run had used it from the start."""
+    ratio = new_lr / old_lr
+    lr_scheduler.base_lrs = [base * ratio for base in lr_scheduler.base_lrs]
+    for group, base, factor in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(lr_scheduler.last_epoch)
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

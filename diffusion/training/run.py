@@ -52,10 +52,12 @@ from PIL import Image
 
 from ..atomic import atomic_path
 from ..checkpoints import latest_checkpoint
+from ..config import check_resume_changes
 from ..errors import USER_ERRORS, describe_error
+from ..lock import FolderLock, release_held
 from .checkpoint import CheckpointManager, restore_training_state, save_training_state
 from .ema import EMA
-from .optim import build_lr_scheduler, build_optimizer
+from .optim import build_lr_scheduler, build_optimizer, rescale_lr
 from .signals import StopRequest, parse_duration
 from .step import NonFiniteGuard, clipped_step
 from .tracking import REPORT_TO, RunTracker, Throughput, environment, progress_bar, save_run_info
@@ -87,6 +89,16 @@ def check_world_size(accelerator) -> None:
         )
 
 
+class _LogFile(logging.FileHandler):
+    """train.log; on a write error (a full disk) it says so once and drops out, instead of logging's traceback
+    for every record. The console keeps logging, and the error that follows names the file and the cause."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        print(f"warning: cannot write {self.baseFilename} ({err}); logging to the console only", file=sys.stderr)
+        logging.getLogger().removeHandler(self)
+
+
 def setup_logging(accelerator, work_dir: Path) -> None:
     """INFO on the main process (console + <work_dir>/train.log), warnings only elsewhere; then a barrier, so
     the work dir exists for every process. `run_trainer` closes the log file. Checks the world size first."""
@@ -99,7 +111,7 @@ def setup_logging(accelerator, work_dir: Path) -> None:
     )
     if is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(work_dir / "train.log")
+        handler = _LogFile(work_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logging.getLogger().addHandler(handler)
     accelerator.wait_for_everyone()
@@ -128,6 +140,8 @@ def launch(work_dir: Path, resume_from: str | None, mixed_precision: str = "no")
     from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision=mixed_precision)
+    if accelerator.is_main_process:  # one run per work dir: the job's main process holds the lock for all
+        FolderLock(work_dir, what="work dir").acquire()  # released by run_trainer, or when the process dies
     setup_logging(accelerator, work_dir)
     return accelerator, resume_checkpoint(work_dir, resume_from)
 
@@ -142,6 +156,7 @@ def run_trainer(main: Callable[[argparse.Namespace], int], args: argparse.Namesp
         print(f"error: {describe_error(err)}", file=sys.stderr)
         return 2
     finally:
+        release_held()
         root = logging.getLogger()
         for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
             root.removeHandler(handler)
@@ -172,8 +187,10 @@ class TrainLoop:
         resumed: bool,  # start_step is a saved checkpoint already
         time_limit: float | None = None,  # seconds
         desc: str = "train",  # progress bar label
+        guard: NonFiniteGuard | None = None,  # while it counts skipped steps in a row, nothing is saved
     ):
         is_main = accelerator.is_main_process
+        self.guard = guard
         self.accelerator = accelerator
         self.work_dir = work_dir
         self.save = save
@@ -197,10 +214,20 @@ class TrainLoop:
         """Why to stop before the next step (a signal or the time limit on any process), else None. Collective."""
         return self.stop.should_stop(self.accelerator)
 
+    def in_streak(self, step: int) -> bool:
+        """True while steps are being skipped for non-finite losses: a checkpoint now could hold exploded weights,
+        and saving it would prune a good one, so none is written until a step succeeds again."""
+        if self.guard is None or self.guard.in_a_row == 0:
+            return False
+        log.warning("step %d: not saving a checkpoint during %d non-finite steps in a row (the last one is %s)",
+                    step, self.guard.in_a_row, latest_checkpoint(self.work_dir) or "none")  # fmt: skip
+        return True
+
     def save_and_stop(self, reason: str, step: int) -> None:
-        """The checkpoint of a run that stops early at `step` (none if that step is saved already)."""
+        """The checkpoint of a run that stops early at `step` (none if that step is saved already, or during a
+        streak of non-finite steps)."""
         log.warning("%s: saving a checkpoint at step %d and stopping", reason, step)
-        if self.last_saved != step:
+        if self.last_saved != step and not self.in_streak(step):
             self.save(step)
             self.last_saved = step
 
@@ -243,7 +270,7 @@ class TrainLoop:
 
     def save_if_due(self, step: int) -> None:
         """The checkpoint of every `save_every_steps` steps and of the last step."""
-        if step % self.save_every == 0 or step == self.total_steps:
+        if (step % self.save_every == 0 or step == self.total_steps) and not self.in_streak(step):
             self.save(step)
             self.last_saved = step
 
@@ -261,10 +288,14 @@ class TrainLoop:
 
     def any_process(self, flag: bool) -> bool:
         """True if `flag` is true on any process (collective), e.g. "a batch failed to load" to skip a step together."""
-        if self.accelerator.num_processes == 1:
+        return self.any_of(self.accelerator, flag)
+
+    @staticmethod
+    def any_of(accelerator, flag: bool) -> bool:
+        if accelerator.num_processes == 1:
             return flag
-        t = torch.tensor([float(flag)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+        t = torch.tensor([float(flag)], device=accelerator.device)
+        return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
 @dataclass
@@ -287,6 +318,7 @@ class Run:
     manager: CheckpointManager
     resume: Path | None  # the checkpoint this run continued from
     total_steps: int
+    guard: NonFiniteGuard | None = None  # skipped (non-finite) steps in a row: stop after too many, never save
 
     @property
     def lr(self) -> float:
@@ -298,7 +330,14 @@ class Run:
 
     def save(self, step: int, portable: dict | None = None) -> Path:
         """Checkpoint `step` (every process calls it): accelerate's state, EMA, LR schedule, counters, config and
-        noise generator; `portable` as in `CheckpointManager.save`."""
+        noise generator; `portable` as in `CheckpointManager.save`. Weights that are not finite are never saved:
+        that is one error line naming the last checkpoint."""
+        finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        if TrainLoop.any_of(self.accelerator, not finite):
+            raise RuntimeError(
+                f"step {step}: the weights hold NaN or Inf, not saving them; the last checkpoint is "
+                f"{latest_checkpoint(self.work_dir) or 'none'}; lower optimizer.lr or check the data, then resume"
+            )
         return save_training_state(self.manager, step, self.state, self.lr_scheduler, self.cfg.pretty_text,
                                    {self.generator_name: self.generator}, ema=self.ema, portable=portable)  # fmt: skip
 
@@ -306,21 +345,21 @@ class Run:
         """The TrainLoop of this run; `save(step)` writes a checkpoint (`self.save`, or the trainer's, which adds
         portable weights); `time_limit` as `--time-limit` takes it (3:55:00, 4h, seconds)."""
         return TrainLoop(self.accelerator, self.work_dir, self.cfg, save, self.total_steps, self.state["step"],
-                         resumed=self.resume is not None, time_limit=parse_duration(time_limit), desc=desc)  # fmt: skip
+                         resumed=self.resume is not None, time_limit=parse_duration(time_limit), desc=desc,
+                         guard=self.guard)  # fmt: skip
 
     def optimizer_step(
         self,
         clip: float | None,  # max global grad norm; None / 0: no clipping
         params: Iterable[torch.nn.Parameter] | None = None,  # default: the prepared model's parameters
-        guard: NonFiniteGuard | None = None,  # counts skipped steps and stops after too many in a row
     ) -> tuple[float, int]:
         """After the backward passes of a step: clip, step (skipped when the loss or gradient is non-finite),
-        `advance`. -> (grad norm before clipping, the step just taken)."""
+        `advance`, and count skipped steps in a row (`guard`). -> (grad norm before clipping, the step taken)."""
         params = self.model.parameters() if params is None else params
         grad_norm, skipped = clipped_step(self.accelerator, params, self.optimizer, clip)
         step = self.advance(skipped)
-        if guard is not None:
-            guard.update(skipped, self.state)
+        if self.guard is not None:
+            self.guard.update(skipped, self.state)
         return grad_norm, step
 
     def advance(self, skipped: bool = False) -> int:
@@ -339,6 +378,22 @@ class Run:
             log.info("done: %d steps; checkpoints in %s", self.state["step"], self.manager.root)
         self.accelerator.end_training()
         return 0
+
+
+def apply_resume_changes(saved_config: str | None, cfg, resume: Path, optimizer, lr_scheduler) -> None:
+    """A resumed run runs the config it is given, never silently the checkpoint's: each changed key that may
+    change (RESUME_CHANGEABLE) is logged, a new `optimizer.lr` goes into the optimizer and the LR schedule, any
+    other change is one error line (before config.py is rewritten)."""
+    if saved_config is None:  # a checkpoint from before configs were saved in it
+        return
+    changes = check_resume_changes(saved_config, cfg, resume)
+    for key, (old, new) in changes.items():
+        log.warning("resume: config %s changed from %r to %r; the run continues with %r", key, old, new, new)
+    if "optimizer.lr" in changes:
+        old, new = changes["optimizer.lr"]
+        rescale_lr(optimizer, lr_scheduler, old, new)
+        log.warning("resume: learning rate now %.3g at step %d", optimizer.param_groups[0]["lr"],
+                    lr_scheduler.last_epoch)  # fmt: skip
 
 
 def start_run(
@@ -368,14 +423,18 @@ def start_run(
     ema = EMA(ema_module, cfg.ema_rate, sharded=sharded_ema) if cfg.ema_rate else None
     generator = seeded_generator(accelerator.device, cfg.seed, accelerator.process_index)
     manager = CheckpointManager(work_dir, accelerator, keep_last=cfg.keep_last)
-    state = dict(step=0, epoch=0, batch_in_epoch=0, **(counters or {}))
+    limit = cfg.get("max_nonfinite_steps")  # skipped steps in a row before the run stops (None: no limit)
+    guard = NonFiniteGuard(limit, work_dir) if limit else None
+    counters = {**({"nonfinite_total": 0} if guard else {}), **(counters or {})}
+    state = dict(step=0, epoch=0, batch_in_epoch=0, **counters)
     if resume is not None:
-        restore_training_state(manager, resume, state, lr_scheduler, {generator_name: generator}, ema=ema)
+        saved = restore_training_state(manager, resume, state, lr_scheduler, {generator_name: generator}, ema=ema)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, state["step"], state["epoch"],
                  state["batch_in_epoch"])  # fmt: skip
+        apply_resume_changes(saved.get("config"), cfg, resume, optimizer, lr_scheduler)
     if accelerator.is_main_process:
         env = environment(accelerator)
         env.update(total_steps=total_steps, resumed_from=str(resume or ""), **(info or {}))
         save_run_info(work_dir, cfg.pretty_text, env)
     return Run(accelerator, cfg, work_dir, prepared, unwrapped, optimizer, lr_scheduler, ema, ema_module,
-               generator, generator_name, state, manager, resume, total_steps)  # fmt: skip
+               generator, generator_name, state, manager, resume, total_steps, guard)  # fmt: skip
