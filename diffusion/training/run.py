@@ -147,22 +147,26 @@ def launch(work_dir: Path, resume_from: str | None, mixed_precision: str = "no")
 
 
 def run_trainer(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """A trainer's entry point: bad input -> one `error:` line and exit status 2 (no traceback); the run's log file
-    is closed either way (trainers are also run in-process, by tests, and must not log into each other's files)."""
+    """A trainer's entry point: bad input -> one `error:` line and exit status 2 (no traceback). Afterwards the
+    work dir's lock is released and the logging set-up is as it was before (the run's log file closed): trainers
+    are also run in-process, by tests, and must not log into each other's files or into a closed stream."""
     t0 = time.monotonic()
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
     try:
         code = main(args)
+        log.info("wall time %.1f s", time.monotonic() - t0)
+        return code
     except USER_ERRORS as err:  # the same set as the tools' run_cli
         print(f"error: {describe_error(err)}", file=sys.stderr)
         return 2
     finally:
         release_held()
-        root = logging.getLogger()
-        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        for handler in [h for h in root.handlers if h not in before[0]]:
             root.removeHandler(handler)
             handler.close()
-    log.info("wall time %.1f s", time.monotonic() - t0)
-    return code
+        root.handlers[:] = before[0]
+        root.setLevel(before[1])
 
 
 class TrainLoop:
