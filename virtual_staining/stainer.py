@@ -72,8 +72,8 @@ class VirtualStainer:
         model: str | Path,
         lora: str | Path | None,
         flow: str | Path | None,
-        vae: str | Path,
-        uni: str | Path,
+        vae: str | Path | torch.nn.Module,
+        uni: str | Path | UNIEncoder,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         settings: SamplerSettings | None = None,
@@ -81,6 +81,7 @@ class VirtualStainer:
         """Load every part: PixCell transformer (+ LoRA when given), VAE, UNI, flow MLP (when given).
 
         lora / flow: local files or hub references `OWNER/REPO:PATH` (see `virtual_staining.published`).
+        vae / uni: sources, or models already loaded (the app shares one VAE and one UNI2-h between stains).
         """
         cast = None if dtype == torch.float32 else dtype  # the loaders' default is fp32 already
         transformer = load_transformer(model, torch_dtype=cast)
@@ -95,9 +96,11 @@ class VirtualStainer:
         flow_model = load_flow_mlp(resolve_weights(flow, "flow MLP"), device) if flow is not None else None
         pipe = PixCellPipeline(
             transformer=transformer.eval(),
-            vae=load_vae(vae, torch_dtype=cast),
+            vae=vae if isinstance(vae, torch.nn.Module) else load_vae(vae, torch_dtype=cast),
             scheduler=make_scheduler("dpm-solver"),
         ).to(device)
+        if isinstance(uni, UNIEncoder):
+            return cls(uni, flow_model, pipe, settings)
         uni_model = load_uni(uni, device=device)
         if cast is not None:
             uni_model = uni_model.to(cast)
