@@ -1,0 +1,545 @@
+"""PixCell in the browser: pick or upload an H&E patch, see synthetic variants of it, stain it (a Gradio app).
+
+    make demo && make app                   # the CPU demo's stand-in models and its slide, http://127.0.0.1:7860
+    python -m tools.app --model StonyBrook-CVLab/PixCell-256 --uni hf-hub:MahmoodLab/UNI2-h \\
+        --slide my_slide.svs --device cuda  # the real models (gated: accept their terms, log in)
+    python -m tools.app --model StonyBrook-CVLab/PixCell-1024 --stain-published --device cuda   # + staining tab
+
+Tabs:
+  Variants          the reference patch (a click on a tile of the slide thumbnail, or an upload: 256 px, or
+                    1024 px for PixCell-1024; larger images are centre-cropped, smaller ones refused) -> N
+                    variants sampled on its UNI tokens, each with its UNI-space cosine similarity to the reference;
+                    download as PNG (lossless, settings inside) + settings.json
+  Virtual staining  only with --stain / --stain-published: an H&E 1024 px image -> the chosen IHC stain
+
+Every model is loaded before the server starts, so a missing or gated one is one `error:` line (exit 2). The
+queue runs one generation at a time (two browser tabs wait their turn); bad uploads get a message on the page.
+Same model flags as tools/sample.py (--model, --vae, --uni); with none of them, the app serves `make demo`'s
+stand-ins from --demo (default demo_output/) and says so on the page.
+
+Adding a tab (a reference-free prior, a few-step student): a flag in `build_parser`, its model loaded in
+`load_context` (None when the flag is absent), and a `*_tab(ctx)` builder called from `build_app` only when the
+model is there, like `staining_tab`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import logging
+import math
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from diffusion.atomic import atomic_path
+from diffusion.data.slides import SlideError
+from diffusion.encoders import UNIEncoder
+from diffusion.pipeline import PixCellPipeline
+from diffusion.sample_runner import SampleSettings, model_reference
+from diffusion.sampling import DEFAULT_STEPS, SAMPLERS
+from diffusion.variants import ReferenceError, SlideTiles, make_variants, read_reference, reference_size
+from tools.cli import (
+    DTYPES,
+    add_model_args,
+    add_runtime_args,
+    load_pipeline,
+    load_uni_encoder,
+    resolve_device,
+    run_cli,
+)
+
+DEMO_PARTS = {"model": "train", "vae": "standins/vae-standin", "uni": "standins/uni2h-standin"}
+# System fonts: the default theme fetches Google Fonts, which offline sites (and CI) cannot reach.
+FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
+MONO = ["ui-monospace", "monospace"]
+
+
+#################################################################################
+#                               Flags and models                                #
+#################################################################################
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tools.app", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_model_args(p, model_default="")
+    # None = not given: with no model flag at all the app serves the demo's stand-ins (see resolve_sources).
+    p.set_defaults(model=None, vae=None, uni=None)
+    p.add_argument(
+        "--demo", default="demo_output", help="`make demo`'s output, served when --model is not given"
+    )
+    p.add_argument("--slide", help="whole-slide image (openslide/tiffslide) whose tiles can be clicked")
+    p.add_argument("--slide-mpp", type=float, help="level-0 um/px of --slide when its metadata has none")
+    st = p.add_argument_group("virtual staining tab (shown only when weights are given)")
+    st.add_argument("--stain", nargs=3, action="append", metavar=("NAME", "LORA", "FLOW"), default=[],
+                    help="a stain target: its name, LoRA and flow MLP (files or OWNER/REPO:PATH); repeatable")  # fmt: skip
+    st.add_argument("--stain-published", action="store_true", help="every published target (MIST, HER2Match)")
+    st.add_argument(
+        "--stain-model", default=None, help="PixCell-1024 source for staining (default: the Hub's)"
+    )
+    add_runtime_args(p)
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (GPU)")
+    srv = p.add_argument_group("server")
+    srv.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
+    srv.add_argument("--port", type=int, default=7860)
+    srv.add_argument("--max-variants", type=int, default=8, help="most variants per request")
+    srv.add_argument("--queue-size", type=int, default=16, help="most requests waiting in the queue")
+    return p
+
+
+def resolve_sources(args: argparse.Namespace) -> str | None:
+    """Fill --model/--vae/--uni; returns the demo folder when serving the demo's stand-ins, else None."""
+    from diffusion.encoders import SD35_VAE_ID, UNI2H_HUB_ID
+
+    if args.model is None and args.vae is None and args.uni is None:
+        demo = Path(args.demo)
+        if not (demo / ".done" / "train.json").is_file():
+            raise FileNotFoundError(
+                f"--demo {demo}: no finished demo here; run `make demo` first, or pass --model/--vae/--uni "
+                "(e.g. --model StonyBrook-CVLab/PixCell-256 --uni hf-hub:MahmoodLab/UNI2-h)"
+            )
+        for key, rel in DEMO_PARTS.items():
+            setattr(args, key, str(demo / rel))
+        if args.slide is None:
+            record = json.loads((demo / ".done" / "slide.json").read_text())
+            args.slide = record["info"]["slide"]
+        return str(demo)
+    if args.model is None:
+        raise ValueError("--vae/--uni given without --model: pass the PixCell transformer too")
+    args.vae = args.vae or SD35_VAE_ID
+    args.uni = args.uni or UNI2H_HUB_ID
+    return None
+
+
+def stain_targets(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
+    """{label: (LoRA ref, flow ref)} from --stain and --stain-published."""
+    targets: dict[str, tuple[str, str]] = {}
+    if args.stain_published:
+        from virtual_staining.published import TARGETS, published_refs
+
+        for dataset, stain in TARGETS:
+            targets[f"{stain} ({dataset})"] = published_refs(stain, dataset)
+    for name, lora, flow in args.stain:
+        if name in targets:
+            raise ValueError(f"--stain {name}: given twice")
+        targets[name] = (lora, flow)
+    return targets
+
+
+@dataclass
+class AppContext:
+    """Everything the handlers need, loaded once before the server starts."""
+
+    pipe: PixCellPipeline
+    uni: UNIEncoder
+    sources: dict[str, str]  # model / vae / uni as given (hub id or path)
+    refs: dict[str, str]  # the same as the settings JSON pins them: hub id or sha256 of the local weights
+    size: int  # reference side, px
+    device: str
+    dtype: str
+    seed: int
+    fmt: str
+    max_variants: int
+    demo: str | None = None
+    slide: SlideTiles | None = None
+    stainers: dict = field(default_factory=dict)  # label -> VirtualStainer
+    stain_slide: SlideTiles | None = None
+    out_root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pixcell_app_")))
+
+    def provenance(self) -> dict[str, str]:
+        """What the settings JSON records about the models: their sources and the pinned references."""
+        return {**self.sources, **{f"{k}_ref": v for k, v in self.refs.items()}}
+
+
+def open_slide_tiles(args: argparse.Namespace, size: int) -> SlideTiles | None:
+    if args.slide is None:
+        return None
+    try:
+        return SlideTiles(args.slide, size, mpp=args.slide_mpp)
+    except SlideError as err:
+        raise ValueError(f"--slide: {str(err).replace('pass --mpp', 'pass --slide-mpp')}") from None
+
+
+def load_context(args: argparse.Namespace) -> AppContext:
+    """Load every model (one-line errors: missing paths, gated weights, mismatched sizes) before serving."""
+    warnings.filterwarnings(
+        "ignore", message=".*local_dir_use_symlinks.*"
+    )  # huggingface_hub noise on failure
+    if args.max_variants < 1:
+        raise ValueError(f"--max-variants {args.max_variants}: expected >= 1")
+    demo = resolve_sources(args)
+    targets = stain_targets(args)
+    device = resolve_device(args.device)
+    pipe, model_ref, vae_ref = load_pipeline(args, device)
+    uni = load_uni_encoder(args, device, pipe.transformer.config.caption_channels)
+    ctx = AppContext(
+        pipe=pipe,
+        uni=uni,
+        sources={"model": args.model, "vae": args.vae, "uni": args.uni},
+        refs={"model": model_ref, "vae": vae_ref, "uni": model_reference(args.uni)},
+        size=reference_size(pipe),
+        device=str(device),
+        dtype=args.dtype,
+        seed=args.seed,
+        fmt=args.format,
+        max_variants=args.max_variants,
+        demo=demo,
+        slide=open_slide_tiles(args, reference_size(pipe)),
+    )
+    if targets:
+        from virtual_staining.published import BASE_MODEL
+        from virtual_staining.stainer import VirtualStainer
+
+        base = args.stain_model or BASE_MODEL
+        for label, (lora, flow) in targets.items():
+            try:
+                ctx.stainers[label] = VirtualStainer.from_sources(
+                    model=base,
+                    lora=lora,
+                    flow=flow,
+                    vae=pipe.vae,
+                    uni=uni,
+                    device=device,
+                    dtype=DTYPES[args.dtype],
+                )
+            except (OSError, RuntimeError, ValueError) as err:  # name the flags the failing part came from
+                raise type(err)(f"--stain {label} (with --stain-model {base}): {err}") from None
+        unit = next(iter(ctx.stainers.values())).unit_size
+        ctx.stain_slide = open_slide_tiles(args, unit) if args.slide else None
+    atexit.register(shutil.rmtree, ctx.out_root, True)
+    return ctx
+
+
+#################################################################################
+#                                  Outputs                                      #
+#################################################################################
+
+
+def request_dir(ctx: AppContext, keep_s: float = 3600) -> Path:
+    """A fresh folder for one request's downloads; those older than `keep_s` are removed (Gradio has copied
+    them into its own cache by then)."""
+    now = time.time()
+    for old in ctx.out_root.iterdir():
+        if now - old.stat().st_mtime > keep_s:
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=ctx.out_root))
+
+
+def save_image(array: np.ndarray, path: Path, settings: dict, fmt: str) -> Path:
+    """PNG (default, lossless) with the settings as a text chunk, or JPEG with --format jpeg; atomic."""
+    with atomic_path(path) as tmp:
+        if fmt == "png":
+            info = PngInfo()
+            info.add_text("pixcell", json.dumps(settings, sort_keys=True))
+            Image.fromarray(array).save(tmp, format="PNG", pnginfo=info)
+        else:
+            Image.fromarray(array).save(tmp, format="JPEG", quality=95, subsampling=0)
+    return path
+
+
+def save_json(data: dict, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    return path
+
+
+@contextmanager
+def run_clock() -> Iterator[dict]:
+    """When one model run started and finished (UTC) and its seconds: kept in the settings JSON."""
+    record = {"started": datetime.now(timezone.utc).isoformat()}
+    start = time.perf_counter()
+    yield record
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    record["finished"] = datetime.now(timezone.utc).isoformat()
+
+
+def problem(err: Exception) -> str:
+    """A message for the page (one line, no traceback)."""
+    return f"**Cannot do that:** {err}"
+
+
+#################################################################################
+#                                  Handlers                                     #
+#################################################################################
+
+
+def load_upload(path: str | None, size: int) -> tuple[np.ndarray | None, str, str]:
+    """An uploaded file -> (reference image, its description, status message)."""
+    if not path:
+        return None, "", ""
+    name = Path(path).name  # Gradio keeps the uploaded file's own name
+    try:
+        ref = read_reference(path, size, name)
+    except ReferenceError as err:
+        return None, "", problem(err)
+    return ref.image, f"upload: {name}", f"Reference: {ref.note or name} ({size}x{size} px)."
+
+
+def pick_tile(tiles: SlideTiles, x: float, y: float) -> tuple[Image.Image, np.ndarray | None, str, str]:
+    """A click at thumbnail (x, y) -> (thumbnail with the tile framed, tile, its description, status)."""
+    cell = tiles.cell_at(x, y)
+    if cell is None:
+        return tiles.draw(), None, "", "That point is outside the tile grid: click inside the slide."
+    tile = tiles.tile(*cell)
+    source = "slide: " + tile.describe(tiles.path.name)
+    note = f"Reference: {source}."
+    if tile.tissue < 0.3:
+        note += f" Mostly background ({tile.tissue:.0%} tissue): variants will be mostly glass."
+    return tiles.draw(cell), tile.image, source, note
+
+
+def generate_variants(
+    ctx: AppContext,
+    reference: str | None,
+    source: str,
+    n: float,
+    sampler: str,
+    steps: float,
+    guidance: float,
+    seed: float,
+) -> tuple[list[tuple[str, str]], list[str], str]:
+    """The Generate button: -> (gallery items (file, caption), download files, status)."""
+    if not reference:
+        return [], [], "Pick a tile on the slide or upload an H&E patch first."
+    try:
+        n, steps, seed = int(n), int(steps), int(seed)
+        if not math.isfinite(guidance) or guidance < 0:
+            raise ValueError(f"guidance {guidance}: expected a number >= 0")
+        ref = read_reference(reference, ctx.size, source or Path(reference).name)
+        with run_clock() as clock:
+            out = make_variants(ctx.pipe, ctx.uni, ref.image, n, sampler, steps, float(guidance), seed)
+    except ValueError as err:
+        return [], [], problem(err)
+    settings = {
+        **ctx.provenance(),
+        "reference": source or "api upload",
+        "reference_px": ctx.size,
+        "sampler": out.sampler,
+        "steps": out.steps,
+        "guidance": out.guidance,
+        "dtype": ctx.dtype,
+        "device": ctx.device,
+    }
+    folder = request_dir(ctx)
+    suffix = ".png" if ctx.fmt == "png" else ".jpg"
+    gallery, files, rows = [], [], []
+    for i, (image, s, cos) in enumerate(zip(out.images, out.seeds, out.cosine)):
+        one = {**settings, "seed": s, "uni_cosine": round(cos, 4)}
+        path = save_image(image, folder / f"pixcell_variant_{i + 1}_seed{s}{suffix}", one, ctx.fmt)
+        gallery.append((str(path), f"seed {s} · UNI cosine {cos:.3f}"))
+        files.append(str(path))
+        rows.append({"file": path.name, "seed": s, "uni_cosine": round(cos, 4)})
+    files.append(
+        str(save_json({**settings, **clock, "variants": rows}, folder / "pixcell_variants_settings.json"))
+    )
+    status = (
+        f"{n} variant(s) in {clock['seconds']:.1f} s ({out.sampler}, {out.steps} steps, guidance {out.guidance:g}, "
+        f"seeds {out.seeds[0]}..{out.seeds[-1]}); UNI cosine to the reference: mean {np.mean(out.cosine):.3f}."
+    )
+    return gallery, files, status
+
+
+def stain_image(
+    ctx: AppContext,
+    reference: str | None,
+    source: str,
+    target: str,
+    steps: float,
+    guidance: float,
+    seed: float,
+) -> tuple[np.ndarray | None, list[str], str]:
+    """The Stain button: -> (stained image, download files, status)."""
+    from virtual_staining.stainer import SamplerSettings
+
+    if not reference:
+        return None, [], "Pick a tile on the slide or upload an H&E image first."
+    if target not in ctx.stainers:
+        return None, [], problem(ValueError(f"stain {target!r}: expected one of {', '.join(ctx.stainers)}"))
+    stainer = ctx.stainers[target]
+    try:
+        ref = read_reference(reference, stainer.unit_size, source or Path(reference).name)
+        if not math.isfinite(guidance) or guidance < 0:
+            raise ValueError(f"guidance {guidance}: expected a number >= 0")
+        stainer.settings = SamplerSettings(num_inference_steps=int(steps), guidance_scale=float(guidance))
+        image = torch.from_numpy(ref.image).permute(2, 0, 1)[None].float() / 255
+        with run_clock() as clock:
+            out = stainer(image, seeds=[int(seed)], progress=True)
+    except ValueError as err:
+        return None, [], problem(err)
+    from diffusion.encoders import to_uint8
+
+    array = to_uint8(out)[0]
+    settings = {**ctx.provenance(), "stain": target, "reference": source or "api upload", "steps": int(steps),
+                "guidance": float(guidance), "seed": int(seed), "dtype": ctx.dtype, "device": ctx.device}  # fmt: skip
+    folder = request_dir(ctx)
+    suffix = ".png" if ctx.fmt == "png" else ".jpg"
+    slug = target.split()[0].lower()
+    files = [str(save_image(array, folder / f"pixcell_stain_{slug}_seed{int(seed)}{suffix}", settings, ctx.fmt)),
+             str(save_json({**settings, **clock}, folder / "pixcell_stain_settings.json"))]  # fmt: skip
+    return array, files, f"{target} in {clock['seconds']:.1f} s."
+
+
+#################################################################################
+#                                     Page                                      #
+#################################################################################
+
+
+def header(ctx: AppContext) -> str:
+    lines = ["# PixCell: synthetic H&E from UNI2-h embeddings"]
+    if ctx.demo:
+        lines.append(
+            f"**Demo models.** This page serves the stand-ins made by `make demo` (`{ctx.demo}/`): a small PixCell "
+            "trained for a few minutes on the CPU, a small VAE and a small UNI2-h-shaped encoder. They are not "
+            "PixCell, UNI2-h or the SD3.5 VAE; start the app with `--model/--vae/--uni` for the real ones."
+        )
+    lines.append(f"Model `{ctx.sources['model']}` · VAE `{ctx.sources['vae']}` · UNI `{ctx.sources['uni']}` · "
+                 f"{ctx.size} px references · {ctx.device}, {ctx.dtype}")  # fmt: skip
+    return "\n\n".join(lines)
+
+
+def reference_picker(tiles: SlideTiles | None, size: int, prefix: str, status):
+    """Two columns (inside a Row): the slide thumbnail, when there is a slide, and the upload with the chosen
+    reference; a click or an upload sets the reference. Returns the (reference, source) components; messages
+    go to `status` (created unrendered by the caller, who places it)."""
+    if tiles is not None:
+        with gr.Column(scale=3, min_width=320):
+            thumb = gr.Image(
+                tiles.draw(), label=f"Click a tile of {tiles.path.name} ({size} px at 20x; outlined: tissue)",
+                interactive=False, elem_id=f"{prefix}-thumbnail", format="png", height=520,
+            )  # fmt: skip
+    with gr.Column(scale=2, min_width=240):
+        upload = gr.File(label=f"…or upload an H&E patch ({size}x{size} px at 20x: PNG, JPEG, TIFF)",
+                         elem_id=f"{prefix}-upload", height=120)  # fmt: skip
+        reference = gr.Image(label="Reference", type="filepath", format="png", interactive=False,
+                             elem_id=f"{prefix}-reference", height=260)  # fmt: skip
+        source = gr.Textbox(label="Reference source", interactive=False, elem_id=f"{prefix}-source", lines=2)
+    upload.upload(
+        lambda path: load_upload(path, size),
+        inputs=upload,
+        outputs=[reference, source, status],
+        api_name=f"{prefix}_load_reference",
+        concurrency_limit=None,  # cheap: never waits behind a generation
+    )
+    if tiles is not None:
+
+        def on_select(evt: gr.SelectData):
+            x, y = evt.index
+            return pick_tile(tiles, x, y)
+
+        thumb.select(
+            on_select, None, [thumb, reference, source, status], api_name=False, concurrency_limit=None
+        )
+    return reference, source
+
+
+def variants_tab(ctx: AppContext) -> None:
+    tokens = ctx.pipe.transformer.config.caption_num_tokens
+    steps0, guidance0 = SampleSettings().resolved(tokens)
+    status = gr.Markdown(elem_id="variants-status", render=False)
+    with gr.Row(equal_height=False):
+        reference, source = reference_picker(ctx.slide, ctx.size, "variants", status)
+        with gr.Column(scale=3, min_width=280):
+            n = gr.Slider(1, ctx.max_variants, value=min(4, ctx.max_variants), step=1, label="Variants",
+                          elem_id="variants-n")  # fmt: skip
+            sampler = gr.Dropdown(
+                list(SAMPLERS), value="dpm-solver", label="Sampler", elem_id="variants-sampler"
+            )
+            steps = gr.Slider(1, 200, value=steps0, step=1, label="Steps", elem_id="variants-steps")
+            guidance = gr.Slider(0, 6, value=guidance0, step=0.1, label="Guidance w (eps_u + w (eps_c - eps_u))",
+                                 elem_id="variants-guidance")  # fmt: skip
+            seed = gr.Number(
+                ctx.seed, precision=0, label="Seed (variant i: seed + i)", elem_id="variants-seed"
+            )
+            button = gr.Button("Generate variants", variant="primary", elem_id="variants-generate")
+            status.render()
+    gallery = gr.Gallery(label="Variants (caption: seed, UNI cosine similarity to the reference)", columns=4,
+                         format="png", elem_id="variants-gallery", height="auto")  # fmt: skip
+    files = gr.File(label="Download: PNG (settings inside) + settings.json", file_count="multiple",
+                    elem_id="variants-files")  # fmt: skip
+    sampler.change(lambda s: DEFAULT_STEPS[s], sampler, steps, api_name=False, concurrency_limit=None)
+    button.click(
+        lambda *a: generate_variants(ctx, *a),
+        inputs=[reference, source, n, sampler, steps, guidance, seed],
+        outputs=[gallery, files, status],
+        api_name="generate",
+        concurrency_id="model",  # shared with the staining tab: one model run at a time in the whole app
+        concurrency_limit=1,
+    )
+
+
+def staining_tab(ctx: AppContext) -> None:
+    unit = next(iter(ctx.stainers.values())).unit_size
+    status = gr.Markdown(elem_id="stain-status", render=False)
+    with gr.Row(equal_height=False):
+        reference, source = reference_picker(ctx.stain_slide, unit, "stain", status)
+        with gr.Column(scale=3, min_width=280):
+            target = gr.Dropdown(list(ctx.stainers), value=next(iter(ctx.stainers)), label="Stain",
+                                 elem_id="stain-target")  # fmt: skip
+            steps = gr.Slider(1, 200, value=DEFAULT_STEPS["dpm-solver"], step=1, label="Steps (DPM-Solver++)")
+            guidance = gr.Slider(0, 6, value=1.2, step=0.1, label="Guidance (published: 1.2)")
+            seed = gr.Number(ctx.seed, precision=0, label="Seed")
+            button = gr.Button("Stain", variant="primary", elem_id="stain-run")
+            status.render()
+            output = gr.Image(label="Virtual stain", format="png", interactive=False, elem_id="stain-output")
+            files = gr.File(label="Download", file_count="multiple", elem_id="stain-files")
+    button.click(
+        lambda *a: stain_image(ctx, *a),
+        inputs=[reference, source, target, steps, guidance, seed],
+        outputs=[output, files, status],
+        api_name="stain",
+        concurrency_id="model",
+        concurrency_limit=1,
+    )
+
+
+def build_app(ctx: AppContext):
+    """The Gradio Blocks; tabs exist only for what was loaded."""
+    # analytics_enabled=False: no usage statistics and no version check sent to gradio.app (offline sites).
+    with gr.Blocks(title="PixCell", analytics_enabled=False, delete_cache=(3600, 3600)) as blocks:
+        gr.Markdown(header(ctx), elem_id="header")
+        with gr.Tabs():
+            with gr.Tab("Variants", id="variants"):
+                variants_tab(ctx)
+            if ctx.stainers:
+                with gr.Tab("Virtual staining", id="staining"):
+                    staining_tab(ctx)
+    return blocks
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ctx = load_context(args)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests
+    blocks = build_app(ctx)
+    # One model run at a time (the events' concurrency_id "model"); other requests wait, up to --queue-size.
+    blocks.queue(max_size=args.queue_size)
+    print(f"PixCell app: http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    blocks.launch(
+        server_name=args.host,
+        server_port=args.port,
+        show_error=True,  # an unexpected error shows its one-line message, never a traceback
+        theme=gr.themes.Default(font=FONTS, font_mono=MONO),
+        allowed_paths=[str(ctx.out_root)],
+        quiet=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
