@@ -134,7 +134,14 @@ class AppPage:
         return self.driver.find_element(self.by.CSS_SELECTOR, css)
 
     def status(self, prefix: str = "variants") -> str:
-        return self.find(f"#{prefix}-status").text
+        """The status message itself (not Gradio's progress overlay on it)."""
+        return self.find(f"#{prefix}-status [data-testid=markdown]").text
+
+    def busy(self, *elem_ids: str) -> bool:
+        """True while Gradio shows its queue/progress tracker on any of these components."""
+        trackers = [t for e in elem_ids for t in self.driver.find_elements(
+            self.by.CSS_SELECTOR, f"#{e} [data-testid=status-tracker]")]  # fmt: skip
+        return any("hide" not in (t.get_attribute("class") or "").split() for t in trackers)
 
     def wait_status(self, text: str, prefix: str = "variants", timeout: float = 60) -> str:
         return wait_for(
@@ -169,7 +176,12 @@ class AppPage:
 
         def done() -> bool:
             status = self.status()
-            return status != before and f"{n} variant(s)" in status and len(self.gallery_images()) >= n
+            return (
+                status != before
+                and f"{n} variant(s)" in status
+                and not self.busy("variants-gallery", "variants-status", "variants-files")
+                and len(self.gallery_images()) >= n
+            )
 
         wait_for(done, timeout, f"{n} variants in the gallery")
         return time.perf_counter() - start
@@ -228,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if reason:
         print(f"error: {reason}", file=sys.stderr)
         return 2
-    demo = Path(args.demo).resolve()
+    demo = Path(args.demo)  # as given: the page shows it
     slide = Path(json.loads((demo / ".done" / "slide.json").read_text())["info"]["slide"])
     from diffusion.data.slides import TilingParams, open_slide, plan_slide, slide_mpp
 
@@ -246,8 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             page.click_thumbnail(fx, fy)
             page.wait_status("tile row")
             times = []
-            for i in range(args.repeat):
-                page.set_number("variants-seed", i)
+            for seed in reversed(range(args.repeat)):  # the last one, on screen, is the default seed 0
+                page.set_number("variants-seed", seed)
                 times.append(page.generate(args.n))
                 print(f"click -> {args.n} variants: {times[-1]:.1f} s ({page.status()})", flush=True)
             page.screenshot(args.screenshot)

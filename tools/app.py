@@ -420,11 +420,11 @@ def reference_picker(tiles: SlideTiles | None, size: int, prefix: str, status):
     if tiles is not None:
         with gr.Column(scale=3, min_width=320):
             thumb = gr.Image(
-                tiles.draw(), label=f"Click a tile of {tiles.path.name} ({size} px at 20x; outlined: tissue)",
+                tiles.draw(), label=f"Click a tile of {tiles.path.name} ({size} px, 20x)",
                 interactive=False, elem_id=f"{prefix}-thumbnail", format="png", height=520,
             )  # fmt: skip
     with gr.Column(scale=2, min_width=240):
-        upload = gr.File(label=f"…or upload an H&E patch ({size}x{size} px at 20x: PNG, JPEG, TIFF)",
+        upload = gr.File(label=f"…or upload an H&E patch ({size} px, 20x)",
                          elem_id=f"{prefix}-upload", height=120)  # fmt: skip
         reference = gr.Image(label="Reference", type="filepath", format="png", interactive=False,
                              elem_id=f"{prefix}-reference", height=260)  # fmt: skip
@@ -469,12 +469,17 @@ def variants_tab(ctx: AppContext) -> None:
             button = gr.Button("Generate variants", variant="primary", elem_id="variants-generate")
             status.render()
     gallery = gr.Gallery(label="Variants (caption: seed, UNI cosine similarity to the reference)", columns=4,
-                         format="png", elem_id="variants-gallery", height="auto")  # fmt: skip
+                         format="png", elem_id="variants-gallery", height=None)  # fmt: skip
     files = gr.File(label="Download: PNG (settings inside) + settings.json", file_count="multiple",
                     elem_id="variants-files")  # fmt: skip
     sampler.change(lambda s: DEFAULT_STEPS[s], sampler, steps, api_name=False, concurrency_limit=None)
+
+    def run(reference, source, n, sampler, steps, guidance, seed, progress=gr.Progress(track_tqdm=True)):
+        # progress: Gradio shows the sampler's tqdm bar ("denoising k/steps") on the outputs
+        return generate_variants(ctx, reference, source, n, sampler, steps, guidance, seed)
+
     button.click(
-        lambda *a: generate_variants(ctx, *a),
+        run,
         inputs=[reference, source, n, sampler, steps, guidance, seed],
         outputs=[gallery, files, status],
         api_name="generate",
@@ -498,8 +503,12 @@ def staining_tab(ctx: AppContext) -> None:
             status.render()
             output = gr.Image(label="Virtual stain", format="png", interactive=False, elem_id="stain-output")
             files = gr.File(label="Download", file_count="multiple", elem_id="stain-files")
+
+    def run(reference, source, target, steps, guidance, seed, progress=gr.Progress(track_tqdm=True)):
+        return stain_image(ctx, reference, source, target, steps, guidance, seed)
+
     button.click(
-        lambda *a: stain_image(ctx, *a),
+        run,
         inputs=[reference, source, target, steps, guidance, seed],
         outputs=[output, files, status],
         api_name="stain",
