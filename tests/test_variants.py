@@ -1,0 +1,118 @@
+"""diffusion.variants: references from files and slide tiles, and N seeded variants with their UNI cosine."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion.encoders import build_tiny_uni, load_uni
+from diffusion.metrics.distances import paired_cosine
+from diffusion.model.pixcell_transformer import build_pixcell
+from diffusion.pipeline import PixCellPipeline
+from diffusion.sampling import sampler_name
+from diffusion.variants import (
+    ReferenceError,
+    SlideTiles,
+    embed_reference,
+    fit_reference,
+    make_variants,
+    read_reference,
+    reference_size,
+)
+
+C = 96  # the tiny UNI's embedding size
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory, tiny_vae_dir):
+    """PixCell-tiny-64 (T = 1: a 256 px reference, 64 px images) and a UNI-shaped ViT whose features vary."""
+    torch.manual_seed(0)
+    model = build_pixcell("PixCell-tiny-64", caption_channels=C).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    pipe = PixCellPipeline.from_parts(model, tiny_vae_dir)
+    uni_dir = build_tiny_uni(tmp_path_factory.mktemp("uni"), embed_dim=C, init_values=None)
+    return pipe, load_uni(uni_dir)
+
+
+def tissue(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_fit_reference_keeps_crops_or_refuses():
+    image = tissue(256, 256)
+    ref = fit_reference(image, 256, "a.png")
+    assert ref.note == "" and np.array_equal(ref.image, image)
+    big = tissue(300, 400)
+    ref = fit_reference(big, 256, "b.png")
+    assert (
+        np.array_equal(ref.image, big[22:278, 72:328])
+        and "central 256x256 px of b.png, a 400x300" in ref.note
+    )
+    with pytest.raises(ReferenceError, match=r"c.png: 255x300 px is too small; this model needs a 256x256"):
+        fit_reference(tissue(300, 255), 256, "c.png")
+
+
+def test_read_reference_names_the_upload_and_the_problem(tmp_path):
+    png = io.BytesIO()
+    Image.fromarray(tissue(256, 256)).save(png, format="PNG")
+    (tmp_path / "ok.png").write_bytes(png.getvalue())
+    assert read_reference(tmp_path / "ok.png", 256).image.shape == (256, 256, 3)
+    (tmp_path / "cut.png").write_bytes(png.getvalue()[:3000])
+    (tmp_path / "text.png").write_text("hello")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    cases = {"cut.png": "shown.png: damaged or truncated image", "text.png": "shown.png: not an image file",
+             "empty.jpg": "shown.png: not an image file"}  # fmt: skip
+    for name, message in cases.items():
+        with pytest.raises(ReferenceError, match=message) as err:
+            read_reference(tmp_path / name, 256, name="shown.png")
+        assert str(tmp_path) not in str(err.value)  # the temporary upload path never reaches the page
+
+
+def test_slide_tiles_pick_the_extraction_grid(real_slide):
+    import openslide
+
+    tiles = SlideTiles(real_slide, 256, thumb_side=400)
+    rows, cols = tiles.shape
+    width, height = openslide.OpenSlide(str(real_slide)).dimensions
+    assert (rows, cols) == (height // 256, width // 256)  # 0.499 um/px is read 1:1 as 20x
+    assert max(tiles.thumbnail.size) == 400
+    step = 256 * tiles.scale
+    assert tiles.cell_at(2.5 * step, 1.5 * step) == (1, 2)
+    assert tiles.cell_at(-1, 0) is None and tiles.cell_at(0, rows * step + 1) is None
+    tile = tiles.tile(1, 2)
+    direct = openslide.OpenSlide(str(real_slide)).read_region((512, 256), 0, (256, 256)).convert("RGB")
+    assert tile.image.shape == (256, 256, 3) and np.array_equal(tile.image, np.asarray(direct))
+    assert (tile.x, tile.y) == (512, 256) and "tile row 1 col 2" in tile.describe("s.svs")
+    framed = np.asarray(tiles.draw((1, 2)))
+    assert tuple(framed[round(1.5 * step), round(2 * step) + 1]) == (0, 160, 255)  # the selected tile's frame
+
+
+def test_variants_are_seeded_one_by_one_with_their_uni_cosine(parts):
+    pipe, uni = parts
+    assert reference_size(pipe) == 256
+    ref = tissue(256, 256, seed=3)
+    out = make_variants(pipe, uni, ref, n=3, steps=3, seed=10, progress=False)
+    assert out.seeds == [10, 11, 12] and out.steps == 3 and out.guidance == 2.0  # published default at T = 1
+    assert len(out.images) == 3 and out.images[0].shape == (64, 64, 3) and out.images[0].dtype == np.uint8
+    assert not np.array_equal(out.images[0], out.images[1])
+    # variant i depends on seed + i only, not on the batch it ran in
+    alone = make_variants(pipe, uni, ref, n=1, steps=3, seed=11, progress=False)
+    assert np.abs(alone.images[0].astype(int) - out.images[1].astype(int)).max() <= 1
+    # the cosine is the paired UNI cosine of each variant (resized to the reference's 256 px) with the reference
+    tokens = embed_reference(uni, torch.from_numpy(ref).permute(2, 0, 1)[None], 256)[0].numpy()
+    syn = embed_reference(uni, torch.from_numpy(np.stack(out.images)).permute(0, 3, 1, 2), 256).numpy()
+    expected = [float(paired_cosine(tokens, s).mean()) for s in syn]
+    assert np.allclose(out.cosine, expected, atol=2e-3) and np.allclose(out.reference_tokens, tokens)
+    assert len(set(np.round(out.cosine, 4))) == 3 and all(-1 <= c <= 1 for c in out.cosine)
+    # another sampler is switched to; bad requests are one-line errors
+    make_variants(pipe, uni, ref, n=1, sampler="ddim", steps=2, progress=False)
+    assert sampler_name(pipe.scheduler) == "ddim"
+    with pytest.raises(ValueError, match=r"reference: expected a \(256, 256, 3\) uint8 image"):
+        make_variants(pipe, uni, ref[:128], n=1, progress=False)
+    with pytest.raises(ValueError, match="at least 1 variant"):
+        make_variants(pipe, uni, ref, n=0, progress=False)
