@@ -1,4 +1,5 @@
-# PixCell: `make demo` runs the CPU pipeline on the bundled real slide; `make test` runs all tests.
+# PixCell: `make demo` runs the CPU pipeline on the bundled real slide; `make test` runs all tests; `make app`
+# serves the app (after `make demo`: the demo's models; APP_ARGS="--model ... --uni ..." for the real ones).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY = 1
 
-.PHONY: install test test-fast demo lint format slide clean
+.PHONY: install test test-fast demo app lint format slide clean
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +33,10 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m tools.demo --out demo_output
+
+APP_ARGS ?=
+app: $(STAMP)
+	$(BIN)/python -m tools.app $(APP_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
