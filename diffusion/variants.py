@@ -34,6 +34,9 @@ from .sampling import sampler_name
 #################################################################################
 
 
+MIN_TISSUE = 0.3  # a tile with less tissue than this is "background" (the demo tiles at the same threshold)
+
+
 class ReferenceError(ValueError):
     """A reference image that cannot be used; the message is for the user (it names the file, says why)."""
 
@@ -141,7 +144,7 @@ class SlideTiles:
             image = image.resize((self.size, self.size), Image.LANCZOS)
         return SlideTile(np.asarray(image), row, col, x, y, float(g.fractions[row, col]))
 
-    def draw(self, selected: tuple[int, int] | None = None, min_tissue: float = 0.3) -> Image.Image:
+    def draw(self, selected: tuple[int, int] | None = None, min_tissue: float = MIN_TISSUE) -> Image.Image:
         """The thumbnail with the tissue tiles outlined (thin) and the selected one in a thick frame."""
         im = self.thumbnail.copy()
         draw = ImageDraw.Draw(im)

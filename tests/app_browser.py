@@ -53,8 +53,11 @@ def serve_app(args: Sequence[str], timeout: float = 240) -> Iterator[str]:
     log = tempfile.NamedTemporaryFile(prefix="pixcell_app_", suffix=".log", delete=False)
     proc = subprocess.Popen(
         [sys.executable, "-m", "tools.app", *args, "--port", str(port), "--host", "127.0.0.1"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + timeout
@@ -88,9 +91,18 @@ def chromium(download_dir: Path, width: int = 1400, height: int = 1400):
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     profile = tempfile.mkdtemp(prefix="pixcell_chromium_")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                 f"--user-data-dir={profile}", f"--window-size={width},{height}"):  # fmt: skip
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        f"--window-size={width},{height}",
+    ):
         opts.add_argument(flag)
     opts.add_experimental_option(
         "prefs", {"download.default_directory": str(download_dir), "download.prompt_for_download": False}
@@ -139,8 +151,11 @@ class AppPage:
 
     def busy(self, *elem_ids: str) -> bool:
         """True while Gradio shows its queue/progress tracker on any of these components."""
-        trackers = [t for e in elem_ids for t in self.driver.find_elements(
-            self.by.CSS_SELECTOR, f"#{e} [data-testid=status-tracker]")]  # fmt: skip
+        trackers = [
+            t
+            for e in elem_ids
+            for t in self.driver.find_elements(self.by.CSS_SELECTOR, f"#{e} [data-testid=status-tracker]")
+        ]
         return any("hide" not in (t.get_attribute("class") or "").split() for t in trackers)
 
     def wait_status(self, text: str, prefix: str = "variants", timeout: float = 60) -> str:

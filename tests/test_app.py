@@ -47,8 +47,14 @@ def models(tmp_path_factory) -> dict[str, Path]:
         p.data.normal_(0, 0.02)
     model.save_pretrained(out / "t1")
     build_tiny_uni(out / "uni", embed_dim=TINY_UNI_DIM, init_values=None)
-    return {"model": out / "t1", "vae": parts.vae, "uni": out / "uni", "stain_model": parts.transformer,
-            "lora": parts.lora, "flow": parts.flow}  # fmt: skip
+    return {
+        "model": out / "t1",
+        "vae": parts.vae,
+        "uni": out / "uni",
+        "stain_model": parts.transformer,
+        "lora": parts.lora,
+        "flow": parts.flow,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +78,27 @@ def files(real_slide, tmp_path_factory) -> dict[str, Path]:
 
 def server_args(models: dict[str, Path], slide: Path) -> list[str]:
     return [
-        "--model", str(models["model"]), "--vae", str(models["vae"]), "--uni", str(models["uni"]),
-        "--slide", str(slide), "--stain", "HER2", str(models["lora"]), str(models["flow"]),
-        "--stain-model", str(models["stain_model"]), "--device", "cpu", "--dtype", "fp32",
-        "--max-variants", str(N_MAX),
-    ]  # fmt: skip
+        "--model",
+        str(models["model"]),
+        "--vae",
+        str(models["vae"]),
+        "--uni",
+        str(models["uni"]),
+        "--slide",
+        str(slide),
+        "--stain",
+        "HER2",
+        str(models["lora"]),
+        str(models["flow"]),
+        "--stain-model",
+        str(models["stain_model"]),
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--max-variants",
+        str(N_MAX),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +174,11 @@ def test_api_reference_upload_checks(client, files):
     def load(path: Path):
         return client.predict(handle_file(str(path)), api_name="/variants_load_reference")
 
-    for name, message in [("notes", "notes.txt: not an image file"), ("truncated", "truncated.png: damaged or truncated"),
-                          ("small", "small.png: 120x100 px is too small")]:  # fmt: skip
+    for name, message in [
+        ("notes", "notes.txt: not an image file"),
+        ("truncated", "truncated.png: damaged or truncated"),
+        ("small", "small.png: 120x100 px is too small"),
+    ]:
         image, source, status = load(files[name])
         assert image is None and source == "" and message in status, status
     image, source, status = load(files["large"])
@@ -179,9 +204,11 @@ def test_api_variants_seeds_cosine_and_downloads(client, files):
     )
     assert "3 variant(s)" in status and "seeds 5..7" in status
     assert [Path(f).name for f in downloads] == [
-        "pixcell_variant_1_seed5.png", "pixcell_variant_2_seed6.png", "pixcell_variant_3_seed7.png",
+        "pixcell_variant_1_seed5.png",
+        "pixcell_variant_2_seed6.png",
+        "pixcell_variant_3_seed7.png",
         "pixcell_variants_settings.json",
-    ]  # fmt: skip
+    ]
     settings = json.loads(Path(downloads[-1]).read_text())
     assert [v["seed"] for v in settings["variants"]] == [5, 6, 7]
     assert (
@@ -221,9 +248,9 @@ def test_api_staining(client, files):
     )
     assert "HER2 in" in status
     stained, meta = read_variant(downloads[0])
-    assert (
-        stained.shape == (128, 128, 3) and meta["stain"] == "HER2"
-    )  # tiny T=16 model: 128 px per 1024 px unit
+    assert stained.shape == (128, 128, 3)  # the tiny T=16 model makes 128 px per 1024 px unit
+    assert meta["stain"] == "HER2" and meta["flow_steps"] == 100 and "model_ref" not in meta
+    assert meta["lora"].endswith("lora.safetensors") and meta["model"].endswith("transformer")
     image, downloads, status = client.predict(
         handle_file(str(files["tile"])), "", "HER2", 2, 1.2, 0, api_name="/stain"
     )
@@ -288,8 +315,14 @@ def test_browser_upload_generate_download_click_and_bad_upload(browser, app_url,
     assert image.shape == (256, 256, 3) and meta["steps"] == 4 and meta["reference"] == "upload: tile.png"
     # a click on the slide thumbnail picks that tile as the reference
     page.click_thumbnail(0.5, 0.5)
-    source = wait_for(lambda: "tile row" in page.find("#variants-source textarea").get_attribute("value")
-                      and page.find("#variants-source textarea").get_attribute("value"), 30, "a slide tile")  # fmt: skip
+    source = wait_for(
+        lambda: (
+            "tile row" in page.find("#variants-source textarea").get_attribute("value")
+            and page.find("#variants-source textarea").get_attribute("value")
+        ),
+        30,
+        "a slide tile",
+    )
     assert source.startswith("slide: ") and Path(files["tile"]).exists()
     # a file that is not an image: a message on the page, no traceback
     page.upload(files["notes"])

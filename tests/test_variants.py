@@ -65,8 +65,11 @@ def test_read_reference_names_the_upload_and_the_problem(tmp_path):
     (tmp_path / "cut.png").write_bytes(png.getvalue()[:3000])
     (tmp_path / "text.png").write_text("hello")
     (tmp_path / "empty.jpg").write_bytes(b"")
-    cases = {"cut.png": "shown.png: damaged or truncated image", "text.png": "shown.png: not an image file",
-             "empty.jpg": "shown.png: not an image file"}  # fmt: skip
+    cases = {
+        "cut.png": "shown.png: damaged or truncated image",
+        "text.png": "shown.png: not an image file",
+        "empty.jpg": "shown.png: not an image file",
+    }
     for name, message in cases.items():
         with pytest.raises(ReferenceError, match=message) as err:
             read_reference(tmp_path / name, 256, name="shown.png")

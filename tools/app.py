@@ -52,7 +52,14 @@ from diffusion.encoders import UNIEncoder
 from diffusion.pipeline import PixCellPipeline
 from diffusion.sample_runner import SampleSettings, model_reference
 from diffusion.sampling import DEFAULT_STEPS, SAMPLERS
-from diffusion.variants import ReferenceError, SlideTiles, make_variants, read_reference, reference_size
+from diffusion.variants import (
+    MIN_TISSUE,
+    ReferenceError,
+    SlideTiles,
+    make_variants,
+    read_reference,
+    reference_size,
+)
 from tools.cli import (
     DTYPES,
     add_model_args,
@@ -87,8 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slide", help="whole-slide image (openslide/tiffslide) whose tiles can be clicked")
     p.add_argument("--slide-mpp", type=float, help="level-0 um/px of --slide when its metadata has none")
     st = p.add_argument_group("virtual staining tab (shown only when weights are given)")
-    st.add_argument("--stain", nargs=3, action="append", metavar=("NAME", "LORA", "FLOW"), default=[],
-                    help="a stain target: its name, LoRA and flow MLP (files or OWNER/REPO:PATH); repeatable")  # fmt: skip
+    st.add_argument(
+        "--stain",
+        nargs=3,
+        action="append",
+        metavar=("NAME", "LORA", "FLOW"),
+        default=[],
+        help="a stain target: its name, LoRA and flow MLP (files or OWNER/REPO:PATH); repeatable",
+    )
     st.add_argument("--stain-published", action="store_true", help="every published target (MIST, HER2Match)")
     st.add_argument(
         "--stain-model", default=None, help="PixCell-1024 source for staining (default: the Hub's)"
@@ -159,12 +172,13 @@ class AppContext:
     demo: str | None = None
     slide: SlideTiles | None = None
     stainers: dict = field(default_factory=dict)  # label -> VirtualStainer
+    stain_sources: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> its model, LoRA, flow
     stain_slide: SlideTiles | None = None
     out_root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pixcell_app_")))
 
-    def provenance(self) -> dict[str, str]:
+    def provenance(self, parts: Sequence[str] = ("model", "vae", "uni")) -> dict[str, str]:
         """What the settings JSON records about the models: their sources and the pinned references."""
-        return {**self.sources, **{f"{k}_ref": v for k, v in self.refs.items()}}
+        return {**{k: self.sources[k] for k in parts}, **{f"{k}_ref": self.refs[k] for k in parts}}
 
 
 def open_slide_tiles(args: argparse.Namespace, size: int) -> SlideTiles | None:
@@ -178,9 +192,8 @@ def open_slide_tiles(args: argparse.Namespace, size: int) -> SlideTiles | None:
 
 def load_context(args: argparse.Namespace) -> AppContext:
     """Load every model (one-line errors: missing paths, gated weights, mismatched sizes) before serving."""
-    warnings.filterwarnings(
-        "ignore", message=".*local_dir_use_symlinks.*"
-    )  # huggingface_hub noise on failure
+    # huggingface_hub warns about a deprecated argument when a hub load fails: keep the error to one line
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
     if args.max_variants < 1:
         raise ValueError(f"--max-variants {args.max_variants}: expected >= 1")
     demo = resolve_sources(args)
@@ -220,6 +233,7 @@ def load_context(args: argparse.Namespace) -> AppContext:
                 )
             except (OSError, RuntimeError, ValueError) as err:  # name the flags the failing part came from
                 raise type(err)(f"--stain {label} (with --stain-model {base}): {err}") from None
+            ctx.stain_sources[label] = {"model": base, "lora": str(lora), "flow": str(flow)}
         unit = next(iter(ctx.stainers.values())).unit_size
         ctx.stain_slide = open_slide_tiles(args, unit) if args.slide else None
     atexit.register(shutil.rmtree, ctx.out_root, True)
@@ -269,6 +283,11 @@ def run_clock() -> Iterator[dict]:
     record["finished"] = datetime.now(timezone.utc).isoformat()
 
 
+def check_guidance(guidance: float) -> None:
+    if not math.isfinite(guidance) or guidance < 0:
+        raise ValueError(f"guidance {guidance}: expected a number >= 0")
+
+
 def problem(err: Exception) -> str:
     """A message for the page (one line, no traceback)."""
     return f"**Cannot do that:** {err}"
@@ -299,7 +318,7 @@ def pick_tile(tiles: SlideTiles, x: float, y: float) -> tuple[Image.Image, np.nd
     tile = tiles.tile(*cell)
     source = "slide: " + tile.describe(tiles.path.name)
     note = f"Reference: {source}."
-    if tile.tissue < 0.3:
+    if tile.tissue < MIN_TISSUE:
         note += f" Mostly background ({tile.tissue:.0%} tissue): variants will be mostly glass."
     return tiles.draw(cell), tile.image, source, note
 
@@ -319,8 +338,7 @@ def generate_variants(
         return [], [], "Pick a tile on the slide or upload an H&E patch first."
     try:
         n, steps, seed = int(n), int(steps), int(seed)
-        if not math.isfinite(guidance) or guidance < 0:
-            raise ValueError(f"guidance {guidance}: expected a number >= 0")
+        check_guidance(guidance)
         ref = read_reference(reference, ctx.size, source or Path(reference).name)
         with run_clock() as clock:
             out = make_variants(ctx.pipe, ctx.uni, ref.image, n, sampler, steps, float(guidance), seed)
@@ -374,8 +392,7 @@ def stain_image(
     stainer = ctx.stainers[target]
     try:
         ref = read_reference(reference, stainer.unit_size, source or Path(reference).name)
-        if not math.isfinite(guidance) or guidance < 0:
-            raise ValueError(f"guidance {guidance}: expected a number >= 0")
+        check_guidance(guidance)
         stainer.settings = SamplerSettings(num_inference_steps=int(steps), guidance_scale=float(guidance))
         image = torch.from_numpy(ref.image).permute(2, 0, 1)[None].float() / 255
         with run_clock() as clock:
@@ -385,13 +402,25 @@ def stain_image(
     from diffusion.encoders import to_uint8
 
     array = to_uint8(out)[0]
-    settings = {**ctx.provenance(), "stain": target, "reference": source or "api upload", "steps": int(steps),
-                "guidance": float(guidance), "seed": int(seed), "dtype": ctx.dtype, "device": ctx.device}  # fmt: skip
+    settings = {
+        **ctx.provenance(("vae", "uni")),
+        **ctx.stain_sources[target],  # the staining model, not the Variants tab's
+        "stain": target,
+        "reference": source or "api upload",
+        "steps": int(steps),
+        "guidance": float(guidance),
+        "seed": int(seed),
+        "flow_steps": stainer.settings.flow_steps,
+        "dtype": ctx.dtype,
+        "device": ctx.device,
+    }
     folder = request_dir(ctx)
     suffix = ".png" if ctx.fmt == "png" else ".jpg"
     slug = target.split()[0].lower()
-    files = [str(save_image(array, folder / f"pixcell_stain_{slug}_seed{int(seed)}{suffix}", settings, ctx.fmt)),
-             str(save_json({**settings, **clock}, folder / "pixcell_stain_settings.json"))]  # fmt: skip
+    files = [
+        str(save_image(array, folder / f"pixcell_stain_{slug}_seed{int(seed)}{suffix}", settings, ctx.fmt)),
+        str(save_json({**settings, **clock}, folder / "pixcell_stain_settings.json")),
+    ]
     return array, files, f"{target} in {clock['seconds']:.1f} s."
 
 
@@ -408,8 +437,10 @@ def header(ctx: AppContext) -> str:
             "trained for a few minutes on the CPU, a small VAE and a small UNI2-h-shaped encoder. They are not "
             "PixCell, UNI2-h or the SD3.5 VAE; start the app with `--model/--vae/--uni` for the real ones."
         )
-    lines.append(f"Model `{ctx.sources['model']}` · VAE `{ctx.sources['vae']}` · UNI `{ctx.sources['uni']}` · "
-                 f"{ctx.size} px references · {ctx.device}, {ctx.dtype}")  # fmt: skip
+    lines.append(
+        f"Model `{ctx.sources['model']}` · VAE `{ctx.sources['vae']}` · UNI `{ctx.sources['uni']}` · "
+        f"{ctx.size} px references · {ctx.device}, {ctx.dtype}"
+    )
     return "\n\n".join(lines)
 
 
@@ -420,14 +451,25 @@ def reference_picker(tiles: SlideTiles | None, size: int, prefix: str, status):
     if tiles is not None:
         with gr.Column(scale=3, min_width=320):
             thumb = gr.Image(
-                tiles.draw(), label=f"Click a tile of {tiles.path.name} ({size} px, 20x)",
-                interactive=False, elem_id=f"{prefix}-thumbnail", format="png", height=520,
-            )  # fmt: skip
+                tiles.draw(),
+                label=f"Click a tile of {tiles.path.name} ({size} px, 20x)",
+                interactive=False,
+                elem_id=f"{prefix}-thumbnail",
+                format="png",
+                height=520,
+            )
     with gr.Column(scale=2, min_width=240):
-        upload = gr.File(label=f"…or upload an H&E patch ({size} px, 20x)",
-                         elem_id=f"{prefix}-upload", height=120)  # fmt: skip
-        reference = gr.Image(label="Reference", type="filepath", format="png", interactive=False,
-                             elem_id=f"{prefix}-reference", height=260)  # fmt: skip
+        upload = gr.File(
+            label=f"…or upload an H&E patch ({size} px, 20x)", elem_id=f"{prefix}-upload", height=120
+        )
+        reference = gr.Image(
+            label="Reference",
+            type="filepath",
+            format="png",
+            interactive=False,
+            elem_id=f"{prefix}-reference",
+            height=260,
+        )
         source = gr.Textbox(label="Reference source", interactive=False, elem_id=f"{prefix}-source", lines=2)
     upload.upload(
         lambda path: load_upload(path, size),
@@ -455,23 +497,43 @@ def variants_tab(ctx: AppContext) -> None:
     with gr.Row(equal_height=False):
         reference, source = reference_picker(ctx.slide, ctx.size, "variants", status)
         with gr.Column(scale=3, min_width=280):
-            n = gr.Slider(1, ctx.max_variants, value=min(4, ctx.max_variants), step=1, label="Variants",
-                          elem_id="variants-n")  # fmt: skip
+            n = gr.Slider(
+                1,
+                ctx.max_variants,
+                value=min(4, ctx.max_variants),
+                step=1,
+                label="Variants",
+                elem_id="variants-n",
+            )
             sampler = gr.Dropdown(
                 list(SAMPLERS), value="dpm-solver", label="Sampler", elem_id="variants-sampler"
             )
             steps = gr.Slider(1, 200, value=steps0, step=1, label="Steps", elem_id="variants-steps")
-            guidance = gr.Slider(0, 6, value=guidance0, step=0.1, label="Guidance w (eps_u + w (eps_c - eps_u))",
-                                 elem_id="variants-guidance")  # fmt: skip
+            guidance = gr.Slider(
+                0,
+                6,
+                value=guidance0,
+                step=0.1,
+                label="Guidance w (eps_u + w (eps_c - eps_u))",
+                elem_id="variants-guidance",
+            )
             seed = gr.Number(
                 ctx.seed, precision=0, label="Seed (variant i: seed + i)", elem_id="variants-seed"
             )
             button = gr.Button("Generate variants", variant="primary", elem_id="variants-generate")
             status.render()
-    gallery = gr.Gallery(label="Variants (caption: seed, UNI cosine similarity to the reference)", columns=4,
-                         format="png", elem_id="variants-gallery", height=None)  # fmt: skip
-    files = gr.File(label="Download: PNG (settings inside) + settings.json", file_count="multiple",
-                    elem_id="variants-files")  # fmt: skip
+    gallery = gr.Gallery(
+        label="Variants (caption: seed, UNI cosine similarity to the reference)",
+        columns=4,
+        format="png",
+        elem_id="variants-gallery",
+        height=None,
+    )
+    files = gr.File(
+        label="Download: PNG (settings inside) + settings.json",
+        file_count="multiple",
+        elem_id="variants-files",
+    )
     sampler.change(lambda s: DEFAULT_STEPS[s], sampler, steps, api_name=False, concurrency_limit=None)
 
     def run(reference, source, n, sampler, steps, guidance, seed, progress=gr.Progress(track_tqdm=True)):
@@ -494,8 +556,9 @@ def staining_tab(ctx: AppContext) -> None:
     with gr.Row(equal_height=False):
         reference, source = reference_picker(ctx.stain_slide, unit, "stain", status)
         with gr.Column(scale=3, min_width=280):
-            target = gr.Dropdown(list(ctx.stainers), value=next(iter(ctx.stainers)), label="Stain",
-                                 elem_id="stain-target")  # fmt: skip
+            target = gr.Dropdown(
+                list(ctx.stainers), value=next(iter(ctx.stainers)), label="Stain", elem_id="stain-target"
+            )
             steps = gr.Slider(1, 200, value=DEFAULT_STEPS["dpm-solver"], step=1, label="Steps (DPM-Solver++)")
             guidance = gr.Slider(0, 6, value=1.2, step=0.1, label="Guidance (published: 1.2)")
             seed = gr.Number(ctx.seed, precision=0, label="Seed")
