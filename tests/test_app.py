@@ -163,6 +163,24 @@ def test_missing_or_gated_models_are_one_line_before_the_server_starts(
         assert expected in err, (expected, err)
 
 
+def test_without_model_flags_it_serves_the_demo_and_says_so(models, real_slide, tmp_path):
+    """`make app` after `make demo`: the demo's models and slide, from --demo (here a demo-shaped folder)."""
+    from tools.app import build_parser, header, load_context
+
+    demo = tmp_path / "demo_output"
+    (demo / ".done").mkdir(parents=True)
+    (demo / ".done" / "train.json").write_text("{}")
+    (demo / ".done" / "slide.json").write_text(json.dumps({"info": {"slide": str(real_slide)}}))
+    (demo / "standins").mkdir()
+    (demo / "train").symlink_to(models["model"])
+    (demo / "standins" / "vae-standin").symlink_to(models["vae"])
+    (demo / "standins" / "uni2h-standin").symlink_to(models["uni"])
+    ctx = load_context(build_parser().parse_args(["--demo", str(demo), "--device", "cpu"]))
+    assert ctx.demo == str(demo) and ctx.sources["uni"] == str(demo / "standins" / "uni2h-standin")
+    assert ctx.slide is not None and ctx.slide.path == real_slide and not ctx.stainers
+    assert "**Demo models.**" in header(ctx) and "not PixCell, UNI2-h or the SD3.5 VAE" in header(ctx)
+
+
 #################################################################################
 #                                 API (gradio_client)                           #
 #################################################################################
