@@ -37,7 +37,7 @@ from .sampling import sampler_name
 MIN_TISSUE = 0.3  # a tile with less tissue than this is "background" (the demo tiles at the same threshold)
 
 
-class ReferenceError(ValueError):
+class ReferenceImageError(ValueError):
     """A reference image that cannot be used; the message is for the user (it names the file, says why)."""
 
 
@@ -58,7 +58,7 @@ def fit_reference(image: np.ndarray, size: int, name: str) -> Reference:
     smaller (upscaling would change the magnification the model was trained at: 0.5 um/px)."""
     h, w = image.shape[:2]
     if h < size or w < size:
-        raise ReferenceError(
+        raise ReferenceImageError(
             f"{name}: {w}x{h} px is too small; this model needs a {size}x{size} px H&E patch at 20x "
             f"(one UNI tile is {UNI_TILE} px)"
         )
@@ -72,7 +72,7 @@ def fit_reference(image: np.ndarray, size: int, name: str) -> Reference:
 
 
 def read_reference(path: str | Path, size: int, name: str | None = None) -> Reference:
-    """An image file as a reference (see `fit_reference`); ReferenceError, naming `name` (default: the file
+    """An image file as a reference (see `fit_reference`); ReferenceImageError, naming `name` (default: the file
     name), when it is not an image, is truncated or damaged, or is too small."""
     name = name or Path(path).name
     try:
@@ -80,14 +80,16 @@ def read_reference(path: str | Path, size: int, name: str | None = None) -> Refe
             im.load()  # decode now: a truncated file fails here, not later inside the model
             image = np.array(im.convert("RGB"))
     except Image.DecompressionBombError:
-        raise ReferenceError(
+        raise ReferenceImageError(
             f"{name}: too many pixels for an H&E patch; upload a {size}x{size} px crop"
         ) from None
     except Image.UnidentifiedImageError:
-        raise ReferenceError(f"{name}: not an image file; expected a PNG, JPEG or TIFF H&E patch") from None
+        raise ReferenceImageError(
+            f"{name}: not an image file; expected a PNG, JPEG or TIFF H&E patch"
+        ) from None
     except (OSError, ValueError, SyntaxError) as err:  # PIL's decoders raise all three on damaged data
         reason = str(err).replace(str(path), name) or type(err).__name__
-        raise ReferenceError(f"{name}: damaged or truncated image ({reason})") from None
+        raise ReferenceImageError(f"{name}: damaged or truncated image ({reason})") from None
     return fit_reference(image, size, name)
 
 

@@ -15,7 +15,7 @@ from diffusion.model.pixcell_transformer import build_pixcell
 from diffusion.pipeline import PixCellPipeline
 from diffusion.sampling import sampler_name
 from diffusion.variants import (
-    ReferenceError,
+    ReferenceImageError,
     SlideTiles,
     embed_reference,
     fit_reference,
@@ -53,7 +53,9 @@ def test_fit_reference_keeps_crops_or_refuses():
         np.array_equal(ref.image, big[22:278, 72:328])
         and "central 256x256 px of b.png, a 400x300" in ref.note
     )
-    with pytest.raises(ReferenceError, match=r"c.png: 255x300 px is too small; this model needs a 256x256"):
+    with pytest.raises(
+        ReferenceImageError, match=r"c.png: 255x300 px is too small; this model needs a 256x256"
+    ):
         fit_reference(tissue(300, 255), 256, "c.png")
 
 
@@ -71,7 +73,7 @@ def test_read_reference_names_the_upload_and_the_problem(tmp_path):
         "empty.jpg": "shown.png: not an image file",
     }
     for name, message in cases.items():
-        with pytest.raises(ReferenceError, match=message) as err:
+        with pytest.raises(ReferenceImageError, match=message) as err:
             read_reference(tmp_path / name, 256, name="shown.png")
         assert str(tmp_path) not in str(err.value)  # the temporary upload path never reaches the page
 

@@ -54,7 +54,7 @@ from diffusion.sample_runner import SampleSettings, model_reference
 from diffusion.sampling import DEFAULT_STEPS, SAMPLERS
 from diffusion.variants import (
     MIN_TISSUE,
-    ReferenceError,
+    ReferenceImageError,
     SlideTiles,
     make_variants,
     read_reference,
@@ -305,7 +305,7 @@ def load_upload(path: str | None, size: int) -> tuple[np.ndarray | None, str, st
     name = Path(path).name  # Gradio keeps the uploaded file's own name
     try:
         ref = read_reference(path, size, name)
-    except ReferenceError as err:
+    except ReferenceImageError as err:
         return None, "", problem(err)
     return ref.image, f"upload: {name}", f"Reference: {ref.note or name} ({size}x{size} px)."
 
