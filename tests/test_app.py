@@ -328,10 +328,12 @@ def test_browser_upload_generate_download_click_and_bad_upload(browser, app_url,
     links = page.download_links()
     assert [a.get_attribute("download") for a in links][-1] == "pixcell_variants_settings.json"
     links[0].click()
-    png = wait_download(browser.download_dir, links[0].get_attribute("download") if links else "")
+    png = wait_download(browser.download_dir, links[0].get_attribute("download"))
     image, meta = read_variant(str(png))
     assert image.shape == (256, 256, 3) and meta["steps"] == 4 and meta["reference"] == "upload: tile.png"
-    # a click on the slide thumbnail picks that tile as the reference
+    # a click on the slide thumbnail picks that tile as the reference (and frames it on the thumbnail)
+    uploaded = page.find("#variants-reference img").get_attribute("src")
+    thumbnail = page.find("#variants-thumbnail img").get_attribute("src")
     page.click_thumbnail(0.5, 0.5)
     source = wait_for(
         lambda: (
@@ -341,7 +343,11 @@ def test_browser_upload_generate_download_click_and_bad_upload(browser, app_url,
         30,
         "a slide tile",
     )
-    assert source.startswith("slide: ") and Path(files["tile"]).exists()
+    assert source.startswith("slide: cmu_small_region.svs, tile row ")
+    wait_for(
+        lambda: page.find("#variants-reference img").get_attribute("src") != uploaded, 30, "the tile shown"
+    )
+    assert page.find("#variants-thumbnail img").get_attribute("src") != thumbnail
     # a file that is not an image: a message on the page, no traceback
     page.upload(files["notes"])
     status = page.wait_status("not an image file")
