@@ -121,3 +121,19 @@ def test_variants_are_seeded_one_by_one_with_their_uni_cosine(parts):
         make_variants(pipe, uni, ref[:128], n=1, progress=False)
     with pytest.raises(ValueError, match="at least 1 variant"):
         make_variants(pipe, uni, ref, n=0, progress=False)
+
+
+def test_variants_of_a_1024_px_reference_use_its_16_tiles(parts, tiny_vae_dir):
+    """The PixCell-1024 token layout (T = 16): a 1024 px reference, 16 UNI tokens, cosine averaged over them."""
+    _, uni = parts
+    torch.manual_seed(1)
+    model = build_pixcell("PixCell-tiny-128-T16", caption_channels=C).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    pipe = PixCellPipeline.from_parts(model, tiny_vae_dir)
+    assert reference_size(pipe) == 1024
+    ref = tissue(1024, 1024, seed=4)
+    out = make_variants(pipe, uni, ref, n=2, steps=2, seed=0, progress=False)
+    assert out.reference_tokens.shape == (16, C) and out.guidance == 1.2  # the published default at T = 16
+    syn = embed_reference(uni, torch.from_numpy(out.images[0]).permute(2, 0, 1)[None], 1024)[0].numpy()
+    assert np.isclose(out.cosine[0], paired_cosine(out.reference_tokens, syn).mean(), atol=2e-3)
