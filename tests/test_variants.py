@@ -1,4 +1,4 @@
-"""diffusion.variants: references from files and slide tiles, and N seeded variants with their UNI cosine."""
+"""diffusion.sampling.variants: references from files and slide tiles, and N seeded variants with their UNI cosine."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from PIL import Image
 from diffusion.encoders import build_tiny_uni, load_uni
 from diffusion.metrics.distances import paired_cosine
 from diffusion.model.pixcell_transformer import build_pixcell
-from diffusion.pipeline import PixCellPipeline
-from diffusion.sampling import sampler_name
-from diffusion.variants import (
+from diffusion.sampling.pipeline import PixCellPipeline
+from diffusion.sampling.samplers import sampler_name
+from diffusion.sampling.variants import (
     ReferenceImageError,
     SlideTiles,
     embed_reference,

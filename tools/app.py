@@ -49,10 +49,11 @@ from PIL.PngImagePlugin import PngInfo
 from diffusion.atomic import atomic_path
 from diffusion.data.slides import SlideError
 from diffusion.encoders import UNIEncoder
-from diffusion.pipeline import PixCellPipeline
-from diffusion.sample_runner import SampleSettings, model_reference
-from diffusion.sampling import DEFAULT_STEPS, SAMPLERS
-from diffusion.variants import (
+from diffusion.geometry import DTYPES
+from diffusion.sampling.pipeline import PixCellPipeline
+from diffusion.sampling.runner import model_reference
+from diffusion.sampling.samplers import DEFAULT_STEPS, SAMPLERS, resolve_defaults
+from diffusion.sampling.variants import (
     MIN_TISSUE,
     ReferenceImageError,
     SlideTiles,
@@ -61,7 +62,6 @@ from diffusion.variants import (
     reference_size,
 )
 from tools.cli import (
-    DTYPES,
     add_model_args,
     add_runtime_args,
     load_pipeline,
@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_args(p, model_default="")
     # None = not given: with no model flag at all the app serves the demo's stand-ins (see resolve_sources).
-    p.set_defaults(model=None, vae=None, uni=None)
+    # The sampler is chosen per request; load_pipeline starts the pipeline with the default one.
+    p.set_defaults(model=None, vae=None, uni=None, sampler="dpm-solver")
     p.add_argument(
         "--demo", default="demo_output", help="`make demo`'s output, served when --model is not given"
     )
@@ -492,7 +493,7 @@ def reference_picker(tiles: SlideTiles | None, size: int, prefix: str, status):
 
 def variants_tab(ctx: AppContext) -> None:
     tokens = ctx.pipe.transformer.config.caption_num_tokens
-    steps0, guidance0 = SampleSettings().resolved(tokens)
+    steps0, guidance0 = resolve_defaults("dpm-solver", None, None, tokens)
     status = gr.Markdown(elem_id="variants-status", render=False)
     with gr.Row(equal_height=False):
         reference, source = reference_picker(ctx.slide, ctx.size, "variants", status)

@@ -8,12 +8,11 @@ seed + i, through the pipeline, seeded the way `tools/sample.py` seeds an image 
 initial and the sampler's noise). Its similarity to the reference is measured in the same UNI space: the
 cosine of each tile's token with the reference tile's token, averaged over the tiles.
 
-This is the unit of work of the app (`tools/app.py`); it is plain library code so that a notebook can call it.
+This is the unit of work of the app (`tools/app.py`); it is library code so that a notebook can call it too.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,12 +21,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .data.slides import TilingParams, open_slide, plan_slide, read_rgb, slide_mpp
-from .encoders import UNI_TILE, UNIEncoder, to_uint8
-from .metrics.distances import paired_cosine
+from ..data.slides import TilingParams, open_slide, plan_slide, read_rgb, slide_mpp
+from ..encoders import UNIEncoder, to_uint8
+from ..geometry import UNI_TILE, image_px_for_tokens
+from ..metrics.distances import paired_cosine
 from .pipeline import PixCellPipeline
-from .sample_runner import SampleSettings, initial_noise
-from .sampling import sampler_name
+from .runner import initial_noise
+from .samplers import resolve_defaults, sampler_name
 
 #################################################################################
 #                                  References                                   #
@@ -50,7 +50,7 @@ class Reference:
 def reference_size(pipe: PixCellPipeline) -> int:
     """Side in px of the H&E image a model's condition describes: one UNI token per 256 px tile (T = 1: 256 px,
     T = 16: 1024 px). Not always the generated size: the tiny test models make smaller images."""
-    return math.isqrt(pipe.transformer.config.caption_num_tokens) * UNI_TILE
+    return image_px_for_tokens(pipe.transformer.config.caption_num_tokens)
 
 
 def fit_reference(image: np.ndarray, size: int, name: str) -> Reference:
@@ -218,13 +218,12 @@ def make_variants(
         )
     if n < 1:
         raise ValueError(f"n: expected at least 1 variant, got {n}")
-    settings = SampleSettings(sampler=sampler, steps=steps, guidance=guidance, seed=seed)
     if steps is not None and steps < 1:
         raise ValueError(f"steps: expected >= 1, got {steps}")
+    steps, guidance = resolve_defaults(sampler, steps, guidance, pipe.transformer.config.caption_num_tokens)
     if sampler_name(pipe.scheduler) != sampler:
         pipe.set_sampler(sampler)
     tokens = embed_reference(uni, torch.tensor(reference).permute(2, 0, 1)[None], size)  # (1, T, C)
-    steps, guidance = settings.resolved(tokens.shape[1])
     seeds = [seed + i for i in range(n)]
     cfg = pipe.transformer.config
     noise, gens = initial_noise(seeds, (cfg.in_channels, cfg.sample_size, cfg.sample_size))
