@@ -552,16 +552,21 @@ def variants_tab(ctx: AppContext) -> None:
 
 
 def staining_tab(ctx: AppContext) -> None:
-    unit = next(iter(ctx.stainers.values())).unit_size
+    first = next(iter(ctx.stainers.values()))
+    steps0, guidance0 = resolve_defaults(
+        "dpm-solver", None, None, first.pipe.transformer.config.caption_num_tokens
+    )
     status = gr.Markdown(elem_id="stain-status", render=False)
     with gr.Row(equal_height=False):
-        reference, source = reference_picker(ctx.stain_slide, unit, "stain", status)
+        reference, source = reference_picker(ctx.stain_slide, first.unit_size, "stain", status)
         with gr.Column(scale=3, min_width=280):
             target = gr.Dropdown(
                 list(ctx.stainers), value=next(iter(ctx.stainers)), label="Stain", elem_id="stain-target"
             )
-            steps = gr.Slider(1, 200, value=DEFAULT_STEPS["dpm-solver"], step=1, label="Steps (DPM-Solver++)")
-            guidance = gr.Slider(0, 6, value=1.2, step=0.1, label="Guidance (published: 1.2)")
+            steps = gr.Slider(1, 200, value=steps0, step=1, label="Steps (DPM-Solver++)")
+            guidance = gr.Slider(
+                0, 6, value=guidance0, step=0.1, label=f"Guidance (published: {guidance0:g})"
+            )
             seed = gr.Number(ctx.seed, precision=0, label="Seed")
             button = gr.Button("Stain", variant="primary", elem_id="stain-run")
             status.render()
