@@ -35,9 +35,9 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 def models(tmp_path_factory) -> dict[str, Path]:
     """Tiny stand-ins: a T=1 256 px PixCell, the staining parts (T=16 PixCell + LoRA + flow MLP, VAE), and a
     UNI2-h-shaped ViT without layer scale (features that differ between images, so cosines mean something)."""
-    from diffusion.encoders import build_tiny_uni
     from diffusion.model.pixcell_transformer import build_pixcell
-    from virtual_staining.tiny import TINY_UNI_DIM, build_tiny_parts
+    from diffusion.standins import TINY_UNI_DIM, build_tiny_uni
+    from virtual_staining.tiny import build_tiny_parts
 
     out = tmp_path_factory.mktemp("app_models")
     parts = build_tiny_parts(out / "staining")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.encoders import build_tiny_uni, load_uni
+from diffusion.encoders import load_uni
 from diffusion.metrics.distances import paired_cosine
 from diffusion.model.pixcell_transformer import build_pixcell
 from diffusion.sampling.pipeline import PixCellPipeline
@@ -23,8 +23,9 @@ from diffusion.sampling.variants import (
     read_reference,
     reference_size,
 )
+from diffusion.standins import TINY_UNI_DIM, build_tiny_uni
 
-C = 96  # the tiny UNI's embedding size
+C = TINY_UNI_DIM
 
 
 @pytest.fixture(scope="module")
