@@ -2,6 +2,11 @@
 models and the real slide. Each case asserts its outcome: the exit status, the one `error:` line (no traceback),
 and that nothing written before is damaged.
 
+The kills live beside the code they interrupt, sharing its fixtures: kill -9 during checkpoint saves and SIGTERM
+then resume (tests/test_train_pixcell.py, tests/test_training_run.py), a killed and resumed sampling run
+(tests/test_sample.py::test_resume_after_kill_is_byte_identical), a killed patch extraction
+(tests/test_data_slides.py::test_killed_extraction_resumes_to_identical_output).
+
 Full and read-only disks are real: a small tmpfs mounted for the test (the tests run as root in CI; elsewhere
 those cases skip, saying why).
 """
@@ -481,3 +486,98 @@ def test_trainer_on_a_full_disk_names_it_and_keeps_the_last_checkpoint(tmp_path,
         assert list_checkpoints(work) == kept  # the earlier checkpoints are whole and still load
         torch.load(kept[-1] / "trainer_state.pt", weights_only=False)
         assert not list((work / "checkpoints").glob(".checkpoint-*"))  # no half-written folder left behind
+
+
+#################################################################################
+#        The standing cases: bad input that already gets one line or a skip     #
+#################################################################################
+
+
+def _npy(path: Path, array) -> str:
+    np.save(path, array)
+    return str(path)
+
+
+SAMPLE_CASES = {
+    # name: (how to make the --embeddings file, the expected text of the one line)
+    "NaN embeddings": (lambda d: _npy(d / "nan.npy", np.full((1, 1, C), np.nan, np.float32)), "NaN"),
+    "wrong token count": (lambda d: _npy(d / "t3.npy", np.zeros((1, 3, C), np.float32)), "t3.npy"),
+    "wrong embedding dim": (lambda d: _npy(d / "dim.npy", np.zeros((1, 1, 768), np.float32)), "UNI dim is 96"),
+    "zero-byte npy": (lambda d: (d / "empty.npy").write_bytes(b"") or str(d / "empty.npy"), "empty.npy"),
+    "missing file": (lambda d: str(d / "missing.npy"), "missing.npy"),
+}
+
+
+@pytest.mark.parametrize("case", list(SAMPLE_CASES))
+def test_sampling_bad_conditions(case, t64, tiny_vae_dir, tmp_path, capsys):
+    make, expected = SAMPLE_CASES[case]
+    argv = ["--model", str(t64), "--vae", str(tiny_vae_dir), "--embeddings", make(tmp_path),
+            "--out", str(tmp_path / "out"), "--steps", "1", "--no-progress"]  # fmt: skip
+    rc, err = _sample(argv, capsys)
+    assert rc == 2 and expected in one_error_line(err)
+    assert not list((tmp_path / "out").rglob("*.png"))
+
+
+TRAIN_CASES = {
+    # name: (--cfg-options, the expected text of the one line)
+    "typo'd config key": (["optimzer.lr=1e-4"], "unknown config key 'optimzer'"),
+    "resolution not a multiple of 256": (["resolution=300"], "300"),
+    "missing dataset key": (["data.dataset_keys=['gtex_1024']"], "gtex_1024"),
+    "checkpoint of another size": (["load_from='{other}'"], "not the same architecture"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_training_bad_input(case, real_features, tmp_path, capsys):
+    from diffusion.model.pixcell_transformer import build_pixcell
+
+    options, expected = TRAIN_CASES[case]
+    if "{other}" in options[0]:  # the tiny config's preset, one block deeper
+        depth = build_pixcell("PixCell-tiny-256").config.num_layers + 1
+        build_pixcell("PixCell-tiny-256", caption_channels=C, num_layers=depth).save_pretrained(tmp_path / "other")
+    options = [o.format(other=tmp_path / "other") for o in options]
+    assert _train_pixcell(tmp_path / "work", real_features, "max_steps=1", *options) == 2
+    assert expected in one_error_line(capsys.readouterr().err)
+    assert not list((tmp_path / "work").rglob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("damage", ["zero-byte", "wrong shape", "NaN", "missing"])
+def test_training_skips_and_counts_a_damaged_feature_file(damage, real_features, tmp_path):
+    """One damaged feature file of four: a logged, counted skip, and the run completes (max_failure_rate 0.5)."""
+    data = tmp_path / "patches"
+    shutil.copytree(real_features, data)
+    uni = sorted(data.rglob("*_uni.npy"))[0]
+    if damage == "zero-byte":
+        uni.write_bytes(b"")
+    elif damage == "wrong shape":
+        np.save(uni, np.zeros((3, 7), np.float16))
+    elif damage == "NaN":
+        np.save(uni, np.full(np.load(uni).shape, np.nan, np.float16))
+    else:
+        uni.unlink()
+    work = tmp_path / "work"
+    assert _train_pixcell(work, data, "max_steps=2", "train_batch_size=2", "data.max_failure_rate=0.5") == 0
+    log = (work / "train.log").read_text()
+    patch = uni.name.replace("_uni.npy", "")
+    assert f"skip sample {uni.parent.relative_to(data)}/{patch}" in log and "failed of" in log
+
+
+def test_slide_without_mpp_and_unpaired_staining_pairs(tmp_path, capsys):
+    tiff = tmp_path / "nompp.tif"
+    tifffile.imwrite(tiff, np.zeros((512, 512, 3), np.uint8), tile=(256, 256), photometric="rgb")
+    assert extract_patches.main([str(tiff), "--out", str(tmp_path / "o"), "--dataset", "x", "--group", "y"]) == 2
+    assert "pass --mpp" in one_error_line(capsys.readouterr().err)
+
+    from PIL import Image
+
+    from tools.cli import run_cli
+    from virtual_staining import embeddings
+
+    mist = tmp_path / "MIST" / "HER2" / "TrainValAB"
+    for side, names in (("trainA", ["000", "001"]), ("trainB", ["000"])):
+        (mist / side).mkdir(parents=True)
+        for n in names:
+            Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(mist / side / f"{n}.png")
+    rc = run_cli(embeddings.main, ["--dataset", "MIST", "--root", str(tmp_path / "MIST"), "--out",
+                                              str(tmp_path / "cache.safetensors"), "--uni", "none"])  # fmt: skip
+    assert rc == 2 and "unpaired images: 1 in" in one_error_line(capsys.readouterr().err)
