@@ -446,7 +446,9 @@ def _toy_trainer(
                 loop.save_if_due(step)
         return run.finish()
 
-    return run_trainer(main, argparse.Namespace())
+    from tools.cli import run_cli
+
+    return run_cli(lambda argv: run_trainer(main, argparse.Namespace()), [])
 
 
 def test_no_checkpoint_is_written_or_pruned_during_a_nonfinite_streak(tmp_path, capsys):

@@ -34,6 +34,7 @@ from diffusion.training.precision import set_fp32_attention, set_gradient_checkp
 from diffusion.training.run import add_resume_args, launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
 from diffusion.training.step import accumulate, noised_inputs
+from tools.cli import run_cli
 
 log = logging.getLogger("pixcell.train")
 
@@ -263,7 +264,8 @@ def check_data_matches_model(dataset: PatchFeatureDataset, model, cfg) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return run_trainer(main, parse_args(argv))
+    """The command line: bad input is one `error:` line and exit status 2, as for every tool."""
+    return run_cli(lambda a: run_trainer(main, parse_args(a)), argv)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from diffusion.training.run import launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
+from tools.cli import run_cli
 from virtual_staining.flow_mlp import FlowMLP, flow_matching_loss, save_flow_mlp, translation_metrics
 from virtual_staining.training import load_run_config, parse_args, split_embeddings
 
@@ -111,7 +112,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return run_trainer(main, parse_args(argv, __doc__))
+    """The command line: bad input is one `error:` line and exit status 2, as for every tool."""
+    return run_cli(lambda a: run_trainer(main, parse_args(a, __doc__)), argv)
 
 
 if __name__ == "__main__":

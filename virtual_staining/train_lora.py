@@ -34,6 +34,7 @@ from diffusion.training.precision import set_gradient_checkpointing
 from diffusion.training.run import launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
 from diffusion.training.step import accumulate, noised_inputs
+from tools.cli import run_cli
 from virtual_staining.data import read_image
 from virtual_staining.lora import LoRASettings, add_lora, lora_parameters, save_lora_weights
 from virtual_staining.training import (
@@ -225,7 +226,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return run_trainer(main, parse_args(argv, __doc__))
+    """The command line: bad input is one `error:` line and exit status 2, as for every tool."""
+    return run_cli(lambda a: run_trainer(main, parse_args(a, __doc__)), argv)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ generator, the checkpoint manager and the checkpointed counters, restores them a
 run info; it returns a `Run`. `Run.loop` gives the `TrainLoop`, which owns the bookkeeping after each optimizer
 step (progress bar, tracker, log line, checkpoint on an interval and at the end) and the one stop protocol (a
 signal or the time limit, agreed over processes, checked at the top of each step: save and leave). `run_trainer`
-is the error-line entry point. A minimal trainer (the four real ones, `train_scripts/train_pixcell.py`,
+releases the lock and restores logging after a run; `tools.cli.run_cli` around it is the error-line entry point
+of every trainer, as of every tool. A minimal trainer (the four real ones, `train_scripts/train_pixcell.py`,
 `train_scripts/train_controlnet.py`, `virtual_staining/train_lora.py`, `virtual_staining/train_flow_mlp.py`, add
 validation, gradient accumulation and portable weights to the same lines):
 
@@ -53,7 +54,6 @@ from PIL import Image
 from ..atomic import atomic_path
 from ..checkpoints import latest_checkpoint
 from ..config import check_resume_changes
-from ..errors import USER_ERRORS, describe_error
 from ..lock import FolderLock, release_held
 from .checkpoint import CheckpointManager, restore_training_state, save_training_state
 from .ema import EMA
@@ -147,9 +147,10 @@ def launch(work_dir: Path, resume_from: str | None, mixed_precision: str = "no")
 
 
 def run_trainer(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """A trainer's entry point: bad input -> one `error:` line and exit status 2 (no traceback). Afterwards the
-    work dir's lock is released and the logging set-up is as it was before (the run's log file closed): trainers
-    are also run in-process, by tests, and must not log into each other's files or into a closed stream."""
+    """A trainer's run, inside the tools' one entry point (`tools.cli.run_cli`, which turns bad input into one
+    `error:` line and exit status 2). Afterwards, however it ended, the work dir's lock is released and the logging
+    set-up is as it was before (the run's log file closed): trainers are also run in-process, by tests, and must
+    not log into each other's files or into a closed stream."""
     t0 = time.monotonic()
     root = logging.getLogger()
     before = (list(root.handlers), root.level)
@@ -157,9 +158,6 @@ def run_trainer(main: Callable[[argparse.Namespace], int], args: argparse.Namesp
         code = main(args)
         log.info("wall time %.1f s", time.monotonic() - t0)
         return code
-    except USER_ERRORS as err:  # the same set as the tools' run_cli
-        print(f"error: {describe_error(err)}", file=sys.stderr)
-        return 2
     finally:
         release_held()
         for handler in [h for h in root.handlers if h not in before[0]]:
