@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from diffusion.model.loading import read_state_dict
+
 # Timesteps enter the network as 999 * t (the published models were trained on that scale).
 TIME_SCALE = 999.0
 
@@ -235,28 +237,6 @@ def save_flow_mlp(model: FlowMLP, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
     return Path(path)
-
-
-def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
-    """A plain tensor dict from .safetensors or a torch file (.pth/.pt/.bin); one-line errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path}: no such file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{what} {path}: cannot read weights ({type(err).__name__}: {err})") from None
-    for key in ("state_dict", "model", "module"):  # common training wrappers
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{what} {path}: expected a dict of tensors")
-    return state
 
 
 def load_flow_mlp(path: str | Path, device: str | torch.device = "cpu") -> FlowMLP:

@@ -52,6 +52,28 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, Tensor], source: str)
         raise ValueError(f"{source}: does not match the model ({'; '.join(problems)})")
 
 
+def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
+    """A plain tensor dict from .safetensors or a torch file (.pth/.pt/.bin); one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{what} {path}: cannot read weights ({type(err).__name__}: {err})") from None
+    for key in ("state_dict", "model", "module"):  # common training wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{what} {path}: expected a dict of tensors")
+    return state
+
+
 def load_original_checkpoint(
     path: str | Path,
     ema: bool = True,

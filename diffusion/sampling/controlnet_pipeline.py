@@ -6,6 +6,10 @@
 Everything else (samplers, guidance, seeding, output types) is `PixCellPipeline`'s: this class only renders the
 mask, encodes it with the VAE and hands the sampler a model function in which the ControlNet's residuals are
 added to the base transformer. With classifier-free guidance both passes (UNI and null condition) see the mask.
+
+The Hub ControlNet pipeline's callers pass the mask as `controlnet_input=`, an H x W x 3 uint8 RGB array (or PIL
+image) that the pipeline divides by 255 itself (`../shared/formats/hub_api.md`); that works here too, beside
+`mask=` (paths, label images, binary arrays: rendered by `diffusion.data.mask_pairs`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ..encoders import SD35_VAE_ID, encode_posterior, latents_to_model, load_vae
 from ..model.controlnet import PixCellControlNet, controlled_forward, load_controlnet
 from ..model.loading import load_transformer
 from ..model.pixcell_transformer import PixCellTransformer2DModel
+from .hub import check_pipeline_class, register_with_diffusers, resolve_snapshot, vae_folder
 from .pipeline import PixCellPipeline
 from .samplers import make_scheduler
 
@@ -64,26 +69,29 @@ class PixCellControlNetPipeline(PixCellPipeline):
     def from_pretrained(
         cls,
         source: str | Path,
-        vae: str | Path | None = None,
+        vae: str | Path | torch.nn.Module | None = None,
         sampler: str | None = None,
         torch_dtype: torch.dtype | None = None,
         transformer: str | Path | None = None,
-        **_: object,
+        **hub_kwargs: object,  # custom_pipeline, trust_remote_code, ...: accepted, never needed
     ) -> PixCellControlNetPipeline:
-        """A published-layout folder or hub id: controlnet/ + transformer/ (+ vae/); `transformer` overrides.
-
-        The VAE: `vae` if given, else the folder's vae/ when present, else SD3.5's.
+        """A published-layout snapshot (hub id or folder: controlnet/ + transformer/ (+ vae/, scheduler/)), or a
+        ControlNet folder with `transformer` naming the base. Nothing in the snapshot is executed; its scheduler
+        config is used (logged; `sampler` overrides). The VAE: `vae`, else the snapshot's vae/, else SD3.5's.
         """
-        path = Path(source)
-        if vae is None:
-            vae = path / "vae" if (path / "vae" / "config.json").is_file() else SD35_VAE_ID
-        return cls.from_parts(
-            transformer if transformer is not None else source,
-            source,
-            vae,
-            sampler or "dpm-solver",
-            torch_dtype,
+        folder = resolve_snapshot(source, with_vae=vae is None)
+        if folder is not None:
+            check_pipeline_class(
+                folder, cls.__name__, {"PixCellPipeline": "diffusion.sampling.pipeline.PixCellPipeline"}
+            )
+        where = folder or Path(source)
+        base = transformer if transformer is not None else (folder or source)
+        pipe = cls.from_parts(
+            base, folder or source, vae or vae_folder(where) or SD35_VAE_ID, sampler or "dpm-solver", torch_dtype
         )
+        if folder is not None:
+            pipe.use_saved_scheduler(folder, sampler)
+        return pipe
 
     # ------------------------------------------------------------------ sampling
 
@@ -109,26 +117,49 @@ class PixCellControlNetPipeline(PixCellPipeline):
 
         return fn
 
+    def encode_controlnet_input(self, images: object) -> Tensor:
+        """The Hub call's `controlnet_input`: H x W x 3 uint8 RGB (array, PIL image, a list of them, or a
+        (B, H, W, 3) array), divided by 255 as the Hub pipeline does -> model-space latents (B, 16, h, w)."""
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            items = list(images)
+        size = self.image_size
+        arrays = []
+        for i, item in enumerate(items):
+            a = np.asarray(item.convert("RGB") if hasattr(item, "convert") else item)
+            if a.ndim != 3 or a.shape[-1] != 3:
+                raise ValueError(f"controlnet_input {i}: expected an H x W x 3 RGB image, got shape {a.shape}")
+            if a.shape[:2] != (size, size):
+                raise ValueError(f"controlnet_input {i}: {a.shape[1]}x{a.shape[0]} px, expected {size}x{size}")
+            arrays.append(torch.from_numpy(np.array(a, dtype=np.float32)).permute(2, 0, 1) / 255.0)
+        rendered = torch.stack(arrays).to(self._execution_device)  # (B, 3, H, W) in [0, 1]
+        mean, _ = encode_posterior(self.vae, rendered)
+        return latents_to_model(mean, self.vae)
+
     @torch.no_grad()
     def __call__(
         self,
         uni_embeds: Tensor | np.ndarray,  # (B, T, C_uni): the style reference(s)
         mask: MaskLike | Sequence[MaskLike] | None = None,  # B masks (or one, used for every row)
         controlnet_conditioning_scale: float = 1.0,  # 0: the base model alone
+        controlnet_input: object = None,  # the Hub call's mask: H x W x 3 uint8 RGB (or PIL), / 255 inside
         **kwargs,  # PixCellPipeline.__call__: guidance_scale, num_inference_steps, generator, latents, ...
     ) -> ImagePipelineOutput | tuple:
-        if mask is None:
+        if (mask is None) == (controlnet_input is None):
             raise ValueError(
-                "mask: required (a mask PNG path, PIL image, array or tensor, or a list of them)"
+                "mask: required, as exactly one of mask= (a mask PNG path, PIL image, array or tensor, or a list of them) "
+                "or controlnet_input= (H x W x 3 uint8 RGB, as the Hub pipeline takes it)"
             )
         uni = self.prepare_condition(uni_embeds)
-        mask_latents = self.encode_masks(mask)
+        mask_latents = self.encode_masks(mask) if mask is not None else self.encode_controlnet_input(controlnet_input)
         if mask_latents.shape[0] == 1 and uni.shape[0] > 1:
             mask_latents = mask_latents.expand(uni.shape[0], -1, -1, -1)
         if mask_latents.shape[0] != uni.shape[0]:
             raise ValueError(
                 f"mask: {mask_latents.shape[0]} masks for {uni.shape[0]} UNI embeddings (give one, or one per row)"
             )
+        per_prompt = int(kwargs.get("num_images_per_prompt", 1))  # the conditions are repeated the same way
+        mask_latents = mask_latents.repeat_interleave(max(per_prompt, 1), dim=0)
         self._control = (mask_latents, float(controlnet_conditioning_scale))
         try:
             return super().__call__(uni, **kwargs)
@@ -149,3 +180,6 @@ def check_pair(transformer: PixCellTransformer2DModel, controlnet: PixCellContro
         raise ValueError(
             f"controlnet does not fit the transformer (controlnet vs transformer: {'; '.join(diff)})"
         )
+
+
+register_with_diffusers(PixCellControlNetPipeline)

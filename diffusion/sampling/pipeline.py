@@ -5,12 +5,18 @@
 
 The number of UNI tokens fixes the image: T = 1 -> 256 px, 16 -> 1024 px (the transformer's trained size,
 `sample_size * 8`); a condition with another T or dim, or with NaNs, is a one-line ValueError.
+
+The call also takes the Hub remote pipeline's arguments as its callers pass them (`../shared/formats/hub_api.md`):
+`get_unconditional_embedding`, `num_images_per_prompt`, `height`/`width` (checked), the legacy
+`callback`/`callback_steps` and diffusers' `callback_on_step_end`. One documented difference: with guidance
+above 1 the Hub pipeline refuses a call without `negative_uni_embeds`; ours fills in the model's null condition,
+which is what `get_unconditional_embedding` returns, so both give the same images.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +29,16 @@ from torch import Tensor
 
 from ..encoders import SD35_VAE_ID, decode_latents, load_vae, to_uint8, vae_scale_factor
 from ..model.loading import load_transformer
+from ..model.lora import add_lora, has_lora, load_lora_weights, merge_lora, read_lora_file, set_lora_scale
 from ..model.pixcell_transformer import PixCellTransformer2DModel
+from .hub import (
+    check_pipeline_class,
+    refuse_diffusers_loading,
+    register_with_diffusers,
+    resolve_snapshot,
+    saved_scheduler,
+    vae_folder,
+)
 from .samplers import (
     denoise,
     guided_prediction,
@@ -33,6 +48,8 @@ from .samplers import (
     sampler_name,
     transformer_fn,
 )
+
+log = logging.getLogger("pixcell.pipeline")
 
 
 class PixCellPipeline(DiffusionPipeline):
@@ -63,37 +80,82 @@ class PixCellPipeline(DiffusionPipeline):
     def from_pretrained(
         cls,
         source: str | Path,
-        vae: str | Path | None = None,
+        vae: str | Path | torch.nn.Module | None = None,
         sampler: str | None = None,
         torch_dtype: torch.dtype | None = None,
-        **_: object,
+        **hub_kwargs: object,  # the Hub call's custom_pipeline, trust_remote_code, ...: accepted, never needed
     ) -> PixCellPipeline:
-        """Load a pipeline folder (model_index.json + transformer/ + vae/ + scheduler/), or a transformer source.
+        """Load a pipeline snapshot (hub id or folder: model_index.json + transformer/ + scheduler/ (+ vae/)), or
+        a transformer source (transformer folder, original checkpoint, training work dir).
 
-        The published PixCell repos hold only the transformer; the VAE then defaults to SD3.5's (`vae` overrides).
-        A saved scheduler is kept unless `sampler` names another one.
+        Nothing in the snapshot is executed: its transformer loads into our class, its scheduler config into our
+        sampler (logged; `sampler` or `set_sampler` overrides it). The VAE: `vae` (hub id, folder or an
+        `AutoencoderKL`, as the model card passes it), else the snapshot's vae/, else SD3.5's.
         """
-        path = Path(source)
-        if not (path.is_dir() and (path / "model_index.json").is_file()):
+        if hub_kwargs:
+            log.info("ignored (the Hub remote pipeline's loading options): %s", ", ".join(sorted(hub_kwargs)))
+        folder = resolve_snapshot(source, with_vae=vae is None)
+        if folder is None:
             return cls.from_parts(source, vae or SD35_VAE_ID, sampler or "dpm-solver", torch_dtype)
-        if vae is None:
-            vae = path / "vae" if (path / "vae" / "config.json").is_file() else SD35_VAE_ID
-        pipe = cls.from_parts(path / "transformer", vae, sampler or "dpm-solver", torch_dtype)
-        saved = path / "scheduler" / "scheduler_config.json"
-        if sampler is None and saved.is_file():
-            cfg = json.loads(saved.read_text())
-            try:
-                name = sampler_name(cfg.get("_class_name", ""))
-            except ValueError as err:
-                raise ValueError(f"{saved}: {err}") from None
-            pipe.scheduler = type(make_scheduler(name)).from_config(cfg)
+        check_pipeline_class(
+            folder,
+            cls.__name__,
+            {"PixCellControlNetPipeline": "diffusion.sampling.controlnet_pipeline.PixCellControlNetPipeline"}
+            if cls is PixCellPipeline
+            else {},
+        )
+        pipe = cls.from_parts(
+            folder / "transformer", vae or vae_folder(folder) or SD35_VAE_ID, sampler or "dpm-solver", torch_dtype
+        )
+        pipe.use_saved_scheduler(folder, sampler)
         return pipe
+
+    def use_saved_scheduler(self, folder: Path, sampler: str | None) -> None:
+        """Take the snapshot's scheduler config unless `sampler` names one."""
+        saved = saved_scheduler(folder) if sampler is None else None
+        if saved is not None:
+            self.scheduler = saved
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """Reached only through `diffusers.DiffusionPipeline.from_pretrained(snapshot)` (our loaders never read
+        model_index.json this way): stop there with one line, before diffusers imports the snapshot's code."""
+        raise refuse_diffusers_loading(cls)
 
     def set_sampler(self, name: str) -> None:
         """Switch sampler: 'dpm-solver' (default), 'ddim', 'sa-solver', 'ddpm' (ancestral, learned variance)."""
         self.scheduler = make_scheduler(name)
 
+    # ------------------------------------------------------------------ LoRA adapters
+
+    def load_lora_weights(self, path: str | Path, scale: float = 1.0) -> None:
+        """Add a LoRA adapter to the transformer (ours: adapter-only safetensors; published: the whole adapted
+        transformer `.pth`), at `scale` times its trained strength (diffusers' `load_lora_weights` + scale)."""
+        if has_lora(self.transformer):
+            raise ValueError("the transformer has a LoRA adapter already (one adapter per pipeline)")
+        state, settings = read_lora_file(path)
+        dtype = next(self.transformer.parameters()).dtype
+        add_lora(self.transformer, settings)
+        load_lora_weights(self.transformer, path, state)
+        self.transformer.to(device=self._execution_device, dtype=dtype)  # peft creates the adapter in fp32
+        self.transformer.requires_grad_(False)
+        set_lora_scale(self.transformer, scale)
+        log.info("LoRA %s: rank %d on %s, scale %g", path, settings.rank, ", ".join(settings.targets), scale)
+
+    def set_lora_scale(self, scale: float) -> None:
+        set_lora_scale(self.transformer, scale)
+
+    def fuse_lora(self) -> None:
+        """Fold the adapter (at its current scale) into the transformer's weights: a plain model again."""
+        device = self._execution_device
+        self.register_modules(transformer=merge_lora(self.transformer).to(device))
+
     # ------------------------------------------------------------------ sampling
+
+    def get_unconditional_embedding(self, batch_size: int = 1) -> Tensor:
+        """The null condition (B, T, C): the transformer's `caption_projection.uncond_embedding` over the batch,
+        as the Hub pipeline returns it for `negative_uni_embeds`."""
+        return self.transformer.null_condition(batch_size).to(self._execution_device)
 
     def model_fn(self) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
         """The (x, cond, t) -> (B, 32, h, w) callable the sampler guides; the ControlNet pipeline extends it."""
@@ -110,6 +172,43 @@ class PixCellPipeline(DiffusionPipeline):
         self.transformer.check_condition(uni)
         return uni
 
+    def check_size(self, height: int | None, width: int | None, tokens: int) -> None:
+        """The Hub call's height/width must be what the token count gives (this model's trained size)."""
+        size = self.image_size
+        if (height is not None and height != size) or (width is not None and width != size):
+            raise ValueError(
+                f"height/width {height}x{width}: this model makes {size}x{size} px images from {tokens} UNI "
+                "token(s) (one token per 256 px tile); leave height/width out or pass the model's size"
+            )
+
+    def step_callback(
+        self,
+        callback: Callable[[int, Tensor, Tensor], None] | None,
+        callback_steps: int,
+        on_step_end: Callable[..., dict] | None,
+        tensor_inputs: Sequence[str],
+    ) -> Callable[[int, Tensor, Tensor], Tensor | None] | None:
+        """The Hub call's callbacks as one `denoise(on_step=...)`: the legacy PixArt `callback(i, t, latents)`
+        every `callback_steps` steps, and diffusers' `callback_on_step_end(pipe, i, t, {"latents": ...})`, whose
+        returned "latents" replace the current ones."""
+        if callback is None and on_step_end is None:
+            return None
+        if callback_steps is None or int(callback_steps) < 1:
+            raise ValueError(f"callback_steps {callback_steps}: expected a positive integer")
+        unknown = [name for name in tensor_inputs if name != "latents"]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: {unknown} not available (only 'latents')")
+
+        def on_step(i: int, t: Tensor, x: Tensor) -> Tensor | None:
+            if callback is not None and i % int(callback_steps) == 0:
+                callback(i, t, x)
+            if on_step_end is not None:
+                out = on_step_end(self, i, t, {name: x for name in tensor_inputs}) or {}
+                return out.get("latents")
+            return None
+
+        return on_step
+
     @torch.no_grad()
     def __call__(
         self,
@@ -117,19 +216,35 @@ class PixCellPipeline(DiffusionPipeline):
         guidance_scale: float | None = None,  # None: 2.0 at T=1, 1.2 at T=16 (published)
         num_inference_steps: int | None = None,  # None: 20 for DPM-Solver++
         generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: Tensor | None = None,  # (B, 16, h, w) initial noise, for exact seeding
+        latents: Tensor | None = None,  # (B * num_images_per_prompt, 16, h, w) initial noise, for exact seeding
         negative_uni_embeds: Tensor | None = None,  # unconditional input; default: the model's null condition
         guidance_interval: tuple[float, float] | None = None,  # guide only for timesteps in [low, high]
         allow_negative_guidance: bool = False,  # a guidance_scale < 0 is an error unless this says it is meant
         output_type: str = "pil",  # 'pil' | 'np' | 'pt' | 'latent'
         return_dict: bool = True,
         progress: bool = True,
+        num_images_per_prompt: int = 1,  # images per condition, each with its own noise
+        height: int | None = None,  # Hub call: checked against the model's size, which the tokens fix
+        width: int | None = None,
+        callback: Callable[[int, Tensor, Tensor], None] | None = None,  # legacy (PixArt): (step, t, latents)
+        callback_steps: int = 1,
+        callback_on_step_end: Callable[..., dict] | None = None,  # diffusers: (pipe, step, t, kwargs) -> dict
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> ImagePipelineOutput | tuple:
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
+        if int(num_images_per_prompt) < 1:
+            raise ValueError(f"num_images_per_prompt {num_images_per_prompt}: expected >= 1")
         device = self._execution_device
         uni = self.prepare_condition(uni_embeds).to(device)
-        batch, tokens = uni.shape[:2]
+        tokens = uni.shape[1]
+        self.check_size(height, width, tokens)
+        on_step = self.step_callback(
+            callback, callback_steps, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
+        k = int(num_images_per_prompt)
+        uni = uni.repeat_interleave(k, dim=0)  # row i*k+j: image j of condition i (diffusers' order)
+        batch = uni.shape[0]
         steps, w = resolve_defaults(
             sampler_name(self.scheduler), num_inference_steps, guidance_scale, tokens, allow_negative_guidance
         )
@@ -142,9 +257,11 @@ class PixCellPipeline(DiffusionPipeline):
             raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
         uncond = None
         if guides(w):
-            uncond = (
-                self.transformer.null_condition(batch) if negative_uni_embeds is None else negative_uni_embeds
-            )
+            if negative_uni_embeds is None:
+                uncond = self.transformer.null_condition(batch)
+            else:
+                uncond = self.prepare_condition(negative_uni_embeds)
+                uncond = uncond if uncond.shape[0] == batch else uncond.repeat_interleave(k, dim=0)
             uncond = self.prepare_condition(uncond).to(device)
 
         fn = self.model_fn()
@@ -155,6 +272,7 @@ class PixCellPipeline(DiffusionPipeline):
             steps,
             generator=generator,
             progress=progress,
+            on_step=on_step,
         )
         if output_type == "latent":
             images = x
@@ -168,3 +286,6 @@ class PixCellPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+
+register_with_diffusers(PixCellPipeline)

@@ -163,18 +163,23 @@ def denoise(
     num_inference_steps: int = 20,
     generator: torch.Generator | list[torch.Generator] | None = None,  # a list: one per row (per-image seeds)
     progress: bool = True,
+    on_step: Callable[[int, Tensor, Tensor], Tensor | None] | None = None,  # (i, t, x) after step i
 ) -> Tensor:
     """Run a diffusers scheduler from noise `latents` (B, C, h, w) with `eps_fn(x, t) -> (B, 2C, h, w)`.
 
     eps_fn is usually `lambda x, t: guided_prediction(...)`; the 4K tool passes a sliding-window version.
+    `on_step` sees the latents after each step and may return replacements (the pipelines' callbacks).
     """
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     x = latents * scheduler.init_noise_sigma
     c = x.shape[1]
     full = wants_variance(scheduler)
-    for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False)):
         x_in = scheduler.scale_model_input(x, t)
         out = eps_fn(x_in, t)
         out = out if full else out[:, :c]
         x = scheduler.step(out, t, x, generator=generator, return_dict=False)[0]
+        if on_step is not None:
+            replaced = on_step(i, t, x)
+            x = x if replaced is None else replaced
     return x
