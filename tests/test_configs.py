@@ -14,7 +14,7 @@ from diffusion.config import SCHEMA_FILE, build_model_from_config, load_config
 CONFIGS = sorted(
     p
     for p in (Path(__file__).parents[1] / "configs").rglob("*.py")
-    if "_base_" not in p.parts and "virtual_staining" not in p.parts
+    if "_base_" not in p.parts and "virtual_staining" not in p.parts and "lora" not in p.parts
 )
 SCHEMAS = {"controlnet": Path(__file__).parents[1] / "configs" / "_base_" / "controlnet.py"}
 

@@ -39,6 +39,25 @@ def add_model_args(parser: argparse.ArgumentParser, model_default: str | None = 
     )
 
 
+def add_lora_args(parser: argparse.ArgumentParser) -> None:
+    """--lora, --lora-scale: a LoRA adapter on the transformer (train_scripts/train_lora.py, or a published .pth)."""
+    g = parser.add_argument_group("LoRA adapter")
+    g.add_argument("--lora", help="adapter file: lora.safetensors of a LoRA run, or a published *_lora.pth")
+    g.add_argument("--lora-scale", type=float, default=1.0, help="adapter strength (1: as trained, 0: base model)")
+
+
+def apply_lora_args(pipe, args: argparse.Namespace) -> None:
+    """Load --lora into the pipeline's transformer at --lora-scale (nothing without --lora)."""
+    if getattr(args, "lora", None):
+        from pathlib import Path
+
+        if not Path(args.lora).is_file():
+            raise FileNotFoundError(f"--lora {args.lora}: no such file")
+        pipe.load_lora_weights(args.lora, scale=args.lora_scale)
+    elif getattr(args, "lora_scale", 1.0) != 1.0:
+        raise ValueError("--lora-scale needs --lora")
+
+
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     """--device, --dtype, --seed, --format."""
     g = parser.add_argument_group("runtime")
@@ -200,11 +219,15 @@ def load_pipeline(args: argparse.Namespace, device: torch.device) -> tuple[PixCe
         ).to(device)
     else:
         pipe = PixCellPipeline.from_parts(args.model, args.vae, args.sampler, torch_dtype=torch_dtype).to(device)
+    apply_lora_args(pipe, args)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.compile:
         compile_blocks(pipe.transformer, True)
-    return pipe, model_reference(args.model), model_reference(args.vae)
+    model_ref = model_reference(args.model)
+    if getattr(args, "lora", None):  # the manifest (and a resumed run's check) names the adapter and its scale
+        model_ref += f"+lora:{model_reference(args.lora)}@{args.lora_scale:g}"
+    return pipe, model_ref, model_reference(args.vae)
 
 
 def load_uni_encoder(args: argparse.Namespace, device: torch.device, channels: int):

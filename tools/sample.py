@@ -7,6 +7,9 @@
     python -m tools.sample --model StonyBrook-CVLab/PixCell-1024 --images my_patches/ --out runs/mine
     # precomputed embeddings, (N, T, 1536) in an .npy or .safetensors
     python -m tools.sample --model exported/pixcell_256 --embeddings uni.npy --out runs/emb
+    # with a LoRA adapter of train_scripts/train_lora.py (or a published *_lora.pth), at 0.8 of its strength
+    python -m tools.sample --model StonyBrook-CVLab/PixCell-256 --lora work_dirs/lora_256/lora.safetensors \\
+        --lora-scale 0.8 --embeddings uni.npy --out runs/lora
     # cell-mask ControlNet: layout from masks/<name>.png, style from each name's UNI tokens
     python -m tools.sample --model StonyBrook-CVLab/PixCell-256 --controlnet CONTROLNET --masks masks/ \\
         --embeddings uni.safetensors --out runs/masked
@@ -30,6 +33,7 @@ from diffusion.geometry import UNI_TILE, tokens_side
 from diffusion.sampling.conditions import EmbeddingSource, FolderSource, IndexSource
 from diffusion.sampling.runner import MaskControl, model_reference, sample_patches
 from tools.cli import (
+    add_lora_args,
     add_model_args,
     add_output_args,
     add_runtime_args,
@@ -62,6 +66,7 @@ def read_patch_list(path: str) -> list[str]:
 def main(argv: Sequence[str] | None = None, model_default: str | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, model_default)
+    add_lora_args(p)
     src = p.add_argument_group("conditions (give exactly one of --index, --patches, --images, --embeddings)")
     src.add_argument("--index", help="dataset index: <root>/metadata/patch_names_all.hdf5")
     src.add_argument(

@@ -23,6 +23,7 @@ from diffusion.geometry import tokens_side
 from diffusion.sampling.conditions import RegionSource
 from diffusion.sampling.runner import RegionSettings, sample_regions
 from tools.cli import (
+    add_lora_args,
     add_model_args,
     add_output_args,
     add_runtime_args,
@@ -41,6 +42,7 @@ MODEL = "StonyBrook-CVLab/PixCell-1024"
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, MODEL)
+    add_lora_args(p)
     src = p.add_argument_group("regions (any mix; each is one output image)")
     src.add_argument("--image", nargs="+", default=[], help="large real images (side a multiple of 1024 px)")
     src.add_argument(

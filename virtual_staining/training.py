@@ -14,11 +14,11 @@ from mmengine.config import Config
 
 from diffusion.config import load_strict_config, parse_cfg_options
 from diffusion.geometry import DTYPES
+from diffusion.training.checkpoint import register_lora_checkpoint_hooks  # noqa: F401 (re-exported)
 from diffusion.training.run import add_resume_args
 
 from .data import Pair, check_target, dataset_pairs
 from .embeddings import EmbeddingCache, ensure_embeddings, load_embeddings
-from .lora import has_lora
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "virtual_staining"
 
@@ -77,44 +77,3 @@ def split_embeddings(
     cache = load_embeddings(path)
     by_name = {p.name: p for p in pairs}
     return [by_name[n] for n in cache.names], cache
-
-
-def register_lora_checkpoint_hooks(accelerator) -> None:
-    """Make `accelerator.save_state` / `load_state` store only the LoRA weights of adapted models.
-
-    accelerate would otherwise write the whole transformer (2.4 GB for PixCell-1024, frozen and identical in every
-    checkpoint). The save hook trims each adapted model's state dict to its `lora_` entries; the load hook reads
-    them back (strictly: exactly the model's LoRA entries) and takes the model out of accelerate's own loading.
-    DDP and single-process runs; FSDP/DeepSpeed save models natively and are not needed for a LoRA this small.
-    """
-    from accelerate.utils import SAFE_WEIGHTS_NAME
-    from safetensors.torch import load_file
-
-    def unwrap(m):
-        return accelerator.unwrap_model(m)
-
-    def save_hook(models, weights, output_dir) -> None:
-        for model, state in zip(models, weights):
-            if has_lora(unwrap(model)):
-                for key in [k for k in state if "lora_" not in k]:
-                    del state[key]
-
-    def load_hook(models, input_dir) -> None:
-        for i, model in enumerate(list(models)):
-            inner = unwrap(model)
-            if not has_lora(inner):
-                continue
-            name = (
-                SAFE_WEIGHTS_NAME
-                if i == 0
-                else SAFE_WEIGHTS_NAME.replace(".safetensors", f"_{i}.safetensors")
-            )
-            state = {k.removeprefix("module."): v for k, v in load_file(str(Path(input_dir) / name)).items()}
-            own = {k for k in inner.state_dict() if "lora_" in k}
-            if set(state) != own:
-                raise ValueError(f"{input_dir}/{name}: LoRA weights do not match the model's adapter")
-            inner.load_state_dict(state, strict=False)
-            models.remove(model)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
