@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from diffusion.model.loading import read_state_dict
 
 # Timesteps enter the network as 999 * t (the published models were trained on that scale).
+FLOW_GRIDS = ("uniform", "clipped")  # Euler time grids of `FlowMLP.translate`
 TIME_SCALE = 999.0
 
 
@@ -138,13 +139,17 @@ class FlowMLP(nn.Module):
     # ------------------------------------------------------------------ sampling
 
     @torch.no_grad()
-    def translate(self, he: Tensor, steps: int = 100, progress: bool = False) -> Tensor:
-        """Integrate the flow with `steps` Euler steps: H&E tokens (..., C) -> IHC tokens (..., C).
+    def translate(self, he: Tensor, steps: int = 100, progress: bool = False, grid: str = "uniform") -> Tensor:
+        """Integrate the flow with `steps` Euler steps of dt = 1 / steps: H&E tokens (..., C) -> IHC tokens (..., C).
 
-        Left-point Euler on the uniform grid t_i = i / steps, i = 0 .. steps-1 (the published setting: 100).
+        grid "uniform": left-point Euler on t_i = i / steps, i = 0 .. steps-1 (the published setting: 100 steps).
+        grid "clipped": t = linspace(1e-3, 1 - 1e-3, steps), as a public script version of the published
+        notebook does it (uncertain: `../shared/formats/hub_api.md`).
         """
         if steps < 1:
             raise ValueError(f"flow steps must be >= 1, got {steps}")
+        if grid not in FLOW_GRIDS:
+            raise ValueError(f"flow grid {grid!r}: expected one of {', '.join(FLOW_GRIDS)}")
         if he.shape[-1] != self.config.in_channels:
             raise ValueError(
                 f"flow MLP expects {self.config.in_channels}-d UNI tokens, got shape {tuple(he.shape)}"
@@ -154,10 +159,20 @@ class FlowMLP(nn.Module):
         param = next(self.parameters())
         x = he.reshape(-1, he.shape[-1]).to(param.device, torch.float32)
         dt = 1.0 / steps
+        clipped = torch.linspace(1e-3, 1 - 1e-3, steps, dtype=torch.float64).tolist()
         for i in tqdm(range(steps), desc="flow", disable=not progress, leave=False):
-            t = torch.full((x.shape[0],), TIME_SCALE * i * dt, device=x.device)
+            time = TIME_SCALE * i * dt if grid == "uniform" else TIME_SCALE * clipped[i]
+            t = torch.full((x.shape[0],), time, device=x.device)
             x = x + dt * self(x.to(param.dtype), t.to(param.dtype)).float()
         return x.view(he.shape).to(he.dtype)
+
+
+def rescale_norm(ihc: Tensor, he: Tensor) -> Tensor:
+    """IHC tokens (..., T, C) scaled so that their mean L2 norm over the T tokens of each image equals that of the
+    H&E tokens they were translated from (the public script rescales over its batch; per image here, so an
+    image's result does not depend on what it is batched with)."""
+    ratio = he.float().norm(dim=-1).mean(dim=-1, keepdim=True) / ihc.float().norm(dim=-1).mean(dim=-1, keepdim=True)
+    return (ihc.float() * ratio.unsqueeze(-1)).to(ihc.dtype)
 
 
 #################################################################################

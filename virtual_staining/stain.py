@@ -32,6 +32,7 @@ from diffusion.geometry import DTYPES, IMAGE_SUFFIXES
 from diffusion.sampling.samplers import SAMPLERS
 from tools.cli import add_model_args, add_runtime_args, resolve_device, run_cli
 from virtual_staining.data import MIST_STAINS, read_image
+from virtual_staining.flow_mlp import FLOW_GRIDS
 from virtual_staining.published import BASE_MODEL, published_refs
 from virtual_staining.stainer import SamplerSettings, VirtualStainer
 
@@ -64,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="diffusion steps (default: 20 for dpm-solver)")
     g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: 1.2, published)")
     g.add_argument("--flow-steps", type=int, default=100, help="Euler steps of the embedding flow")
+    g.add_argument(
+        "--flow-grid",
+        default="uniform",
+        choices=list(FLOW_GRIDS),
+        help="flow time grid: uniform t = i/steps (default), or clipped linspace(1e-3, 1-1e-3) as a public "
+        "script version of the published notebook does (uncertain; docs/virtual_staining.md)",
+    )
+    g.add_argument(
+        "--rescale-norm",
+        action="store_true",
+        help="rescale translated tokens to the H&E tokens' mean norm (per image), as that script does",
+    )
     g.add_argument(
         "--batch-size", type=int, default=4, help="1024 px units per forward pass (images per batch)"
     )
@@ -114,7 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         lora = lora or pub_lora
         flow = flow or pub_flow
     device = resolve_device(args.device)
-    settings = SamplerSettings(args.sampler, args.steps, args.guidance, args.flow_steps)
+    settings = SamplerSettings(
+        args.sampler, args.steps, args.guidance, args.flow_steps, args.flow_grid, args.rescale_norm
+    )
     stainer = VirtualStainer.from_sources(
         model=args.model,
         lora=None if args.no_lora else lora,

@@ -24,7 +24,7 @@ from diffusion.model.loading import load_transformer
 from diffusion.sampling.pipeline import PixCellPipeline
 from diffusion.sampling.samplers import make_scheduler
 
-from .flow_mlp import FlowMLP, load_flow_mlp
+from .flow_mlp import FlowMLP, load_flow_mlp, rescale_norm
 from .lora import add_lora, load_lora_weights, lora_parameters, read_lora_file
 from .published import resolve_weights
 
@@ -37,6 +37,8 @@ class SamplerSettings:
     num_inference_steps: int | None = None  # None: the sampler's default (20 for DPM-Solver++)
     guidance_scale: float | None = None  # None: 1.2 for 16-token models
     flow_steps: int = 100  # Euler steps of the embedding flow
+    flow_grid: str = "uniform"  # its time grid: "uniform" t_i = i / steps, or "clipped" (see FlowMLP.translate)
+    rescale_norm: bool = False  # IHC tokens rescaled to the H&E tokens' mean norm, per image (uncertain upstream)
 
 
 class VirtualStainer:
@@ -139,7 +141,9 @@ class VirtualStainer:
         """H&E tokens (N, T, C) -> IHC tokens (N, T, C) by the flow MLP (identity without one)."""
         if self.flow is None:
             return he_tokens
-        return self.flow.translate(he_tokens.float(), steps=self.settings.flow_steps)
+        s = self.settings
+        ihc = self.flow.translate(he_tokens.float(), steps=s.flow_steps, grid=s.flow_grid)
+        return rescale_norm(ihc, he_tokens) if s.rescale_norm else ihc
 
     def generate(self, ihc_tokens: Tensor, latents: Tensor, progress: bool = False) -> Tensor:
         """IHC tokens (N, T, C) + initial noise (N, 16, h, w) -> IHC images (N, 3, S, S) in [0, 1]."""
