@@ -8,7 +8,7 @@ step (progress bar, tracker, log line, checkpoint on an interval and at the end)
 signal or the time limit, agreed over processes, checked at the top of each step: save and leave). `run_trainer`
 releases the lock and restores logging after a run; `tools.cli.run_cli` around it is the error-line entry point
 of every trainer, as of every tool. A minimal trainer (the four real ones, `train_scripts/train_pixcell.py`,
-`train_scripts/train_controlnet.py`, `virtual_staining/train_lora.py`, `virtual_staining/train_flow_mlp.py`, add
+`train_scripts/train_controlnet.py`, `train_scripts/train_lora.py`, `virtual_staining/train_flow_mlp.py`, add
 validation, gradient accumulation and portable weights to the same lines):
 
     def main(args):
