@@ -14,27 +14,12 @@ from diffusion.controlnet_pipeline import PixCellControlNetPipeline
 from diffusion.model.controlnet import load_controlnet
 from diffusion.model.pixcell_transformer import build_pixcell
 from diffusion.training.checkpoint import latest_checkpoint
+from tests.test_train_controlnet import write_pairs
 from tests.vs_common import one_torch_thread  # noqa: F401
 from train_scripts.train_controlnet import cli
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "configs" / "_base_" / "controlnet.py"
-
-
-def write_pairs(root: Path, n: int) -> None:
-    """1024 px H&E-like images with dark cells where the instance masks say."""
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for i in range(n):
-        labels = np.zeros((1024, 1024), np.uint8)
-        for k in range(1, 12):
-            y, x = rng.integers(40, 984, 2)
-            labels[y - 30 : y + 30, x - 30 : x + 30] = k
-        image = np.full((1024, 1024, 3), (230, 200, 220), np.uint8)
-        image[labels > 0] = (90, 40, 140)
-        Image.fromarray(image).save(root / "images" / f"p{i}.png")
-        Image.fromarray(labels).save(root / "masks" / f"p{i}.png")
 
 
 def test_controlnet_1024_trains_and_samples(tmp_path, tiny_uni_dir):
@@ -43,7 +28,7 @@ def test_controlnet_1024_trains_and_samples(tmp_path, tiny_uni_dir):
     # The shared tiny VAE has mid-block attention over all 128 x 128 latents: minutes at 1024 px on a CPU.
     build_tiny_vae(tmp_path / "vae", block_out_channels=(16, 16, 16, 16), mid_attention=False)
     tiny_vae_dir = tmp_path / "vae"
-    write_pairs(tmp_path, 2)
+    write_pairs(tmp_path, 2, size=1024)
     cfg = load_config(REPO / "configs" / "controlnet" / "tiny_1024.py", schema_file=SCHEMA)
     torch.manual_seed(0)
     base = build_pixcell(cfg.model, **dict(cfg.model_overrides))
