@@ -257,3 +257,34 @@ def test_controlnet_snapshot_loads_and_wrong_class_is_one_line(tmp_path, tiny_va
     with pytest.raises(ValueError, match=r"PixCell snapshot: load it with .*PixCellControlNetPipeline"):
         DiffusionPipeline.from_pretrained(root)
     assert_not_executed(root)
+
+
+def test_hub_id_fetches_config_and_weights_only(tmp_path, tiny_vae_dir, monkeypatch):
+    """A hub id goes through `snapshot_download` without Python files or images; the model card's `vae=` object
+    is used as given (its vae/ is then not fetched)."""
+    import huggingface_hub
+
+    from diffusion.encoders import load_vae
+
+    model = random_model("PixCell-tiny-64")
+    root = write_snapshot(tmp_path / "cache", model, tiny_vae_dir, "PixCellPipeline")
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, ignore_patterns=None, **kw):
+        calls.append((repo_id, allow_patterns, ignore_patterns))
+        return str(root)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    sd3_vae = load_vae(tiny_vae_dir)
+    pipe = PixCellPipeline.from_pretrained("StonyBrook-CVLab/PixCell-256", vae=sd3_vae, torch_dtype=torch.float32,
+                                           custom_pipeline="StonyBrook-CVLab/PixCell-pipeline", trust_remote_code=True)  # fmt: skip
+    assert_not_executed(root)
+    ((repo, allow, ignore),) = calls
+    assert (
+        repo == "StonyBrook-CVLab/PixCell-256"
+        and "*.py" in ignore
+        and "*.png" in ignore
+        and "vae/*" in ignore
+    )
+    assert not any(p.endswith(".py") for p in allow)
+    assert pipe.vae is sd3_vae and pipe.scheduler.config.timestep_spacing == "trailing"

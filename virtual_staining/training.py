@@ -1,8 +1,9 @@
-"""What the two virtual-staining trainers share beyond `diffusion.training`: their command line, config loading,
-the UNI token caches of the data splits, and adapter-only accelerate checkpoints for the LoRA.
+"""What the two virtual-staining trainers share beyond `diffusion.training`: their command line, config loading
+and the UNI token caches of the data splits.
 
-Each trainer (`train_flow_mlp.py`, `train_lora.py`) stays one linear `main(args)`; the checkpointing, EMA,
-optimizer, LR schedule, resumable sampler, stop signals, run logging and tracking are `diffusion.training`'s.
+The flow trainer (`train_flow_mlp.py`) is one linear `main(args)`; the LoRA is trained by the project's LoRA trainer
+(`train_scripts/train_lora.py`) with the IHC data of `train_lora.py`. The checkpointing (adapter-only for the LoRA),
+EMA, optimizer, LR schedule, resumable sampler, stop signals, run logging and tracking are `diffusion.training`'s.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from mmengine.config import Config
 
 from diffusion.config import load_strict_config, parse_cfg_options
 from diffusion.geometry import DTYPES
-from diffusion.training.checkpoint import register_lora_checkpoint_hooks  # noqa: F401 (re-exported)
 from diffusion.training.run import add_resume_args
 
 from .data import Pair, check_target, dataset_pairs
