@@ -256,6 +256,8 @@ def test_controlnet_snapshot_loads_and_wrong_class_is_one_line(tmp_path, tiny_va
         PixCellPipeline.from_pretrained(root)
     with pytest.raises(ValueError, match=r"PixCell snapshot: load it with .*PixCellControlNetPipeline"):
         DiffusionPipeline.from_pretrained(root)
+    (root / "model_index.json").unlink()  # the ControlNet layout alone is a snapshot too
+    assert PixCellControlNetPipeline.from_pretrained(root).scheduler.config.timestep_spacing == "trailing"
     assert_not_executed(root)
 
 

@@ -28,12 +28,21 @@ def is_hub_id(source: str | Path) -> bool:
     return not Path(text).exists() and text.count("/") == 1 and not text.startswith((".", "/"))
 
 
+def is_snapshot(folder: Path) -> bool:
+    """A pipeline snapshot: `model_index.json`, or the ControlNet layout (controlnet/ beside transformer/)."""
+    if (folder / "model_index.json").is_file():
+        return True
+    return (folder / "controlnet" / "config.json").is_file() and (
+        folder / "transformer" / "config.json"
+    ).is_file()
+
+
 def resolve_snapshot(source: str | Path, with_vae: bool = True) -> Path | None:
-    """The local folder of a pipeline snapshot (a folder with `model_index.json`, or a hub id fetched without its
-    Python files); None when `source` is not one (a transformer folder, an original checkpoint, a work dir)."""
+    """The local folder of a pipeline snapshot (a folder, or a hub id fetched without its Python files and
+    images); None when `source` is not one (a transformer folder, an original checkpoint, a work dir)."""
     path = Path(source)
     if path.is_dir():
-        return path if (path / "model_index.json").is_file() else None
+        return path if is_snapshot(path) else None
     if not is_hub_id(source):
         return None
     from huggingface_hub import snapshot_download
@@ -48,12 +57,14 @@ def resolve_snapshot(source: str | Path, with_vae: bool = True) -> Path | None:
             "%s: no pipeline snapshot fetched (%s); loading its transformer/ only", source, type(err).__name__
         )
         return None
-    return folder if (folder / "model_index.json").is_file() else None
+    return folder if is_snapshot(folder) else None
 
 
 def pipeline_class_tag(folder: Path) -> str:
     """The pipeline class named by `model_index.json` (`"PixCellPipeline"`, or `[module, class]` for remote code)."""
     index = folder / "model_index.json"
+    if not index.is_file():
+        return ""
     try:
         name = json.loads(index.read_text()).get("_class_name", "")
     except json.JSONDecodeError:
