@@ -104,6 +104,8 @@ def test_hub_call_errors_are_one_line(pipeline):
         pipeline(uni, height=1024, width=1024, num_inference_steps=1)
     with pytest.raises(ValueError, match="callback_steps 0"):
         pipeline(uni, callback=print, callback_steps=0, num_inference_steps=1)
+    with pytest.raises(ValueError, match="negative_uni_embeds: 3 rows for 1 conditions"):
+        pipeline(uni, negative_uni_embeds=torch.randn(3, 1, 1536), guidance_scale=2.0, num_inference_steps=1)
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
         pipeline(uni, callback_on_step_end=print, callback_on_step_end_tensor_inputs=["prompt_embeds"])
 

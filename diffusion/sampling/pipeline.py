@@ -261,8 +261,14 @@ class PixCellPipeline(DiffusionPipeline):
                 uncond = self.transformer.null_condition(batch)
             else:
                 uncond = self.prepare_condition(negative_uni_embeds)
-                uncond = uncond if uncond.shape[0] == batch else uncond.repeat_interleave(k, dim=0)
-            uncond = self.prepare_condition(uncond).to(device)
+                if uncond.shape[0] * k == batch:  # one per condition, as the Hub callers pass it
+                    uncond = uncond.repeat_interleave(k, dim=0)
+                if uncond.shape[0] != batch:
+                    raise ValueError(
+                        f"negative_uni_embeds: {uncond.shape[0]} rows for {batch // k} conditions (give one per "
+                        "condition, or leave it out for the model's null condition)"
+                    )
+            uncond = uncond.to(device)
 
         fn = self.model_fn()
         x = denoise(
