@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffusion.checkpoints import latest_checkpoint
 from diffusion.config import load_config
-from diffusion.controlnet_pipeline import PixCellControlNetPipeline
 from diffusion.model.controlnet import load_controlnet
 from diffusion.model.pixcell_transformer import build_pixcell
-from diffusion.training.checkpoint import latest_checkpoint
+from diffusion.sampling.controlnet_pipeline import PixCellControlNetPipeline
 from tests.test_train_controlnet import write_pairs
 from tests.vs_common import one_torch_thread  # noqa: F401
 from train_scripts.train_controlnet import cli

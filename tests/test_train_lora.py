@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from diffusion.config import load_strict_config
 from diffusion.model.pixcell_transformer import build_pixcell
 from diffusion.sampling.pipeline import PixCellPipeline
+from tests.test_train_pixcell import write_random_features
 from tests.vs_common import one_torch_thread  # noqa: F401
 from train_scripts.train_lora import SCHEMAS, cli
 
@@ -23,20 +24,7 @@ TINY = str(REPO / "configs" / "lora" / "tiny.py")
 @pytest.fixture(scope="module")
 def features(tmp_path_factory) -> Path:
     """Four random 512 px 'patches' in the published npy layout (16 crops of 256 px), 96-d UNI tokens."""
-    from diffusion.data.index import write_index
-
-    root = tmp_path_factory.mktemp("lora_features") / "patches"
-    rng = np.random.default_rng(0)
-    names = []
-    for i in range(4):
-        stem = root / "syn" / "demo" / "single_1024" / "slide" / f"0_{i}"
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        vae = np.concatenate([rng.normal(size=(16, 64, 64)), np.full((16, 64, 64), 0.1)]).astype(np.float16)
-        np.save(f"{stem}_sd3_vae.npy", vae)
-        np.save(f"{stem}_uni.npy", rng.normal(size=(4, 96)).astype(np.float16))
-        names.append(f"syn/demo/single_1024/slide/0_{i}.png")
-    write_index(root / "metadata" / "patch_names_all.hdf5", {"syn_512": names})
-    return root
+    return write_random_features(tmp_path_factory.mktemp("lora_features") / "patches", 4, 512, "syn_512")
 
 
 @pytest.fixture(scope="module")

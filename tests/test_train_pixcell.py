@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from diffusion.checkpoints import latest_checkpoint, list_checkpoints
 from diffusion.config import build_model_from_config, load_config
 from diffusion.gaussian_diffusion import GaussianDiffusion
+from diffusion.geometry import UNI_TILE, VAE_FACTOR
 from diffusion.model.loading import load_transformer, save_original_checkpoint
 from train_scripts.train_pixcell import cli
 
@@ -36,25 +37,29 @@ STAGE = {
 }
 
 
+def write_random_features(root: Path, count: int, size: int, key: str) -> Path:
+    """`count` random `size` px 'patches' in the published npy layout (VAE mean + constant logvar, 96-d UNI tokens
+    of the stand-in) and their index under `key`; also the LoRA trainer's test data."""
+    from diffusion.data.index import write_index
+
+    rng = np.random.default_rng(0)
+    lat, tokens = size // VAE_FACTOR, (size // UNI_TILE) ** 2
+    names = []
+    for i in range(count):
+        stem = root / "syn" / "demo" / "single_1024" / "slide" / f"0_{i}"
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        vae = np.concatenate([rng.normal(size=(16, lat, lat)), np.full((16, lat, lat), 0.1)]).astype(np.float16)
+        np.save(f"{stem}_sd3_vae.npy", vae)
+        np.save(f"{stem}_uni.npy", rng.normal(size=(tokens, 96)).astype(np.float16))
+        names.append(f"syn/demo/single_1024/slide/0_{i}.png")
+    write_index(root / "metadata" / "patch_names_all.hdf5", {key: names})
+    return root
+
+
 @pytest.fixture(scope="module")
 def synthetic_1024(tmp_path_factory) -> Path:
     """Two random 1024 px 'patches' in the published npy layout (for the stage-3 run only)."""
-    from diffusion.data.index import write_index
-
-    root = tmp_path_factory.mktemp("synthetic_1024") / "patches"
-    rng = np.random.default_rng(0)
-    names = []
-    for i in range(2):
-        stem = root / "syn" / "demo" / "single_1024" / "slide" / f"0_{i}"
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        vae = np.concatenate([rng.normal(size=(16, 128, 128)), np.full((16, 128, 128), 0.1)]).astype(
-            np.float16
-        )
-        np.save(f"{stem}_sd3_vae.npy", vae)
-        np.save(f"{stem}_uni.npy", rng.normal(size=(16, 96)).astype(np.float16))
-        names.append(f"syn/demo/single_1024/slide/0_{i}.png")
-    write_index(root / "metadata" / "patch_names_all.hdf5", {"syn_1024": names})
-    return root
+    return write_random_features(tmp_path_factory.mktemp("synthetic_1024") / "patches", 2, 1024, "syn_1024")
 
 
 def train(work_dir: Path, data: Path, *options: str, extra: tuple[str, ...] = ()) -> int:

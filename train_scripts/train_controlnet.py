@@ -237,10 +237,7 @@ def main(args: argparse.Namespace) -> int:
             loop.log_step(step, loss, run.lr, grad_norm, images=images * accelerator.num_processes,
                           show_rate=False)  # fmt: skip
             if validate and is_main and step % cfg.validation.every_steps == 0:
-                model.eval()
-                with run.ema_weights():
-                    grid = validation_grid(base, unwrapped, vae, held_out, cfg, device, seed=cfg.seed)
-                model.train()
+                grid = run.ema_eval(lambda: validation_grid(base, unwrapped, vae, held_out, cfg, device, seed=cfg.seed))
                 loop.save_grid("validation/mask_reference_samples", grid, step)
             loop.save_if_due(step)
     return run.finish()

@@ -141,7 +141,8 @@ def build_features_data(cfg: Config, model, accelerator, work_dir: Path) -> LoRA
     check_data_matches_model(dataset, model, SimpleNamespace(resolution=resolution, model=cfg.load_from))
 
     def inputs(batch: dict, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-        return to_model_latents(batch["latent"].to(device), cfg.vae_shift, cfg.vae_scale), batch["uni"].to(device)
+        x0 = to_model_latents(batch["latent"].to(device), cfg.vae_shift, cfg.vae_scale)
+        return x0, batch["uni"].to(device)
 
     data = LoRAData(dataset, collate_skip_none, inputs, info={"resolution": resolution})
     v = cfg.validation
@@ -241,7 +242,9 @@ def main(args: argparse.Namespace) -> int:
                     )
                 if batch is None or "uni" not in batch:  # a whole micro-batch unreadable: nothing to learn
                     if accelerator.num_processes > 1:  # the other processes would wait in backward forever
-                        raise RuntimeError(f"step {state['step']}: a whole batch of {data.what} was unreadable")
+                        raise RuntimeError(
+                            f"step {state['step']}: a whole batch of {data.what} was unreadable"
+                        )
                     return None
                 x0, uni = data.inputs(batch, gen)
                 # the null condition goes through the model's own path, as a real one does
@@ -262,10 +265,7 @@ def main(args: argparse.Namespace) -> int:
                           images=images * accelerator.num_processes,
                           scalars={"train/skipped_samples": state["skipped_samples"]})  # fmt: skip
             if validate and is_main and (step % cfg.validation.every_steps == 0 or step == total_steps):
-                model.eval()
-                with run.ema_weights():
-                    grid = data.validation_grid(unwrapped)
-                model.train()
+                grid = run.ema_eval(lambda: data.validation_grid(unwrapped))
                 loop.save_grid("validation/real_vs_generated", grid, step)
             loop.save_if_due(step)
     return run.finish()

@@ -232,10 +232,7 @@ def main(args: argparse.Namespace) -> int:
                           scalars={"train/nonfinite_steps": state["nonfinite_total"],
                                    "train/skipped_samples": state["skipped_samples"]})  # fmt: skip
             if validate and step % cfg.validation.every_steps == 0 and (is_main or sharded):
-                model.eval()
-                with run.ema_weights():
-                    grid = validation_grid(unwrapped, vae, held_out, cfg, device, seed=cfg.seed)
-                model.train()
+                grid = run.ema_eval(lambda: validation_grid(unwrapped, vae, held_out, cfg, device, seed=cfg.seed))
                 if is_main:
                     loop.save_grid("validation/real_vs_ema", grid, step)
             loop.save_if_due(step)

@@ -330,6 +330,15 @@ class Run:
         """Context: the EMA weights swapped into the model (validation, export); the raw weights without EMA."""
         return self.ema.swapped(self.ema_module) if self.ema is not None else contextlib.nullcontext()
 
+    def ema_eval(self, make: Callable[[], np.ndarray]) -> np.ndarray:
+        """`make()` (a validation grid) with the model in eval mode and the EMA weights swapped in; then back to
+        training mode and the raw weights."""
+        self.model.eval()
+        with self.ema_weights():
+            out = make()
+        self.model.train()
+        return out
+
     def save(self, step: int, portable: dict | None = None) -> Path:
         """Checkpoint `step` (every process calls it): accelerate's state, EMA, LR schedule, counters, config and
         noise generator; `portable` as in `CheckpointManager.save`. Weights that are not finite are never saved:
