@@ -132,13 +132,19 @@ def build_tiny_vae(
 #################################################################################
 
 
-def build_tiny_transformer(seed: int = 0, scale: float = 0.05):
-    """PixCell-tiny-128-T16 for the tiny UNI, with non-zero random weights (so outputs depend on the condition)."""
+def random_pixcell(preset: str, seed: int = 0, scale: float = 0.05, **overrides):
+    """A PixCell `preset` (+ config `overrides`) with N(0, scale) weights: the default init zeroes the output
+    head, so a fresh model's output would not depend on its condition."""
     torch.manual_seed(seed)
-    model = build_pixcell(TINY_PRESET, caption_channels=TINY_UNI_DIM)
+    model = build_pixcell(preset, **overrides)
     for p in model.parameters():
         p.data.normal_(0, scale)
     return model.eval()
+
+
+def build_tiny_transformer(seed: int = 0, scale: float = 0.05):
+    """PixCell-tiny-128-T16 for the tiny UNI, with non-zero random weights (so outputs depend on the condition)."""
+    return random_pixcell(TINY_PRESET, seed, scale, caption_channels=TINY_UNI_DIM)
 
 
 #################################################################################

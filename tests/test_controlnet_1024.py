@@ -12,8 +12,8 @@ from PIL import Image
 from diffusion.checkpoints import latest_checkpoint
 from diffusion.config import load_config
 from diffusion.model.controlnet import load_controlnet
-from diffusion.model.pixcell_transformer import build_pixcell
 from diffusion.sampling.controlnet_pipeline import PixCellControlNetPipeline
+from diffusion.standins import random_pixcell
 from tests.test_train_controlnet import write_pairs
 from tests.vs_common import one_torch_thread  # noqa: F401
 from train_scripts.train_controlnet import cli
@@ -23,17 +23,14 @@ SCHEMA = REPO / "configs" / "_base_" / "controlnet.py"
 
 
 def test_controlnet_1024_trains_and_samples(tmp_path, tiny_uni_dir):
-    from diffusion.encoders import build_tiny_vae
+    from diffusion.standins import build_tiny_vae
 
     # The shared tiny VAE has mid-block attention over all 128 x 128 latents: minutes at 1024 px on a CPU.
     build_tiny_vae(tmp_path / "vae", block_out_channels=(16, 16, 16, 16), mid_attention=False)
     tiny_vae_dir = tmp_path / "vae"
     write_pairs(tmp_path, 2, size=1024)
     cfg = load_config(REPO / "configs" / "controlnet" / "tiny_1024.py", schema_file=SCHEMA)
-    torch.manual_seed(0)
-    base = build_pixcell(cfg.model, **dict(cfg.model_overrides))
-    for p in base.parameters():
-        p.data.normal_(0, 0.05)
+    base = random_pixcell(cfg.model, **dict(cfg.model_overrides))
     base.save_pretrained(tmp_path / "base")
     work = tmp_path / "work"
     argv = ["configs/controlnet/tiny_1024.py", "--work-dir", str(work), "--images", str(tmp_path / "images"),

@@ -13,25 +13,17 @@ import torch
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
 from diffusion.model.controlnet import PixCellControlNet
-from diffusion.model.pixcell_transformer import build_pixcell
 from diffusion.sampling.controlnet_pipeline import PixCellControlNetPipeline
 from diffusion.sampling.pipeline import PixCellPipeline
 from diffusion.sampling.samplers import sampler_name
+from diffusion.standins import random_pixcell
 from tests.vs_common import one_torch_thread  # noqa: F401
-
-
-def random_model(preset: str, seed: int = 0):
-    torch.manual_seed(seed)
-    model = build_pixcell(preset).eval()
-    for p in model.parameters():  # the default init zeroes the output head
-        p.data.normal_(0, 0.05)
-    return model
 
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_vae_dir):
     """A 256 px model (1 UNI token), so the Hub call's height=256, width=256 apply as written."""
-    return PixCellPipeline.from_parts(random_model("PixCell-tiny-256"), tiny_vae_dir)
+    return PixCellPipeline.from_parts(random_pixcell("PixCell-tiny-256"), tiny_vae_dir)
 
 
 def test_hub_call_pattern_verbatim_gives_the_native_images(pipeline):
@@ -112,7 +104,7 @@ def test_hub_call_errors_are_one_line(pipeline):
 
 @pytest.fixture(scope="module")
 def controlnet_pipe(tiny_vae_dir):
-    base = random_model("PixCell-tiny-64")
+    base = random_pixcell("PixCell-tiny-64")
     controlnet = PixCellControlNet.from_transformer(base, n_controlnet_blocks=2)
     for p in controlnet.parameters():
         p.data.normal_(0, 0.05)
@@ -213,7 +205,7 @@ def assert_not_executed(root: Path) -> None:
 
 
 def test_published_snapshot_loads_without_running_its_code(tmp_path, tiny_vae_dir, caplog):
-    model = random_model("PixCell-tiny-64")
+    model = random_pixcell("PixCell-tiny-64")
     root = write_snapshot(tmp_path / "PixCell-256", model, tiny_vae_dir, "PixCellPipeline")
     with caplog.at_level("INFO", logger="pixcell.hub"):
         pipe = PixCellPipeline.from_pretrained(
@@ -236,7 +228,9 @@ def test_published_snapshot_loads_without_running_its_code(tmp_path, tiny_vae_di
 
 
 def test_diffusers_loader_on_a_snapshot_says_to_use_ours(tmp_path, tiny_vae_dir):
-    root = write_snapshot(tmp_path / "snap", random_model("PixCell-tiny-64"), tiny_vae_dir, "PixCellPipeline")
+    root = write_snapshot(
+        tmp_path / "snap", random_pixcell("PixCell-tiny-64"), tiny_vae_dir, "PixCellPipeline"
+    )
     with pytest.raises(
         ValueError, match=r"PixCell snapshot: load it with diffusion\.sampling\.pipeline\.PixCellPipeline"
     ):
@@ -245,7 +239,7 @@ def test_diffusers_loader_on_a_snapshot_says_to_use_ours(tmp_path, tiny_vae_dir)
 
 
 def test_controlnet_snapshot_loads_and_wrong_class_is_one_line(tmp_path, tiny_vae_dir):
-    base = random_model("PixCell-tiny-64")
+    base = random_pixcell("PixCell-tiny-64")
     controlnet = PixCellControlNet.from_transformer(base, n_controlnet_blocks=1)
     root = write_snapshot(tmp_path / "cn", base, tiny_vae_dir, "PixCellControlNetPipeline", controlnet)
     pipe = PixCellControlNetPipeline.from_pretrained(root, trust_remote_code=True)
@@ -270,7 +264,7 @@ def test_hub_id_fetches_config_and_weights_only(tmp_path, tiny_vae_dir, monkeypa
 
     from diffusion.encoders import load_vae
 
-    model = random_model("PixCell-tiny-64")
+    model = random_pixcell("PixCell-tiny-64")
     root = write_snapshot(tmp_path / "cache", model, tiny_vae_dir, "PixCellPipeline")
     calls = []
 
