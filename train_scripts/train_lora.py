@@ -211,7 +211,7 @@ def main(args: argparse.Namespace) -> int:
     # ---- optimisation of the LoRA parameters only (and the EMA of them), noise, checkpoints, counters
     register_lora_checkpoint_hooks(accelerator)  # checkpoints hold the adapter, not the frozen base
     run = start_run(accelerator, cfg, work_dir, model, total_steps, resume, params=lora_parameters(model),
-                    counters=dict(skipped_samples=0, nonfinite_total=0), generator_name="generator",
+                    counters=dict(skipped_samples=0), generator_name="generator",
                     info=dict(train_samples=len(data.dataset), base_model=str(base), lora_parameters=n_lora,
                               lora_targets=list(settings.targets), **data.info))  # fmt: skip
     model, unwrapped, state, gen = run.model, run.unwrapped, run.state, run.generator
