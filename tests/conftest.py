@@ -78,3 +78,22 @@ def real_features(tmp_path_factory, real_slide, tiny_vae_dir, tiny_uni_dir) -> P
     ]
     assert extract_features([*feats, "--device", "cpu", "--format", "npy", "packed"]) in (0, None)
     return root
+
+
+@pytest.fixture(scope="session")
+def slide_tiles(real_slide):
+    """The real slide's non-overlapping 256 px tissue tiles (level 0, > 50% tissue), as (256, 256, 3) uint8
+    arrays with their (row, col) on the tile grid, in row-major order."""
+    import numpy as np
+
+    from diffusion.data.slides import open_slide, read_rgb, tissue_mask
+
+    slide, _ = open_slide(real_slide)
+    w, h = slide.dimensions
+    tiles = []
+    for row in range(h // 256):
+        for col in range(w // 256):
+            image = read_rgb(slide, col * 256, row * 256, 0, 256)
+            if tissue_mask(image)[0].mean() > 0.5:
+                tiles.append(((row, col), np.asarray(image)))
+    return tiles

@@ -89,6 +89,10 @@ FLAGS = {
     "region_size": "--region-size",
     "uni": "--uni",
     "vae": "--vae",
+    "per_image": "--per-image",
+    "per_class_total": "--per-class-total",
+    "resize": "--resize",
+    "crop": "--crop",
 }
 
 
@@ -168,11 +172,12 @@ def check_sampler_args(args: argparse.Namespace) -> None:
 #################################################################################
 
 
-def add_output_args(parser: argparse.ArgumentParser) -> None:
-    """Output and throughput flags shared by sample.py and sample_4k.py."""
+def add_output_args(parser: argparse.ArgumentParser, real: bool = True) -> None:
+    """Output and throughput flags shared by the sampling tools (real=False: no real images to write)."""
     g = parser.add_argument_group("output")
     g.add_argument("--out", required=True, help="output folder (syn/, real/, manifest.jsonl, run.json)")
-    g.add_argument("--no-real", action="store_true", help="do not write the real reference images")
+    if real:
+        g.add_argument("--no-real", action="store_true", help="do not write the real reference images")
     g.add_argument("--jpeg-quality", type=int, default=95, help="with --format jpeg")
     g.add_argument("--vae-batch", type=int, default=None, help="images (windows) per VAE decode call")
     g.add_argument(
@@ -241,6 +246,13 @@ def load_uni_encoder(args: argparse.Namespace, device: torch.device, channels: i
     return uni
 
 
+def patch_batching(args: argparse.Namespace, tokens: int, device: torch.device) -> tuple[int, int]:
+    """(--batch, --workers) for patch sampling: by default 64/T images on GPU, 8/T on CPU; 4 workers on GPU."""
+    cuda = device.type == "cuda"
+    batch = args.batch or max(1, (64 if cuda else 8) // tokens)
+    return batch, args.workers if args.workers is not None else (4 if cuda else 0)
+
+
 def settings_from_args(args: argparse.Namespace, batch: int, workers: int) -> SampleSettings:
     """SampleSettings from the sampler, runtime and output flags."""
     from diffusion.sampling.runner import SampleSettings
@@ -261,7 +273,7 @@ def settings_from_args(args: argparse.Namespace, batch: int, workers: int) -> Sa
         batch_size=batch,
         vae_batch=args.vae_batch,
         workers=workers,
-        write_real=not args.no_real,
+        write_real=not getattr(args, "no_real", True),
         max_skips=args.max_skips,
         progress=not args.no_progress,
     )

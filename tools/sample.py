@@ -41,6 +41,7 @@ from tools.cli import (
     check_paths,
     load_pipeline,
     load_uni_encoder,
+    patch_batching,
     run_cli,
     runtime_device,
     settings_from_args,
@@ -139,10 +140,7 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
     else:
         source = EmbeddingSource(m, tile, args.embeddings, t.caption_channels)
 
-    cuda = device.type == "cuda"
-    batch = args.batch or max(1, (64 if cuda else 8) // t.caption_num_tokens)
-    workers = args.workers if args.workers is not None else (4 if cuda else 0)
-    settings = settings_from_args(args, batch, workers)
+    settings = settings_from_args(args, *patch_batching(args, t.caption_num_tokens, device))
     control = None
     if args.controlnet:
         control = MaskControl(Path(args.masks), args.controlnet_scale, model_reference(args.controlnet))

@@ -164,6 +164,10 @@ class ConditionSource:
     def describe(self) -> str:
         return self.kind
 
+    def run_info(self) -> dict:
+        """Source options that change the pixels, recorded in (and checked against) OUT/run.json."""
+        return {}
+
 
 def _crop_image(image: np.ndarray | None, spec: Spec, tile: int) -> np.ndarray | None:
     if image is None:

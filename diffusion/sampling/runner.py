@@ -129,17 +129,20 @@ def model_reference(source: str | Path | torch.nn.Module) -> str:
 class OutputFolder:
     """OUT/syn, OUT/real, run.json and manifest.jsonl; images written atomically by a small thread pool."""
 
-    def __init__(self, root: str | Path, fmt: str = "png", jpeg_quality: int = 95, writers: int = 2):
+    def __init__(
+        self, root: str | Path, fmt: str = "png", jpeg_quality: int = 95, writers: int = 2, syn_dir: str = "syn"
+    ):
         if fmt not in SUFFIX:
             raise ValueError(f"`fmt` {fmt!r}: expected png or jpeg")
         self.root = Path(root)
+        self.syn_dir = syn_dir  # "": synthetic images straight under OUT (tools/augment.py's class folders)
         self.fmt, self.quality = fmt, jpeg_quality
         self.suffix = SUFFIX[fmt]
         self.pool = ThreadPoolExecutor(max_workers=writers)
         self.pending: list[Future] = []
 
     def syn(self, name: str) -> Path:
-        return self.root / "syn" / f"{name}{self.suffix}"
+        return self.root / self.syn_dir / f"{name}{self.suffix}"
 
     def real(self, name: str) -> Path:
         return self.root / "real" / f"{name}{self.suffix}"
@@ -165,7 +168,7 @@ class OutputFolder:
     def clean_temporaries(self) -> int:
         """Remove temporary files left by a killed run (main process only, before anyone writes)."""
         n = 0
-        for sub in ("syn", "real"):
+        for sub in (self.syn_dir, "real"):
             for dirpath, _, files in os.walk(self.root / sub):
                 for f in files:
                     if f.startswith(".") and f.endswith(".tmp"):
@@ -330,6 +333,7 @@ def _open_run(
     vae_ref: str,
     extra: dict,
     extra_in_manifest: bool = False,
+    syn_dir: str = "syn",
 ) -> _Run:
     """The opening both runners share: process state, resolved steps/guidance, the output folder's run.json
     (refusing other settings), leftovers of a killed run removed, then every process waits for that."""
@@ -338,7 +342,7 @@ def _open_run(
     lock = FolderLock(out_dir, what="output folder").acquire() if state.is_main_process else None
     tokens = pipe.transformer.config.caption_num_tokens
     steps, guidance = settings.resolved(tokens)
-    out = OutputFolder(out_dir, settings.format, settings.jpeg_quality)
+    out = OutputFolder(out_dir, settings.format, settings.jpeg_quality, syn_dir=syn_dir)
     info = _run_info(settings, model_ref, vae_ref, tokens, extra)
     out.check_run(info, state.is_main_process)
     if state.is_main_process:
@@ -392,6 +396,7 @@ def sample_patches(
     vae_ref: str,
     uni=None,  # UNIEncoder, needed for FolderSource (tokens computed on the fly)
     control: MaskControl | None = None,  # cell masks, with a PixCellControlNetPipeline
+    syn_dir: str = "syn",  # synthetic images go to OUT/<syn_dir>/<name>.png
 ) -> dict:
     """Generate one image per condition of `source` into `out_dir` (see the module docstring). -> run summary."""
     transformer = pipe.transformer
@@ -405,14 +410,14 @@ def sample_patches(
         skip(message)
     if not specs:
         raise ValueError(f"no conditions to sample from {source.describe()}")
-    extra_info: dict = {"image_size": pipe.image_size}
+    extra_info: dict = {"image_size": pipe.image_size, **source.run_info()}
     if control is not None:
         for spec in specs:  # every mask before any sampling: one line naming the first missing one
             control.mask_for(spec.name)
         extra_info |= {"controlnet": control.controlnet_ref, "controlnet_scale": control.scale,
                        "masks": str(control.mask_dir)}  # fmt: skip
     size = transformer.config.sample_size
-    run = _open_run(pipe, out_dir, settings, model_ref, vae_ref, extra_info)
+    run = _open_run(pipe, out_dir, settings, model_ref, vae_ref, extra_info, syn_dir=syn_dir)
     state, out, steps, guidance = run.state, run.out, run.steps, run.guidance
 
     bs = max(1, settings.batch_size)
