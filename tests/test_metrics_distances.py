@@ -126,3 +126,19 @@ def test_paired_cosine_and_summary():
     assert s.mean == pytest.approx(np.mean(expected))
     with pytest.raises(ValueError, match="shapes differ"):
         paired_cosine(real, other[:10])
+
+
+def test_frechet_bootstrap_value_is_the_full_sample_distance_and_the_interval_tracks_sample_size():
+    from diffusion.metrics.distances import frechet_distance_bootstrap
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 4)), rng.normal(size=(400, 4)) + 1.0  # d^2 = 4 in the limit
+    est = frechet_distance_bootstrap(a, b, n_boot=100, seed=1)
+    assert est.value == frechet_distance_from_features(a, b)
+    assert est.low < est.value < est.high and est.std > 0
+    assert est.low < 4.0 < est.high
+    assert frechet_distance_bootstrap(a, b, n_boot=100, seed=1) == est  # seeded: reproducible
+    small = frechet_distance_bootstrap(a[:50], b[:50], n_boot=100, seed=1)
+    assert small.high - small.low > 2 * (est.high - est.low)  # 8x fewer images, a much wider interval
+    with pytest.raises(ValueError, match="ci=1.5"):
+        frechet_distance_bootstrap(a, b, ci=1.5)
