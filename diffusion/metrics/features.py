@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffusion.metrics.images import ImageDataset, ImageFolder, collate
+from diffusion.metrics.images import ImageDataset, ImageFolder, collate, read_rgb
 
 
 @dataclass
@@ -73,9 +73,11 @@ def embed_images(
 
     A broken image stops the run with a ValueError naming the file: a metric computed on a silently
     shrunken set would not be comparable with anything.
+    `folder` may be any set with `files`, `role` and `__len__`; a `read` method, when it has one, decodes its
+    entries (the memorisation audit's crops of dataset patches), else they are image files.
     """
     loader = torch.utils.data.DataLoader(
-        ImageDataset(folder.files, extractor.transform),
+        ImageDataset(folder.files, extractor.transform, getattr(folder, "read", read_rgb)),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate,

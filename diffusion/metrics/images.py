@@ -106,16 +106,22 @@ class ImageDataset(torch.utils.data.Dataset):
     with one clear line instead of a worker traceback.
     """
 
-    def __init__(self, files: Sequence[Path], transform: Callable[[np.ndarray], Tensor]):
+    def __init__(
+        self,
+        files: Sequence,
+        transform: Callable[[np.ndarray], Tensor],
+        read: Callable[..., np.ndarray] = read_rgb,  # file entry -> (H, W, 3) uint8 (crops: the audit's)
+    ):
         self.files = list(files)
         self.transform = transform
+        self.read = read
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[int, Tensor | None, str | None]:
         try:
-            return i, self.transform(read_rgb(self.files[i])), None
+            return i, self.transform(self.read(self.files[i])), None
         except ValueError as err:
             return i, None, str(err)
 
