@@ -35,19 +35,28 @@ def _have_faiss() -> bool:
 class FeatureIndex:
     """Stored (N, D) features, searched for the k most cosine-similar rows of each query."""
 
-    def __init__(self, feats: np.ndarray, backend: str = "auto", chunk: int = 65536, nprobe: int = 32):
+    def __init__(
+        self,
+        feats: np.ndarray,
+        backend: str = "auto",
+        chunk: int = 65536,
+        nprobe: int = 32,
+        total: int | None = None,  # faiss: rows to come in all (`add` the rest), sizes the inverted file
+    ):
         if backend not in BACKENDS:
             raise ValueError(f"search backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         if feats.ndim != 2 or len(feats) == 0:
             raise ValueError(f"stored features: expected a non-empty (N, D) array, got shape {feats.shape}")
         n, d = feats.shape
+        n = max(n, total or 0)
         if backend == "auto":
             backend = "exact" if n < 20_000 or not _have_faiss() else "flat" if n < 500_000 else "ivf"
         elif backend != "exact" and not _have_faiss():
             raise RuntimeError(f"search backend {backend}: faiss is not installed (pip install faiss-cpu)")
-        self.backend, self.chunk, self.dim, self.size = backend, chunk, d, n
+        self.backend, self.chunk, self.dim, self.size = backend, chunk, d, 0
         if backend == "exact":
             self.feats = normalise(feats)
+            self.size = len(feats)
             return
         self.index = self._faiss_index(d, n, nprobe)
         self.add(feats)
@@ -77,6 +86,7 @@ class FeatureIndex:
                 sample = block[np.random.default_rng(0).permutation(len(block))[: 256 * self.index.nlist]]
                 self.index.train(sample)
             self.index.add(block)
+            self.size += len(block)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(Q, D) queries -> (similarities (Q, k) descending, indices (Q, k)); k is capped at the stored size."""
