@@ -10,7 +10,8 @@ from PIL import Image
 
 from tools.demo import main as demo
 
-REDUCED = ["--train-steps", "30", "--vae-steps", "20", "--sample-steps", "4", "--large-size", "512"]
+REDUCED = ["--train-steps", "30", "--vae-steps", "20", "--sample-steps", "4", "--large-size", "512", "--seeds", "2",
+           "--aug-per-image", "1"]  # fmt: skip
 
 
 def test_reduced_demo_writes_a_complete_report_and_reuses_its_stages(tmp_path, real_slide, capsys):
@@ -19,13 +20,15 @@ def test_reduced_demo_writes_a_complete_report_and_reuses_its_stages(tmp_path, r
 
     page = (out / "report.html").read_text()
     for section in ("Held-out tiles and their synthetic twins", "Metrics", "Training loss", "Sliding-window region",
-                    "Timings", "Commands run", "demo stand-ins"):  # fmt: skip
+                    "Timings", "Commands run", "demo stand-ins", "Over 2 seeds per held-out condition",
+                    "Augmentation and a linear probe", "Memorisation audit"):  # fmt: skip
         assert section in page, section
     images = re.findall(r'src="data:image/png;base64,', page)
     assert len(images) >= 5  # pairs, loss curve, VAE example, real and generated region: inlined, self-contained
     assert "<img src=\"http" not in page and "file://" not in page
     for tool in ("tools.extract_patches", "tools.build_index", "tools.extract_features",
-                 "train_scripts.train_pixcell", "tools.sample ", "tools.evaluate", "tools.sample_4k"):  # fmt: skip
+                 "train_scripts.train_pixcell", "tools.sample ", "tools.evaluate", "tools.sample_4k", "tools.augment",
+                 "tools.probe", "tools.audit"):  # fmt: skip
         assert tool in page, tool
 
     figure = Image.open(out / "report.png")
@@ -40,6 +43,20 @@ def test_reduced_demo_writes_a_complete_report_and_reuses_its_stages(tmp_path, r
     syn = sorted(p.relative_to(out / "samples/trained/syn") for p in (out / "samples/trained/syn").rglob("*.png"))
     assert real and real == syn
     assert Image.open(out / "samples/trained/syn" / syn[0]).size == (256, 256)
+    # Several seeds per condition, their distances with CIs; augment + probe + audit on the labelled tiles.
+    seeds = json.loads((out / "eval" / "seeds.json").read_text())
+    for d in seeds.values():
+        assert len(d["fd_per_seed"]) == 2 and d["n_syn"] == 2 * d["n_real"]
+        assert d["fd_pooled"]["low"] <= d["fd_pooled"]["high"]
+    labels = json.loads((out / ".done" / "augment.json").read_text())["info"]["counts"]
+    n_train = sum(v for k, v in labels.items() if k.startswith("train/"))
+    assert abs(labels["train/cellular"] - labels["train/stromal"]) <= 1  # the median rule balances training
+    made = sorted(p.relative_to(out / "augmented") for p in (out / "augmented").rglob("*.png"))
+    assert len(made) == n_train and all(p.parts[0] in ("cellular", "stromal") for p in made)
+    probe = json.loads((out / ".done" / "probe.json").read_text())["info"]
+    assert {r["train"] for r in probe["results"]} == {"real", "real+syn:augmented", "syn:augmented"}
+    audit = json.loads((out / ".done" / "audit.json").read_text())["info"]
+    assert audit["n_synthetic"] == n_train and audit["reference_flagged"] == 0
     large = next((out / "large" / "syn").rglob("*.png"))
     assert Image.open(large).size == (512, 512)
 
@@ -47,5 +64,5 @@ def test_reduced_demo_writes_a_complete_report_and_reuses_its_stages(tmp_path, r
     start = time.perf_counter()
     assert demo(["--out", str(out), *REDUCED]) == 0
     rerun = capsys.readouterr().out
-    assert rerun.count("reused") == 9  # every stage, none recomputed
+    assert rerun.count("reused") == 12  # every stage, none recomputed
     assert time.perf_counter() - start < 60

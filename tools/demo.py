@@ -8,11 +8,17 @@ Stages (each runs the project's own command-line tool, as a user would; a finish
                 and a small ViT in place of UNI2-h (contrastive), both trained briefly on the training tiles
   4. features   tools/extract_features.py: VAE posterior + UNI tokens of every tile
   5. train      train_scripts/train_pixcell.py with configs/demo/pixcell_demo_256.py (the real training script)
-  6. sample     tools/sample.py on the held-out tiles' UNI tokens, for the trained and the untrained model
+  6. sample     tools/sample.py on the held-out tiles' UNI tokens, for the trained and the untrained model,
+                with several seeds per condition (--seeds)
   7. evaluate   tools/evaluate.py: Frechet distance and paired cosine in the stand-in UNI space (Inception
-                FID only when its weights are available offline)
+                FID only when its weights are available offline); then the same distances over every seed,
+                with bootstrap CIs and their spread over seeds
   8. large      tools/sample_4k.py: a multi-window region by sliding-window denoising
-  9. report     demo_output/report.html (self-contained) and demo_output/report.png
+  9. augment    label the tiles by nuclear density (haematoxylin channel, no encoder), then tools/augment.py:
+                synthetic variants of every training tile, in its class folder
+ 10. probe      tools/probe.py: linear probes, real vs real + synthetic, on the held-out tiles
+ 11. audit      tools/audit.py: the synthetic variants against the training tiles, held-out tiles as yardstick
+ 12. report     demo_output/report.html (self-contained) and demo_output/report.png
 
 The stand-ins are small models made by this repository's code, saved in the real models' formats and loaded
 through the real loaders; they are not UNI2-h or the SD3.5 VAE. With access to the real weights, pass
@@ -29,8 +35,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
+from diffusion.atomic import atomic_write_bytes
 from tools.cli import run_cli
 
 PY = sys.executable
@@ -98,6 +108,66 @@ def split_index(patches: Path, heldout_fraction: float) -> dict:
     return {"train_tiles": len(train), "heldout_tiles": len(held), "heldout_rows_from": cut}
 
 
+def nuclear_density(image: np.ndarray, h_threshold: float) -> float:
+    """Fraction of a tile's pixels whose haematoxylin optical density (colour deconvolution, `rgb2hed`, Ruifrok
+    & Johnston 2001) exceeds `h_threshold`: how much of the tile is nuclei."""
+    from skimage.color import rgb2hed
+
+    return float((rgb2hed(image)[..., 0] > h_threshold).mean())
+
+
+def label_tiles(train: list[Path], heldout: list[Path], out: Path) -> dict:
+    """The demo's labelled set, by a rule that owes nothing to any encoder: a tile is 'cellular' when its
+    nuclear density is at or above the training tiles' median, else 'stromal' (balanced training classes).
+    The haematoxylin threshold is Otsu's over the training tiles' pixels. Tiles are copied (PNG, lossless) to
+    out/train/<class>/ and out/test/<class>/."""
+    from PIL import Image
+    from skimage.color import rgb2hed
+    from skimage.filters import threshold_otsu
+
+    read = {p: np.asarray(Image.open(p).convert("RGB")) for p in [*train, *heldout]}
+    h_threshold = float(threshold_otsu(np.concatenate([rgb2hed(read[p])[..., 0].ravel() for p in train])))
+    density = {p: nuclear_density(read[p], h_threshold) for p in read}
+    cut = float(np.median([density[p] for p in train]))
+    counts: dict[str, int] = {}
+    for split, paths in (("train", train), ("test", heldout)):
+        for p in paths:
+            cls = "cellular" if density[p] >= cut else "stromal"
+            dest = out / split / cls / f"{p.stem}.png"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(read[p]).save(dest)
+            counts[f"{split}/{cls}"] = counts.get(f"{split}/{cls}", 0) + 1
+    return {"h_threshold": h_threshold, "density_cut": cut, "counts": dict(sorted(counts.items()))}
+
+
+def seed_distances(real: Path, runs: dict[str, list[Path]], uni_dir: Path) -> dict:
+    """FD and paired cosine in the stand-in UNI space for every model over all its seeds: the pooled FD with a
+    bootstrap 95% CI, and the per-seed values (their spread)."""
+    from diffusion.metrics.distances import (
+        frechet_distance_bootstrap,
+        frechet_distance_from_features,
+        paired_cosine,
+    )
+    from diffusion.metrics.encoders import load_feature_encoder
+    from diffusion.metrics.features import embed_images
+    from diffusion.metrics.images import list_images
+
+    extractor = load_feature_encoder(f"uni2={uni_dir}")
+    real_feats = embed_images(extractor, list_images(real, "REAL"), progress=False)
+    out = {}
+    for name, folders in runs.items():
+        feats = [embed_images(extractor, list_images(f, "SYN"), progress=False) for f in folders]
+        pooled = frechet_distance_bootstrap(real_feats, np.concatenate(feats), n_boot=200)
+        out[name] = {
+            "fd_pooled": asdict(pooled),
+            "fd_per_seed": [frechet_distance_from_features(real_feats, f) for f in feats],
+            "cos_per_seed": [float(paired_cosine(real_feats, f).mean()) for f in feats],
+            "n_real": len(real_feats),
+            "n_syn": int(sum(len(f) for f in feats)),
+        }
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_output", help="output folder (rerun: finished stages are reused)")
@@ -106,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--uni-steps", type=int, default=150, help="UNI2-h stand-in (contrastive) training steps")
     p.add_argument("--sample-steps", type=int, default=20, help="DPM-Solver++ steps")
     p.add_argument("--large-size", type=int, default=768, help="side of the sliding-window region, px")
+    p.add_argument("--seeds", type=int, default=4, help="samples per held-out condition (seeds 0..N-1)")
+    p.add_argument("--aug-per-image", type=int, default=2, help="synthetic variants per training tile")
     p.add_argument("--force", action="store_true", help="rerun every stage")
     args = p.parse_args(argv)
 
@@ -168,13 +240,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     demo.stage("untrained", untrained)
 
+    def seed_dir(name: str, seed: int) -> Path:
+        return samples / name if seed == 0 else samples / "seeds" / name / f"seed{seed}"
+
     def sample() -> None:
         common = ["--vae", str(vae_dir), "--uni", str(uni_dir), "--index",
                   str(patches / "metadata" / "patch_names_all.hdf5"), "--keys", HELDOUT_KEY,
-                  "--device", "cpu", "--dtype", "fp32", "--steps", str(args.sample_steps), "--seed", "0"]  # fmt: skip
-        demo.run("tools.sample", "--model", str(work), "--out", str(samples / "trained"), *common)
-        demo.run("tools.sample", "--model", str(out / "untrained_transformer"), "--out",
-                 str(samples / "untrained"), "--no-real", *common)  # fmt: skip
+                  "--device", "cpu", "--dtype", "fp32", "--steps", str(args.sample_steps)]  # fmt: skip
+        models = {"trained": work, "untrained": out / "untrained_transformer"}
+        for name, model in models.items():
+            extra = [] if name == "trained" else ["--no-real"]
+            demo.run("tools.sample", "--model", str(model), "--out", str(samples / name), *extra, *common, "--seed", "0")
+        # More seeds per held-out condition: every distance of the report over several samples per condition.
+        for seed in range(1, args.seeds):
+            for name, model in models.items():
+                demo.run("tools.sample", "--model", str(model), "--out", str(seed_dir(name, seed)), "--no-real",
+                         *common, "--seed", str(seed))  # fmt: skip
 
     demo.stage("sample", sample)
 
@@ -185,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             demo.run("tools.evaluate", str(real), str(samples / name / "syn"), "--encoder", f"uni2={uni_dir}",
                      "--metrics", "fd_uni2,cos_uni2", "--device", "cpu", "--out", str(out / "eval" / name))  # fmt: skip
             results[name] = json.loads((out / "eval" / name / "metrics.json").read_text())["metrics"]
+        runs = {n: [seed_dir(n, s) / "syn" for s in range(args.seeds)] for n in ("trained", "untrained")}
+        atomic_write_bytes(out / "eval" / "seeds.json", json.dumps(seed_distances(real, runs, uni_dir), indent=1).encode())
         return results
 
     metrics = demo.stage("evaluate", evaluate)["info"]
@@ -201,6 +284,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         large()
 
     demo.stage("large", large_stage)
+
+    labelled, aug_out = out / "labelled", out / "augmented"
+
+    def augment() -> dict:
+        from diffusion.data.index import default_index_file, read_index
+
+        index = read_index(default_index_file(patches), [TRAIN_KEY, HELDOUT_KEY])
+        labels = label_tiles([patches / n for n in index[TRAIN_KEY]], [patches / n for n in index[HELDOUT_KEY]],
+                             labelled)  # fmt: skip
+        demo.run("tools.augment", str(labelled / "train"), "--model", str(work), "--vae", str(vae_dir), "--uni",
+                 str(uni_dir), "--per-image", str(args.aug_per_image), "--out", str(aug_out), "--device", "cpu",
+                 "--dtype", "fp32", "--steps", str(args.sample_steps), "--batch", "16")  # fmt: skip
+        return labels
+
+    demo.stage("augment", augment)
+
+    def probe() -> dict:
+        demo.run("tools.probe", "--train", str(labelled / "train"), "--test", str(labelled / "test"), "--synthetic",
+                 str(aug_out), "--encoder", f"uni2={uni_dir}", "--fractions", "0.25", "0.5", "1", "--seeds", "5",
+                 "--num-workers", "0", "--cache-dir", str(out / "eval" / "cache"), "--out", str(out / "eval" / "probe"))  # fmt: skip
+        return json.loads((out / "eval" / "probe" / "metrics.json").read_text())["encoders"]["uni2"]
+
+    demo.stage("probe", probe)
+
+    def audit() -> dict:
+        index = str(patches / "metadata" / "patch_names_all.hdf5")
+        demo.run("tools.audit", "--train", index, "--train-keys", TRAIN_KEY, "--synthetic", str(aug_out),
+                 "--reference", index, "--reference-keys", HELDOUT_KEY, "--encoder", f"uni2={uni_dir}",
+                 "--num-workers", "0", "--cache-dir", str(out / "eval" / "cache"), "--out", str(out / "eval" / "audit"))  # fmt: skip
+        return json.loads((out / "eval" / "audit" / "audit.json").read_text())["summary"]
+
+    demo.stage("audit", audit)
 
     from tools.demo_report import write_report
 

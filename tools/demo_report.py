@@ -13,7 +13,8 @@ from PIL import Image, ImageDraw
 
 from diffusion.atomic import atomic_path, atomic_write_bytes
 
-STAGES = ("slide", "patches", "encoders", "features", "train", "untrained", "sample", "evaluate", "large")
+STAGES = ("slide", "patches", "encoders", "features", "train", "untrained", "sample", "evaluate", "large", "augment",
+          "probe", "audit")  # fmt: skip
 
 
 def write_large_reference(slide_path: Path, out: Path, size: int) -> Path:
@@ -137,6 +138,86 @@ def _metric_caveat(metrics: dict) -> str:
     )
 
 
+def _seeds_html(out: Path) -> str:
+    """Distances over every seed: pooled FD with its bootstrap CI, and the per-seed spread."""
+    path = out / "eval" / "seeds.json"
+    if not path.is_file():
+        return ""
+    seeds = json.loads(path.read_text())
+    rows = ""
+    for name, d in seeds.items():
+        fd, per, cos = d["fd_pooled"], d["fd_per_seed"], np.array(d["cos_per_seed"])
+        rows += (f"<tr><td>{html.escape(name)}</td><td>{fd['value']:.1f} [{fd['low']:.1f}, {fd['high']:.1f}]</td>"
+                 f"<td>{min(per):.1f} &ndash; {max(per):.1f}</td><td>{cos.mean():.3f} &plusmn; {cos.std():.3f}</td>"
+                 f"<td>{d['n_real']} / {d['n_syn']}</td></tr>")  # fmt: skip
+    n_seeds = len(next(iter(seeds.values()))["fd_per_seed"])
+    return (
+        f"<h3>Over {n_seeds} seeds per held-out condition</h3><p>The same distances with every sample: FD of all "
+        "seeds' images pooled against the held-out tiles, with a 95% bootstrap interval (both sets resampled), "
+        "and the range of the per-seed FDs and paired cosines: a difference smaller than these spreads is noise."
+        "</p><table><tr><th>model</th><th>FD, all seeds [95% CI]</th><th>FD per seed (min &ndash; max)</th>"
+        f"<th>paired cosine per seed (mean &plusmn; sd)</th><th>real / synthetic</th></tr>{rows}</table>"
+    )
+
+
+def _probe_html(out: Path, labels: dict) -> str:
+    path = out / "eval" / "probe" / "metrics.json"
+    if not path.is_file():
+        return ""
+    res = json.loads(path.read_text())["encoders"]["uni2"]
+    rows = "".join(
+        f"<tr><td>{html.escape(r['train'])}</td><td>{r['fraction']:g}</td><td>{r['n_real']} + {r['n_syn']}</td>"
+        f"<td>{r['f1']['value']:.3f} [{r['f1']['low']:.3f}, {r['f1']['high']:.3f}]</td>"
+        f"<td>{r['bacc']['value']:.3f} [{r['bacc']['low']:.3f}, {r['bacc']['high']:.3f}]</td></tr>"
+        for r in res["results"]
+    )
+    gains = "".join(
+        f"<tr><td>{c['fraction']:g}</td><td>{c['f1_gain']['value']:+.3f} [{c['f1_gain']['low']:+.3f}, "
+        f"{c['f1_gain']['high']:+.3f}]</td><td>{c['p_f1']:.3g}</td></tr>"
+        for c in res["comparisons"]
+    )
+    counts = ", ".join(f"{k} {v}" for k, v in labels.get("counts", {}).items())
+    figure = out / "eval" / "probe" / "report.png"
+    return f"""<h2>Augmentation and a linear probe (tools/augment.py, tools/probe.py)</h2>
+<p>Labels by a rule that owes nothing to any encoder: the haematoxylin channel of colour deconvolution
+(<code>skimage.color.rgb2hed</code>), thresholded by Otsu over the training tiles (OD {labels.get('h_threshold', float('nan')):.3f}),
+gives each tile's nuclear density; tiles at or above the training median ({labels.get('density_cut', float('nan')):.3f}) are
+<i>cellular</i>, the others <i>stromal</i> ({counts}). tools/augment.py made synthetic variants of every training tile from
+its own UNI tokens, in its class folder; tools/probe.py trained logistic-regression probes on the stand-in UNI features
+(5 seeds per fraction) and scored them on the held-out tiles: mean over seeds [95% bootstrap CI over test tiles].</p>
+<table><tr><th>trained on</th><th>fraction</th><th>real + synthetic images</th><th>macro-F1</th><th>balanced accuracy</th></tr>{rows}</table>
+<p>Real + synthetic against real only (paired bootstrap over the same test tiles):</p>
+<table><tr><th>fraction</th><th>F1 gain [95% CI]</th><th>p</th></tr>{gains}</table>
+<p>With {res['n_test']} test tiles the intervals are wide: at demo scale these numbers show the protocol, not a gain.</p>
+{_img_tag(Image.open(figure)) if figure.is_file() else ""}"""
+
+
+def _audit_html(out: Path) -> str:
+    path = out / "eval" / "audit" / "audit.json"
+    if not path.is_file():
+        return ""
+    s = json.loads(path.read_text())["summary"]
+    enc = next(iter(s["encoders"].values()))
+    syn_d, ref_d = enc["synthetic_distance"], enc["reference_distance"]
+    px = s["pixel_ncc"]
+    sl = s.get("slide_level") or {}
+    slide = ""
+    if sl.get("reference"):
+        slide = (f"<p>Slide level: the demo has {sl['n_train_slides']} slide, so every nearest neighbour is from the "
+                 "image's own slide; with many slides, tools/audit.py compares that rate for synthetic and held-out "
+                 "images.</p>")  # fmt: skip
+    figure = out / "eval" / "audit" / "report.png"
+    return f"""<h2>Memorisation audit (tools/audit.py)</h2>
+<p>The {s['n_synthetic']} synthetic variants (conditioned on training tiles: the likeliest to copy them) against the
+{s['n_train']} training tiles, with the {s['n_reference']} held-out tiles as the yardstick. <b>Flagged as copies:
+{s['flagged']}</b>; suspect (closer in encoder space than any held-out tile): {s['suspect']}. Cosine distance to the
+nearest training tile (stand-in UNI): synthetic min {syn_d['min']:.4f} / median {syn_d['median']:.4f}, held-out
+min {ref_d.get('min', float('nan')):.4f} / median {ref_d.get('median', float('nan')):.4f}. Best pixel NCC over flips,
+rotations and shifts: synthetic max {px['synthetic']['max']:.3f}, held-out max {px['reference'].get('max', float('nan')):.3f}
+(copy threshold {s['settings']['pixel_threshold']}).</p>{slide}
+{_img_tag(Image.open(figure)) if figure.is_file() else ""}"""
+
+
 def write_report(out: Path, split: dict, metrics: dict, commands: list[str], done_dir: Path) -> Path:
     """Assemble report.html and report.png from what the stages wrote."""
     samples = out / "samples"
@@ -202,10 +283,13 @@ guidance 2.0).</p>{_img_tag(pairs)}
 <h2>Metrics (tools/evaluate.py)</h2>
 <table><tr><th>model</th><th>Frechet distance (stand-in UNI) &darr;</th><th>paired cosine &uarr;</th></tr>{metric_rows}</table>
 {_metric_caveat(metrics)}
+{_seeds_html(out)}
 <p>Inception FID is left out: its weights are not available offline here (pass --inception to tools/evaluate.py).</p>
 <h2>Training loss</h2>{curve_html}
 <h2>The VAE stand-in</h2>{vae_html}
 <h2>Sliding-window region</h2>{large_html}
+{_probe_html(out, records.get("augment", {}).get("info", {}))}
+{_audit_html(out)}
 <h2>Timings</h2><table>{timing_rows}<tr><th>total</th><th>{total:.0f} s</th></tr></table>
 <h2>Commands run</h2><pre>{cmds}</pre>
 </body></html>"""
