@@ -20,14 +20,6 @@ from tools.cli import run_cli
 C = 96  # the tiny UNI stand-in's embedding size
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """A tiny random PixCell making 64 px images from one token (a non-zero head: conditions matter)."""

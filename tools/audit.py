@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,9 +29,8 @@ from diffusion.audit.audit import AuditSettings, audit
 from diffusion.audit.images import from_folder, from_index, is_index
 from diffusion.audit.report import report_figure, report_markdown
 from diffusion.audit.search import BACKENDS
-from diffusion.metrics.cache import FeatureCache, default_feature_cache_dir
 from diffusion.metrics.encoders import load_feature_encoder, parse_encoder_spec
-from tools.cli import DTYPES, resolve_device, run_cli
+from tools.cli import DTYPES, add_feature_args, feature_cache, resolve_device, run_cli
 
 
 def image_set(path: str, flag: str, size: int, keys, data_root, progress: bool):
@@ -62,15 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-shift", type=int, default=16, help="px (at 256 px) the pixel check searches")
     p.add_argument("--search", default="auto", choices=BACKENDS, help="feature search backend")
     p.add_argument("--fail-on-copies", action="store_true", help="exit status 1 when any image is flagged")
-    p.add_argument("--device", default="cpu", help="encoder device")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="encoder dtype")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument(
-        "--cache-dir", help="feature cache (default: $PIXCELL_EVAL_CACHE or ~/.cache/pixcell/eval_features)"
-    )
-    p.add_argument("--no-cache", action="store_true", help="do not read or write cached features")
-    p.add_argument("--no-progress", action="store_true")
+    add_feature_args(p)
     args = p.parse_args(argv)
 
     if args.k < 1 or not 0 < args.pixel_threshold <= 1:
@@ -92,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     loaders = [lambda spec=spec: load_feature_encoder(spec, device, dtype) for spec in specs]
     settings = AuditSettings(k=args.k, pixel_threshold=args.pixel_threshold, max_shift=args.max_shift,
                              backend=args.search)  # fmt: skip
-    cache = None if args.no_cache else FeatureCache(args.cache_dir or default_feature_cache_dir())
+    cache = feature_cache(args)
     result = audit(
         train, synthetic, reference, loaders, settings, cache, args.batch_size, args.num_workers, progress
     )

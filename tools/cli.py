@@ -331,3 +331,32 @@ def add_failure_args(p: argparse.ArgumentParser, log_default: str) -> None:
     p.add_argument("--max-failure-rate", type=float, default=0.01)
     p.add_argument("--min-failures-before-stop", type=int, default=10)
     p.add_argument("--failure-log", type=Path, default=None, help=f"default: {log_default}")
+
+
+#################################################################################
+#        Encoder-feature tools (probe, audit): encoder runtime and cache        #
+#################################################################################
+
+
+def add_feature_args(parser: argparse.ArgumentParser) -> None:
+    """--device, --dtype, --batch-size, --num-workers, --cache-dir, --no-cache, --no-progress for tools that
+    embed image folders with the metrics' encoders (cache shared with tools/evaluate.py)."""
+    import os
+
+    g = parser.add_argument_group("encoders")
+    g.add_argument("--device", default="cpu", help="encoder device")
+    g.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="encoder dtype")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding workers")
+    g.add_argument(
+        "--cache-dir", help="feature cache (default: $PIXCELL_EVAL_CACHE or ~/.cache/pixcell/eval_features)"
+    )
+    g.add_argument("--no-cache", action="store_true", help="do not read or write cached features")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def feature_cache(args: argparse.Namespace):
+    """The FeatureCache the flags of add_feature_args ask for, or None (--no-cache)."""
+    from diffusion.metrics.cache import FeatureCache, default_feature_cache_dir
+
+    return None if args.no_cache else FeatureCache(args.cache_dir or default_feature_cache_dir())

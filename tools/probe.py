@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from diffusion.atomic import atomic_path, atomic_write_bytes
-from diffusion.metrics.cache import FeatureCache, default_feature_cache_dir
 from diffusion.metrics.encoders import load_feature_encoder, parse_encoder_spec
 from diffusion.metrics.probe import labelled_features, report_figure, report_markdown, run_probe
-from tools.cli import DTYPES, resolve_device, run_cli
+from tools.cli import DTYPES, add_feature_args, feature_cache, resolve_device, run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,16 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--C", type=float, default=1.0, dest="c", help="inverse L2 strength of the logistic regression"
     )
     p.add_argument("--out", required=True, help="report folder: metrics.json, report.md, report.png")
-    p.add_argument("--device", default="cpu", help="encoder device")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="encoder dtype")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument(
-        "--cache-dir", help="feature cache (default: $PIXCELL_EVAL_CACHE or ~/.cache/pixcell/eval_features)"
-    )
-    p.add_argument("--no-cache", action="store_true", help="do not read or write cached features")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seeds the training subsets and the bootstrap")
+    add_feature_args(p)
     args = p.parse_args(argv)
 
     specs = [parse_encoder_spec(e) for e in args.encoder]
@@ -67,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(set(syn_names)) != len(syn_names):
         raise ValueError(f"--synthetic: folders must have distinct names ({', '.join(syn_names)})")
     device = resolve_device(args.device)
-    cache = None if args.no_cache else FeatureCache(args.cache_dir or default_feature_cache_dir())
+    cache = feature_cache(args)
     common = dict(batch_size=args.batch_size, num_workers=args.num_workers, progress=not args.no_progress)
 
     encoders, info, counts = {}, {}, {}
