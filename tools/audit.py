@@ -26,14 +26,16 @@ from PIL import Image
 
 from diffusion.atomic import atomic_path, atomic_write_bytes
 from diffusion.audit.audit import AuditSettings, audit
-from diffusion.audit.images import from_folder, from_index, is_index
+from diffusion.audit.images import ImageSet, from_folder, from_index, is_index
 from diffusion.audit.report import report_figure, report_markdown
 from diffusion.audit.search import BACKENDS
 from diffusion.metrics.encoders import load_feature_encoder, parse_encoder_spec
 from tools.cli import DTYPES, add_feature_args, feature_cache, resolve_device, run_cli
 
 
-def image_set(path: str, flag: str, size: int, keys, data_root, progress: bool):
+def image_set(
+    path: str, flag: str, size: int, keys: Sequence[str] | None, data_root: str | None, progress: bool
+) -> ImageSet:
     """A folder, or a dataset index cut into `size` px crops."""
     if is_index(path):
         return from_index(path, flag, size, keys, data_root)

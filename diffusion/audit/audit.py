@@ -18,7 +18,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from diffusion.audit.images import ImageSet
 from diffusion.audit.pixels import match
 from diffusion.audit.search import FeatureIndex
+from diffusion.metrics.cache import FeatureCache
 from diffusion.metrics.features import FeatureExtractor, embed_images
 
 
@@ -40,8 +41,8 @@ class AuditSettings:
     backend: str = "auto"  # feature search: auto, exact, flat, ivf (diffusion.audit.search)
 
 
-def set_features(extractor: FeatureExtractor, images: ImageSet, cache=None, batch_size: int = 64,
-                 num_workers: int = 0, progress: bool = True) -> np.ndarray:  # fmt: skip
+def set_features(extractor: FeatureExtractor, images: ImageSet, cache: FeatureCache | None = None,
+                 batch_size: int = 64, num_workers: int = 0, progress: bool = True) -> np.ndarray:  # fmt: skip
     """(N, dim) features of an image set, from the cache when it has them."""
 
     def compute() -> np.ndarray:
@@ -79,9 +80,9 @@ def audit(
     train: ImageSet,
     synthetic: ImageSet,
     reference: ImageSet | None,
-    extractors: Sequence,  # callables returning a FeatureExtractor, loaded one at a time
+    extractors: Sequence[Callable[[], FeatureExtractor]],  # loaded one at a time
     settings: AuditSettings | None = None,
-    cache=None,
+    cache: FeatureCache | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
     progress: bool = True,

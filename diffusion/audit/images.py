@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +80,13 @@ def from_folder(path: str | Path, role: str, progress: bool = True) -> ImageSet:
     )
 
 
-def from_index(index_file: str | Path, role: str, size: int, keys=None, data_root=None) -> ImageSet:
+def from_index(
+    index_file: str | Path,
+    role: str,
+    size: int,
+    keys: Sequence[str] | None = None,
+    data_root: str | Path | None = None,
+) -> ImageSet:
     """The `size` px crops of every patch under the index's `keys` (all by default), one entry per crop.
 
     The fingerprint covers each patch's path, byte size and modification time (reading 30M files to hash them

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from diffusion.augment import variant_source
+from diffusion.metrics.cache import FeatureCache
+from diffusion.metrics.features import FeatureExtractor
 
 MODES = ("real", "real+syn", "syn")
 
@@ -38,10 +41,10 @@ class LabelledFeatures:
 
 
 def labelled_features(
-    root,
+    root: str | Path,
     flag: str,
-    extractor,
-    cache=None,
+    extractor: FeatureExtractor,
+    cache: FeatureCache | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
     progress: bool = True,
@@ -282,7 +285,7 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def report_figure(report: dict, path) -> None:
+def report_figure(report: dict, path: str | Path) -> None:
     """report.png: macro-F1 against the training fraction, one panel per encoder, CI bands per training set."""
     import matplotlib
 
