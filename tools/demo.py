@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -116,23 +117,25 @@ def nuclear_density(image: np.ndarray, h_threshold: float) -> float:
     return float((rgb2hed(image)[..., 0] > h_threshold).mean())
 
 
-def label_tiles(train: list[Path], heldout: list[Path], out: Path) -> dict:
+def label_tiles(tiles: list[Path], out: Path) -> dict:
     """The demo's labelled set, by a rule that owes nothing to any encoder: a tile is 'cellular' when its
-    nuclear density is at or above the training tiles' median, else 'stromal' (balanced training classes).
-    The haematoxylin threshold is Otsu's over the training tiles' pixels. Tiles are copied (PNG, lossless) to
-    out/train/<class>/ and out/test/<class>/."""
+    nuclear density is at or above the median over all tiles, else 'stromal'. The haematoxylin threshold is
+    Otsu's over all tiles' pixels. Within each class, every third tile (by name) goes to the test set, so both
+    splits hold both classes (the slide's held-out bottom rows are nearly all stroma). Tiles are copied (PNG,
+    lossless) to out/train/<class>/ and out/test/<class>/."""
     from PIL import Image
     from skimage.color import rgb2hed
     from skimage.filters import threshold_otsu
 
-    read = {p: np.asarray(Image.open(p).convert("RGB")) for p in [*train, *heldout]}
-    h_threshold = float(threshold_otsu(np.concatenate([rgb2hed(read[p])[..., 0].ravel() for p in train])))
-    density = {p: nuclear_density(read[p], h_threshold) for p in read}
-    cut = float(np.median([density[p] for p in train]))
+    read = {p: np.asarray(Image.open(p).convert("RGB")) for p in sorted(tiles)}
+    h_threshold = float(threshold_otsu(np.concatenate([rgb2hed(a)[..., 0].ravel() for a in read.values()])))
+    density = {p: nuclear_density(a, h_threshold) for p, a in read.items()}
+    cut = float(np.median(list(density.values())))
     counts: dict[str, int] = {}
-    for split, paths in (("train", train), ("test", heldout)):
-        for p in paths:
-            cls = "cellular" if density[p] >= cut else "stromal"
+    for cls in ("cellular", "stromal"):
+        members = [p for p in read if (density[p] >= cut) == (cls == "cellular")]
+        for i, p in enumerate(members):
+            split = "test" if i % 3 == 2 else "train"
             dest = out / split / cls / f"{p.stem}.png"
             dest.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(read[p]).save(dest)
@@ -291,8 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from diffusion.data.index import default_index_file, read_index
 
         index = read_index(default_index_file(patches), [TRAIN_KEY, HELDOUT_KEY])
-        labels = label_tiles([patches / n for n in index[TRAIN_KEY]], [patches / n for n in index[HELDOUT_KEY]],
-                             labelled)  # fmt: skip
+        shutil.rmtree(labelled, ignore_errors=True)  # rewritten whole: the rule decides every file
+        labels = label_tiles([patches / n for names in index.values() for n in names], labelled)
         demo.run("tools.augment", str(labelled / "train"), "--model", str(work), "--vae", str(vae_dir), "--uni",
                  str(uni_dir), "--per-image", str(args.aug_per_image), "--out", str(aug_out), "--device", "cpu",
                  "--dtype", "fp32", "--steps", str(args.sample_steps), "--batch", "16")  # fmt: skip

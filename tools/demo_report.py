@@ -181,10 +181,11 @@ def _probe_html(out: Path, labels: dict) -> str:
     return f"""<h2>Augmentation and a linear probe (tools/augment.py, tools/probe.py)</h2>
 <p>Labels by a rule that owes nothing to any encoder: the haematoxylin channel of colour deconvolution
 (<code>skimage.color.rgb2hed</code>), thresholded by Otsu over the training tiles (OD {labels.get('h_threshold', float('nan')):.3f}),
-gives each tile's nuclear density; tiles at or above the training median ({labels.get('density_cut', float('nan')):.3f}) are
-<i>cellular</i>, the others <i>stromal</i> ({counts}). tools/augment.py made synthetic variants of every training tile from
-its own UNI tokens, in its class folder; tools/probe.py trained logistic-regression probes on the stand-in UNI features
-(5 seeds per fraction) and scored them on the held-out tiles: mean over seeds [95% bootstrap CI over test tiles].</p>
+gives each tile's nuclear density; tiles at or above the median ({labels.get('density_cut', float('nan')):.3f}) are
+<i>cellular</i>, the others <i>stromal</i>; every third tile of each class is a test tile ({counts}). tools/augment.py made
+synthetic variants of every training tile from its own UNI tokens, in its class folder; tools/probe.py trained
+logistic-regression probes on the stand-in UNI features (5 seeds per fraction) and scored them on the test tiles: mean
+over seeds [95% bootstrap CI over test tiles].</p>
 <table><tr><th>trained on</th><th>fraction</th><th>real + synthetic images</th><th>macro-F1</th><th>balanced accuracy</th></tr>{rows}</table>
 <p>Real + synthetic against real only (paired bootstrap over the same test tiles):</p>
 <table><tr><th>fraction</th><th>F1 gain [95% CI]</th><th>p</th></tr>{gains}</table>
