@@ -189,8 +189,21 @@ over seeds [95% bootstrap CI over test tiles].</p>
 <table><tr><th>trained on</th><th>fraction</th><th>real + synthetic images</th><th>macro-F1</th><th>balanced accuracy</th></tr>{rows}</table>
 <p>Real + synthetic against real only (paired bootstrap over the same test tiles):</p>
 <table><tr><th>fraction</th><th>F1 gain [95% CI]</th><th>p</th></tr>{gains}</table>
-<p>With {res['n_test']} test tiles the intervals are wide: at demo scale these numbers show the protocol, not a gain.</p>
+<p>With {res['n_test']} test tiles the intervals are wide: at demo scale these numbers show the protocol, not a gain.
+{_chance_note(res)}</p>
 {_img_tag(Image.open(figure)) if figure.is_file() else ""}"""
+
+
+def _chance_note(res: dict) -> str:
+    """Say so when even the real-only probe on all training tiles is not above chance (its CI reaches 0.5)."""
+    full = [r for r in res["results"] if r["train"] == "real" and r["fraction"] == 1.0]
+    if not full or full[0]["bacc"]["low"] > 0.5:
+        return ""
+    return (
+        "Here even the probe on all real training tiles is not above chance (balanced accuracy CI reaches 0.5): the "
+        "stand-in encoder's features barely see nuclear density, so there is no signal for synthetic data to add. "
+        "With UNI2-h (<code>--encoder uni2</code>) the same commands measure the real effect."
+    )
 
 
 def _audit_html(out: Path) -> str:
