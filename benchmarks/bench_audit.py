@@ -77,8 +77,8 @@ def bench_search(
 def bench_end_to_end(n_syn: int, n_train: int, k: int) -> dict:
     from diffusion.audit.audit import AuditSettings, audit, set_features
     from diffusion.audit.images import from_folder
-    from diffusion.encoders import build_tiny_uni
     from diffusion.metrics.encoders import load_feature_encoder
+    from diffusion.standins import build_tiny_uni
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffusion.conditions import crop_names
 from diffusion.data.index import index_lengths, key_size, read_index, resolve_keys
-from diffusion.encoders import UNI_TILE
+from diffusion.geometry import UNI_TILE
 from diffusion.metrics.images import content_hash, list_images, read_rgb
+from diffusion.sampling.conditions import crop_names
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusion.augment import variant_source
 from diffusion.metrics.cache import FeatureCache
 from diffusion.metrics.features import FeatureExtractor
+from diffusion.sampling.augment import variant_source
 
 MODES = ("real", "real+syn", "syn")
 
@@ -51,9 +51,9 @@ def labelled_features(
 ) -> LabelledFeatures:
     """Embed a labelled folder `root/<class>/...` (classes from the first path part), cached like
     tools/evaluate.py's features (`FeatureCache`, keyed by folder content and encoder fingerprint)."""
-    from diffusion.augment import class_folders
     from diffusion.metrics.features import embed_images
     from diffusion.metrics.images import content_hash, list_images
+    from diffusion.sampling.augment import class_folders
 
     class_folders(root, flag)  # one-line errors for empty class folders and images outside class folders
     folder = list_images(root, flag)
