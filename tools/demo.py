@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--uni-steps", type=int, default=150, help="UNI2-h stand-in (contrastive) training steps")
     p.add_argument("--sample-steps", type=int, default=20, help="DPM-Solver++ steps")
     p.add_argument("--large-size", type=int, default=768, help="side of the sliding-window region, px")
-    p.add_argument("--seeds", type=int, default=4, help="samples per held-out condition (seeds 0..N-1)")
+    p.add_argument("--seeds", type=int, default=3, help="samples per held-out condition (seeds 0..N-1)")
     p.add_argument("--aug-per-image", type=int, default=2, help="synthetic variants per training tile")
     p.add_argument("--force", action="store_true", help="rerun every stage")
     args = p.parse_args(argv)
