@@ -111,7 +111,9 @@ def test_per_class_total_balances_classes(model, tiny_vae_dir, tiny_uni_dir, dat
 def test_size_policies(tmp_path, slide_tiles):
     root = tmp_path / "big"
     _save(root / "x" / "a.png", slide_tiles[0][1], size=None)  # 256 px for a 64 px model
-    with pytest.raises(ValueError, match="256x256 px, the model makes 64 px images; choose `resize` or `crop`"):
+    with pytest.raises(
+        ValueError, match="256x256 px, the model makes 64 px images; choose `resize` or `crop`"
+    ):
         ClassFolderSource(1, 64, root, per_image=1)
     for fit in ("resize", "crop"):
         src = ClassFolderSource(1, 64, root, per_image=1, fit=fit)
