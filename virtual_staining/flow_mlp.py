@@ -14,66 +14,24 @@ Sizes are constructor arguments (defaults: the published 1536 -> 1024 x 6 -> 153
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+# The timestep embedding, residual block, loss and Euler integration are the library's (shared with the UNI prior);
+# re-exported here under the names this module has always had.
+from diffusion.flow import TIME_SCALE, ResBlock, euler_integrate, timestep_embedding
+from diffusion.flow import flow_matching_loss as _flow_loss
+from diffusion.flow import zero_init as _zero
 from diffusion.model.loading import read_state_dict
 
-# Timesteps enter the network as 999 * t (the published models were trained on that scale).
+__all__ = ["FLOW_GRIDS", "TIME_SCALE", "FlowMLP", "FlowMLPConfig", "ResBlock", "flow_matching_loss", "load_flow_mlp",
+           "read_state_dict", "rescale_norm", "save_flow_mlp", "timestep_embedding", "translation_metrics"]  # fmt: skip
+
 FLOW_GRIDS = ("uniform", "clipped")  # Euler time grids of `FlowMLP.translate`
-TIME_SCALE = 999.0
-
-
-#################################################################################
-#                                 Helpers                                       #
-#################################################################################
-
-
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding (N,) -> (N, dim): cos half then sin half (the LDM/ADM convention)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]  # (N, dim/2)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
-
-
-def _zero(module: nn.Linear) -> nn.Linear:
-    """Zero-initialised output layers: every block starts as the identity, the whole net as v = 0."""
-    nn.init.zeros_(module.weight)
-    nn.init.zeros_(module.bias)
-    return module
-
-
-#################################################################################
-#                                  Blocks                                       #
-#################################################################################
-
-
-class ResBlock(nn.Module):
-    """x + out_layers(in_layers(x) + emb_layers(emb)); `out_layers` starts at zero."""
-
-    def __init__(self, channels: int, mid_channels: int, emb_channels: int, dropout: float = 0.0):
-        super().__init__()
-        self.in_layers = nn.Sequential(nn.LayerNorm(channels), nn.SiLU(), nn.Linear(channels, mid_channels))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, mid_channels))
-        self.out_layers = nn.Sequential(
-            nn.LayerNorm(mid_channels),
-            nn.SiLU(),
-            nn.Dropout(dropout),
-            _zero(nn.Linear(mid_channels, channels)),
-        )
-
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:  # (N, C), (N, E) -> (N, C)
-        return x + self.out_layers(self.in_layers(x) + self.emb_layers(emb))
 
 
 #################################################################################
@@ -158,12 +116,10 @@ class FlowMLP(nn.Module):
             raise ValueError("H&E embeddings contain NaN or Inf values")
         param = next(self.parameters())
         x = he.reshape(-1, he.shape[-1]).to(param.device, torch.float32)
-        dt = 1.0 / steps
-        clipped = torch.linspace(1e-3, 1 - 1e-3, steps, dtype=torch.float64).tolist()
-        for i in tqdm(range(steps), desc="flow", disable=not progress, leave=False):
-            time = TIME_SCALE * i * dt if grid == "uniform" else TIME_SCALE * clipped[i]
-            t = torch.full((x.shape[0],), time, device=x.device)
-            x = x + dt * self(x.to(param.dtype), t.to(param.dtype)).float()
+        times = None if grid == "uniform" else torch.linspace(1e-3, 1 - 1e-3, steps, dtype=torch.float64).tolist()
+        x = euler_integrate(
+            lambda x, t: self(x.to(param.dtype), t.to(param.dtype)).float(), x, steps, progress, times=times
+        )
         return x.view(he.shape).to(he.dtype)
 
 
@@ -186,15 +142,8 @@ def flow_matching_loss(
     ihc: Tensor,  # (..., C) IHC tokens paired with them
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Rectified-flow loss, one t ~ U(0, 1) per token: mean || v(x_t, 999 t) - (ihc - he) ||^2.
-
-    `velocity` is the (possibly DDP-wrapped) model, so gradients synchronise through its forward.
-    """
-    x0, x1 = he.reshape(-1, he.shape[-1]), ihc.reshape(-1, ihc.shape[-1])  # (N, C)
-    t = torch.rand(x0.shape[0], device=x0.device, generator=generator, dtype=x0.dtype)
-    xt = t[:, None] * x1 + (1 - t[:, None]) * x0
-    pred = velocity(xt, TIME_SCALE * t)
-    return ((pred.float() - (x1 - x0).float()) ** 2).mean()
+    """Rectified-flow loss, one t ~ U(0, 1) per token: mean || v(x_t, 999 t) - (ihc - he) ||^2."""
+    return _flow_loss(velocity, he.reshape(-1, he.shape[-1]), ihc.reshape(-1, ihc.shape[-1]), generator)
 
 
 @torch.no_grad()
