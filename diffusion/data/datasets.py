@@ -192,8 +192,7 @@ class PatchFeatureDataset(Dataset):
         """(mean|std (2k, r/8, r/8), uni (t, C)) of one crop, as stored (float16)."""
         lat = self.resolution // VAE_FACTOR
         box = (slice(row * lat, (row + 1) * lat), slice(col * lat, (col + 1) * lat))
-        g, c = self.parent_grid, self.crop_grid
-        tokens = np.array(crop_token_indices(g, row * c, col * c, c, c))
+        tokens = self._token_rows(row, col)
         if self.feature_format == "packed":
             vae, uni = self._readers[key].read(position, rel, box, tokens)
         else:
@@ -205,19 +204,40 @@ class PatchFeatureDataset(Dataset):
                     f"{vae_path}: shape {tuple(vae_all.shape)}, expected (2*latent_channels, {side}, {side}) "
                     f"for {self.parent_size} px patches"
                 )
-            uni_all = load_npy(uni_path)
-            if uni_all.ndim == 1 and g == 1:  # single-token features saved as (C,)
-                uni_all = uni_all[None]
-            if uni_all.ndim != 2 or uni_all.shape[0] != g * g:
-                raise SampleError(
-                    f"{uni_path}: shape {tuple(uni_all.shape)}, expected ({g * g}, C) "
-                    f"for {self.parent_size} px patches"
-                )
-            vae, uni = np.asarray(vae_all[(slice(None), *box)]), np.asarray(uni_all[tokens])
+            vae, uni = np.asarray(vae_all[(slice(None), *box)]), np.asarray(self._read_uni_npy(uni_path)[tokens])
         if not (np.isfinite(vae).all() and np.isfinite(uni).all()):
             which = "UNI embedding" if not np.isfinite(uni).all() else "VAE posterior"
             raise SampleError(f"{rel}: NaN or Inf in the {which} (crop {row},{col})")
         return vae, uni
+
+    def _token_rows(self, row: int, col: int) -> np.ndarray:
+        """The rows of the parent's (g*g, C) UNI tokens that fall in crop (row, col), row-major."""
+        g, c = self.parent_grid, self.crop_grid
+        return np.array(crop_token_indices(g, row * c, col * c, c, c))
+
+    def _read_uni_npy(self, uni_path: Path) -> np.ndarray:
+        """A parent's `_uni.npy` as (g*g, C), memory-mapped; SampleError when it has another shape."""
+        g = self.parent_grid
+        uni_all = load_npy(uni_path)
+        if uni_all.ndim == 1 and g == 1:  # single-token features saved as (C,)
+            uni_all = uni_all[None]
+        if uni_all.ndim != 2 or uni_all.shape[0] != g * g:
+            raise SampleError(
+                f"{uni_path}: shape {tuple(uni_all.shape)}, expected ({g * g}, C) for {self.parent_size} px patches"
+            )
+        return uni_all
+
+    def load_uni(self, key: str, position: int, rel: str, row: int, col: int) -> np.ndarray:
+        """Only the UNI tokens (t, C) of one crop, as stored (the UNI prior's trainer reads no latents)."""
+        tokens = self._token_rows(row, col)
+        if self.feature_format == "packed":
+            uni = self._readers[key].read_uni(position, rel, tokens)
+        else:
+            uni = np.asarray(self._read_uni_npy(npy_feature_paths(self.features_root, rel, self.vae_suffix,
+                                                                  self.uni_suffix)[1])[tokens])  # fmt: skip
+        if not np.isfinite(uni).all():
+            raise SampleError(f"{rel}: NaN or Inf in the UNI embedding (crop {row},{col})")
+        return uni
 
     def noise(self, index: int, shape: tuple[int, ...]) -> torch.Tensor:
         """The standard normal draw of sample `index` for the current epoch (float32, `shape`)."""

@@ -340,6 +340,26 @@ class PackedReader:
         tokens: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Features of index entry `position`: vae (32, h, w) restricted to latent_box, uni (T', C) rows `tokens`."""
+        entry, row = self._row(position, rel_path)
+        name = entry.h5.filename
+        try:
+            vae = entry.vae[row] if latent_box is None else entry.vae[(row, slice(None), *latent_box)]
+            uni = entry.uni[row]
+        except OSError as err:
+            raise SampleError(f"{name} row {row}: unreadable ({err})") from None
+        return vae, (uni if tokens is None else uni[tokens])
+
+    def read_uni(self, position: int, rel_path: str, tokens: np.ndarray | None = None) -> np.ndarray:
+        """Only the UNI tokens of index entry `position` (rows `tokens`): no latent bytes are read."""
+        entry, row = self._row(position, rel_path)
+        try:
+            uni = entry.uni[row]
+        except OSError as err:
+            raise SampleError(f"{entry.h5.filename} row {row}: unreadable ({err})") from None
+        return uni if tokens is None else uni[tokens]
+
+    def _row(self, position: int, rel_path: str) -> tuple[_OpenShard, int]:
+        """The open shard and row of index entry `position`, checked against the index and its validity flag."""
         shard, row = divmod(position, self.shard_size)
         entry = self._shard(shard)
         name = entry.h5.filename
@@ -352,12 +372,7 @@ class PackedReader:
             raise SampleError(
                 f"{rel_path}: marked invalid in {name} (feature extraction failed; see its log)"
             )
-        try:
-            vae = entry.vae[row] if latent_box is None else entry.vae[(row, slice(None), *latent_box)]
-            uni = entry.uni[row]
-        except OSError as err:
-            raise SampleError(f"{name} row {row}: unreadable ({err})") from None
-        return vae, (uni if tokens is None else uni[tokens])
+        return entry, row
 
 
 @dataclass
