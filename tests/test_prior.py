@@ -190,3 +190,106 @@ def test_trainer_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "labels.csv").write_text("patch,label\nother/x.png,lung\n")
     assert train(tmp_path / "w", root, label_from=str(tmp_path / "labels.csv")) == 2
     assert "none of its patches is in" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- tools/sample.py --prior
+
+UNI_C = 96  # the tiny UNI stand-in's embedding size (what the tiny PixCell models take)
+
+
+@pytest.fixture(scope="module")
+def pixcell_t1(tmp_path_factory) -> Path:
+    """A tiny random PixCell with one UNI token (64 px images: the geometry does not matter here)."""
+    from diffusion.model.pixcell_transformer import build_pixcell
+
+    out = tmp_path_factory.mktemp("pixcell") / "t1"
+    torch.manual_seed(0)
+    model = build_pixcell("PixCell-tiny-64", caption_channels=UNI_C).eval()
+    for p in model.parameters():  # a non-zero head, so conditions change the images
+        p.data.normal_(0, 0.02)
+    model.save_pretrained(out)
+    return out
+
+
+def saved_prior(path: Path, tokens: int = 1, channels: int = UNI_C) -> Path:
+    torch.manual_seed(1)
+    prior = UNIPrior(
+        num_tokens=tokens, channels=channels, width=32, depth=1, num_heads=4, labels=["luad", "skcm"]
+    )
+    for p in prior.parameters():
+        p.data.normal_(0, 0.1)
+    prior.save_pretrained(path / "prior")  # as train_prior.py exports it into its work dir
+    return path
+
+
+def test_sample_tool_with_prior_end_to_end(pixcell_t1, tiny_vae_dir, tmp_path):
+    import json
+
+    from tools.cli import run_cli
+    from tools.sample import main
+
+    work = saved_prior(tmp_path / "work")
+    base = ["--model", str(pixcell_t1), "--vae", str(tiny_vae_dir), "--steps", "2", "--device", "cpu",
+            "--no-progress", "--prior", str(work), "--prior-steps", "3", "--batch", "2"]  # fmt: skip
+    out = tmp_path / "out"
+    argv = base + ["--out", str(out), "--n-images", "3", "--label", "skcm", "--prior-guidance", "2"]
+    assert run_cli(main, argv) == 0
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["prior_skcm_000000", "prior_skcm_000001", "prior_skcm_000002"]
+    assert all(
+        r["real"] is None and r["source"]["label"] == "skcm" and r["source"]["type"] == "prior" for r in rows
+    )
+    assert len({r["source"]["prior_seed"] for r in rows}) == 3 and not (out / "real").exists()
+    run = json.loads((out / "run.json").read_text())
+    assert (
+        run["prior_label"] == "skcm" and run["prior_guidance"] == 2.0 and run["prior"].startswith("sha256:")
+    )
+    first = {p.name: p.read_bytes() for p in (out / "syn").iterdir()}
+    assert len(first) == 3 and len(set(first.values())) == 3  # different conditions, different images
+    # resume: a lost image is remade identically (its condition from its own noise), the rest kept
+    (out / "syn" / "prior_skcm_000001.png").unlink()
+    assert run_cli(main, argv) == 0
+    assert {p.name: p.read_bytes() for p in (out / "syn").iterdir()} == first
+    # another prior into the same folder is refused, not mixed in
+    torch.manual_seed(5)
+    UNIPrior(num_tokens=1, channels=UNI_C, width=32, depth=1, labels=["luad", "skcm"]).save_pretrained(
+        tmp_path / "p2"
+    )
+    assert run_cli(main, [*argv, "--prior", str(tmp_path / "p2")]) == 2
+
+
+def test_sample_tool_prior_errors_are_one_line(pixcell_t1, tiny_vae_dir, tmp_path, capsys):
+    from tools.cli import run_cli
+    from tools.sample import main
+
+    base = [
+        "--model",
+        str(pixcell_t1),
+        "--vae",
+        str(tiny_vae_dir),
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+
+    def error(argv: list[str]) -> str:
+        assert run_cli(main, argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err  # one line, no traceback
+        return err
+
+    work = saved_prior(tmp_path / "w1")
+    assert "unknown label 'brain'; this prior knows: luad, skcm" in error(
+        base + ["--prior", str(work), "--n-images", "2", "--label", "brain"]
+    )
+    grid = saved_prior(tmp_path / "w16", tokens=16)
+    err = error(base + ["--prior", str(grid), "--n-images", "2"])
+    assert (
+        f"--prior {grid}: the prior makes (16, {UNI_C}) UNI tokens per sample, the PixCell model takes (1, {UNI_C})"
+        in err
+    )
+    wide = saved_prior(tmp_path / "w768", channels=768)
+    assert f"takes (1, {UNI_C})" in error(base + ["--prior", str(wide), "--n-images", "2"])
+    assert "--prior needs --n-images" in error(base + ["--prior", str(work)])
+    assert "no such file or folder" in error(base + ["--prior", str(tmp_path / "none"), "--n-images", "2"])

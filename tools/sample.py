@@ -10,13 +10,17 @@
     # with a LoRA adapter of train_scripts/train_lora.py (or a published *_lora.pth), at 0.8 of its strength
     python -m tools.sample --model StonyBrook-CVLab/PixCell-256 --lora work_dirs/lora_256/lora.safetensors \\
         --lora-scale 0.8 --embeddings uni.npy --out runs/lora
+    # no reference image: 5000 conditions drawn from a trained UNI prior (train_scripts/train_prior.py)
+    python -m tools.sample --model StonyBrook-CVLab/PixCell-1024 --prior work_dirs/prior1024 --label luad \
+        --prior-guidance 2.0 --n-images 5000 --out runs/luad
     # cell-mask ControlNet: layout from masks/<name>.png, style from each name's UNI tokens
     python -m tools.sample --model StonyBrook-CVLab/PixCell-256 --controlnet CONTROLNET --masks masks/ \\
         --embeddings uni.safetensors --out runs/masked
     # many GPUs / nodes: the same command under accelerate; processes take disjoint shards
     accelerate launch --num_processes 8 -m tools.sample ...
 
-Writes OUT/syn/<name>.png, OUT/real/<name>.png (when a real image exists), OUT/manifest.jsonl, OUT/run.json.
+Writes OUT/syn/<name>.png, OUT/real/<name>.png (when a real image exists; never with --prior), OUT/manifest.jsonl,
+OUT/run.json.
 To resume after a crash, run the same command again: finished images are kept and the rest regenerated
 identically (per-image seeds from --seed and the image name).
 """
@@ -30,6 +34,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from diffusion.geometry import UNI_TILE, tokens_side
+from diffusion.prior.model import DEFAULT_FLOW_STEPS, check_prior_fits, load_prior, prior_folder
+from diffusion.prior.sampling import PriorSource
 from diffusion.sampling.conditions import EmbeddingSource, FolderSource, IndexSource
 from diffusion.sampling.runner import MaskControl, model_reference, sample_patches
 from tools.cli import (
@@ -68,7 +74,9 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, model_default)
     add_lora_args(p)
-    src = p.add_argument_group("conditions (give exactly one of --index, --patches, --images, --embeddings)")
+    src = p.add_argument_group(
+        "conditions (give exactly one of --index, --patches, --images, --embeddings, --prior)"
+    )
     src.add_argument("--index", help="dataset index: <root>/metadata/patch_names_all.hdf5")
     src.add_argument(
         "--patches", help="text file of patch paths relative to --data-root (instead of --index)"
@@ -87,7 +95,16 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
         help="features folder (default: beside the patches; packed: <root>/features_packed)",
     )
     src.add_argument("--keys", nargs="+", help="index datasets to draw from (default: all)")
-    src.add_argument("--n-images", type=int, help="a random subset of this many crops (--index / --patches)")
+    src.add_argument(
+        "--n-images", type=int, help="a random subset of this many crops (--index / --patches); --prior: how many"
+    )
+    pri = p.add_argument_group("UNI prior (conditions without a reference image; train_scripts/train_prior.py)")
+    pri.add_argument("--prior", help="UNI prior: a train_prior.py work dir or its prior/ folder")
+    pri.add_argument("--label", help="the label to sample (one the prior was trained with); default: any")
+    pri.add_argument(
+        "--prior-guidance", type=float, default=1.0, help="w of the prior's label guidance (default 1: none)"
+    )
+    pri.add_argument("--prior-steps", type=int, default=None, help="Euler steps of the prior (default 50)")
     ctl = p.add_argument_group("cell-mask ControlNet (PixCell-256-Cell-ControlNet or a trained one)")
     ctl.add_argument("--controlnet", help="ControlNet: hub id, controlnet/ folder, or a training checkpoint's")
     ctl.add_argument("--masks", help="folder of cell masks, <name>.png per generated image (binary or instance)")
@@ -102,17 +119,22 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
     if bool(args.controlnet) != bool(args.masks):
         raise ValueError("--controlnet and --masks go together (the ControlNet needs a mask per image)")
 
-    given = [k for k in ("index", "patches", "images", "embeddings") if getattr(args, k)]
+    given = [k for k in ("index", "patches", "images", "embeddings", "prior") if getattr(args, k)]
     if len(given) != 1:
         raise ValueError(
-            "give exactly one condition source: --index, --patches, --images or --embeddings"
+            "give exactly one condition source: --index, --patches, --images, --embeddings or --prior"
             + (f" (got {', '.join('--' + k for k in given)})" if given else "")
         )
-    if args.n_images is not None and given[0] not in ("index", "patches"):
-        raise ValueError("--n-images applies to --index / --patches")
+    if args.n_images is not None and given[0] not in ("index", "patches", "prior"):
+        raise ValueError("--n-images applies to --index / --patches / --prior")
+    if args.prior and args.n_images is None:
+        raise ValueError("--prior needs --n-images (how many conditions to draw)")
+    if not args.prior and (args.label or args.prior_steps is not None):
+        raise ValueError("--label and --prior-steps go with --prior")
 
     check_paths(index=[args.index], patches=[args.patches], images=args.images, embeddings=[args.embeddings],
-                data_root=[args.data_root], features_root=[args.features_root], masks=[args.masks])  # fmt: skip
+                data_root=[args.data_root], features_root=[args.features_root], masks=[args.masks],
+                prior=[args.prior])  # fmt: skip
     device = runtime_device(args.device)
     pipe, model_ref, vae_ref = load_pipeline(args, device)
     t = pipe.transformer.config
@@ -137,10 +159,30 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
     elif args.images:
         source = FolderSource(m, tile, args.images, t.caption_channels)
         uni = load_uni_encoder(args, device, t.caption_channels)
+    elif args.prior:
+        prior = load_prior(args.prior, device)
+        check_prior_fits(prior, t.caption_num_tokens, t.caption_channels, f"--prior {args.prior}")
+        try:
+            prior.label_ids(args.label, 1)
+        except ValueError as err:
+            raise ValueError(f"--label {args.label}: {err}") from None
+        source = PriorSource(
+            m, tile, t.caption_channels,
+            prior=prior,
+            n_images=args.n_images,
+            prior_ref=model_reference(prior_folder(args.prior)),
+            label=args.label,
+            guidance=args.prior_guidance,
+            steps=args.prior_steps or DEFAULT_FLOW_STEPS,
+            seed=args.seed,
+        )  # fmt: skip
     else:
         source = EmbeddingSource(m, tile, args.embeddings, t.caption_channels)
 
-    settings = settings_from_args(args, *patch_batching(args, t.caption_num_tokens, device))
+    batch, workers = patch_batching(args, t.caption_num_tokens, device)
+    if args.prior:
+        workers = 0  # the prior draws conditions on the sampling device, in this process
+    settings = settings_from_args(args, batch, workers)
     control = None
     if args.controlnet:
         control = MaskControl(Path(args.masks), args.controlnet_scale, model_reference(args.controlnet))

@@ -196,7 +196,9 @@ class UNIPrior(ModelMixin, ConfigMixin):
                 raise ValueError(f"UNI prior: {len(generator)} generators for {n} samples")
             noise = torch.stack([torch.randn(shape, generator=g) for g in generator])
         else:
-            noise = torch.randn((n, *shape), generator=generator)
+            noise = torch.randn(
+                (n, *shape), generator=generator, device=generator.device if generator else "cpu"
+            )
         cond = self.label_ids(label, n)
         uncond = None
         if cond is not None:
