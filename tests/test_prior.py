@@ -294,3 +294,52 @@ def test_sample_tool_prior_errors_are_one_line(pixcell_t1, tiny_vae_dir, tmp_pat
     assert f"takes (1, {UNI_C})" in error(base + ["--prior", str(wide), "--n-images", "2"])
     assert "--prior needs --n-images" in error(base + ["--prior", str(work)])
     assert "no such file or folder" in error(base + ["--prior", str(tmp_path / "none"), "--n-images", "2"])
+
+
+# ---------------------------------------------------------------------- evaluation
+
+
+def test_knn_precision_recall_and_bootstrap_fd():
+    from diffusion.metrics.distances import frechet_distance_bootstrap
+    from diffusion.prior.evaluation import knn_precision_recall, memorisation
+
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((300, 4))
+    assert knn_precision_recall(real, real + 1e-6) == (1.0, 1.0)
+    far = rng.standard_normal((300, 4)) + 50
+    assert knn_precision_recall(real, far) == (0.0, 0.0)
+    # a collapsed generator (one mode of the real set): precise, but low recall
+    collapsed = real[real[:, 0] > 1.0] + 1e-3 * rng.standard_normal((int((real[:, 0] > 1.0).sum()), 4))
+    p, r = knn_precision_recall(real, collapsed)
+    assert p > 0.9 and r < 0.4
+    other = rng.standard_normal((300, 4)) + 0.5
+    est = frechet_distance_bootstrap(real, other, n_boot=50)
+    assert est.value == frechet_distance_from_features(real, other)  # the full-sample distance
+    assert est.low < est.value < est.high and est.std > 0 and 0.5 < est.value < 2.0
+    # copies of the training set are flagged, fresh draws are not
+    train, heldout = rng.standard_normal((200, 4)), rng.standard_normal((200, 4))
+    copied = memorisation(train[:100] + 1e-4, train, heldout)
+    fresh = memorisation(rng.standard_normal((100, 4)), train, heldout)
+    assert copied["nn_train_ratio"] < 0.01 and copied["near_copies"] == 1.0
+    assert 0.7 < fresh["nn_train_ratio"] < 1.4 and fresh["near_copies"] < 0.1
+
+
+def test_evaluate_prior_tool(tmp_path):
+    import json
+
+    from tools.cli import run_cli
+    from tools.evaluate_prior import main
+
+    root = make_patches(tmp_path / "patches")
+    assert train(tmp_path / "w", root, "max_steps=4") == 0
+    out = tmp_path / "eval"
+    argv = ["--prior", str(tmp_path / "w"), "--data-root", str(root), "--train-keys", "tcga_256", "--heldout-keys",
+            "tcga_256", "--parent-size", "256", "--label-from", "cancer", "--n-samples", "40", "--n-boot", "10",
+            "--prior-steps", "4", "--device", "cpu", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert run_cli(main, argv) == 0
+    sets = json.loads((out / "metrics.json").read_text())["sets"]
+    assert set(sets) == {"all", "luad", "skcm"}
+    for m in sets.values():
+        assert np.isfinite([m["fd"], m["fd_gaussian"], m["precision"], m["nn_train_ratio"]]).all()
+        assert m["fd_low"] <= m["fd_high"] and m["n_samples"] == 40
+    assert "| all |" in (out / "report.md").read_text()

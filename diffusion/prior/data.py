@@ -128,18 +128,21 @@ class UNITokenDataset(PatchFeatureDataset):
         }
 
 
-def token_stats(dataset: UNITokenDataset, max_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of the tokens of up to `max_samples` samples drawn with `seed` (deterministic, so
-    every process and every resumed run computes the same standardisation)."""
+def read_tokens(dataset: UNITokenDataset, max_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to `max_samples` samples drawn with `seed` (all when fewer), in index order: tokens (N, T, C) float32
+    and label ids (N,) (-1: none). Deterministic, so every process and every resumed run reads the same ones."""
     n = len(dataset)
     if n == 0:
-        raise ValueError("no training samples: the index lists no patches")
+        raise ValueError(f"{dataset.index_file}: the keys {', '.join(dataset.keys)} list no patches")
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(n, min(n, max_samples), replace=False))
-    rows = [item["uni"] for i in chosen if (item := dataset[int(i)]) is not None]
-    if len(rows) < 2:
-        raise ValueError(
-            f"only {len(rows)} of the {len(chosen)} samples drawn for the statistics could be read"
-        )
-    tokens = torch.cat(rows).double()  # (n*T, C)
+    items = [item for i in chosen if (item := dataset[int(i)]) is not None]
+    if len(items) < 2:
+        raise ValueError(f"only {len(items)} of the {len(chosen)} samples drawn could be read")
+    return torch.stack([it["uni"] for it in items]), torch.tensor([it["label"] for it in items])
+
+
+def token_stats(dataset: UNITokenDataset, max_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the tokens of up to `max_samples` samples (see `read_tokens`)."""
+    tokens = read_tokens(dataset, max_samples, seed)[0].flatten(0, 1).double()  # (n*T, C)
     return tokens.mean(0).float(), tokens.std(0).float()
