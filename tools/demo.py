@@ -18,7 +18,10 @@ Stages (each runs the project's own command-line tool, as a user would; a finish
                 synthetic variants of every training tile, in its class folder
  10. probe      tools/probe.py: linear probes, real vs real + synthetic, on the held-out tiles
  11. audit      tools/audit.py: the synthetic variants against the training tiles, held-out tiles as yardstick
- 12. report     demo_output/report.html (self-contained) and demo_output/report.png
+ 12. prior      train_scripts/train_prior.py: a UNI prior on the training tiles' stand-in UNI features; images
+                from its samples (no reference image) beside conditional and null-condition ones, each set's
+                Frechet distance to the held-out tiles with bootstrap spread (tools/demo_prior.py)
+ 13. report     demo_output/report.html (self-contained) and demo_output/report.png
 
 The stand-ins are small models made by this repository's code, saved in the real models' formats and loaded
 through the real loaders; they are not UNI2-h or the SD3.5 VAE. With access to the real weights, pass
@@ -320,9 +323,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     demo.stage("audit", audit)
 
+    def prior_stage() -> dict:
+        from tools.demo_prior import run_prior_stage
+
+        return run_prior_stage(demo.run, out, patches, work, vae_dir, uni_dir, TRAIN_KEY, HELDOUT_KEY,
+                               args.sample_steps)  # fmt: skip
+
+    prior = demo.stage("prior", prior_stage)["info"]
+
     from tools.demo_report import write_report
 
-    report = write_report(out, split=split, metrics=metrics, commands=demo.commands, done_dir=demo.done_dir)
+    report = write_report(out, split=split, metrics=metrics, commands=demo.commands, done_dir=demo.done_dir,
+                          prior=prior)  # fmt: skip
     print(f"[demo] report: {report} and {out / 'report.png'}")
     return 0
 

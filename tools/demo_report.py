@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from diffusion.atomic import atomic_path, atomic_write_bytes
 
 STAGES = ("slide", "patches", "encoders", "features", "train", "untrained", "sample", "evaluate", "large", "augment",
-          "probe", "audit")  # fmt: skip
+          "probe", "audit", "prior")  # fmt: skip
 
 
 def write_large_reference(slide_path: Path, out: Path, size: int) -> Path:
@@ -232,7 +232,37 @@ rotations and shifts: synthetic max {px['synthetic']['max']:.3f}, held-out max {
 {_img_tag(Image.open(figure)) if figure.is_file() else ""}"""
 
 
-def write_report(out: Path, split: dict, metrics: dict, commands: list[str], done_dir: Path) -> Path:
+def _prior_html(out: Path, prior: dict | None) -> str:
+    """Images from no reference (prior samples) beside conditional and null-condition ones, with their FDs."""
+    if not prior:
+        return ""
+    samples = out / "samples_prior"
+    columns = [(name, [Image.open(p) for p in sorted((samples / name / "syn").glob("*.png"))[::8][:8]])
+               for name in ("conditional", "prior", "null")]  # fmt: skip
+    fd = prior["fd_images"]
+    rows = "".join(
+        f"<tr><td>{n}</td><td>{m['n_images']}</td><td>{m['value']:.1f}</td><td>[{m['low']:.1f}, {m['high']:.1f}]</td>"
+        f"<td>{m['std']:.1f}</td></tr>"
+        for n, m in fd.items()
+    )
+    u = prior["uni_space"]
+    return f"""<h2>Generation without a reference image (UNI prior)</h2>
+<p>A UNI prior (train_scripts/train_prior.py) trained on the training tiles' stand-in UNI tokens draws the
+conditions of the middle column: no real image is involved. Left: conditioned on the held-out tiles' own tokens
+({prior['seeds_per_condition']} seeds each); right: PixCell's null condition. One image per held-out condition shown.</p>
+{_img_tag(_labelled_grid(columns))}
+<table><tr><th>set</th><th>images</th><th>FD to held-out tiles (stand-in UNI) &darr;</th><th>95% bootstrap</th>
+<th>bootstrap std</th></tr>{rows}</table>
+<p>The prior in UNI space (tools/evaluate_prior.py, tokens only, against the 10 held-out tiles): FD
+{u['fd']:.1f} [{u['fd_low']:.1f}, {u['fd_high']:.1f}] against {u['fd_gaussian']:.1f} for a Gaussian fitted to the
+training tokens and {u.get('fd_null', float('nan')):.1f} for the null condition; k-NN precision {u['precision']:.2f},
+recall {u['recall']:.2f}; nearest-training distance of the samples / of held-out tiles {u['nn_train_ratio']:.2f}
+(&lt;&lt; 1 would mean copies of the {u['n_train']} training tokens).</p>"""
+
+
+def write_report(
+    out: Path, split: dict, metrics: dict, commands: list[str], done_dir: Path, prior: dict | None = None
+) -> Path:
     """Assemble report.html and report.png from what the stages wrote."""
     samples = out / "samples"
     real_dir, syn_dir, unt_dir = samples / "trained" / "real", samples / "trained" / "syn", samples / "untrained" / "syn"
@@ -304,6 +334,7 @@ guidance 2.0).</p>{_img_tag(pairs)}
 <h2>Sliding-window region</h2>{large_html}
 {_probe_html(out, records.get("augment", {}).get("info", {}))}
 {_audit_html(out)}
+{_prior_html(out, prior)}
 <h2>Timings</h2><table>{timing_rows}<tr><th>total</th><th>{total:.0f} s</th></tr></table>
 <h2>Commands run</h2><pre>{cmds}</pre>
 </body></html>"""
