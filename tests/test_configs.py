@@ -10,11 +10,13 @@ import torch
 from diffusion.config import SCHEMA_FILE, build_model_from_config, load_config
 
 # PixCell trainer configs, and the ControlNet's against its own schema (every key that trainer reads);
-# virtual-staining configs have their own schemas too and are checked in tests/test_vs_train.py.
+# virtual-staining configs have their own schemas too and are checked in tests/test_vs_train.py, the UNI prior's
+# (configs/prior/, configs/demo/prior_*.py) in tests/test_prior.py.
 CONFIGS = sorted(
     p
     for p in (Path(__file__).parents[1] / "configs").rglob("*.py")
     if "_base_" not in p.parts and "virtual_staining" not in p.parts and "lora" not in p.parts
+    and "prior" not in p.parts and not p.stem.startswith("prior")
 )
 SCHEMAS = {"controlnet": Path(__file__).parents[1] / "configs" / "_base_" / "controlnet.py"}
 

@@ -343,3 +343,17 @@ def test_evaluate_prior_tool(tmp_path):
         assert np.isfinite([m["fd"], m["fd_gaussian"], m["precision"], m["nn_train_ratio"]]).all()
         assert m["fd_low"] <= m["fd_high"] and m["n_samples"] == 40
     assert "| all |" in (out / "report.md").read_text()
+
+
+def test_every_prior_config_loads_and_builds():
+    from diffusion.config import load_strict_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    paths = sorted((root / "prior").glob("*.py")) + sorted((root / "demo").glob("prior_*.py"))
+    assert len(paths) >= 4
+    for path in paths:
+        cfg = load_strict_config(path, root / "prior" / "_base_" / "prior.py")
+        assert cfg.data.root is None and cfg.resolution % 256 == 0
+        with torch.device("meta"):
+            prior = UNIPrior((cfg.resolution // 256) ** 2, 1536, labels=["a"], **cfg.prior)
+        assert prior.num_tokens in (1, 16)
