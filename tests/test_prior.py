@@ -122,6 +122,14 @@ def test_one_line_errors(tmp_path):
         UNIPrior(num_tokens=1, channels=8, width=32, depth=1).sample(1, label="lung")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_prior(tmp_path)
+    # weights of another size under a config: strict loading names the folder and the mismatch
+    prior.save_pretrained(tmp_path / "p")
+    UNIPrior(num_tokens=16, channels=8, width=64, depth=1, num_heads=4).save_pretrained(tmp_path / "q")
+    (tmp_path / "q" / "diffusion_pytorch_model.safetensors").replace(
+        tmp_path / "p" / "diffusion_pytorch_model.safetensors"
+    )
+    with pytest.raises(ValueError, match=r"UNI prior .*p"):
+        load_prior(tmp_path / "p")
     assert label_of("tcga/luad/single_1024/s1/0_0.jpeg", "cancer") == "luad"
     assert label_of("tcga/luad/single_1024/s1/0_0.jpeg", "dataset") == "tcga"
     (tmp_path / "l.csv").write_text("name,kind\nx,y\n")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-SEEDS = 8  # images per held-out condition (and as many prior / null images in all)
+SEEDS = 5  # images per held-out condition (and as many prior / null images in all)
 PRIOR_CONFIG = "configs/demo/prior_demo.py"
 SETS = ("conditional", "prior", "null")
 

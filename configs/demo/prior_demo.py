@@ -8,11 +8,11 @@ stats_samples = 1024
 prior = dict(width=128, depth=3)
 train_batch_size = 16
 num_epochs = 10000
-max_steps = 600
-optimizer = dict(type="AdamW", lr=1e-3, weight_decay=0.0)
+max_steps = 2000
+optimizer = dict(type="AdamW", lr=2e-3, weight_decay=0.0)
 lr_schedule = dict(type="cosine", warmup_steps=20)
 ema_rate = 0.99
-save_every_steps = 600
+save_every_steps = 2000
 keep_last = 1
-log_every_steps = 50
+log_every_steps = 100
 report_to = "tensorboard"

@@ -236,17 +236,27 @@ def prior_folder(source: str | Path) -> Path:
 
 
 def load_prior(source: str | Path, device: str | torch.device = "cpu") -> UNIPrior:
-    """A saved UNIPrior, strictly (every key and shape), in eval mode on `device`."""
+    """A saved UNIPrior, strictly (every key and shape, nothing missing or extra), in eval mode on `device`."""
     import json
 
+    from safetensors.torch import load_file
+
+    from ..model.loading import check_state_dict
+
     folder = prior_folder(source)
-    name = json.loads((folder / "config.json").read_text()).get("_class_name")
-    if name != UNIPrior.__name__:
-        raise ValueError(f"UNI prior {folder}: holds a {name!r}, not a UNIPrior")
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("_class_name") != UNIPrior.__name__:
+        raise ValueError(f"UNI prior {folder}: holds a {config.get('_class_name')!r}, not a UNIPrior")
+    weights = folder / "diffusion_pytorch_model.safetensors"
     try:
-        prior = UNIPrior.from_pretrained(folder, low_cpu_mem_usage=False)
-    except (OSError, ValueError, RuntimeError) as err:
+        prior = UNIPrior.from_config(config)
+        state = load_file(str(weights))
+    except (
+        Exception
+    ) as err:  # a bad config value, a missing or truncated weights file (safetensors' own error)
         raise ValueError(f"UNI prior {folder}: cannot load ({type(err).__name__}: {err})") from None
+    check_state_dict(prior, state, f"UNI prior {folder}")
+    prior.load_state_dict(state, strict=True)
     return prior.eval().to(device)
 
 
