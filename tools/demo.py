@@ -84,13 +84,15 @@ class Demo:
         self.commands.extend(record["commands"])
         return record
 
-    def run(self, *args: str) -> None:
-        """Run one of the project's tools as a subprocess (its progress bars show), failing loudly."""
+    def run(self, *args: str, env: dict[str, str] | None = None) -> None:
+        """Run one of the project's tools as a subprocess (its progress bars show), failing loudly. `env`: extra
+        environment variables, shown before the command."""
         cmd = [PY, "-m", *args]
-        shown = "python -m " + " ".join(shlex.quote(a) for a in args)
+        prefix = "".join(f"{k}={shlex.quote(v)} " for k, v in (env or {}).items())
+        shown = prefix + "python -m " + " ".join(shlex.quote(a) for a in args)
         self.commands.append(shown)
         print(f"[demo] $ {shown}", flush=True)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
         result = subprocess.run(cmd, env=env)
         if result.returncode != 0:
             raise RuntimeError(f"demo stage command failed (exit {result.returncode}): {shown}")

@@ -81,7 +81,10 @@ def run_prior_stage(
     seeds: int = SEEDS,
 ) -> dict:
     prior_dir, samples = out / "prior", out / "samples_prior"
-    run("train_scripts.train_prior", PRIOR_CONFIG, "--work-dir", str(prior_dir), "--data-root", str(patches))
+    # A model this small is many tiny ops: one thread is several times faster than two fighting over them.
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    run("train_scripts.train_prior", PRIOR_CONFIG, "--work-dir", str(prior_dir), "--data-root", str(patches),
+        env=one_thread)  # fmt: skip
     n = write_conditions(patches, heldout_key, work, samples, seeds)
     common = ["--model", str(work), "--vae", str(vae_dir), "--device", "cpu", "--dtype", "fp32", "--steps",
               str(sample_steps), "--seed", "0", "--batch", "16", "--no-progress"]  # fmt: skip
@@ -102,7 +105,7 @@ def run_prior_stage(
         str(samples / "null"))  # fmt: skip
     run("tools.evaluate_prior", "--prior", str(prior_dir), "--data-root", str(patches), "--train-keys", train_key,
         "--heldout-keys", heldout_key, "--parent-size", "256", "--model", str(work), "--n-samples", "200",
-        "--device", "cpu", "--out", str(out / "eval" / "prior"), "--no-progress")  # fmt: skip
+        "--device", "cpu", "--out", str(out / "eval" / "prior"), "--no-progress", env=one_thread)  # fmt: skip
     fds = image_fds(samples / "real", samples, uni_dir)
     uni_space = json.loads((out / "eval" / "prior" / "metrics.json").read_text())["sets"]["all"]
     return {"fd_images": fds, "seeds_per_condition": seeds, "uni_space": uni_space}

@@ -114,6 +114,7 @@ def main(args: argparse.Namespace) -> int:
         seed=cfg.seed,
         max_failure_rate=d.max_failure_rate,
         label_from=cfg.label_from,
+        in_memory=d.in_memory,
     )
     mean, std = token_stats(dataset, cfg.stats_samples, cfg.seed)  # the same on every process
     sampler = ResumableSampler(

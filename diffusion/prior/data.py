@@ -68,9 +68,11 @@ class UNITokenDataset(PatchFeatureDataset):
     """UNI tokens of every crop, plus a label id. Items: {"uni": (T, C) float32, "label": int (-1: none),
     "index", "path", "crop"}, or None when the sample failed (logged and counted; see PatchFeatureDataset)."""
 
-    def __init__(self, *args: Any, label_from: str | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, label_from: str | None = None, in_memory: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.label_from = label_from
+        # in_memory: keep every item once read (small datasets, e.g. the CPU demo; per process and worker)
+        self.cache: dict[int, dict[str, Any]] | None = {} if in_memory else None
         self.label_names: list[str] = []
         self.label_ids: list[np.ndarray] = []  # per index key, one id per patch (-1: none)
         if label_from is not None:
@@ -106,6 +108,8 @@ class UNITokenDataset(PatchFeatureDataset):
         return int(self.label_ids[self.keys.index(key)][position])
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
         key, position, row, col = self.locate(index)
         rel = self.patch_path(key, position)
         try:
@@ -119,13 +123,16 @@ class UNITokenDataset(PatchFeatureDataset):
             return None
         self.num_loaded += 1
         step = self.crop_grid
-        return {
+        item = {
             "uni": torch.from_numpy(np.array(uni, dtype=np.float32)),  # (T, C)
             "label": self.label_of_index(index),
             "index": index,
             "path": rel,
             "crop": (row * step, col * step),
         }
+        if self.cache is not None:
+            self.cache[index] = item
+        return item
 
 
 def read_tokens(dataset: UNITokenDataset, max_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ data = dict(
     features_root=None,  # npy: default the root; packed: default <root>/features_packed
     num_workers=4,  # feature-reading DataLoader workers
     max_failure_rate=0.01,  # unreadable samples tolerated before the run stops
+    in_memory=False,  # keep the tokens once read (small datasets only: T * C * 4 bytes per sample)
 )
 resolution = 256  # 256: one token per sample (prior for PixCell-256); 1024: 16-token grids (PixCell-1024)
 label_from = None  # None (unconditional), "dataset", "cancer" (from the patch paths) or a CSV (patch,label)
