@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion.atomic import atomic_path
-from diffusion.encoders import UNI_TILE
+from diffusion.geometry import UNI_TILE
 from diffusion.prior.data import NO_LABEL, UNITokenDataset, read_tokens
 from diffusion.prior.evaluation import prior_metrics, token_rows
 from diffusion.prior.model import DEFAULT_FLOW_STEPS, UNIPrior, load_prior

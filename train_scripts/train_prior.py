@@ -17,35 +17,22 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from diffusion.atomic import atomic_path
 from diffusion.config import load_strict_config, parse_cfg_options
 from diffusion.data.datasets import collate_skip_none
-from diffusion.encoders import UNI_TILE
 from diffusion.flow import flow_matching_loss
+from diffusion.geometry import UNI_TILE
 from diffusion.prior.data import LABEL_SOURCES, NO_LABEL, UNITokenDataset, describe_labels, token_stats
 from diffusion.prior.model import UNIPrior
-from diffusion.training.checkpoint import CheckpointManager, restore_training_state, save_training_state
-from diffusion.training.ema import EMA
-from diffusion.training.optim import build_lr_scheduler, build_optimizer
-from diffusion.training.run import (
-    TrainLoop,
-    add_resume_args,
-    resume_checkpoint,
-    run_trainer,
-    seeded_generator,
-    setup_logging,
-)
+from diffusion.training.run import add_resume_args, launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
-from diffusion.training.signals import parse_duration
-from diffusion.training.tracking import environment, save_run_info
+from tools.cli import run_cli
 
 log = logging.getLogger("pixcell.train")
 SCHEMA = Path(__file__).resolve().parents[1] / "configs" / "prior" / "_base_" / "prior.py"
@@ -96,10 +83,8 @@ def load_run_config(args: argparse.Namespace):
 def main(args: argparse.Namespace) -> int:
     cfg = load_run_config(args)
     work_dir = Path(args.work_dir)
-    accelerator = Accelerator()
+    accelerator, resume = launch(work_dir, args.resume_from)
     is_main, device = accelerator.is_main_process, accelerator.device
-    setup_logging(accelerator, work_dir)
-    resume = resume_checkpoint(work_dir, args.resume_from)
 
     # ---- data: UNI tokens of every crop, with labels
     d = cfg.data
@@ -128,55 +113,33 @@ def main(args: argparse.Namespace) -> int:
                         num_workers=d.num_workers, collate_fn=collate_skip_none)  # fmt: skip
     total_steps = cfg.max_steps or cfg.num_epochs * sampler.batches_per_epoch
 
-    # ---- model and optimisation (same seed everywhere: identical initialisation on every process)
+    # ---- model (same seed everywhere: identical initialisation on every process) and the run skeleton
     torch.manual_seed(cfg.seed)
     num_tokens = (cfg.resolution // UNI_TILE) ** 2
-    model = UNIPrior(num_tokens, mean.numel(), labels=dataset.label_names or None, **cfg.prior)
-    model.set_data_stats(mean, std)
-    optimizer = build_optimizer(model.parameters(), cfg.optimizer)
-    lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_schedule, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    ema = EMA(unwrapped, cfg.ema_rate) if cfg.ema_rate else None
-    gen = seeded_generator(device, cfg.seed, accelerator.process_index)
-    manager = CheckpointManager(work_dir, accelerator, keep_last=cfg.keep_last)
-
-    state = dict(step=0, epoch=0, batch_in_epoch=0)
-    if resume is not None:
-        restore_training_state(manager, resume, state, lr_scheduler, {"generator": gen}, ema=ema)
-        log.info("resumed from %s at step %d", resume, state["step"])
-    if is_main:
-        env = environment(accelerator)
-        env.update(total_steps=total_steps, train_samples=len(dataset), tokens=num_tokens, channels=mean.numel(),
-                   labels=dataset.label_names, resumed_from=str(resume or ""))  # fmt: skip
-        save_run_info(work_dir, cfg.pretty_text, env)
-
-    def export() -> None:
-        """The prior for sampling, `<work_dir>/prior/` (EMA weights when there is an EMA), written atomically."""
-        if is_main:
-            with atomic_path(work_dir / "prior") as tmp:
-                if ema is not None:
-                    with ema.swapped(unwrapped):
-                        unwrapped.save_pretrained(tmp)
-                else:
-                    unwrapped.save_pretrained(tmp)
+    prior = UNIPrior(num_tokens, mean.numel(), labels=dataset.label_names or None, **cfg.prior)
+    prior.set_data_stats(mean, std)
+    info = dict(
+        train_samples=len(dataset), tokens=num_tokens, channels=mean.numel(), labels=dataset.label_names
+    )
+    run = start_run(
+        accelerator, cfg, work_dir, prior, total_steps, resume, generator_name="generator", info=info
+    )
+    model, unwrapped, state, gen = run.model, run.unwrapped, run.state, run.generator
 
     def save(step: int) -> None:
-        save_training_state(manager, step, state, lr_scheduler, cfg.pretty_text, {"generator": gen}, ema=ema)
-        export()
+        """A checkpoint, then the prior for sampling, `<work_dir>/prior/` (EMA weights), written atomically."""
+        run.save(step)
+        if is_main:
+            with run.ema_weights(), atomic_path(work_dir / "prior") as tmp:
+                unwrapped.save_pretrained(tmp)
 
     batch_stream = BatchStream(loader, sampler, state)
     null = len(dataset.label_names)
     log.info("training %d steps on %d samples of %d token(s) x %d (%s), %d process(es) x batch %d", total_steps,
              len(dataset), num_tokens, mean.numel(), describe_labels(cfg.label_from), accelerator.num_processes,
              cfg.train_batch_size)  # fmt: skip
-    with TrainLoop(accelerator, work_dir, cfg, save, total_steps, state["step"], resumed=resume is not None,
-                   time_limit=parse_duration(args.time_limit), desc="UNI prior") as loop:  # fmt: skip
-        while state["step"] < total_steps:
-            reason = loop.stop_reason()
-            if reason:
-                loop.save_and_stop(reason, state["step"])
-                break
+    with run.loop(save, args.time_limit, desc="UNI prior") as loop:
+        while state["step"] < total_steps and not loop.should_stop(state["step"]):
             batch = next(batch_stream)
             if batch is None:  # every sample of the batch failed to load (logged and counted by the dataset)
                 continue
@@ -189,23 +152,15 @@ def main(args: argparse.Namespace) -> int:
             x0 = torch.randn(x1.shape, generator=gen, device=device)
             loss = flow_matching_loss(model, x0, x1, generator=gen, labels=labels)
             accelerator.backward(loss)
-            clip = cfg.gradient_clip or math.inf
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), clip))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lr_scheduler.step()
-            if ema is not None:
-                ema.update(unwrapped)
-            state["step"] += 1
-            step = state["step"]
-            loop.log_step(step, loss, optimizer.param_groups[0]["lr"], grad_norm, images=len(x1) * accelerator.num_processes)  # fmt: skip
+            grad_norm, step = run.optimizer_step(cfg.gradient_clip)
+            loop.log_step(step, loss, run.lr, grad_norm, images=len(x1) * accelerator.num_processes)
             loop.save_if_due(step)
-    accelerator.end_training()
-    return 0
+    return run.finish()
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return run_trainer(main, parse_args(argv))
+    """The command line: bad input is one `error:` line and exit status 2, as for every tool."""
+    return run_cli(lambda a: run_trainer(main, parse_args(a)), argv)
 
 
 if __name__ == "__main__":

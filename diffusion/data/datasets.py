@@ -204,7 +204,8 @@ class PatchFeatureDataset(Dataset):
                     f"{vae_path}: shape {tuple(vae_all.shape)}, expected (2*latent_channels, {side}, {side}) "
                     f"for {self.parent_size} px patches"
                 )
-            vae, uni = np.asarray(vae_all[(slice(None), *box)]), np.asarray(self._read_uni_npy(uni_path)[tokens])
+            vae = np.asarray(vae_all[(slice(None), *box)])
+            uni = np.asarray(self._read_uni_npy(uni_path)[tokens])
         if not (np.isfinite(vae).all() and np.isfinite(uni).all()):
             which = "UNI embedding" if not np.isfinite(uni).all() else "VAE posterior"
             raise SampleError(f"{rel}: NaN or Inf in the {which} (crop {row},{col})")

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..flow import ResBlock, euler_integrate, timestep_embedding, zero_init
 from ..model.pixcell_transformer import sincos_2d
-from ..sampling import guided_prediction
+from ..sampling.samplers import guided_prediction
 
 DEFAULT_FLOW_STEPS = 50  # Euler steps when sampling (the flow is nearly straight; see docs/prior.md)
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..conditions import ConditionSource, Loaded, Spec, name_seed
+from ..sampling.conditions import ConditionSource, Loaded, Spec, name_seed
 from .model import DEFAULT_FLOW_STEPS, UNIPrior, check_prior_fits
 
 
