@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
     )
     src.add_argument("--keys", nargs="+", help="index datasets to draw from (default: all)")
     src.add_argument(
-        "--n-images", type=int, help="a random subset of this many crops (--index / --patches); --prior: how many"
+        "--n-images", type=int, help="a random subset of this many crops (--index, --patches); --prior: count"
     )
     pri = p.add_argument_group("UNI prior (no reference image; train_scripts/train_prior.py)")
     pri.add_argument("--prior", help="UNI prior: a train_prior.py work dir or its prior/ folder")
