@@ -365,3 +365,17 @@ def test_every_prior_config_loads_and_builds():
         with torch.device("meta"):
             prior = UNIPrior((cfg.resolution // 256) ** 2, 1536, labels=["a"], **cfg.prior)
         assert prior.num_tokens in (1, 16)
+
+
+def test_sample_images_python_entry(pixcell_t1, tiny_vae_dir, tmp_path):
+    from diffusion.prior.sampling import sample_images
+    from diffusion.sampling.pipeline import PixCellPipeline
+
+    pipe = PixCellPipeline.from_parts(str(pixcell_t1), str(tiny_vae_dir))
+    prior = load_prior(saved_prior(tmp_path / "w"))
+    out = sample_images(pipe, prior, 2, label="luad", prior_steps=3, num_inference_steps=2, output_type="np",
+                        generator=torch.Generator().manual_seed(0), progress=False)  # fmt: skip
+    assert out.images.shape == (2, 64, 64, 3) and out.conditions.shape == (2, 1, UNI_C)
+    assert np.isfinite(out.images).all()
+    with pytest.raises(ValueError, match=r"the PixCell model takes \(1, 96\)"):
+        sample_images(pipe, load_prior(saved_prior(tmp_path / "g", tokens=16)), 1)
