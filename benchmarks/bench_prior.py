@@ -33,7 +33,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench(name: str, device: torch.device, dtype: torch.dtype, steps: int, batch: int | None) -> dict:
+def bench(
+    name: str, device: torch.device, dtype: torch.dtype, steps: int, batch: int | None, n_sample: int
+) -> dict:
     cfg = load_strict_config(CONFIGS / f"{name}.py", CONFIGS / "_base_" / "prior.py")
     tokens = (cfg.resolution // 256) ** 2
     batch = batch or cfg.train_batch_size
@@ -61,7 +63,7 @@ def bench(name: str, device: torch.device, dtype: torch.dtype, steps: int, batch
     per_step = (time.perf_counter() - t0) / steps
     samples_per_s = batch / per_step
     samples_per_mpatch = 1e6 * (1024 // cfg.resolution) ** 2  # samples per million 1024 px patches
-    n = min(batch, 256)
+    n = n_sample
     prior.eval()
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         prior.sample(2, "label0", 2.0, 2)  # warm-up
@@ -78,7 +80,7 @@ def bench(name: str, device: torch.device, dtype: torch.dtype, steps: int, batch
         "step ms": 1e3 * per_step,
         "train samples/s": samples_per_s,
         "epoch per 1M patches": samples_per_mpatch / samples_per_s,
-        "prior samples/s (50 steps, w=2)": n / sample_s,
+        "prior samples/s (50 Euler steps, w=2)": n / sample_s,
     }
 
 
@@ -93,9 +95,15 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=["prior_256", "prior_1024"])
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per config")
     p.add_argument("--batch", type=int, default=None, help="default: the config's train_batch_size")
+    p.add_argument(
+        "--sample-n", type=int, default=None, help="prior samples timed (default: 256 on GPU, 16 on CPU)"
+    )
     args = p.parse_args()
     device = torch.device(args.device)
-    rows = [bench(name, device, DTYPES[args.dtype], args.steps, args.batch) for name in args.configs]
+    n_sample = args.sample_n or (256 if device.type == "cuda" else 16)
+    rows = [
+        bench(name, device, DTYPES[args.dtype], args.steps, args.batch, n_sample) for name in args.configs
+    ]
     keys = list(rows[0])
     print(f"device {device} ({torch.get_num_threads()} threads), {args.dtype}")
     print("| " + " | ".join(keys) + " |")
