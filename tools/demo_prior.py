@@ -81,7 +81,8 @@ def run_prior_stage(
     seeds: int = SEEDS,
 ) -> dict:
     prior_dir, samples = out / "prior", out / "samples_prior"
-    # A model this small is many tiny ops: one thread is several times faster than two fighting over them.
+    # Models this small are many small ops: one OpenMP thread per command is as fast on an idle machine and many
+    # times faster on a busy one (two threads spin-waiting for each other).
     one_thread = {"OMP_NUM_THREADS": "1"}
     run("train_scripts.train_prior", PRIOR_CONFIG, "--work-dir", str(prior_dir), "--data-root", str(patches),
         env=one_thread)  # fmt: skip
