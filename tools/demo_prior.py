@@ -89,21 +89,13 @@ def run_prior_stage(
     n = write_conditions(patches, heldout_key, work, samples, seeds)
     common = ["--model", str(work), "--vae", str(vae_dir), "--device", "cpu", "--dtype", "fp32", "--steps",
               str(sample_steps), "--seed", "0", "--batch", "16", "--no-progress"]  # fmt: skip
-    run(
-        "tools.sample",
-        *common,
-        "--prior",
-        str(prior_dir),
-        "--n-images",
-        str(n),
-        "--out",
-        str(samples / "prior"),
-    )
+    run("tools.sample", *common, "--prior", str(prior_dir), "--n-images", str(n), "--out", str(samples / "prior"),
+        env=one_thread)  # fmt: skip
     run("tools.sample", *common, "--embeddings", str(samples / "heldout.npy"), "--out",
-        str(samples / "conditional"))  # fmt: skip
+        str(samples / "conditional"), env=one_thread)  # fmt: skip
     # The null condition alone: guidance 1 is exactly the unconditional prediction (no second pass).
     run("tools.sample", *common, "--embeddings", str(samples / "null.npy"), "--guidance", "1", "--out",
-        str(samples / "null"))  # fmt: skip
+        str(samples / "null"), env=one_thread)  # fmt: skip
     run("tools.evaluate_prior", "--prior", str(prior_dir), "--data-root", str(patches), "--train-keys", train_key,
         "--heldout-keys", heldout_key, "--parent-size", "256", "--model", str(work), "--n-samples", "200",
         "--device", "cpu", "--out", str(out / "eval" / "prior"), "--no-progress", env=one_thread)  # fmt: skip
