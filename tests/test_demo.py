@@ -21,14 +21,15 @@ def test_reduced_demo_writes_a_complete_report_and_reuses_its_stages(tmp_path, r
     page = (out / "report.html").read_text()
     for section in ("Held-out tiles and their synthetic twins", "Metrics", "Training loss", "Sliding-window region",
                     "Timings", "Commands run", "demo stand-ins", "Over 2 seeds per held-out condition",
-                    "Augmentation and a linear probe", "Memorisation audit"):  # fmt: skip
+                    "Augmentation and a linear probe", "Memorisation audit",
+                    "Generation without a reference image"):  # fmt: skip
         assert section in page, section
     images = re.findall(r'src="data:image/png;base64,', page)
     assert len(images) >= 5  # pairs, loss curve, VAE example, real and generated region: inlined, self-contained
     assert "<img src=\"http" not in page and "file://" not in page
     for tool in ("tools.extract_patches", "tools.build_index", "tools.extract_features",
                  "train_scripts.train_pixcell", "tools.sample ", "tools.evaluate", "tools.sample_4k", "tools.augment",
-                 "tools.probe", "tools.audit"):  # fmt: skip
+                 "tools.probe", "tools.audit", "train_scripts.train_prior", "tools.evaluate_prior"):  # fmt: skip
         assert tool in page, tool
 
     figure = Image.open(out / "report.png")
@@ -57,6 +58,11 @@ def test_reduced_demo_writes_a_complete_report_and_reuses_its_stages(tmp_path, r
     assert {r["train"] for r in probe["results"]} == {"real", "real+syn:augmented", "syn:augmented"}
     audit = json.loads((out / ".done" / "audit.json").read_text())["info"]
     assert audit["n_synthetic"] == n_train and audit["reference_flagged"] == 0
+    # Images from the UNI prior beside conditional and null-condition ones, as many of each, with bootstrap FDs.
+    prior = json.loads((out / ".done" / "prior.json").read_text())["info"]
+    assert set(prior["fd_images"]) == {"conditional", "prior", "null"}
+    for m in prior["fd_images"].values():
+        assert m["n_images"] == 2 * len(real) and m["low"] <= m["value"] <= m["high"]
     large = next((out / "large" / "syn").rglob("*.png"))
     assert Image.open(large).size == (512, 512)
 

@@ -329,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tools.demo_prior import run_prior_stage
 
         return run_prior_stage(demo.run, out, patches, work, vae_dir, uni_dir, TRAIN_KEY, HELDOUT_KEY,
-                               args.sample_steps)  # fmt: skip
+                               args.sample_steps, args.seeds)  # fmt: skip
 
     prior = demo.stage("prior", prior_stage)["info"]
 

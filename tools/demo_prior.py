@@ -3,7 +3,7 @@
 A UNI prior (train_scripts/train_prior.py, configs/demo/prior_demo.py) is trained on the stand-in UNI features of
 the training tiles; then the trained PixCell makes three sets of the same size with tools/sample.py:
 
-    conditional   the held-out tiles' own UNI tokens, each with SEEDS seeds (the upper bound: a real reference)
+    conditional   the held-out tiles' own UNI tokens, each with several seeds (the upper bound: a real reference)
     prior         as many conditions drawn from the prior (no reference image at all)
     null          PixCell's null condition (what "unconditional" sampling conditions on; the lower bound)
 
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-SEEDS = 5  # images per held-out condition (and as many prior / null images in all)
 PRIOR_CONFIG = "configs/demo/prior_demo.py"
 SETS = ("conditional", "prior", "null")
 
@@ -78,7 +77,7 @@ def run_prior_stage(
     train_key: str,
     heldout_key: str,
     sample_steps: int,
-    seeds: int = SEEDS,
+    seeds: int,  # images per held-out condition (and as many prior / null images in all): the demo's --seeds
 ) -> dict:
     prior_dir, samples = out / "prior", out / "samples_prior"
     # Models this small are many small ops: one OpenMP thread per command is as fast on an idle machine and many
