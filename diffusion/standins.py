@@ -14,7 +14,7 @@ nothing: a test that uses them checks plumbing, shapes and invariants, not image
     reference_eps_fn          the one-window-at-a-time sliding-window loop of the published 4K script
 
 The demo's trained stand-ins (a VAE and a UNI that reconstruct and follow tissue) start from these builders:
-`tools/demo_standins.py`. The virtual-staining bundle (transformer, VAE, UNI, flow MLP, LoRA on disk) is
+`diffusion/demo/standins.py`. The virtual-staining bundle (transformer, VAE, UNI, flow MLP, LoRA on disk) is
 `virtual_staining/tiny.py`.
 """
 

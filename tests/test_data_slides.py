@@ -27,8 +27,8 @@ from diffusion.data.slides import (
     plan_slide,
     slide_mpp,
 )
+from diffusion.demo.slide import SLIDE_SHA256, fetch_slide
 from tools import build_index, extract_patches
-from tools.fetch_slide import SLIDE_SHA256, fetch_slide
 
 REPO = Path(__file__).resolve().parents[1]
 SLIDE_DIR = ("cmu", "demo")

