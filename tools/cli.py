@@ -130,16 +130,25 @@ def add_sampler_args(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("sampler")
     g.add_argument(
-        "--sampler", default="dpm-solver", choices=list(SAMPLERS), help="default: DPM-Solver++ (2M)"
+        "--sampler",
+        default=None,
+        choices=list(SAMPLERS),
+        help="default: the one recorded beside the model (a distilled student: lcm), else DPM-Solver++ (2M); "
+        "sde-dpm-solver and euler-ancestral are SDE samplers",
     )
     g.add_argument(
-        "--steps", type=int, default=None, help="default: 20 (dpm-solver), 50 (ddim), 25, 100 (ddpm)"
+        "--steps",
+        type=int,
+        default=None,
+        help="default: the model's recorded steps (a student: 4), else 20 (dpm-solver, sde-dpm-solver), 50 (ddim), "
+        "25 (sa-solver), 100 (ddpm), 30 (euler-ancestral)",
     )
     g.add_argument(
         "--guidance",
         type=float,
         default=None,
-        help="w in eps_u + w (eps_c - eps_u); default 2.0 at 256 px, 1.2 at 1024",
+        help="w in eps_u + w (eps_c - eps_u) (a student: its guidance input); default: the model's recorded "
+        "guidance, else 2.0 at 256 px, 1.2 at 1024",
     )
     g.add_argument(
         "--guidance-interval",
@@ -213,6 +222,7 @@ def load_pipeline(args: argparse.Namespace, device: torch.device) -> tuple[PixCe
     from diffusion.model.pixcell_transformer import compile_blocks
     from diffusion.sampling.pipeline import PixCellPipeline
     from diffusion.sampling.runner import model_reference
+    from diffusion.sampling.samplers import sampler_name
 
     dtype = DTYPES[args.dtype]
     torch_dtype = None if dtype == torch.float32 else dtype  # fp32 is the stored dtype: no cast
@@ -225,6 +235,13 @@ def load_pipeline(args: argparse.Namespace, device: torch.device) -> tuple[PixCe
     else:
         pipe = PixCellPipeline.from_parts(args.model, args.vae, args.sampler, torch_dtype=torch_dtype).to(device)
     apply_lora_args(pipe, args)
+    # Flags left unset take the defaults recorded beside the weights (a distilled student's sampling.json), so
+    # run.json and the manifest record what was used.
+    args.sampler = sampler_name(pipe.scheduler)
+    # (tools/app.py chooses them per request: it has no such flags)
+    args.guidance, args.steps = pipe.recorded_defaults(
+        getattr(args, "guidance", None), getattr(args, "steps", None)
+    )
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.compile:

@@ -155,6 +155,8 @@ class PixCellControlNet(PixCellModelMixin, ModelMixin, ConfigMixin):
         (The published recipe initialises from the frozen base PixCell-256 this way.)
         """
         config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+        if config.pop("guidance_embeds", False):  # the student's guidance embedding is not the ControlNet's
+            raise ValueError("a ControlNet is made from a PixCell transformer, not from a distilled student")
         n = (
             config["num_layers"]
             if n_controlnet_blocks is None

@@ -2,7 +2,8 @@
 
 Sources: a Hugging Face hub id (`StonyBrook-CVLab/PixCell-256`), a diffusers folder (a pipeline folder with
 `transformer/`, or a transformer folder with `config.json`), or an original PixArt-style checkpoint file
-(`.pth`/`.ckpt`/`.pt` holding `state_dict`/`state_dict_ema`). Strict means no missing key, no unexpected key,
+(`.pth`/`.ckpt`/`.pt` holding `state_dict`/`state_dict_ema`), or a LoRA student folder (diffusion/model/student.py).
+Strict means no missing key, no unexpected key,
 no shape mismatch: otherwise one ValueError line that names the first offending keys.
 """
 
@@ -146,9 +147,14 @@ def load_transformer(
 ) -> PixCellTransformer2DModel:
     """Load a PixCell transformer from a hub id, a diffusers folder, an original checkpoint file, or a training
     work dir / checkpoint folder (`ema`: its EMA weights, the default for sampling, else the raw weights)."""
+    # imported here: student.py builds on lora.py, which imports this module
+    from .student import is_lora_student, load_lora_student
+
     path = Path(source)
     if path.suffix in ORIGINAL_SUFFIXES:
         model = load_original_checkpoint(path, ema=ema)
+    elif path.is_dir() and is_lora_student(path):  # a few-MB LoRA student: its teacher + the adapter, merged
+        return load_lora_student(path, torch_dtype)
     elif path.is_dir():
         folder = _transformer_folder(path)
         if folder is None and ((path / "checkpoints").is_dir() or (path / "meta.json").is_file()):

@@ -11,6 +11,8 @@ state dict is exactly the published Hugging Face layout of PixCell-256/1024 (`fo
     caption_projection.uncond_embedding  the fixed random "null" condition for classifier-free guidance
     transformer_blocks.i.*               diffusers BasicTransformerBlock (self-attn, cross-attn, MLP)
     scale_shift_table, proj_out          final adaLN modulation and linear head (16 eps + 16 variance channels)
+    guidance_embedder.*                  only in a distilled few-step student (`guidance_embeds=True`): the
+                                         guidance scale w as an input, added to the timestep embedding
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import BasicTransformerBlock
-from diffusers.models.embeddings import PatchEmbed
+from diffusers.models.embeddings import PatchEmbed, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormSingle
@@ -105,6 +107,25 @@ class UNIProjection(nn.Module):
         return self.linear_2(self.act_1(self.linear_1(uni)))
 
 
+class GuidanceEmbedding(nn.Module):
+    """The guidance scale w of a distilled student -> (B, D), added to the timestep embedding.
+
+    LCM's guidance embedding (Luo et al. 2023, Sec. 4.2: the student takes w as an input, "w-conditioned"):
+    a sin-cos embedding of 1000 w (256 channels, like the timestep's), then an MLP. The last layer starts at zero,
+    so a student initialised from its teacher computes exactly the teacher's function until it learns to use w.
+    """
+
+    def __init__(self, hidden_size: int, channels: int = 256):
+        super().__init__()
+        self.proj = Timesteps(channels, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.embedder = TimestepEmbedding(channels, hidden_size)
+        nn.init.zeros_(self.embedder.linear_2.weight)
+        nn.init.zeros_(self.embedder.linear_2.bias)
+
+    def forward(self, guidance: Tensor, dtype: torch.dtype) -> Tensor:  # (B,) -> (B, D)
+        return self.embedder(self.proj(guidance * 1000.0).to(dtype))
+
+
 #################################################################################
 #            Shared by the transformer and the ControlNet                       #
 #################################################################################
@@ -159,6 +180,7 @@ class PixCellModelMixin:
         hidden_states: Tensor,  # (B, C_in, H, W)
         encoder_hidden_states: Tensor,  # (B, T, C_uni)
         timestep: Tensor,  # (B,) or scalar
+        guidance: Tensor | None = None,  # (B,) guidance scales: distilled students only
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """-> patch tokens x (B, N, D) with sin-cos positions, UNI tokens y (B, T, D), the adaLN-single
         modulation t_mod (B, 6D) and the raw timestep embedding t_emb (B, D)."""
@@ -166,9 +188,22 @@ class PixCellModelMixin:
         if timestep.ndim == 0:
             timestep = timestep.expand(batch)
         x = self.pos_embed(hidden_states)  # (B, N, D), sin-cos position added
-        t_mod, t_emb = self.adaln_single(
-            timestep, {"resolution": None, "aspect_ratio": None}, batch_size=batch, hidden_dtype=x.dtype
-        )  # (B, 6D), (B, D)
+        embedder = getattr(self, "guidance_embedder", None)
+        if (guidance is None) != (embedder is None):
+            raise ValueError(
+                "guidance: a distilled student (guidance_embeds=True) takes the guidance scale as an input, "
+                "a plain PixCell model does not" if embedder is not None else "guidance: this model has no "
+                "guidance embedding (guidance_embeds=False); guide with the unconditional pass instead"
+            )
+        if embedder is None:
+            t_mod, t_emb = self.adaln_single(
+                timestep, {"resolution": None, "aspect_ratio": None}, batch_size=batch, hidden_dtype=x.dtype
+            )  # (B, 6D), (B, D)
+        else:  # adaLN-single's own two lines, with the guidance embedding added to the timestep embedding
+            ada = self.adaln_single
+            t_emb = ada.emb(timestep, resolution=None, aspect_ratio=None, batch_size=batch, hidden_dtype=x.dtype)
+            t_emb = t_emb + embedder(guidance.reshape(-1).expand(batch), t_emb.dtype)
+            t_mod = ada.linear(ada.silu(t_emb))
         y = encoder_hidden_states.to(x.dtype)
         if self.y_pos_embed is not None:
             y = self.y_pos_embed(y)
@@ -227,6 +262,7 @@ class PixCellTransformer2DModel(PixCellModelMixin, ModelMixin, ConfigMixin):
         caption_channels: int | None = 1536,  # UNI2-h embedding size
         caption_num_tokens: int = 1,  # T: 1 (256 px), 4 (512 px), 16 (1024 px)
         attention_type: str | None = "default",
+        guidance_embeds: bool = False,  # a distilled student: the guidance scale is an input (not in PixCell)
     ):
         super().__init__()
         if norm_type != "ada_norm_single":
@@ -260,6 +296,8 @@ class PixCellTransformer2DModel(PixCellModelMixin, ModelMixin, ConfigMixin):
             else None
         )
         self.caption_projection = UNIProjection(caption_channels, inner_dim, caption_num_tokens)
+        if guidance_embeds:  # absent from the published layout, so the published weights still load strictly
+            self.guidance_embedder = GuidanceEmbedding(inner_dim)
 
         # 2. Blocks.
         self.transformer_blocks = nn.ModuleList(
@@ -317,6 +355,9 @@ class PixCellTransformer2DModel(PixCellModelMixin, ModelMixin, ConfigMixin):
         # Output head starts at zero.
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
+        # A student's guidance embedding starts at zero (GuidanceEmbedding), after the Xavier pass above.
+        if hasattr(self, "guidance_embedder"):
+            nn.init.zeros_(self.guidance_embedder.embedder.linear_2.weight)
 
     # ------------------------------------------------------------------ conditions
 
@@ -361,6 +402,7 @@ class PixCellTransformer2DModel(PixCellModelMixin, ModelMixin, ConfigMixin):
         added_cond_kwargs: dict | None = None,  # accepted for diffusers-pipeline compatibility; unused
         return_dict: bool = True,
         block_residuals: Sequence[Tensor] | None = None,  # ControlNet: (B, N, D) added after block i
+        guidance: Tensor | None = None,  # (B,) guidance scales w: only for a student (guidance_embeds=True)
     ) -> Transformer2DModelOutput | tuple[Tensor]:
         """`block_residuals[i]` (B, N, D), when given, is added to the hidden states after block i, for the
         first len(block_residuals) blocks: the published PixCell ControlNet's injection point
@@ -373,7 +415,7 @@ class PixCellTransformer2DModel(PixCellModelMixin, ModelMixin, ConfigMixin):
                 f"block_residuals: {len(block_residuals)} given, the model has {len(self.transformer_blocks)} blocks"
             )
 
-        x, y, t_mod, t_emb = self.embed_inputs(hidden_states, encoder_hidden_states, timestep)
+        x, y, t_mod, t_emb = self.embed_inputs(hidden_states, encoder_hidden_states, timestep, guidance)
         for i, block in enumerate(self.transformer_blocks):
             x = self.run_block(block, x, y, t_mod)
             if block_residuals is not None and i < len(block_residuals):

@@ -39,6 +39,7 @@ class PixCellControlNetPipeline(PixCellPipeline):
         super(PixCellPipeline, self).__init__()
         self.register_modules(transformer=transformer, controlnet=controlnet, vae=vae, scheduler=scheduler)
         self._control: tuple[Tensor, float] | None = None
+        self.defaults: dict = {}  # no recorded sampling defaults: the published ones
 
     # ------------------------------------------------------------------ construction
 
@@ -48,7 +49,7 @@ class PixCellControlNetPipeline(PixCellPipeline):
         transformer: str | Path | PixCellTransformer2DModel,
         controlnet: str | Path | PixCellControlNet | None = None,
         vae: str | Path | object = SD35_VAE_ID,
-        sampler: str = "dpm-solver",
+        sampler: str | None = "dpm-solver",
         torch_dtype: torch.dtype | None = None,
     ) -> PixCellControlNetPipeline:
         """Assemble from a base transformer source, a ControlNet source (or model) and a VAE."""
@@ -63,7 +64,7 @@ class PixCellControlNetPipeline(PixCellPipeline):
         if not isinstance(vae, torch.nn.Module):
             vae = load_vae(vae, torch_dtype=torch_dtype)
         check_pair(transformer, controlnet)
-        return cls(transformer=transformer, controlnet=controlnet, vae=vae, scheduler=make_scheduler(sampler))
+        return cls(transformer=transformer, controlnet=controlnet, vae=vae, scheduler=make_scheduler(sampler or "dpm-solver"))
 
     @classmethod
     def from_pretrained(

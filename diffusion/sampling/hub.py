@@ -91,12 +91,12 @@ def saved_scheduler(folder: Path):
         return None
     try:
         cfg = json.loads(saved.read_text())
-        name = sampler_name(cfg.get("_class_name", ""))
+        name = sampler_name(cfg.get("_class_name", ""), cfg)  # the config tells DPM-Solver++ from its SDE form
     except json.JSONDecodeError:
         raise ValueError(f"{saved}: not valid JSON") from None
     except ValueError as err:
         raise ValueError(f"{saved}: {err}") from None
-    if name in ("dpm-solver", "sa-solver") and cfg.get("variance_type"):
+    if name in ("dpm-solver", "sde-dpm-solver", "sa-solver") and cfg.get("variance_type"):
         log.info(
             "%s: variance_type %s dropped (this sampler takes the 16 eps channels)",
             saved,

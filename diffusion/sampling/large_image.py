@@ -47,6 +47,7 @@ from ..encoders import decode_latents, vae_scale_factor
 from ..geometry import tokens_side
 from .samplers import (
     denoise,
+    guidance_in_model,
     guided_prediction,
     guides,
     make_scheduler,
@@ -282,8 +283,10 @@ def denoise_region(
         transformer.config.caption_num_tokens,
         allow_negative_guidance,
     )
-    uncond = transformer.null_condition(1)[0] if guides(guidance_scale) else None
-    model_fn = transformer_fn(transformer)
+    # A distilled student takes the guidance scale as an input: one pass per window, no unconditional one.
+    student = guidance_in_model(transformer)
+    uncond = transformer.null_condition(1)[0] if guides(guidance_scale) and not student else None
+    model_fn = transformer_fn(transformer, guidance_scale if student else None)
     if window_eps is not None:  # another windowing of the same guided model (the one-window reference)
         eps_fn = window_eps(model_fn, layout, grid, uncond, guidance_scale, guidance_interval)
     else:

@@ -31,6 +31,7 @@ from ..encoders import SD35_VAE_ID, decode_latents, load_vae, to_uint8, vae_scal
 from ..model.loading import load_transformer
 from ..model.lora import add_lora, has_lora, load_lora_weights, merge_lora, read_lora_file, set_lora_scale
 from ..model.pixcell_transformer import PixCellTransformer2DModel
+from ..model.student import read_sampling_defaults
 from .hub import (
     check_pipeline_class,
     refuse_diffusers_loading,
@@ -41,6 +42,7 @@ from .hub import (
 )
 from .samplers import (
     denoise,
+    guidance_in_model,
     guided_prediction,
     guides,
     make_scheduler,
@@ -55,9 +57,14 @@ log = logging.getLogger("pixcell.pipeline")
 class PixCellPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "transformer->vae"
 
-    def __init__(self, transformer: PixCellTransformer2DModel, vae, scheduler):
+    def __init__(self, transformer: PixCellTransformer2DModel, vae, scheduler, defaults: dict | None = None):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
+        # Sampling defaults recorded beside the weights (a distilled student's sampling.json): sampler, steps,
+        # guidance. A student without one samples with LCM.
+        self.defaults = dict(defaults or {})
+        if guidance_in_model(transformer):
+            self.defaults.setdefault("sampler", "lcm")
 
     # ------------------------------------------------------------------ construction
 
@@ -66,15 +73,21 @@ class PixCellPipeline(DiffusionPipeline):
         cls,
         transformer: str | Path | PixCellTransformer2DModel,
         vae: str | Path | object = SD35_VAE_ID,
-        sampler: str = "dpm-solver",
+        sampler: str | None = None,
         torch_dtype: torch.dtype | None = None,
     ) -> PixCellPipeline:
-        """Assemble from a transformer (hub id, diffusers folder, original checkpoint, or model) and a VAE."""
+        """Assemble from a transformer (hub id, diffusers folder, original checkpoint, student, or model) and a
+        VAE. `sampler` None: the one recorded beside the weights (a student's), else DPM-Solver++."""
+        defaults = {}
         if not isinstance(transformer, torch.nn.Module):
+            defaults = read_sampling_defaults(transformer)
             transformer = load_transformer(transformer, torch_dtype=torch_dtype)
         if not isinstance(vae, torch.nn.Module):
             vae = load_vae(vae, torch_dtype=torch_dtype)
-        return cls(transformer=transformer, vae=vae, scheduler=make_scheduler(sampler))
+        if guidance_in_model(transformer):
+            defaults.setdefault("sampler", "lcm")
+        scheduler = make_scheduler(sampler or defaults.get("sampler", "dpm-solver"))
+        return cls(transformer=transformer, vae=vae, scheduler=scheduler, defaults=defaults)
 
     @classmethod
     def from_pretrained(
@@ -96,7 +109,7 @@ class PixCellPipeline(DiffusionPipeline):
             log.info("ignored (the Hub remote pipeline's loading options): %s", ", ".join(sorted(hub_kwargs)))
         folder = resolve_snapshot(source, with_vae=vae is None)
         if folder is None:
-            return cls.from_parts(source, vae or SD35_VAE_ID, sampler or "dpm-solver", torch_dtype)
+            return cls.from_parts(source, vae or SD35_VAE_ID, sampler, torch_dtype)
         check_pipeline_class(
             folder,
             cls.__name__,
@@ -104,9 +117,7 @@ class PixCellPipeline(DiffusionPipeline):
             if cls is PixCellPipeline
             else {},
         )
-        pipe = cls.from_parts(
-            folder / "transformer", vae or vae_folder(folder) or SD35_VAE_ID, sampler or "dpm-solver", torch_dtype
-        )
+        pipe = cls.from_parts(folder / "transformer", vae or vae_folder(folder) or SD35_VAE_ID, sampler, torch_dtype)
         pipe.use_saved_scheduler(folder, sampler)
         return pipe
 
@@ -123,7 +134,8 @@ class PixCellPipeline(DiffusionPipeline):
         raise refuse_diffusers_loading(cls)
 
     def set_sampler(self, name: str) -> None:
-        """Switch sampler: 'dpm-solver' (default), 'ddim', 'sa-solver', 'ddpm' (ancestral, learned variance)."""
+        """Switch sampler: 'dpm-solver' (default), 'ddim', 'sa-solver', 'ddpm' (ancestral, learned variance),
+        'sde-dpm-solver', 'euler-ancestral' (SDE samplers), 'lcm' (a distilled student's)."""
         self.scheduler = make_scheduler(name)
 
     # ------------------------------------------------------------------ LoRA adapters
@@ -150,6 +162,16 @@ class PixCellPipeline(DiffusionPipeline):
         device = self._execution_device
         self.register_modules(transformer=merge_lora(self.transformer).to(device))
 
+    def recorded_defaults(self, guidance_scale: float | None, steps: int | None) -> tuple[float | None, int | None]:
+        """Unset guidance and steps filled from the defaults recorded beside the weights (a student's
+        sampling.json; steps only when recorded for the current sampler); what stays None, `resolve_defaults`
+        fills with the published defaults."""
+        if guidance_scale is None:
+            guidance_scale = self.defaults.get("guidance")
+        if steps is None and self.defaults.get("sampler") == sampler_name(self.scheduler):
+            steps = self.defaults.get("steps")
+        return guidance_scale, steps
+
     # ------------------------------------------------------------------ sampling
 
     def get_unconditional_embedding(self, batch_size: int = 1) -> Tensor:
@@ -157,9 +179,10 @@ class PixCellPipeline(DiffusionPipeline):
         as the Hub pipeline returns it for `negative_uni_embeds`."""
         return self.transformer.null_condition(batch_size).to(self._execution_device)
 
-    def model_fn(self) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-        """The (x, cond, t) -> (B, 32, h, w) callable the sampler guides; the ControlNet pipeline extends it."""
-        return transformer_fn(self.transformer)
+    def model_fn(self, guidance_scale: float | None = None) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        """The (x, cond, t) -> (B, 32, h, w) callable the sampler guides (a student: guided by its input
+        `guidance_scale`); the ControlNet pipeline extends it."""
+        return transformer_fn(self.transformer, guidance_scale)
 
     @property
     def image_size(self) -> int:
@@ -245,9 +268,11 @@ class PixCellPipeline(DiffusionPipeline):
         k = int(num_images_per_prompt)
         uni = uni.repeat_interleave(k, dim=0)  # row i*k+j: image j of condition i (diffusers' order)
         batch = uni.shape[0]
+        guidance_scale, num_inference_steps = self.recorded_defaults(guidance_scale, num_inference_steps)
         steps, w = resolve_defaults(
             sampler_name(self.scheduler), num_inference_steps, guidance_scale, tokens, allow_negative_guidance
         )
+        student = guidance_in_model(self.transformer)  # w is the student's input: no unconditional pass
 
         size = self.transformer.config.sample_size
         shape = (batch, self.transformer.config.in_channels, size, size)
@@ -256,7 +281,7 @@ class PixCellPipeline(DiffusionPipeline):
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
         uncond = None
-        if guides(w):
+        if guides(w) and not student:
             if negative_uni_embeds is None:
                 uncond = self.transformer.null_condition(batch)
             else:
@@ -270,7 +295,7 @@ class PixCellPipeline(DiffusionPipeline):
                     )
             uncond = uncond.to(device)
 
-        fn = self.model_fn()
+        fn = self.model_fn(w) if student else self.model_fn()
         x = denoise(
             lambda x, t: guided_prediction(fn, x, t, uni, uncond, w, guidance_interval),
             latents.to(device),

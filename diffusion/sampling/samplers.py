@@ -9,6 +9,16 @@ Schedulers are diffusers' own. DPM-Solver++ (2M, 20 steps, `linspace` spacing, l
 default and reproduces the original PixCell DPM-Solver to ~1e-3 relative on the final latent; with `leading`
 spacing it would not. Trap: DPM-Solver and SA-Solver slice a learned variance as [:, :3], which is wrong for
 16-channel latents, so they get the 16 eps channels only; the ancestral DDPM sampler gets eps + variance.
+
+SDE samplers (fresh noise enters at every step, drawn from the generator(s) the caller passes, so a seeded or
+resumed run repeats itself exactly): `sde-dpm-solver` is SDE-DPM-Solver++ (Lu et al. 2022, "DPM-Solver++",
+Sec. 5 / Eq. of the first-order update x_t = (s_t/s_s) e^-h x_s + a_t (1 - e^-2h) x0 + s_t sqrt(1 - e^-2h) z),
+and `euler-ancestral` the ancestral Euler discretisation of the reverse SDE (Karras et al. 2022, Alg. 2 with
+S_churn as in k-diffusion's `sample_euler_ancestral`: an Euler step to sigma_down, then noise of std sigma_up,
+sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2), which CytoSyn found better than ODE sampling at low
+step counts. `lcm` is the few-step sampler of a distilled student (diffusers' LCMScheduler, Luo et al. 2023): a
+student has the guidance scale as an input (`guidance_embeds` in its config), so it runs without the
+unconditional pass.
 """
 
 from __future__ import annotations
@@ -17,20 +27,34 @@ import math
 from collections.abc import Callable
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SASolverScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    LCMScheduler,
+    SASolverScheduler,
+)
 from torch import Tensor
 from tqdm.auto import tqdm
 
 _SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
-SAMPLERS: dict[str, Callable[[], object]] = {
-    "dpm-solver": lambda: DPMSolverMultistepScheduler(
+
+
+def _dpm_solver(algorithm_type: str) -> DPMSolverMultistepScheduler:
+    """DPM-Solver++ (2M), as an ODE (`dpmsolver++`) or an SDE (`sde-dpmsolver++`) solver."""
+    return DPMSolverMultistepScheduler(
         **_SCHEDULE,
-        algorithm_type="dpmsolver++",
+        algorithm_type=algorithm_type,
         solver_order=2,
         prediction_type="epsilon",
         timestep_spacing="linspace",
         lower_order_final=True,
-    ),
+    )
+
+
+SAMPLERS: dict[str, Callable[[], object]] = {
+    "dpm-solver": lambda: _dpm_solver("dpmsolver++"),
     "ddim": lambda: DDIMScheduler(
         **_SCHEDULE,
         prediction_type="epsilon",
@@ -53,8 +77,35 @@ SAMPLERS: dict[str, Callable[[], object]] = {
         clip_sample=False,
         timestep_spacing="linspace",
     ),  # fmt: skip
+    # SDE-DPM-Solver++ (2M): the same solver with a noise term at every step (algorithm_type decides).
+    "sde-dpm-solver": lambda: _dpm_solver("sde-dpmsolver++"),
+    "euler-ancestral": lambda: EulerAncestralDiscreteScheduler(
+        **_SCHEDULE,
+        prediction_type="epsilon",
+        timestep_spacing="linspace",
+    ),
+    # The distilled student's sampler. original_inference_steps=50 gives the skipping-step timesteps
+    # 19, 39, ..., 999 that the distillation trains on (diffusion/training/distill.py: SKIP_STEP).
+    "lcm": lambda: LCMScheduler(
+        **_SCHEDULE,
+        prediction_type="epsilon",
+        original_inference_steps=50,
+        timestep_scaling=10.0,
+        clip_sample=False,
+        set_alpha_to_one=True,
+    ),
 }
-DEFAULT_STEPS = {"dpm-solver": 20, "ddim": 50, "sa-solver": 25, "ddpm": 100}
+DEFAULT_STEPS = {
+    "dpm-solver": 20,
+    "ddim": 50,
+    "sa-solver": 25,
+    "ddpm": 100,
+    "sde-dpm-solver": 20,
+    "euler-ancestral": 30,
+    "lcm": 4,
+}
+# Config entries that tell apart samplers sharing one scheduler class (DPM-Solver++ and its SDE form).
+_SIGNATURE = {"dpm-solver": {"algorithm_type": "dpmsolver++"}, "sde-dpm-solver": {"algorithm_type": "sde-dpmsolver++"}}
 # Published FID-optimal guidance (PixCell paper): 2.0 for PixCell-256 (T=1), 1.2 for PixCell-1024 (T=16).
 DEFAULT_GUIDANCE = {1: 2.0, 4: 1.5, 16: 1.2}
 
@@ -99,11 +150,18 @@ def make_scheduler(name: str = "dpm-solver"):
     return SAMPLERS[name]()
 
 
-def sampler_name(scheduler) -> str:
-    """The SAMPLERS key of a scheduler instance (or of its class name)."""
-    cls_name = scheduler if isinstance(scheduler, str) else type(scheduler).__name__
+def sampler_name(scheduler, config: dict | None = None) -> str:
+    """The SAMPLERS key of a scheduler instance, or of a class name with its saved `config` (scheduler_config.json).
+
+    A class name alone stands for its first sampler (DPMSolverMultistepScheduler: `dpm-solver`)."""
+    if isinstance(scheduler, str):
+        cls_name = scheduler
+    else:
+        cls_name, config = type(scheduler).__name__, dict(scheduler.config)
     for name, make in SAMPLERS.items():
-        if type(make()).__name__ == cls_name:
+        if type(make()).__name__ != cls_name:
+            continue
+        if config is None or all(config.get(k, v) == v for k, v in _SIGNATURE.get(name, {}).items()):
             return name
     raise ValueError(f"unsupported scheduler {cls_name!r}; PixCell samples with {', '.join(SAMPLERS)}")
 
@@ -124,10 +182,10 @@ def guidance_active(t: Tensor | float, interval: tuple[float, float] | None) -> 
 def guided_prediction(
     model: Callable[..., Tensor],
     x: Tensor,  # (B, C, h, w) latents at timestep t
-    t: Tensor,  # scalar timestep
+    t: Tensor,  # scalar timestep, or (B,) per-row timesteps (distillation)
     cond: Tensor,  # (B, T, C_uni) conditions
     uncond: Tensor | None,  # (B, T, C_uni) null conditions, or None for no guidance
-    guidance_scale: float,
+    guidance_scale: float | Tensor,  # w, or (B,) per-row scales (distillation)
     interval: tuple[float, float] | None = None,
 ) -> Tensor:
     """THE classifier-free guidance: (B, 2C, h, w) = [eps_u + w (eps_c - eps_u), conditional variance].
@@ -136,22 +194,38 @@ def guided_prediction(
     the guidance interval, only the conditional pass runs (exactly the conditional prediction).
     """
     c = x.shape[1]
-    tt = t.reshape(1).expand(x.shape[0]).to(x.device)
-    if uncond is None or not guides(guidance_scale) or not guidance_active(t, interval):
+    tt = t.reshape(-1).expand(x.shape[0]).to(x.device)
+    w = guidance_scale
+    if uncond is None or (not torch.is_tensor(w) and not guides(w)) or not guidance_active(t, interval):
         return model(x, cond, tt)
     out = model(torch.cat([x, x]), torch.cat([cond, uncond]), torch.cat([tt, tt]))
     out_c, out_u = out.chunk(2)
-    eps = out_u[:, :c] + guidance_scale * (out_c[:, :c] - out_u[:, :c])
+    if torch.is_tensor(w):
+        w = w.to(out_c).view(-1, *([1] * (x.ndim - 1)))
+    eps = out_u[:, :c] + w * (out_c[:, :c] - out_u[:, :c])
     return torch.cat([eps, out_c[:, c:]], dim=1)
 
 
-def transformer_fn(transformer) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """Adapt a PixCell transformer to the (x, cond, t) -> output callable the samplers take."""
+def guidance_in_model(transformer) -> bool:
+    """True for a distilled student: the guidance scale is one of its inputs (no unconditional pass)."""
+    return bool(getattr(transformer.config, "guidance_embeds", False))
+
+
+def transformer_fn(transformer, guidance_scale: float | None = None) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """Adapt a PixCell transformer to the (x, cond, t) -> output callable the samplers take.
+
+    A student (`guidance_in_model`) gets `guidance_scale` as its guidance input on every call; the caller then
+    passes no unconditional condition to `guided_prediction`, so it runs the one (guided) pass.
+    """
     dtype = next(transformer.parameters()).dtype
+    student = guidance_in_model(transformer)
+    if student and guidance_scale is None:
+        raise ValueError("this model takes the guidance scale as an input: pass guidance_scale")
 
     def fn(x: Tensor, cond: Tensor, t: Tensor) -> Tensor:
-        out = transformer(x.to(dtype), encoder_hidden_states=cond.to(dtype), timestep=t, return_dict=False)[0]
-        return out.float()
+        kw = {"guidance": torch.full((x.shape[0],), float(guidance_scale), device=x.device)} if student else {}
+        out = transformer(x.to(dtype), encoder_hidden_states=cond.to(dtype), timestep=t, return_dict=False, **kw)
+        return out[0].float()
 
     return fn
 
