@@ -15,6 +15,7 @@
                    forward/backward over the micro-batches of a step; clipped_step: clip, skip non-finite steps;
                    NonFiniteGuard: stop after too many in a row
     tracking.py    RunTracker (TensorBoard by default, W&B by flag), progress bar, config + environment dump
+    distill.py     ConsistencyDistiller: the latent consistency distillation objective of a few-step student
     run.py         the trainer skeleton: launch (accelerate, logging, the checkpoint to resume from), start_run ->
                    Run (optimizer, schedule, prepare, EMA, noise generator, counters, restore, run info),
                    TrainLoop (bar, log line, tracker, save on interval; the one stop protocol), shared flags, the
