@@ -18,7 +18,9 @@ CONFIGS = sorted(
     if "_base_" not in p.parts and "virtual_staining" not in p.parts and "lora" not in p.parts
     and "prior" not in p.parts and not p.stem.startswith("prior")
 )
-SCHEMAS = {"controlnet": Path(__file__).parents[1] / "configs" / "_base_" / "controlnet.py"}
+SCHEMAS = {
+    name: Path(__file__).parents[1] / "configs" / "_base_" / f"{name}.py" for name in ("controlnet", "distill")
+}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))

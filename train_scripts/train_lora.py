@@ -122,8 +122,8 @@ class LoRAData:
 
 def build_features_data(cfg: Config, model, accelerator, work_dir: Path) -> LoRAData:
     """Stored VAE latents + UNI tokens (`PatchFeatureDataset`) at the base model's resolution."""
-    from diffusion.data.datasets import PatchFeatureDataset, collate_skip_none
-    from train_scripts.train_pixcell import check_data_matches_model, real_crop, validation_grid
+    from diffusion.data.datasets import PatchFeatureDataset, check_data_matches_model, collate_skip_none, real_crop
+    from train_scripts.train_pixcell import validation_grid
 
     d, device = cfg.data, accelerator.device
     resolution = model.config.sample_size * VAE_FACTOR

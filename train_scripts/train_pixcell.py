@@ -21,13 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import DistributedType
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from diffusion.config import build_model_from_config, load_config, parse_cfg_options
-from diffusion.data.datasets import PatchFeatureDataset, collate_skip_none
+from diffusion.data.datasets import (
+    PatchFeatureDataset,
+    check_data_matches_model,
+    collate_skip_none,
+    real_crop,
+)
 from diffusion.gaussian_diffusion import GaussianDiffusion
-from diffusion.geometry import UNI_TILE, VAE_FACTOR, latent_norm, resolve_norm, to_model_latents
+from diffusion.geometry import latent_norm, resolve_norm, to_model_latents
 from diffusion.model.pixcell_transformer import compile_blocks
 from diffusion.training.init import initialise_from
 from diffusion.training.precision import set_fp32_attention, set_gradient_checkpointing
@@ -54,16 +58,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 #################################################################################
 #                               Validation grid                                 #
 #################################################################################
-
-
-def real_crop(dataset: PatchFeatureDataset, path: str, crop: tuple[int, int], size: int) -> np.ndarray | None:
-    """The real patch crop (uint8 (size, size, 3)) that a held-out sample came from, or None if unreadable."""
-    try:
-        with Image.open(dataset.root / path) as im:
-            top, left = crop[0] * UNI_TILE, crop[1] * UNI_TILE
-            return np.asarray(im.convert("RGB").crop((left, top, left + size, top + size)))
-    except OSError:
-        return None
 
 
 @torch.no_grad()
@@ -239,25 +233,6 @@ def main(args: argparse.Namespace) -> int:
     if state["step"] >= total_steps:
         log.info("%d non-finite steps skipped, %d samples skipped", state["nonfinite_total"], state["skipped_samples"])
     return run.finish()
-
-
-def check_data_matches_model(dataset: PatchFeatureDataset, model, cfg) -> None:
-    """One-line errors for a config that does not fit the data: latent size / patch size, token count and dim."""
-    c = model.config
-    lat = cfg.resolution // VAE_FACTOR
-    if lat % c.patch_size:
-        raise ValueError(f"config: resolution {cfg.resolution} gives {lat}x{lat} latents, not divisible by the "
-                         f"model's patch_size {c.patch_size}")  # fmt: skip
-    item = next((dataset[i] for i in range(min(len(dataset), 16)) if dataset[i] is not None), None)
-    if item is None:
-        raise ValueError(f"data {dataset.root}: none of the first samples loads (see the warnings above)")
-    if tuple(item["latent"].shape) != (c.in_channels, lat, lat):
-        raise ValueError(f"data {dataset.root}: latents of shape {tuple(item['latent'].shape)}, but the model "
-                         f"{cfg.model} at resolution {cfg.resolution} needs ({c.in_channels}, {lat}, {lat})")  # fmt: skip
-    if tuple(item["uni"].shape) != (c.caption_num_tokens, c.caption_channels):
-        raise ValueError(f"data {dataset.root}: UNI features of shape {tuple(item['uni'].shape)} per sample, but "
-                         f"the model {cfg.model} takes ({c.caption_num_tokens}, {c.caption_channels}) "
-                         "(token count and embedding dim; check model, resolution and model_overrides)")  # fmt: skip
 
 
 def cli(argv: list[str] | None = None) -> int:

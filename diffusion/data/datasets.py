@@ -28,6 +28,7 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from diffusion.data.features import (
@@ -314,3 +315,37 @@ def collate_skip_none(batch: list[dict | None]) -> dict[str, Any] | None:
     out["crop"] = torch.tensor([b["crop"] for b in good], dtype=torch.long)
     out["skipped"] = len(batch) - len(good)
     return out
+
+
+#################################################################################
+#                       What the trainers check and show                        #
+#################################################################################
+
+
+def real_crop(dataset: PatchFeatureDataset, path: str, crop: tuple[int, int], size: int) -> np.ndarray | None:
+    """The real patch crop (uint8 (size, size, 3)) that a held-out sample came from, or None if unreadable."""
+    try:
+        with Image.open(dataset.root / path) as im:
+            top, left = crop[0] * UNI_TILE, crop[1] * UNI_TILE
+            return np.asarray(im.convert("RGB").crop((left, top, left + size, top + size)))
+    except OSError:
+        return None
+
+
+def check_data_matches_model(dataset: PatchFeatureDataset, model, cfg) -> None:
+    """One-line errors for a config that does not fit the data: latent size / patch size, token count and dim."""
+    c = model.config
+    lat = cfg.resolution // VAE_FACTOR
+    if lat % c.patch_size:
+        raise ValueError(f"config: resolution {cfg.resolution} gives {lat}x{lat} latents, not divisible by the "
+                         f"model's patch_size {c.patch_size}")  # fmt: skip
+    item = next((dataset[i] for i in range(min(len(dataset), 16)) if dataset[i] is not None), None)
+    if item is None:
+        raise ValueError(f"data {dataset.root}: none of the first samples loads (see the warnings above)")
+    if tuple(item["latent"].shape) != (c.in_channels, lat, lat):
+        raise ValueError(f"data {dataset.root}: latents of shape {tuple(item['latent'].shape)}, but the model "
+                         f"{cfg.model} at resolution {cfg.resolution} needs ({c.in_channels}, {lat}, {lat})")  # fmt: skip
+    if tuple(item["uni"].shape) != (c.caption_num_tokens, c.caption_channels):
+        raise ValueError(f"data {dataset.root}: UNI features of shape {tuple(item['uni'].shape)} per sample, but "
+                         f"the model {cfg.model} takes ({c.caption_num_tokens}, {c.caption_channels}) "
+                         "(token count and embedding dim; check model, resolution and model_overrides)")  # fmt: skip
