@@ -9,6 +9,8 @@ reference) and their ratio. Random weights (speed does not depend on them), rand
     # the same with each transformer block compiled for the batched rows (the tools' --compile); the one-window
     # reference stays eager, as the published script ran
     python -m benchmarks.bench_sample --preset PixCell-XL/2-1024 --device cuda --dtype bf16 --compile
+    # a distilled student's shape (guidance embedding, no unconditional pass), 4 LCM steps
+    python -m benchmarks.bench_sample --preset PixCell-XL/2-256 PixCell-XL/2-1024 --device cuda --dtype bf16 --student
 
 Steps 20 (DPM-Solver++), guidance on (one batched conditional + unconditional forward per step), VAE decode
 included (windows at half a window's stride, as the 4K tool does); PNG writing is not (the tools write on
@@ -34,7 +36,7 @@ from diffusion.sampling.large_image import (
     denoise_region,
 )
 from diffusion.sampling.pipeline import PixCellPipeline
-from diffusion.sampling.samplers import make_scheduler
+from diffusion.sampling.samplers import make_scheduler, sampler_name
 from diffusion.standins import reference_eps_fn
 
 TINY = ["PixCell-tiny-256", "PixCell-tiny-128-T16"]
@@ -120,9 +122,9 @@ def bench_region(
         vb = Chunker(vae_batch or default_vae_batch(device))
 
     def run(steps: int = steps) -> None:
-        x = denoise_region(pipe.transformer, grid, stride=stride, num_inference_steps=steps, guidance_scale=guidance,
-                           latents=latents, window_batch=wb, window_eps=reference_eps_fn if reference else None,
-                           progress=False)  # fmt: skip
+        x = denoise_region(pipe.transformer, grid, stride=stride, sampler=sampler_name(pipe.scheduler),
+                           num_inference_steps=steps, guidance_scale=guidance, latents=latents, window_batch=wb,
+                           window_eps=reference_eps_fn if reference else None, progress=False)  # fmt: skip
         decode_region(pipe.vae, x, t.sample_size, t.sample_size // 2, vae_batch=vb)
 
     return timed(run, device, repeats, warmup=lambda: run(2))  # warm-up: the same shapes, 2 steps
@@ -136,7 +138,10 @@ def main(argv=None) -> int:
     p.add_argument(
         "--batch", type=int, default=None, help="images per batch (default: 64/T on GPU, 8/T on CPU)"
     )
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=None, help="default: 20 (DPM-Solver++), 4 with --student")
+    p.add_argument(
+        "--student", action="store_true", help="a distilled student (guidance embedding), sampled with LCM"
+    )
     p.add_argument(
         "--stride", type=int, default=None, help="latent px between windows (default: half a window)"
     )
@@ -152,6 +157,7 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="compile the transformer blocks for the batched rows")
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    args.steps = args.steps or (4 if args.student else 20)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -163,9 +169,9 @@ def main(argv=None) -> int:
 
     for preset in args.preset:
         torch.manual_seed(0)
-        model = build_pixcell(preset).to(device, dtype).eval()
+        model = build_pixcell(preset, guidance_embeds=args.student).to(device, dtype).eval()
         vae = build_vae("sd35" if "XL" in preset else "tiny", device, dtype)
-        pipe = PixCellPipeline(model, vae, make_scheduler("dpm-solver"))
+        pipe = PixCellPipeline(model, vae, make_scheduler("lcm" if args.student else "dpm-solver"))
         tokens = model.config.caption_num_tokens
         px = pipe.image_size
         guidance = 2.0 if tokens == 1 else 1.2
@@ -174,7 +180,7 @@ def main(argv=None) -> int:
         what = f"{args.region_windows * px} px region, stride {stride}"
         region = tokens > 1
         ref = None
-        if region and not args.no_reference:  # first: with --compile it stays eager, as the published script
+        if region and not args.no_reference and not args.student:  # first: with --compile it stays eager, as the published script
             ref = bench_region(pipe, args.region_windows, stride, args.steps, guidance, device, 1, 1,
                                reference=True, repeats=args.repeats)  # fmt: skip
             add((f"{what}, one-window reference", preset, "1 window, cond/uncond apart", f"{ref:.2f} s"))
@@ -198,7 +204,8 @@ def main(argv=None) -> int:
         if device.type == "cuda"
         else f"cpu ({torch.get_num_threads()} threads)"
     )
-    print(f"\n{args.steps} DPM-Solver++ steps with guidance, {args.dtype}, {name}, random weights\n")
+    how = "LCM steps of a student (guidance as its input)" if args.student else "DPM-Solver++ steps with guidance"
+    print(f"\n{args.steps} {how}, {args.dtype}, {name}, random weights\n")
     header = ("workload", "model", "setting", "result")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
     for r in [header, tuple("-" * w for w in widths), *rows]:

@@ -142,3 +142,16 @@ def test_frechet_bootstrap_value_is_the_full_sample_distance_and_the_interval_tr
     assert small.high - small.low > 2 * (est.high - est.low)  # 8x fewer images, a much wider interval
     with pytest.raises(ValueError, match="ci=1.5"):
         frechet_distance_bootstrap(a, b, ci=1.5)
+
+
+def test_frechet_bootstrap_std_shrinks_with_more_images_and_the_value_tracks_a_scaled_covariance():
+    from diffusion.metrics.distances import frechet_distance_bootstrap
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2000, 4)), rng.standard_normal((2000, 4)) * 1.2 + 0.5
+    est = frechet_distance_bootstrap(a, b, n_boot=100, seed=1)
+    # d^2 = |0.5|^2 * 4 + 4 (1 + 1.44 - 2 * 1.2) = 1.16 in the limit; the covariance term enters, not only the mean
+    assert abs(est.value - (4 * 0.25 + 4 * (1 + 1.44 - 2 * 1.2))) < 0.15
+    assert est.high - est.low < 0.5
+    small = frechet_distance_bootstrap(a[:40], b[:40], n_boot=100, seed=1)
+    assert small.std > 2 * est.std  # the spread, not only the interval, narrows with more images

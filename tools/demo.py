@@ -22,6 +22,9 @@ Stages (each runs the project's own command-line tool, as a user would; a finish
                 from its samples (no reference image) beside conditional and null-condition ones, each set's
                 Frechet distance to the held-out tiles with bootstrap spread (diffusion/demo/prior.py)
  13. report     demo_output/report.html (self-contained) and demo_output/report.png
+ 14. distill    (only with --distill) train_scripts/train_distill.py: a 4-step student of the trained model, then
+                benchmarks/bench_steps.py: every sampler at 2-50 steps and the student at 1-8 steps, Frechet
+                distance to the held-out tiles (demo_output/steps.md)
 
 The stand-ins are small models made by this repository's code, saved in the real models' formats and loaded
 through the real loaders; they are not UNI2-h or the SD3.5 VAE. With access to the real weights, pass
@@ -187,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="samples per held-out condition (seeds 0..N-1)")
     p.add_argument("--aug-per-image", type=int, default=2, help="synthetic variants per training tile")
     p.add_argument("--force", action="store_true", help="rerun every stage")
+    p.add_argument("--distill", action="store_true", help="also distil a 4-step student and run bench_steps")
+    p.add_argument("--distill-steps", type=int, default=400, help="distillation steps (with --distill)")
+    p.add_argument("--bench-seeds", type=int, default=8, help="bench_steps images per held-out tile")
     args = p.parse_args(argv)
 
     out = Path(args.out).resolve()
@@ -332,6 +338,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                                args.sample_steps, args.seeds)  # fmt: skip
 
     prior = demo.stage("prior", prior_stage)["info"]
+
+    if args.distill:
+
+        def distill() -> None:
+            demo.run("train_scripts.train_distill", "configs/distill/demo_256.py", "--teacher", str(work),
+                     "--data-root", str(patches), "--work-dir", str(out / "distill"), "--cfg-options",
+                     f"max_steps={args.distill_steps}", f"validation.vae={vae_dir}")  # fmt: skip
+
+        demo.stage("distill", distill)
+
+        def steps() -> None:
+            demo.run("benchmarks.bench_steps", "--teacher", str(work), "--student", str(out / "distill" / "student"),
+                     "--vae", str(vae_dir), "--uni", str(uni_dir), "--index",
+                     str(patches / "metadata" / "patch_names_all.hdf5"), "--keys", HELDOUT_KEY, "--seeds",
+                     str(args.bench_seeds), "--device", "cpu", "--out", str(out / "steps"))  # fmt: skip
+
+        demo.stage("steps", steps)
 
     from diffusion.demo.report import write_report
 
