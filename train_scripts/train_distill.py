@@ -38,7 +38,7 @@ from diffusion.data.datasets import (
     PatchFeatureDataset,
     check_data_matches_model,
     collate_skip_none,
-    real_crop,
+    held_out_samples,
 )
 from diffusion.geometry import latent_norm, resolve_norm, to_model_latents
 from diffusion.model.loading import load_transformer
@@ -202,11 +202,7 @@ def main(args: argparse.Namespace) -> int:
 
         vae = load_vae(cfg.validation.vae).to(device).eval()
         resolve_norm((cfg.vae_shift, cfg.vae_scale), latent_norm(vae), f"validation.vae {cfg.validation.vae}")
-        for i in held_out_idx:
-            item = dataset[i]
-            if item is not None:
-                item["real"] = real_crop(dataset, item["path"], item["crop"], cfg.resolution)
-                held_out.append(item)
+        held_out = held_out_samples(dataset, held_out_idx, cfg.resolution)
 
     def save(step: int) -> Path:
         # Portable folders hold plain (LoRA merged) student weights: load_transformer and --model read them.

@@ -122,7 +122,12 @@ class LoRAData:
 
 def build_features_data(cfg: Config, model, accelerator, work_dir: Path) -> LoRAData:
     """Stored VAE latents + UNI tokens (`PatchFeatureDataset`) at the base model's resolution."""
-    from diffusion.data.datasets import PatchFeatureDataset, check_data_matches_model, collate_skip_none, real_crop
+    from diffusion.data.datasets import (
+        PatchFeatureDataset,
+        check_data_matches_model,
+        collate_skip_none,
+        held_out_samples,
+    )
     from train_scripts.train_pixcell import validation_grid
 
     d, device = cfg.data, accelerator.device
@@ -154,8 +159,7 @@ def build_features_data(cfg: Config, model, accelerator, work_dir: Path) -> LoRA
         vae = load_vae(v.vae).to(device).eval()
         # validation decodes with the VAE's own normalisation: it must be the run's (as in train_pixcell.py)
         resolve_norm((cfg.vae_shift, cfg.vae_scale), latent_norm(vae), f"validation.vae {v.vae}")
-        items = [dataset[i] for i in data.held_out]
-        held = [dict(it, real=real_crop(dataset, it["path"], it["crop"], resolution)) for it in items if it]
+        held = held_out_samples(dataset, data.held_out, resolution)
         data.validation_grid = lambda m: validation_grid(m, vae, held, cfg, device, cfg.seed)
     return data
 

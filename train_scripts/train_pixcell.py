@@ -28,7 +28,7 @@ from diffusion.data.datasets import (
     PatchFeatureDataset,
     check_data_matches_model,
     collate_skip_none,
-    real_crop,
+    held_out_samples,
 )
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.geometry import latent_norm, resolve_norm, to_model_latents
@@ -180,11 +180,7 @@ def main(args: argparse.Namespace) -> int:
         vae = load_vae(cfg.validation.vae).to(device).eval()
         # validation decodes (and the released pipeline samples) with the VAE's own normalisation: it must be the run's
         resolve_norm((cfg.vae_shift, cfg.vae_scale), latent_norm(vae), f"validation.vae {cfg.validation.vae}")
-        for i in held_out_idx:
-            item = dataset[i]
-            if item is not None:
-                item["real"] = real_crop(dataset, item["path"], item["crop"], cfg.resolution)
-                held_out.append(item)
+        held_out = held_out_samples(dataset, held_out_idx, cfg.resolution)
 
     def save(step: int) -> Path:
         sd = accelerator.get_state_dict(model)  # full weights (a gather under FSDP: every process calls it)

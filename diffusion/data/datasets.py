@@ -332,6 +332,17 @@ def real_crop(dataset: PatchFeatureDataset, path: str, crop: tuple[int, int], si
         return None
 
 
+def held_out_samples(dataset: PatchFeatureDataset, indices: Sequence[int], resolution: int) -> list[dict]:
+    """The validation samples of a trainer: the items at `indices` that load, each with its real crop ("real")."""
+    out = []
+    for i in indices:
+        item = dataset[i]
+        if item is not None:
+            item["real"] = real_crop(dataset, item["path"], item["crop"], resolution)
+            out.append(item)
+    return out
+
+
 def check_data_matches_model(dataset: PatchFeatureDataset, model, cfg) -> None:
     """One-line errors for a config that does not fit the data: latent size / patch size, token count and dim."""
     c = model.config
