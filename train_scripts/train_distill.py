@@ -56,6 +56,7 @@ from diffusion.training.precision import set_fp32_attention, set_gradient_checkp
 from diffusion.training.run import add_resume_args, launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
 from diffusion.training.step import accumulate
+from tools.cli import run_cli
 
 log = logging.getLogger("pixcell.train")
 SCHEMA = Path(__file__).resolve().parents[1] / "configs" / "_base_" / "distill.py"
@@ -261,7 +262,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return run_trainer(main, parse_args(argv))
+    """The command line: bad input is one `error:` line and exit status 2, as for every tool."""
+    return run_cli(lambda a: run_trainer(main, parse_args(a)), argv)
 
 
 if __name__ == "__main__":
