@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--aug-per-image", type=int, default=2, help="synthetic variants per training tile")
     p.add_argument("--force", action="store_true", help="rerun every stage")
     p.add_argument("--distill", action="store_true", help="also distil a 4-step student and run bench_steps")
-    p.add_argument("--distill-steps", type=int, default=400, help="distillation steps (with --distill)")
+    p.add_argument("--distill-steps", type=int, default=800, help="distillation steps (with --distill)")
     p.add_argument("--bench-seeds", type=int, default=8, help="bench_steps images per held-out tile")
     args = p.parse_args(argv)
 
