@@ -175,8 +175,12 @@ def main(argv=None) -> None:
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the training step")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak for MFU (default: measured)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (first iterations compile)")
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="device bf16 peak for MFU (default: measured)"
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (first iterations compile)"
+    )
     p.add_argument("--numerics", action="store_true", help="also print bf16/fp16 error against fp32")
     args = p.parse_args(argv)
     batches = args.batch * len(args.preset) if len(args.batch) == 1 else args.batch

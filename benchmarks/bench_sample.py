@@ -154,7 +154,9 @@ def main(argv=None) -> int:
     p.add_argument("--vae-batch", type=int, default=None, help="windows per VAE call (default: 4)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per row; the fastest is reported")
     p.add_argument("--no-reference", action="store_true", help="skip the (slow) one-window reference")
-    p.add_argument("--compile", action="store_true", help="compile the transformer blocks for the batched rows")
+    p.add_argument(
+        "--compile", action="store_true", help="compile the transformer blocks for the batched rows"
+    )
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     args.steps = args.steps or (4 if args.student else 20)
@@ -180,7 +182,9 @@ def main(argv=None) -> int:
         what = f"{args.region_windows * px} px region, stride {stride}"
         region = tokens > 1
         ref = None
-        if region and not args.no_reference and not args.student:  # first: with --compile it stays eager, as the published script
+        if (
+            region and not args.no_reference and not args.student
+        ):  # first: with --compile it stays eager, as the published script
             ref = bench_region(pipe, args.region_windows, stride, args.steps, guidance, device, 1, 1,
                                reference=True, repeats=args.repeats)  # fmt: skip
             add((f"{what}, one-window reference", preset, "1 window, cond/uncond apart", f"{ref:.2f} s"))
@@ -204,7 +208,11 @@ def main(argv=None) -> int:
         if device.type == "cuda"
         else f"cpu ({torch.get_num_threads()} threads)"
     )
-    how = "LCM steps of a student (guidance as its input)" if args.student else "DPM-Solver++ steps with guidance"
+    how = (
+        "LCM steps of a student (guidance as its input)"
+        if args.student
+        else "DPM-Solver++ steps with guidance"
+    )
     print(f"\n{args.steps} {how}, {args.dtype}, {name}, random weights\n")
     header = ("workload", "model", "setting", "result")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]

@@ -57,7 +57,12 @@ def _literal(text: str):
         call = ast.parse(text, mode="eval").body
     except SyntaxError:
         return text
-    if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "dict" and not call.args:
+    if (
+        isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Name)
+        and call.func.id == "dict"
+        and not call.args
+    ):
         try:
             return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg is not None}
         except ValueError:

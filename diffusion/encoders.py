@@ -240,5 +240,3 @@ def encode_posterior(vae, images: Tensor) -> tuple[Tensor, Tensor]:
 def to_uint8(images: Tensor) -> np.ndarray:
     """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8."""
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-

@@ -79,7 +79,9 @@ def named_write_errors(path: str | Path, needed_bytes: int | None = None) -> Ite
         code = getattr(err, "errno", None)
         free = free_bytes(path)
         if code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < FULL_DISK_BYTES):
-            full = OSError(code if code == errno.EDQUOT else errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            full = OSError(
+                code if code == errno.EDQUOT else errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)
+            )
             full.needed_bytes = needed_bytes  # type: ignore[attr-defined]
             raise full from err
         if isinstance(err, OSError) and err.filename is None and code is not None:

@@ -61,7 +61,11 @@ class FolderLock:
             ) from None
         fh.seek(0)
         fh.truncate()
-        note = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        note = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         fh.write(json.dumps(note))
         fh.flush()
         self._fh = fh

@@ -15,11 +15,15 @@ from diffusion.config import SCHEMA_FILE, build_model_from_config, load_config
 CONFIGS = sorted(
     p
     for p in (Path(__file__).parents[1] / "configs").rglob("*.py")
-    if "_base_" not in p.parts and "virtual_staining" not in p.parts and "lora" not in p.parts
-    and "prior" not in p.parts and not p.stem.startswith("prior")
+    if "_base_" not in p.parts
+    and "virtual_staining" not in p.parts
+    and "lora" not in p.parts
+    and "prior" not in p.parts
+    and not p.stem.startswith("prior")
 )
 SCHEMAS = {
-    name: Path(__file__).parents[1] / "configs" / "_base_" / f"{name}.py" for name in ("controlnet", "distill")
+    name: Path(__file__).parents[1] / "configs" / "_base_" / f"{name}.py"
+    for name in ("controlnet", "distill")
 }
 
 

@@ -25,8 +25,10 @@ def test_reduced_demo_writes_a_complete_report_and_reuses_its_stages(tmp_path, r
                     "Generation without a reference image"):  # fmt: skip
         assert section in page, section
     images = re.findall(r'src="data:image/png;base64,', page)
-    assert len(images) >= 5  # pairs, loss curve, VAE example, real and generated region: inlined, self-contained
-    assert "<img src=\"http" not in page and "file://" not in page
+    assert (
+        len(images) >= 5
+    )  # pairs, loss curve, VAE example, real and generated region: inlined, self-contained
+    assert '<img src="http' not in page and "file://" not in page
     for tool in ("tools.extract_patches", "tools.build_index", "tools.extract_features",
                  "train_scripts.train_pixcell", "tools.sample ", "tools.evaluate", "tools.sample_4k", "tools.augment",
                  "tools.probe", "tools.audit", "train_scripts.train_prior", "tools.evaluate_prior"):  # fmt: skip
@@ -40,8 +42,12 @@ def test_reduced_demo_writes_a_complete_report_and_reuses_its_stages(tmp_path, r
     for m in metrics.values():
         assert m["fd_uni2"] >= 0 and -1 <= m["cos_uni2"] <= 1
     # Every held-out tile has a synthetic twin of its size, under the same relative name.
-    real = sorted(p.relative_to(out / "samples/trained/real") for p in (out / "samples/trained/real").rglob("*.png"))
-    syn = sorted(p.relative_to(out / "samples/trained/syn") for p in (out / "samples/trained/syn").rglob("*.png"))
+    real = sorted(
+        p.relative_to(out / "samples/trained/real") for p in (out / "samples/trained/real").rglob("*.png")
+    )
+    syn = sorted(
+        p.relative_to(out / "samples/trained/syn") for p in (out / "samples/trained/syn").rglob("*.png")
+    )
     assert real and real == syn
     assert Image.open(out / "samples/trained/syn" / syn[0]).size == (256, 256)
     # Several seeds per condition, their distances with CIs; augment + probe + audit on the labelled tiles.

@@ -79,7 +79,9 @@ def test_plain_tiff_with_72_dpi_tags_asks_for_mpp(tmp_path, capsys):
     """A plain TIFF's 72-dpi tags read as 352.8 um/px: one line that says to pass --mpp, no ZeroDivisionError."""
     tiff = tmp_path / "scan.tif"
     image = np.random.default_rng(0).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
-    tifffile.imwrite(tiff, image, tile=(256, 256), resolution=(72, 72), resolutionunit="INCH", photometric="rgb")
+    tifffile.imwrite(
+        tiff, image, tile=(256, 256), resolution=(72, 72), resolutionunit="INCH", photometric="rgb"
+    )
     rc = extract_patches.main([str(tiff), "--out", str(tmp_path / "out"), "--dataset", "x", "--group", "y"])
     assert rc == 2
     line = one_error_line(capsys.readouterr().err)
@@ -245,7 +247,9 @@ def test_folder_lock_names_the_holder_and_dies_with_it(tmp_path):
 
     holder = _hold_lock(tmp_path)
     try:
-        with pytest.raises(FolderInUse, match=rf"in use by another run \(host .+, PID {holder.pid}, started "):
+        with pytest.raises(
+            FolderInUse, match=rf"in use by another run \(host .+, PID {holder.pid}, started "
+        ):
             FolderLock(tmp_path).acquire()
     finally:
         holder.kill()  # SIGKILL: no clean-up runs, the kernel drops the lock
@@ -341,7 +345,9 @@ def test_a_run_whose_every_condition_failed_exits_2(t64, tiny_vae_dir, tiny_uni_
     argv = ["--model", str(t64), "--vae", str(tiny_vae_dir), "--uni", str(tiny_uni_dir), "--images",
             str(folder), "--out", str(tmp_path / "out"), "--steps", "2", "--device", "cpu", "--no-progress"]  # fmt: skip
     rc, err = _sample(argv, capsys)
-    assert rc == 2 and "no image written" in one_error_line(err) and "none of the 16 conditions" in err  # 16 crops of 64 px
+    assert (
+        rc == 2 and "no image written" in one_error_line(err) and "none of the 16 conditions" in err
+    )  # 16 crops of 64 px
 
 
 #################################################################################
@@ -459,7 +465,9 @@ def test_no_checkpoint_is_written_or_pruned_during_a_nonfinite_streak(tmp_path, 
     assert "3 consecutive steps with a non-finite loss" in line
     assert "checkpoint-0000002" in line  # the last one written before the streak, still there
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-0000001", "checkpoint-0000002"]
-    assert "not saving a checkpoint during 1 non-finite steps in a row" in (tmp_path / "train.log").read_text()
+    assert (
+        "not saving a checkpoint during 1 non-finite steps in a row" in (tmp_path / "train.log").read_text()
+    )
 
 
 def test_weights_that_are_not_finite_are_never_saved(tmp_path, capsys):
@@ -484,7 +492,11 @@ def test_trainer_on_a_full_disk_names_it_and_keeps_the_last_checkpoint(tmp_path,
         # resumed at 8; the disk fills up before the save of step 9
         assert _toy_trainer(work, total=12, before_save={9: lambda: fill(full)}) == 2
         line = one_error_line(capsys.readouterr().err)
-        assert "no space left on the device" in line and ".checkpoint-0000009.tmp" in line and "MiB needed" in line
+        assert (
+            "no space left on the device" in line
+            and ".checkpoint-0000009.tmp" in line
+            and "MiB needed" in line
+        )
         assert list_checkpoints(work) == kept  # the earlier checkpoints are whole and still load
         torch.load(kept[-1] / "trainer_state.pt", weights_only=False)
         assert not list((work / "checkpoints").glob(".checkpoint-*"))  # no half-written folder left behind
@@ -504,7 +516,10 @@ SAMPLE_CASES = {
     # name: (how to make the --embeddings file, the expected text of the one line)
     "NaN embeddings": (lambda d: _npy(d / "nan.npy", np.full((1, 1, C), np.nan, np.float32)), "NaN"),
     "wrong token count": (lambda d: _npy(d / "t3.npy", np.zeros((1, 3, C), np.float32)), "t3.npy"),
-    "wrong embedding dim": (lambda d: _npy(d / "dim.npy", np.zeros((1, 1, 768), np.float32)), "UNI dim is 96"),
+    "wrong embedding dim": (
+        lambda d: _npy(d / "dim.npy", np.zeros((1, 1, 768), np.float32)),
+        "UNI dim is 96",
+    ),
     "zero-byte npy": (lambda d: (d / "empty.npy").write_bytes(b"") or str(d / "empty.npy"), "empty.npy"),
     "missing file": (lambda d: str(d / "missing.npy"), "missing.npy"),
 }
@@ -536,7 +551,9 @@ def test_training_bad_input(case, real_features, tmp_path, capsys):
     options, expected = TRAIN_CASES[case]
     if "{other}" in options[0]:  # the tiny config's preset, one block deeper
         depth = build_pixcell("PixCell-tiny-256").config.num_layers + 1
-        build_pixcell("PixCell-tiny-256", caption_channels=C, num_layers=depth).save_pretrained(tmp_path / "other")
+        build_pixcell("PixCell-tiny-256", caption_channels=C, num_layers=depth).save_pretrained(
+            tmp_path / "other"
+        )
     options = [o.format(other=tmp_path / "other") for o in options]
     assert _train_pixcell(tmp_path / "work", real_features, "max_steps=1", *options) == 2
     assert expected in one_error_line(capsys.readouterr().err)
@@ -567,7 +584,9 @@ def test_training_skips_and_counts_a_damaged_feature_file(damage, real_features,
 def test_slide_without_mpp_and_unpaired_staining_pairs(tmp_path, capsys):
     tiff = tmp_path / "nompp.tif"
     tifffile.imwrite(tiff, np.zeros((512, 512, 3), np.uint8), tile=(256, 256), photometric="rgb")
-    assert extract_patches.main([str(tiff), "--out", str(tmp_path / "o"), "--dataset", "x", "--group", "y"]) == 2
+    assert (
+        extract_patches.main([str(tiff), "--out", str(tmp_path / "o"), "--dataset", "x", "--group", "y"]) == 2
+    )
     assert "pass --mpp" in one_error_line(capsys.readouterr().err)
 
     from PIL import Image

@@ -80,7 +80,9 @@ def test_batched_windows_equal_the_one_window_reference(t16, stride, sampler, ba
     kw = dict(stride=stride, sampler=sampler, num_inference_steps=3, guidance_scale=2.5, latents=latents,
               progress=False)  # fmt: skip
     fast = denoise_region(model, grid, window_batch=batch, generator=torch.Generator().manual_seed(3), **kw)
-    ref = denoise_region(model, grid, window_eps=reference_eps_fn, generator=torch.Generator().manual_seed(3), **kw)
+    ref = denoise_region(
+        model, grid, window_eps=reference_eps_fn, generator=torch.Generator().manual_seed(3), **kw
+    )
     scale = ref.abs().max()
     assert torch.isfinite(fast).all() and scale > 0.1
     assert (fast - ref).abs().max() <= 1e-4 * scale

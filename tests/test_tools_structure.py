@@ -11,6 +11,8 @@ from diffusion.sampling.conditions import IndexSource, RegionSource
 from tools.cli import FLAGS, flag_names, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
+
+
 # The demo's own helper modules (report, stand-in training, the slide download) are parts of the one demo tool.
 def test_flag_names_maps_parameters_to_flags():
     assert flag_names("`n_images` 0: expected >= 1") == "--n-images 0: expected >= 1"
@@ -57,7 +59,9 @@ def imported_tools(path: Path) -> set[str]:
 
 def test_tools_import_no_other_tool_but_cli(tmp_path):
     for path in sorted((REPO / "tools").glob("*.py")):
-        assert imported_tools(path) <= {"tools.cli"}, f"{path.name} imports {sorted(imported_tools(path) - {'tools.cli'})}"
+        assert imported_tools(path) <= {"tools.cli"}, (
+            f"{path.name} imports {sorted(imported_tools(path) - {'tools.cli'})}"
+        )
     # the check sees imports inside functions too
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from tools.sample import main\n    import tools.evaluate\n")

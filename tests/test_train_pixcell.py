@@ -48,7 +48,9 @@ def write_random_features(root: Path, count: int, size: int, key: str) -> Path:
     for i in range(count):
         stem = root / "syn" / "demo" / "single_1024" / "slide" / f"0_{i}"
         stem.parent.mkdir(parents=True, exist_ok=True)
-        vae = np.concatenate([rng.normal(size=(16, lat, lat)), np.full((16, lat, lat), 0.1)]).astype(np.float16)
+        vae = np.concatenate([rng.normal(size=(16, lat, lat)), np.full((16, lat, lat), 0.1)]).astype(
+            np.float16
+        )
         np.save(f"{stem}_sd3_vae.npy", vae)
         np.save(f"{stem}_uni.npy", rng.normal(size=(tokens, 96)).astype(np.float16))
         names.append(f"syn/demo/single_1024/slide/0_{i}.png")

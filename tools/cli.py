@@ -43,7 +43,9 @@ def add_lora_args(parser: argparse.ArgumentParser) -> None:
     """--lora, --lora-scale: a LoRA adapter on the transformer (train_scripts/train_lora.py, or a published .pth)."""
     g = parser.add_argument_group("LoRA adapter")
     g.add_argument("--lora", help="adapter file: lora.safetensors of a LoRA run, or a published *_lora.pth")
-    g.add_argument("--lora-scale", type=float, default=1.0, help="adapter strength (1: as trained, 0: base model)")
+    g.add_argument(
+        "--lora-scale", type=float, default=1.0, help="adapter strength (1: as trained, 0: base model)"
+    )
 
 
 def apply_lora_args(pipe, args: argparse.Namespace) -> None:
@@ -233,7 +235,9 @@ def load_pipeline(args: argparse.Namespace, device: torch.device) -> tuple[PixCe
             args.model, args.controlnet, args.vae, args.sampler, torch_dtype=torch_dtype
         ).to(device)
     else:
-        pipe = PixCellPipeline.from_parts(args.model, args.vae, args.sampler, torch_dtype=torch_dtype).to(device)
+        pipe = PixCellPipeline.from_parts(args.model, args.vae, args.sampler, torch_dtype=torch_dtype).to(
+            device
+        )
     apply_lora_args(pipe, args)
     # Flags left unset take the defaults recorded beside the weights (a distilled student's sampling.json), so
     # run.json and the manifest record what was used.
@@ -247,7 +251,9 @@ def load_pipeline(args: argparse.Namespace, device: torch.device) -> tuple[PixCe
     if args.compile:
         compile_blocks(pipe.transformer, True)
     model_ref = model_reference(args.model)
-    if getattr(args, "lora", None):  # the manifest (and a resumed run's check) names the adapter and its scale
+    if getattr(
+        args, "lora", None
+    ):  # the manifest (and a resumed run's check) names the adapter and its scale
         model_ref += f"+lora:{model_reference(args.lora)}@{args.lora_scale:g}"
     return pipe, model_ref, model_reference(args.vae)
 
@@ -364,7 +370,9 @@ def add_feature_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="encoder device")
     g.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="encoder dtype")
     g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding workers")
+    g.add_argument(
+        "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding workers"
+    )
     g.add_argument(
         "--cache-dir", help="feature cache (default: $PIXCELL_EVAL_CACHE or ~/.cache/pixcell/eval_features)"
     )

@@ -264,7 +264,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         models = {"trained": work, "untrained": out / "untrained_transformer"}
         for name, model in models.items():
             extra = [] if name == "trained" else ["--no-real"]
-            demo.run("tools.sample", "--model", str(model), "--out", str(samples / name), *extra, *common, "--seed", "0")
+            demo.run(
+                "tools.sample",
+                "--model",
+                str(model),
+                "--out",
+                str(samples / name),
+                *extra,
+                *common,
+                "--seed",
+                "0",
+            )
         # More seeds per held-out condition: every distance of the report over several samples per condition.
         for seed in range(1, args.seeds):
             for name, model in models.items():
@@ -281,7 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "--metrics", "fd_uni2,cos_uni2", "--device", "cpu", "--out", str(out / "eval" / name))  # fmt: skip
             results[name] = json.loads((out / "eval" / name / "metrics.json").read_text())["metrics"]
         runs = {n: [seed_dir(n, s) / "syn" for s in range(args.seeds)] for n in ("trained", "untrained")}
-        atomic_write_bytes(out / "eval" / "seeds.json", json.dumps(seed_distances(real, runs, uni_dir), indent=1).encode())
+        atomic_write_bytes(
+            out / "eval" / "seeds.json", json.dumps(seed_distances(real, runs, uni_dir), indent=1).encode()
+        )
         return results
 
     metrics = demo.stage("evaluate", evaluate)["info"]

@@ -67,20 +67,28 @@ def export_pipeline(
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "source", help="training work dir (its latest checkpoint) or checkpoint-* folder; with --lora: the base"
+        "source",
+        help="training work dir (its latest checkpoint) or checkpoint-* folder; with --lora: the base",
     )
     p.add_argument("out", help="pipeline folder to write")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA (release) or raw weights")
     p.add_argument("--vae", default=SD35_VAE_ID, help="VAE to bundle: hub id or local folder")
     p.add_argument("--no-vae", action="store_true", help="write only the transformer")
     p.add_argument("--sampler", default="dpm-solver", choices=list(SAMPLERS))
-    p.add_argument("--lora", help="LoRA adapter to merge into the base model (train_scripts/train_lora.py output)")
+    p.add_argument(
+        "--lora", help="LoRA adapter to merge into the base model (train_scripts/train_lora.py output)"
+    )
     p.add_argument("--lora-scale", type=float, default=1.0, help="adapter strength when merging")
     args = p.parse_args(argv)
     if args.lora is not None and not Path(args.lora).is_file():
         raise FileNotFoundError(f"--lora {args.lora}: no such file")
     out = export_pipeline(
-        args.source, args.out, None if args.no_vae else args.vae, args.weights, args.sampler, args.lora,
+        args.source,
+        args.out,
+        None if args.no_vae else args.vae,
+        args.weights,
+        args.sampler,
+        args.lora,
         args.lora_scale,
     )
     print(f"wrote {out} ({args.weights} weights)")

@@ -165,7 +165,9 @@ def _main(argv: list[str] | None) -> int:
     counter = FailureCounter(args.max_failure_rate, args.min_failures_before_stop, failure_log)
     amp = autocast_for(device, args.precision)
     factor, latent_ch = vae_scale_factor(vae), 2 * vae.config.latent_channels
-    norm = norm_record(*latent_norm(vae))  # recorded beside the features: the trainer checks its config against it
+    norm = norm_record(
+        *latent_norm(vae)
+    )  # recorded beside the features: the trainer checks its config against it
     if want_npy:
         write_npy_meta(npy_root, {"vae": str(args.vae), "uni": str(args.uni), **norm})
     for key, names in index.items() if want_packed else ():
@@ -206,7 +208,10 @@ def _main(argv: list[str] | None) -> int:
             writer = None
             if packed_todo:
                 writer = PackedShardWriter(
-                    shard_file, names, (latent_ch, s // factor, s // factor), ((s // UNI_TILE) ** 2, uni.embed_dim)
+                    shard_file,
+                    names,
+                    (latent_ch, s // factor, s // factor),
+                    ((s // UNI_TILE) ** 2, uni.embed_dim),
                 )
             with writer if writer is not None else nullcontext():
                 images = PatchImages(args.root, names, list(range(len(names))), s)

@@ -106,8 +106,12 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
     )
     pri.add_argument("--prior-steps", type=int, default=None, help="Euler steps of the prior (default 50)")
     ctl = p.add_argument_group("cell-mask ControlNet (PixCell-256-Cell-ControlNet or a trained one)")
-    ctl.add_argument("--controlnet", help="ControlNet: hub id, controlnet/ folder, or a training checkpoint's")
-    ctl.add_argument("--masks", help="folder of cell masks, <name>.png per generated image (binary or instance)")
+    ctl.add_argument(
+        "--controlnet", help="ControlNet: hub id, controlnet/ folder, or a training checkpoint's"
+    )
+    ctl.add_argument(
+        "--masks", help="folder of cell masks, <name>.png per generated image (binary or instance)"
+    )
     ctl.add_argument("--controlnet-scale", type=float, default=1.0, help="0: the base model alone")
     add_sampler_args(p)
     add_runtime_args(p)

@@ -226,7 +226,9 @@ def main(args: argparse.Namespace) -> int:
                                                    cfg.class_dropout_prob, base.drop_condition)  # fmt: skip
                 with accelerator.autocast():
                     # through the DDP wrapper `model`, so the ControlNet's gradients are synchronised
-                    out = controlled_forward(base, model, x_t, mask_latents, uni, t, cfg.controlnet.conditioning_scale)
+                    out = controlled_forward(
+                        base, model, x_t, mask_latents, uni, t, cfg.controlnet.conditioning_scale
+                    )
                     return ((out[:, : x0.shape[1]].float() - noise) ** 2).mean(), len(x0)
 
             loss, images = accumulate(accelerator, model, batches, loss_of)
@@ -237,7 +239,9 @@ def main(args: argparse.Namespace) -> int:
             loop.log_step(step, loss, run.lr, grad_norm, images=images * accelerator.num_processes,
                           show_rate=False)  # fmt: skip
             if validate and is_main and step % cfg.validation.every_steps == 0:
-                grid = run.ema_eval(lambda: validation_grid(base, unwrapped, vae, held_out, cfg, device, seed=cfg.seed))
+                grid = run.ema_eval(
+                    lambda: validation_grid(base, unwrapped, vae, held_out, cfg, device, seed=cfg.seed)
+                )
                 loop.save_grid("validation/mask_reference_samples", grid, step)
             loop.save_if_due(step)
     return run.finish()

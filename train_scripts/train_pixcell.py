@@ -186,7 +186,9 @@ def main(args: argparse.Namespace) -> int:
         sd = accelerator.get_state_dict(model)  # full weights (a gather under FSDP: every process calls it)
         with run.ema_weights():
             sd_ema = accelerator.get_state_dict(model)
-        return run.save(step, portable={"transformer": (unwrapped, sd), "transformer_ema": (unwrapped, sd_ema)})
+        return run.save(
+            step, portable={"transformer": (unwrapped, sd), "transformer_ema": (unwrapped, sd_ema)}
+        )
 
     batch_stream = BatchStream(loader, sampler, state, set_epoch=dataset.set_epoch)
     log.info("training %d steps: %d process(es) x batch %d x accumulation %d, %d samples, %d batches per epoch",
@@ -196,7 +198,9 @@ def main(args: argparse.Namespace) -> int:
         while state["step"] < total_steps and not loop.should_stop(state["step"]):
             # ---- this step's micro-batches; skipped together when one failed to load on any process
             batches = [next(batch_stream) for _ in range(accum)]
-            if loop.any_process(any(b is None for b in batches)):  # all samples failed (logged by the dataset)
+            if loop.any_process(
+                any(b is None for b in batches)
+            ):  # all samples failed (logged by the dataset)
                 state["skipped_samples"] += sum(cfg.train_batch_size for b in batches if b is None)
                 log.warning(
                     "step %d: a batch had no loadable sample on some process; step skipped", state["step"]
@@ -206,7 +210,9 @@ def main(args: argparse.Namespace) -> int:
             # ---- forward / backward over the micro-batches (gradients synchronised on the last one only)
             def loss_of(batch: dict) -> tuple[torch.Tensor, int]:
                 state["skipped_samples"] += batch["skipped"]
-                x0 = to_model_latents(batch["latent"].to(device), cfg.vae_shift, cfg.vae_scale)  # (B, 16, h, w)
+                x0 = to_model_latents(
+                    batch["latent"].to(device), cfg.vae_shift, cfg.vae_scale
+                )  # (B, 16, h, w)
                 x_t, t, noise, uni = noised_inputs(diffusion, x0, batch["uni"].to(device), noise_gen,
                                                    cfg.class_dropout_prob, unwrapped.drop_condition)  # fmt: skip
                 with accelerator.autocast():
@@ -222,12 +228,18 @@ def main(args: argparse.Namespace) -> int:
                           scalars={"train/nonfinite_steps": state["nonfinite_total"],
                                    "train/skipped_samples": state["skipped_samples"]})  # fmt: skip
             if validate and step % cfg.validation.every_steps == 0 and (is_main or sharded):
-                grid = run.ema_eval(lambda: validation_grid(unwrapped, vae, held_out, cfg, device, seed=cfg.seed))
+                grid = run.ema_eval(
+                    lambda: validation_grid(unwrapped, vae, held_out, cfg, device, seed=cfg.seed)
+                )
                 if is_main:
                     loop.save_grid("validation/real_vs_ema", grid, step)
             loop.save_if_due(step)
     if state["step"] >= total_steps:
-        log.info("%d non-finite steps skipped, %d samples skipped", state["nonfinite_total"], state["skipped_samples"])
+        log.info(
+            "%d non-finite steps skipped, %d samples skipped",
+            state["nonfinite_total"],
+            state["skipped_samples"],
+        )
     return run.finish()
 
 

@@ -97,7 +97,9 @@ class FlowMLP(nn.Module):
     # ------------------------------------------------------------------ sampling
 
     @torch.no_grad()
-    def translate(self, he: Tensor, steps: int = 100, progress: bool = False, grid: str = "uniform") -> Tensor:
+    def translate(
+        self, he: Tensor, steps: int = 100, progress: bool = False, grid: str = "uniform"
+    ) -> Tensor:
         """Integrate the flow with `steps` Euler steps of dt = 1 / steps: H&E tokens (..., C) -> IHC tokens (..., C).
 
         grid "uniform": left-point Euler on t_i = i / steps, i = 0 .. steps-1 (the published setting: 100 steps).
@@ -116,7 +118,9 @@ class FlowMLP(nn.Module):
             raise ValueError("H&E embeddings contain NaN or Inf values")
         param = next(self.parameters())
         x = he.reshape(-1, he.shape[-1]).to(param.device, torch.float32)
-        times = None if grid == "uniform" else torch.linspace(1e-3, 1 - 1e-3, steps, dtype=torch.float64).tolist()
+        times = (
+            None if grid == "uniform" else torch.linspace(1e-3, 1 - 1e-3, steps, dtype=torch.float64).tolist()
+        )
         x = euler_integrate(
             lambda x, t: self(x.to(param.dtype), t.to(param.dtype)).float(), x, steps, progress, times=times
         )
@@ -127,7 +131,9 @@ def rescale_norm(ihc: Tensor, he: Tensor) -> Tensor:
     """IHC tokens (..., T, C) scaled so that their mean L2 norm over the T tokens of each image equals that of the
     H&E tokens they were translated from (the public script rescales over its batch; per image here, so an
     image's result does not depend on what it is batched with)."""
-    ratio = he.float().norm(dim=-1).mean(dim=-1, keepdim=True) / ihc.float().norm(dim=-1).mean(dim=-1, keepdim=True)
+    ratio = he.float().norm(dim=-1).mean(dim=-1, keepdim=True) / ihc.float().norm(dim=-1).mean(
+        dim=-1, keepdim=True
+    )
     return (ihc.float() * ratio.unsqueeze(-1)).to(ihc.dtype)
 
 

@@ -37,8 +37,12 @@ class SamplerSettings:
     num_inference_steps: int | None = None  # None: the sampler's default (20 for DPM-Solver++)
     guidance_scale: float | None = None  # None: 1.2 for 16-token models
     flow_steps: int = 100  # Euler steps of the embedding flow
-    flow_grid: str = "uniform"  # its time grid: "uniform" t_i = i / steps, or "clipped" (see FlowMLP.translate)
-    rescale_norm: bool = False  # IHC tokens rescaled to the H&E tokens' mean norm, per image (uncertain upstream)
+    flow_grid: str = (
+        "uniform"  # its time grid: "uniform" t_i = i / steps, or "clipped" (see FlowMLP.translate)
+    )
+    rescale_norm: bool = (
+        False  # IHC tokens rescaled to the H&E tokens' mean norm, per image (uncertain upstream)
+    )
 
 
 class VirtualStainer:

@@ -135,7 +135,9 @@ def build_ihc_data(cfg, model, accelerator, work_dir: Path):
             data.held_out = list(range(len(dataset) - n, len(dataset)))
             val_images = torch.stack([dataset[i]["image"] for i in data.held_out])
             val_tokens = train.ihc[data.held_out].float()
-        data.validation_grid = lambda m: validation_grid(m, vae, val_images, val_tokens, cfg, device, cfg.seed)
+        data.validation_grid = lambda m: validation_grid(
+            m, vae, val_images, val_tokens, cfg, device, cfg.seed
+        )
     return data
 
 

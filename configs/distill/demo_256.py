@@ -15,4 +15,6 @@ gradient_checkpointing = False
 save_every_steps = 200
 keep_last = 1
 log_every_steps = 20
-validation = dict(every_steps=200, num_images=4)  # rows of [real | teacher | student]; 4 training tiles held out
+validation = dict(
+    every_steps=200, num_images=4
+)  # rows of [real | teacher | student]; 4 training tiles held out

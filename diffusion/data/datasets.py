@@ -46,7 +46,6 @@ from diffusion.geometry import UNI_TILE, VAE_FACTOR, crop_token_indices
 log = logging.getLogger("pixcell.data")
 
 
-
 class TooManyFailures(RuntimeError):
     """More samples failed to load than `max_failure_rate` allows."""
 

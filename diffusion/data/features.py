@@ -216,7 +216,9 @@ def read_packed_meta(packed_root: str | Path, key: str) -> dict:
     return meta
 
 
-def recorded_latent_norm(features_root: str | Path, feature_format: str) -> tuple[tuple[float, float] | None, str]:
+def recorded_latent_norm(
+    features_root: str | Path, feature_format: str
+) -> tuple[tuple[float, float] | None, str]:
     """The VAE latent normalisation (shift, scale) recorded beside extracted features, and the file that says so;
     (None, folder) for features that record none. Packed keys that disagree are a ValueError."""
     root = Path(features_root)

@@ -180,8 +180,8 @@ def _probe_html(out: Path, labels: dict) -> str:
     figure = out / "eval" / "probe" / "report.png"
     return f"""<h2>Augmentation and a linear probe (tools/augment.py, tools/probe.py)</h2>
 <p>Labels by a rule that owes nothing to any encoder: the haematoxylin channel of colour deconvolution
-(<code>skimage.color.rgb2hed</code>), thresholded by Otsu over the training tiles (OD {labels.get('h_threshold', float('nan')):.3f}),
-gives each tile's nuclear density; tiles at or above the median ({labels.get('density_cut', float('nan')):.3f}) are
+(<code>skimage.color.rgb2hed</code>), thresholded by Otsu over the training tiles (OD {labels.get("h_threshold", float("nan")):.3f}),
+gives each tile's nuclear density; tiles at or above the median ({labels.get("density_cut", float("nan")):.3f}) are
 <i>cellular</i>, the others <i>stromal</i>; every third tile of each class is a test tile ({counts}). tools/augment.py made
 synthetic variants of every training tile from its own UNI tokens, in its class folder; tools/probe.py trained
 logistic-regression probes on the stand-in UNI features (5 seeds per fraction) and scored them on the test tiles: mean
@@ -189,7 +189,7 @@ over seeds [95% bootstrap CI over test tiles].</p>
 <table><tr><th>trained on</th><th>fraction</th><th>real + synthetic images</th><th>macro-F1</th><th>balanced accuracy</th></tr>{rows}</table>
 <p>Real + synthetic against real only (paired bootstrap over the same test tiles):</p>
 <table><tr><th>fraction</th><th>F1 gain [95% CI]</th><th>p</th></tr>{gains}</table>
-<p>With {res['n_test']} test tiles the intervals are wide: at demo scale these numbers show the protocol, not a gain.
+<p>With {res["n_test"]} test tiles the intervals are wide: at demo scale these numbers show the protocol, not a gain.
 {_chance_note(res)}</p>
 {_img_tag(Image.open(figure)) if figure.is_file() else ""}"""
 
@@ -222,13 +222,13 @@ def _audit_html(out: Path) -> str:
                  "images.</p>")  # fmt: skip
     figure = out / "eval" / "audit" / "report.png"
     return f"""<h2>Memorisation audit (tools/audit.py)</h2>
-<p>The {s['n_synthetic']} synthetic variants (conditioned on training tiles: the likeliest to copy them) against the
-{s['n_train']} training tiles, with the {s['n_reference']} held-out tiles as the yardstick. <b>Flagged as copies:
-{s['flagged']}</b>; suspect (closer in encoder space than any held-out tile): {s['suspect']}. Cosine distance to the
-nearest training tile (stand-in UNI): synthetic min {syn_d['min']:.4f} / median {syn_d['median']:.4f}, held-out
-min {ref_d.get('min', float('nan')):.4f} / median {ref_d.get('median', float('nan')):.4f}. Best pixel NCC over flips,
-rotations and shifts: synthetic max {px['synthetic']['max']:.3f}, held-out max {px['reference'].get('max', float('nan')):.3f}
-(copy threshold {s['settings']['pixel_threshold']}).</p>{slide}
+<p>The {s["n_synthetic"]} synthetic variants (conditioned on training tiles: the likeliest to copy them) against the
+{s["n_train"]} training tiles, with the {s["n_reference"]} held-out tiles as the yardstick. <b>Flagged as copies:
+{s["flagged"]}</b>; suspect (closer in encoder space than any held-out tile): {s["suspect"]}. Cosine distance to the
+nearest training tile (stand-in UNI): synthetic min {syn_d["min"]:.4f} / median {syn_d["median"]:.4f}, held-out
+min {ref_d.get("min", float("nan")):.4f} / median {ref_d.get("median", float("nan")):.4f}. Best pixel NCC over flips,
+rotations and shifts: synthetic max {px["synthetic"]["max"]:.3f}, held-out max {px["reference"].get("max", float("nan")):.3f}
+(copy threshold {s["settings"]["pixel_threshold"]}).</p>{slide}
 {_img_tag(Image.open(figure)) if figure.is_file() else ""}"""
 
 
@@ -249,15 +249,15 @@ def _prior_html(out: Path, prior: dict | None) -> str:
     return f"""<h2>Generation without a reference image (UNI prior)</h2>
 <p>A UNI prior (train_scripts/train_prior.py) trained on the training tiles' stand-in UNI tokens draws the
 conditions of the middle column: no real image is involved. Left: conditioned on the held-out tiles' own tokens
-({prior['seeds_per_condition']} seeds each); right: PixCell's null condition. One image per held-out condition shown.</p>
+({prior["seeds_per_condition"]} seeds each); right: PixCell's null condition. One image per held-out condition shown.</p>
 {_img_tag(_labelled_grid(columns))}
 <table><tr><th>set</th><th>images</th><th>FD to held-out tiles (stand-in UNI) &darr;</th><th>95% bootstrap</th>
 <th>bootstrap std</th></tr>{rows}</table>
 <p>The prior in UNI space (tools/evaluate_prior.py, tokens only, against the 10 held-out tiles): FD
-{u['fd']:.1f} [{u['fd_low']:.1f}, {u['fd_high']:.1f}] against {u['fd_gaussian']:.1f} for a Gaussian fitted to the
-training tokens and {u.get('fd_null', float('nan')):.1f} for the null condition; k-NN precision {u['precision']:.2f},
-recall {u['recall']:.2f}; nearest-training distance of the samples / of held-out tiles {u['nn_train_ratio']:.2f}
-(&lt;&lt; 1 would mean copies of the {u['n_train']} training tokens).</p>"""
+{u["fd"]:.1f} [{u["fd_low"]:.1f}, {u["fd_high"]:.1f}] against {u["fd_gaussian"]:.1f} for a Gaussian fitted to the
+training tokens and {u.get("fd_null", float("nan")):.1f} for the null condition; k-NN precision {u["precision"]:.2f},
+recall {u["recall"]:.2f}; nearest-training distance of the samples / of held-out tiles {u["nn_train_ratio"]:.2f}
+(&lt;&lt; 1 would mean copies of the {u["n_train"]} training tokens).</p>"""
 
 
 def write_report(
@@ -265,7 +265,11 @@ def write_report(
 ) -> Path:
     """Assemble report.html and report.png from what the stages wrote."""
     samples = out / "samples"
-    real_dir, syn_dir, unt_dir = samples / "trained" / "real", samples / "trained" / "syn", samples / "untrained" / "syn"
+    real_dir, syn_dir, unt_dir = (
+        samples / "trained" / "real",
+        samples / "trained" / "syn",
+        samples / "untrained" / "syn",
+    )
     names = sorted(str(p.relative_to(syn_dir)) for p in syn_dir.rglob("*.png"))[:8]  # same names under real/
     pairs = _labelled_grid(
         [
@@ -279,7 +283,11 @@ def write_report(
     large = Image.open(large_syn) if large_syn else None
     _figure(pairs, curve, metrics, large, out / "report.png")
 
-    records = {s: json.loads((done_dir / f"{s}.json").read_text()) for s in STAGES if (done_dir / f"{s}.json").is_file()}
+    records = {
+        s: json.loads((done_dir / f"{s}.json").read_text())
+        for s in STAGES
+        if (done_dir / f"{s}.json").is_file()
+    }
     timing_rows = "".join(f"<tr><td>{s}</td><td>{r['seconds']:.0f} s</td></tr>" for s, r in records.items())
     total = sum(r["seconds"] for r in records.values())
     metric_rows = "".join(
@@ -316,9 +324,9 @@ def write_report(
 pre{{background:#f4f4f4;padding:8px;white-space:pre-wrap}}</style></head><body>
 <h1>PixCell CPU demo on a real H&amp;E region</h1>
 <p>Slide: OpenSlide's CMU-1-Small-Region (Aperio, 20x, 0.5 &micro;m/px), tiled into 256 px tissue tiles:
-{split.get('train_tiles')} for training, {split.get('heldout_tiles')} held out (the bottom rows of the slide).
+{split.get("train_tiles")} for training, {split.get("heldout_tiles")} held out (the bottom rows of the slide).
 The encoders are <b>demo stand-ins</b>, not UNI2-h or the SD3.5 VAE: a small 16-channel f8 VAE trained here on
-the training tiles (L1 {vae_info.get('l1_first', float('nan')):.3f} &rarr; {vae_info.get('l1_last', float('nan')):.3f})
+the training tiles (L1 {vae_info.get("l1_first", float("nan")):.3f} &rarr; {vae_info.get("l1_last", float("nan")):.3f})
 and a small ViT of the UNI2-h family trained briefly by contrastive learning on the same tiles. The PixCell model is small too (configs/demo/pixcell_demo_256.py),
 trained with the real training script. With the published weights, the same tools make realistic tissue.</p>
 <h2>Held-out tiles and their synthetic twins</h2>

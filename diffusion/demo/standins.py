@@ -68,7 +68,9 @@ def train_uni_standin(
         build_tiny_uni(tmp, seed=seed, init_values=None)
         encoder = load_uni(tmp)  # the real loader, so the trained weights load back the same way
         vit = encoder.model.train()
-        head = torch.nn.Sequential(torch.nn.Linear(vit.num_features, 96), torch.nn.ReLU(), torch.nn.Linear(96, 32))
+        head = torch.nn.Sequential(
+            torch.nn.Linear(vit.num_features, 96), torch.nn.ReLU(), torch.nn.Linear(96, 32)
+        )
         opt = torch.optim.AdamW([*vit.parameters(), *head.parameters()], lr=lr, weight_decay=0.05)
 
         def view(img: torch.Tensor) -> torch.Tensor:

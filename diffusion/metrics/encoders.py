@@ -329,5 +329,3 @@ def _create(spec: EncoderSpec, arch: str, where, file: Path | None = None, **kwa
         raise ValueError(
             f"encoder {spec.name}: cannot build {arch} from {where} ({type(err).__name__}: {first})"
         ) from None
-
-

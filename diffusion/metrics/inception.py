@@ -120,5 +120,3 @@ def load_inception(
         "weights": weights_fingerprint(model.base),
     }
     return FeatureExtractor("inception", model, CleanResize(), INCEPTION_DIM, device, info)
-
-

@@ -162,8 +162,7 @@ class PixCellModelMixin:
             if local.is_dir():  # a local folder whose files cannot be read (truncated, not safetensors)
                 files = sorted(p.name for p in local.glob("*.safetensors")) or ["no weights file"]
                 raise OSError(
-                    f"{local}: cannot read the weights ({', '.join(files)}): "
-                    f"{str(err).splitlines()[0][:200]}"
+                    f"{local}: cannot read the weights ({', '.join(files)}): {str(err).splitlines()[0][:200]}"
                 ) from None
             raise OSError(
                 f"cannot load a {cls.__name__} from {name} ({type(err).__name__}): pass a local folder or "
@@ -192,7 +191,9 @@ class PixCellModelMixin:
         if (guidance is None) != (embedder is None):
             raise ValueError(
                 "guidance: a distilled student (guidance_embeds=True) takes the guidance scale as an input, "
-                "a plain PixCell model does not" if embedder is not None else "guidance: this model has no "
+                "a plain PixCell model does not"
+                if embedder is not None
+                else "guidance: this model has no "
                 "guidance embedding (guidance_embeds=False); guide with the unconditional pass instead"
             )
         if embedder is None:
@@ -201,7 +202,9 @@ class PixCellModelMixin:
             )  # (B, 6D), (B, D)
         else:  # adaLN-single's own two lines, with the guidance embedding added to the timestep embedding
             ada = self.adaln_single
-            t_emb = ada.emb(timestep, resolution=None, aspect_ratio=None, batch_size=batch, hidden_dtype=x.dtype)
+            t_emb = ada.emb(
+                timestep, resolution=None, aspect_ratio=None, batch_size=batch, hidden_dtype=x.dtype
+            )
             t_emb = t_emb + embedder(guidance.reshape(-1).expand(batch), t_emb.dtype)
             t_mod = ada.linear(ada.silu(t_emb))
         y = encoder_hidden_states.to(x.dtype)
@@ -461,7 +464,7 @@ PIXCELL_MODELS: dict[str, dict] = {
         sample_size=8,
         interpolation_scale=0.5,
         caption_num_tokens=1,
-    ),  # fmt: skip
+    ),
     "PixCell-tiny-256": dict(
         num_attention_heads=2,
         attention_head_dim=36,
@@ -470,12 +473,18 @@ PIXCELL_MODELS: dict[str, dict] = {
         sample_size=32,
         interpolation_scale=0.5,
         caption_num_tokens=1,
-    ),  # fmt: skip
+    ),
     # The CPU demo's model (`make demo`): 4 blocks of width 128, trained for minutes.
     "PixCell-demo-256": dict(
-        num_attention_heads=2, attention_head_dim=64, num_layers=4, cross_attention_dim=128,
-        sample_size=32, patch_size=2, interpolation_scale=0.5, caption_num_tokens=1,
-    ),  # fmt: skip
+        num_attention_heads=2,
+        attention_head_dim=64,
+        num_layers=4,
+        cross_attention_dim=128,
+        sample_size=32,
+        patch_size=2,
+        interpolation_scale=0.5,
+        caption_num_tokens=1,
+    ),
     "PixCell-tiny-128-T16": dict(
         num_attention_heads=2,
         attention_head_dim=36,
@@ -484,7 +493,7 @@ PIXCELL_MODELS: dict[str, dict] = {
         sample_size=16,
         interpolation_scale=2.0,
         caption_num_tokens=16,
-    ),  # fmt: skip
+    ),
 }
 
 

@@ -64,7 +64,12 @@ class PixCellControlNetPipeline(PixCellPipeline):
         if not isinstance(vae, torch.nn.Module):
             vae = load_vae(vae, torch_dtype=torch_dtype)
         check_pair(transformer, controlnet)
-        return cls(transformer=transformer, controlnet=controlnet, vae=vae, scheduler=make_scheduler(sampler or "dpm-solver"))
+        return cls(
+            transformer=transformer,
+            controlnet=controlnet,
+            vae=vae,
+            scheduler=make_scheduler(sampler or "dpm-solver"),
+        )
 
     @classmethod
     def from_pretrained(
@@ -88,7 +93,11 @@ class PixCellControlNetPipeline(PixCellPipeline):
         where = folder or Path(source)
         base = transformer if transformer is not None else (folder or source)
         pipe = cls.from_parts(
-            base, folder or source, vae or vae_folder(where) or SD35_VAE_ID, sampler or "dpm-solver", torch_dtype
+            base,
+            folder or source,
+            vae or vae_folder(where) or SD35_VAE_ID,
+            sampler or "dpm-solver",
+            torch_dtype,
         )
         if folder is not None:
             pipe.use_saved_scheduler(folder, sampler)
@@ -129,9 +138,13 @@ class PixCellControlNetPipeline(PixCellPipeline):
         for i, item in enumerate(items):
             a = np.asarray(item.convert("RGB") if hasattr(item, "convert") else item)
             if a.ndim != 3 or a.shape[-1] != 3:
-                raise ValueError(f"controlnet_input {i}: expected an H x W x 3 RGB image, got shape {a.shape}")
+                raise ValueError(
+                    f"controlnet_input {i}: expected an H x W x 3 RGB image, got shape {a.shape}"
+                )
             if a.shape[:2] != (size, size):
-                raise ValueError(f"controlnet_input {i}: {a.shape[1]}x{a.shape[0]} px, expected {size}x{size}")
+                raise ValueError(
+                    f"controlnet_input {i}: {a.shape[1]}x{a.shape[0]} px, expected {size}x{size}"
+                )
             arrays.append(torch.from_numpy(np.array(a, dtype=np.float32)).permute(2, 0, 1) / 255.0)
         rendered = torch.stack(arrays).to(self._execution_device)  # (B, 3, H, W) in [0, 1]
         mean, _ = encode_posterior(self.vae, rendered)
@@ -152,7 +165,9 @@ class PixCellControlNetPipeline(PixCellPipeline):
                 "or controlnet_input= (H x W x 3 uint8 RGB, as the Hub pipeline takes it)"
             )
         uni = self.prepare_condition(uni_embeds)
-        mask_latents = self.encode_masks(mask) if mask is not None else self.encode_controlnet_input(controlnet_input)
+        mask_latents = (
+            self.encode_masks(mask) if mask is not None else self.encode_controlnet_input(controlnet_input)
+        )
         if mask_latents.shape[0] == 1 and uni.shape[0] > 1:
             mask_latents = mask_latents.expand(uni.shape[0], -1, -1, -1)
         if mask_latents.shape[0] != uni.shape[0]:

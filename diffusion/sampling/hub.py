@@ -91,7 +91,9 @@ def saved_scheduler(folder: Path):
         return None
     try:
         cfg = json.loads(saved.read_text())
-        name = sampler_name(cfg.get("_class_name", ""), cfg)  # the config tells DPM-Solver++ from its SDE form
+        name = sampler_name(
+            cfg.get("_class_name", ""), cfg
+        )  # the config tells DPM-Solver++ from its SDE form
     except json.JSONDecodeError:
         raise ValueError(f"{saved}: not valid JSON") from None
     except ValueError as err:

@@ -257,7 +257,8 @@ def denoise_region(
     latents: Tensor | None = None,  # (1, 16, H, W) initial noise; default: drawn from `generator`
     generator: torch.Generator | None = None,
     window_batch: int | Chunker | None = None,  # windows per forward (x2 with guidance); None: all
-    window_eps: Callable[..., Callable[[Tensor, Tensor], Tensor]] | None = None,  # tests, benchmarks: standins.reference_eps_fn
+    window_eps: Callable[..., Callable[[Tensor, Tensor], Tensor]]
+    | None = None,  # tests, benchmarks: standins.reference_eps_fn
     progress: bool = True,
     allow_negative_guidance: bool = False,  # a guidance_scale < 0 is an error unless this says it is meant
 ) -> Tensor:

@@ -117,7 +117,9 @@ class PixCellPipeline(DiffusionPipeline):
             if cls is PixCellPipeline
             else {},
         )
-        pipe = cls.from_parts(folder / "transformer", vae or vae_folder(folder) or SD35_VAE_ID, sampler, torch_dtype)
+        pipe = cls.from_parts(
+            folder / "transformer", vae or vae_folder(folder) or SD35_VAE_ID, sampler, torch_dtype
+        )
         pipe.use_saved_scheduler(folder, sampler)
         return pipe
 
@@ -162,7 +164,9 @@ class PixCellPipeline(DiffusionPipeline):
         device = self._execution_device
         self.register_modules(transformer=merge_lora(self.transformer).to(device))
 
-    def recorded_defaults(self, guidance_scale: float | None, steps: int | None) -> tuple[float | None, int | None]:
+    def recorded_defaults(
+        self, guidance_scale: float | None, steps: int | None
+    ) -> tuple[float | None, int | None]:
         """Unset guidance and steps filled from the defaults recorded beside the weights (a student's
         sampling.json; steps only when recorded for the current sampler); what stays None, `resolve_defaults`
         fills with the published defaults."""
@@ -239,7 +243,8 @@ class PixCellPipeline(DiffusionPipeline):
         guidance_scale: float | None = None,  # None: 2.0 at T=1, 1.2 at T=16 (published)
         num_inference_steps: int | None = None,  # None: 20 for DPM-Solver++
         generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: Tensor | None = None,  # (B * num_images_per_prompt, 16, h, w) initial noise, for exact seeding
+        latents: Tensor
+        | None = None,  # (B * num_images_per_prompt, 16, h, w) initial noise, for exact seeding
         negative_uni_embeds: Tensor | None = None,  # unconditional input; default: the model's null condition
         guidance_interval: tuple[float, float] | None = None,  # guide only for timesteps in [low, high]
         allow_negative_guidance: bool = False,  # a guidance_scale < 0 is an error unless this says it is meant

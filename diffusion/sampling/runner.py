@@ -92,7 +92,9 @@ class SampleSettings:
 class RegionSettings:
     """Sliding-window options for large regions (see diffusion.sampling.large_image)."""
 
-    stride: int | None = None  # latent px between denoising windows; None: half a window (64 for PixCell-1024)
+    stride: int | None = (
+        None  # latent px between denoising windows; None: half a window (64 for PixCell-1024)
+    )
     decode_stride: int | None = None  # latent px between decoded windows; None: half a window
     sigma: float = 0.3  # Gaussian blending window over [-1, 1]; the published script used 0.8
     window_batch: int | None = None  # windows per forward (x2 with guidance); None: all on GPU, 8 on CPU
@@ -130,7 +132,12 @@ class OutputFolder:
     """OUT/syn, OUT/real, run.json and manifest.jsonl; images written atomically by a small thread pool."""
 
     def __init__(
-        self, root: str | Path, fmt: str = "png", jpeg_quality: int = 95, writers: int = 2, syn_dir: str = "syn"
+        self,
+        root: str | Path,
+        fmt: str = "png",
+        jpeg_quality: int = 95,
+        writers: int = 2,
+        syn_dir: str = "syn",
     ):
         if fmt not in SUFFIX:
             raise ValueError(f"`fmt` {fmt!r}: expected png or jpeg")

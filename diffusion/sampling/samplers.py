@@ -76,7 +76,7 @@ SAMPLERS: dict[str, Callable[[], object]] = {
         variance_type="learned_range",
         clip_sample=False,
         timestep_spacing="linspace",
-    ),  # fmt: skip
+    ),
     # SDE-DPM-Solver++ (2M): the same solver with a noise term at every step (algorithm_type decides).
     "sde-dpm-solver": lambda: _dpm_solver("sde-dpmsolver++"),
     "euler-ancestral": lambda: EulerAncestralDiscreteScheduler(
@@ -105,7 +105,10 @@ DEFAULT_STEPS = {
     "lcm": 4,
 }
 # Config entries that tell apart samplers sharing one scheduler class (DPM-Solver++ and its SDE form).
-_SIGNATURE = {"dpm-solver": {"algorithm_type": "dpmsolver++"}, "sde-dpm-solver": {"algorithm_type": "sde-dpmsolver++"}}
+_SIGNATURE = {
+    "dpm-solver": {"algorithm_type": "dpmsolver++"},
+    "sde-dpm-solver": {"algorithm_type": "sde-dpmsolver++"},
+}
 # Published FID-optimal guidance (PixCell paper): 2.0 for PixCell-256 (T=1), 1.2 for PixCell-1024 (T=16).
 DEFAULT_GUIDANCE = {1: 2.0, 4: 1.5, 16: 1.2}
 
@@ -211,7 +214,9 @@ def guidance_in_model(transformer) -> bool:
     return bool(getattr(transformer.config, "guidance_embeds", False))
 
 
-def transformer_fn(transformer, guidance_scale: float | None = None) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+def transformer_fn(
+    transformer, guidance_scale: float | None = None
+) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """Adapt a PixCell transformer to the (x, cond, t) -> output callable the samplers take.
 
     A student (`guidance_in_model`) gets `guidance_scale` as its guidance input on every call; the caller then
@@ -223,8 +228,12 @@ def transformer_fn(transformer, guidance_scale: float | None = None) -> Callable
         raise ValueError("this model takes the guidance scale as an input: pass guidance_scale")
 
     def fn(x: Tensor, cond: Tensor, t: Tensor) -> Tensor:
-        kw = {"guidance": torch.full((x.shape[0],), float(guidance_scale), device=x.device)} if student else {}
-        out = transformer(x.to(dtype), encoder_hidden_states=cond.to(dtype), timestep=t, return_dict=False, **kw)
+        kw = (
+            {"guidance": torch.full((x.shape[0],), float(guidance_scale), device=x.device)} if student else {}
+        )
+        out = transformer(
+            x.to(dtype), encoder_hidden_states=cond.to(dtype), timestep=t, return_dict=False, **kw
+        )
         return out[0].float()
 
     return fn

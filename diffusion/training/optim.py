@@ -98,7 +98,9 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping, total_ste
     return LambdaLR(optimizer, lambda step: lr_factor(step, kind, warmup, total_steps, min_ratio))
 
 
-def rescale_lr(optimizer: torch.optim.Optimizer, lr_scheduler: LambdaLR, old_lr: float, new_lr: float) -> None:
+def rescale_lr(
+    optimizer: torch.optim.Optimizer, lr_scheduler: LambdaLR, old_lr: float, new_lr: float
+) -> None:
     """A resumed run's new `optimizer.lr`: every group's base LR scaled by new/old (groups keep their ratios),
     and the current LR recomputed from the schedule at its step, as if the run had used it from the start."""
     ratio = new_lr / old_lr

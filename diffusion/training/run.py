@@ -95,7 +95,9 @@ class _LogFile(logging.FileHandler):
 
     def handleError(self, record: logging.LogRecord) -> None:
         err = sys.exc_info()[1]
-        print(f"warning: cannot write {self.baseFilename} ({err}); logging to the console only", file=sys.stderr)
+        print(
+            f"warning: cannot write {self.baseFilename} ({err}); logging to the console only", file=sys.stderr
+        )
         logging.getLogger().removeHandler(self)
 
 
@@ -276,7 +278,6 @@ class TrainLoop:
             self.save(step)
             self.last_saved = step
 
-
     def should_stop(self, step: int) -> bool:
         """The stop protocol of every trainer, called at the top of each step before its batches are drawn (so the
         data position needs no rewinding): when any process was asked to stop (a signal or the time limit; one
@@ -320,7 +321,9 @@ class Run:
     manager: CheckpointManager
     resume: Path | None  # the checkpoint this run continued from
     total_steps: int
-    guard: NonFiniteGuard | None = None  # skipped (non-finite) steps in a row: stop after too many, never save
+    guard: NonFiniteGuard | None = (
+        None  # skipped (non-finite) steps in a row: stop after too many, never save
+    )
 
     @property
     def lr(self) -> float:
@@ -439,7 +442,9 @@ def start_run(
     counters = {**({"nonfinite_total": 0} if guard else {}), **(counters or {})}
     state = dict(step=0, epoch=0, batch_in_epoch=0, **counters)
     if resume is not None:
-        saved = restore_training_state(manager, resume, state, lr_scheduler, {generator_name: generator}, ema=ema)
+        saved = restore_training_state(
+            manager, resume, state, lr_scheduler, {generator_name: generator}, ema=ema
+        )
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, state["step"], state["epoch"],
                  state["batch_in_epoch"])  # fmt: skip
         apply_resume_changes(saved.get("config"), cfg, resume, optimizer, lr_scheduler)

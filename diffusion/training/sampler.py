@@ -32,7 +32,9 @@ class ResumableSampler(Sampler[int]):
             raise ValueError(f"rank {rank} not in [0, {num_replicas})")
         excluded = set(int(i) for i in exclude)
         if excluded:
-            self.indices = torch.tensor([i for i in range(num_samples) if i not in excluded], dtype=torch.long)
+            self.indices = torch.tensor(
+                [i for i in range(num_samples) if i not in excluded], dtype=torch.long
+            )
         else:  # no Python list of hundreds of millions of ints (the UNI prior trains on every 256 px crop)
             self.indices = torch.arange(num_samples, dtype=torch.long)
         self.batch_size, self.num_replicas, self.rank = batch_size, num_replicas, rank

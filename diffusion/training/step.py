@@ -59,12 +59,16 @@ def accumulate(
     return (torch.stack(losses).mean(), images) if losses else (None, 0)
 
 
-def clipped_step(accelerator, params: Iterable[torch.nn.Parameter], optimizer, clip: float | None) -> tuple[float, bool]:
+def clipped_step(
+    accelerator, params: Iterable[torch.nn.Parameter], optimizer, clip: float | None
+) -> tuple[float, bool]:
     """Clip the (synchronised) global grad norm to `clip` (None/0: no clipping), step unless the loss or gradient
     is non-finite, zero the gradients. -> (grad norm before clipping, skipped)."""
     grad_norm = accelerator.clip_grad_norm_(params, clip or math.inf)
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-    if accelerator.scaler is not None:  # fp16: the grad scaler skips inf/NaN steps itself (and lowers its scale)
+    if (
+        accelerator.scaler is not None
+    ):  # fp16: the grad scaler skips inf/NaN steps itself (and lowers its scale)
         optimizer.step()
         skipped = bool(optimizer.step_was_skipped)
     else:

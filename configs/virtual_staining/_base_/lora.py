@@ -2,7 +2,9 @@
 # virtual_staining/train_lora.py), with its default (a config may set only these keys).
 # Defaults: the published virtual-staining adapters (rank-4, alpha-4 LoRA on the cross-attention of
 # PixCell-1024, trained on IHC images conditioned on their own UNI2-h embeddings, eps-MSE loss).
-task = "virtual_staining"  # the LoRA trainer's data: paired H&E / IHC images (configs/_base_/lora.py: features)
+task = (
+    "virtual_staining"  # the LoRA trainer's data: paired H&E / IHC images (configs/_base_/lora.py: features)
+)
 
 # ---- data: the IHC side of paired H&E / IHC images (the root comes from --data-root, never a config)
 dataset = "MIST"  # "MIST" or "HER2Match"
@@ -24,7 +26,9 @@ uni_batch_size = 8
 vae = "stabilityai/stable-diffusion-3.5-large"  # hub id (subfolder vae) or local folder
 
 # ---- model
-model = "StonyBrook-CVLab/PixCell-1024"  # base transformer (--load-from overrides): hub id, folder, original .pth
+model = (
+    "StonyBrook-CVLab/PixCell-1024"  # base transformer (--load-from overrides): hub id, folder, original .pth
+)
 lora = dict(
     rank=4,
     alpha=4.0,
