@@ -47,7 +47,13 @@ def models(tmp_path_factory) -> dict[str, Path]:
         p.data.normal_(0, 0.02)
     model.save_pretrained(out / "t1")
     build_tiny_uni(out / "uni", embed_dim=TINY_UNI_DIM, init_values=None)
+    from diffusion.prior import UNIPrior
+
+    UNIPrior(
+        num_tokens=1, channels=TINY_UNI_DIM, width=32, depth=1, labels=["tumour", "stroma"]
+    ).save_pretrained(out / "prior")
     return {
+        "prior": out / "prior",
         "model": out / "t1",
         "vae": parts.vae,
         "uni": out / "uni",
@@ -98,6 +104,8 @@ def server_args(models: dict[str, Path], slide: Path) -> list[str]:
         "fp32",
         "--max-variants",
         str(N_MAX),
+        "--prior",
+        str(models["prior"]),
     ]
 
 
@@ -179,6 +187,11 @@ def test_without_model_flags_it_serves_the_demo_and_says_so(models, real_slide, 
     assert ctx.demo == str(demo) and ctx.sources["uni"] == str(demo / "standins" / "uni2h-standin")
     assert ctx.slide is not None and ctx.slide.path == real_slide and not ctx.stainers
     assert "**Demo models.**" in header(ctx) and "not PixCell, UNI2-h or the SD3.5 VAE" in header(ctx)
+    assert ctx.prior is None  # no prior stage in this demo folder: no reference-free tab
+    (demo / ".done" / "prior.json").write_text("{}")
+    (demo / "prior").symlink_to(models["prior"])
+    ctx = load_context(build_parser().parse_args(["--demo", str(demo), "--device", "cpu"]))
+    assert ctx.prior is not None and ctx.prior.labels == ["tumour", "stroma"]
 
 
 #################################################################################
@@ -256,6 +269,37 @@ def test_api_variants_seeds_cosine_and_downloads(client, files):
         client.predict(tile, "", N_MAX + 1, "dpm-solver", 4, 2.0, 0, api_name="/generate")
     gallery, _, status = client.predict(None, "", 2, "dpm-solver", 4, 2.0, 0, api_name="/generate")
     assert gallery == [] and "Pick a tile" in status
+
+
+def test_api_reference_free_images_from_the_prior(client):
+    from gradio_client.exceptions import AppError
+
+    gallery, downloads, status = client.predict("stroma", 2, 1.5, 3, 2.0, 7, api_name="/reference_free")
+    assert "2 image(s) from the UNI prior (stroma)" in status and len(gallery) == 2
+    settings = json.loads(Path(downloads[-1]).read_text())
+    assert settings["label"] == "stroma" and settings["prior_guidance"] == 1.5 and settings["steps"] == 3
+    assert settings["prior"] and settings["prior_ref"].startswith("sha256:")
+    first, meta = read_variant(downloads[0])
+    second, _ = read_variant(downloads[1])
+    assert first.shape == (256, 256, 3) and meta["seed"] == 7 and not np.array_equal(first, second)
+    _, again, _ = client.predict("stroma", 2, 1.5, 3, 2.0, 7, api_name="/reference_free")
+    assert np.array_equal(
+        read_variant(again[0])[0], first
+    )  # the seed decides the prior's noise and the images'
+    _, _, status = client.predict("", 1, 1.0, 3, 2.0, 0, api_name="/reference_free")
+    assert "(any label)" in status
+    with pytest.raises(AppError):  # not one of the dropdown's choices
+        client.predict("bone", 1, 1.0, 3, 2.0, 0, api_name="/reference_free")
+
+
+def test_a_students_recorded_sampler_is_where_the_controls_start(models):
+    from diffusion.sampling.pipeline import PixCellPipeline
+    from tools.app import tab_defaults
+
+    pipe = PixCellPipeline.from_parts(models["model"], models["vae"])
+    assert tab_defaults(pipe) == ("dpm-solver", 20, 2.0)  # the published defaults at 256 px
+    pipe.defaults = {"sampler": "lcm", "steps": 4, "guidance": 3.0}  # what a student's sampling.json records
+    assert tab_defaults(pipe) == ("lcm", 4, 3.0)
 
 
 def test_api_staining(client, files):

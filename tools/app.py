@@ -10,6 +10,8 @@ Tabs:
                     1024 px for PixCell-1024; larger images are centre-cropped, smaller ones refused) -> N
                     variants sampled on its UNI tokens, each with its UNI-space cosine similarity to the reference;
                     download as PNG (lossless, settings inside) + settings.json
+  Reference-free    only with --prior: N images with no reference at all, their UNI conditions drawn from a
+                    trained UNI prior (train_scripts/train_prior.py), per label when it was trained with labels
   Virtual staining  only with --stain / --stain-published: an H&E 1024 px image -> the chosen IHC stain
 
 Every model is loaded before the server starts, so a missing or gated one is one `error:` line (exit 2). The
@@ -17,9 +19,10 @@ queue runs one generation at a time (two browser tabs wait their turn); bad uplo
 Same model flags as tools/sample.py (--model, --vae, --uni); with none of them, the app serves `make demo`'s
 stand-ins from --demo (default demo_output/) and says so on the page.
 
-Adding a tab (a reference-free prior, a few-step student): a flag in `build_parser`, its model loaded in
+A few-step student (train_scripts/train_distill.py) is a --model like any other; its recorded sampler, steps
+and guidance (LCM, 4 steps) are what the controls start from: the fast mode. Adding a tab: a flag in `build_parser`, its model loaded in
 `load_context` (None when the flag is absent), and a `*_tab(ctx)` builder called from `build_app` only when the
-model is there, like `staining_tab`.
+model is there, like `reference_free_tab` and `staining_tab`.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from diffusion.encoders import UNIEncoder
 from diffusion.geometry import DTYPES
 from diffusion.sampling.pipeline import PixCellPipeline
 from diffusion.sampling.runner import model_reference
-from diffusion.sampling.samplers import DEFAULT_STEPS, SAMPLERS, resolve_defaults
+from diffusion.sampling.samplers import DEFAULT_STEPS, SAMPLERS, resolve_defaults, sampler_name
 from diffusion.sampling.variants import (
     MIN_TISSUE,
     ReferenceImageError,
@@ -108,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--stain-model", default=None, help="PixCell-1024 source for staining (default: the Hub's)"
     )
     add_runtime_args(p)
+    p.add_argument(
+        "--prior",
+        help="UNI prior (train_scripts/train_prior.py work dir or prior/ folder): the reference-free tab",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (GPU)")
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
@@ -133,6 +140,8 @@ def resolve_sources(args: argparse.Namespace) -> str | None:
         if args.slide is None:
             record = json.loads((demo / ".done" / "slide.json").read_text())
             args.slide = record["info"]["slide"]
+        if args.prior is None and (demo / ".done" / "prior.json").is_file():  # the demo's UNI prior stage
+            args.prior = str(demo / "prior")
         return str(demo)
     if args.model is None:
         raise ValueError("--vae/--uni given without --model: pass the PixCell transformer too")
@@ -175,6 +184,7 @@ class AppContext:
     stainers: dict = field(default_factory=dict)  # label -> VirtualStainer
     stain_sources: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> its model, LoRA, flow
     stain_slide: SlideTiles | None = None
+    prior: object | None = None  # a UNIPrior (--prior): the reference-free tab
     out_root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pixcell_app_")))
 
     def provenance(self, parts: Sequence[str] = ("model", "vae", "uni")) -> dict[str, str]:
@@ -216,6 +226,13 @@ def load_context(args: argparse.Namespace) -> AppContext:
         demo=demo,
         slide=open_slide_tiles(args, reference_size(pipe)),
     )
+    if args.prior:
+        from diffusion.prior.model import check_prior_fits, load_prior, prior_folder
+
+        ctx.prior = load_prior(prior_folder(args.prior), device=device)
+        t = pipe.transformer.config
+        check_prior_fits(ctx.prior, t.caption_num_tokens, t.caption_channels, where=f"--prior {args.prior}")
+        ctx.sources["prior"], ctx.refs["prior"] = args.prior, model_reference(prior_folder(args.prior))
     if targets:
         from virtual_staining.published import BASE_MODEL
         from virtual_staining.stainer import VirtualStainer
@@ -374,6 +391,72 @@ def generate_variants(
     return gallery, files, status
 
 
+def generate_reference_free(
+    ctx: AppContext,
+    n: float,
+    label: str | None,
+    prior_guidance: float,
+    steps: float,
+    guidance: float,
+    seed: float,
+) -> tuple[list[tuple[str, str]], list[str], str]:
+    """The reference-free Generate button: UNI conditions drawn from the prior (for `label`), then PixCell.
+    -> (gallery items (file, caption), download files, status)."""
+    from diffusion.encoders import to_uint8
+    from diffusion.prior.sampling import sample_images
+
+    try:
+        n, steps, seed = int(n), int(steps), int(seed)
+        check_guidance(guidance)
+        check_guidance(prior_guidance)
+        label = label or None
+        with run_clock() as clock:
+            out = sample_images(
+                ctx.pipe,
+                ctx.prior,
+                n,
+                label,
+                prior_guidance=float(prior_guidance),
+                generator=torch.Generator().manual_seed(seed),  # the prior's noise, then the images'
+                guidance_scale=float(guidance),
+                num_inference_steps=steps,
+                output_type="pt",
+                progress=False,
+            )
+    except ValueError as err:
+        return [], [], problem(err)
+    settings = {
+        **ctx.provenance(("model", "vae", "prior")),
+        "label": label,
+        "prior_guidance": float(prior_guidance),
+        "sampler": sampler_name(ctx.pipe.scheduler),
+        "steps": steps,
+        "guidance": float(guidance),
+        "seed": seed,
+        "dtype": ctx.dtype,
+        "device": ctx.device,
+    }
+    folder = request_dir(ctx)
+    suffix = ".png" if ctx.fmt == "png" else ".jpg"
+    gallery, files = [], []
+    for i, image in enumerate(to_uint8(out.images)):
+        path = save_image(
+            image,
+            folder / f"pixcell_reference_free_{i + 1}_seed{seed}{suffix}",
+            {**settings, "index": i},
+            ctx.fmt,
+        )
+        gallery.append((str(path), f"{label or 'any label'} · #{i + 1}"))
+        files.append(str(path))
+    files.append(
+        str(save_json({**settings, **clock, "n": n}, folder / "pixcell_reference_free_settings.json"))
+    )
+    status = (
+        f"{n} image(s) from the UNI prior ({label or 'any label'}) in {clock['seconds']:.1f} s, seed {seed}."
+    )
+    return gallery, files, status
+
+
 def stain_image(
     ctx: AppContext,
     reference: str | None,
@@ -491,9 +574,17 @@ def reference_picker(tiles: SlideTiles | None, size: int, prefix: str, status):
     return reference, source
 
 
+def tab_defaults(pipe: PixCellPipeline) -> tuple[str, int, float]:
+    """(sampler, steps, guidance) the controls start from: those recorded beside the model (a few-step student:
+    LCM, 4 steps, its guidance input; the fast mode), else DPM-Solver++ with the published defaults."""
+    sampler = pipe.defaults.get("sampler", "dpm-solver")
+    steps = pipe.defaults.get("steps") if pipe.defaults.get("sampler") == sampler else None
+    tokens = pipe.transformer.config.caption_num_tokens
+    return (sampler, *resolve_defaults(sampler, steps, pipe.defaults.get("guidance"), tokens))
+
+
 def variants_tab(ctx: AppContext) -> None:
-    tokens = ctx.pipe.transformer.config.caption_num_tokens
-    steps0, guidance0 = resolve_defaults("dpm-solver", None, None, tokens)
+    sampler0, steps0, guidance0 = tab_defaults(ctx.pipe)
     status = gr.Markdown(elem_id="variants-status", render=False)
     with gr.Row(equal_height=False):
         reference, source = reference_picker(ctx.slide, ctx.size, "variants", status)
@@ -506,9 +597,7 @@ def variants_tab(ctx: AppContext) -> None:
                 label="Variants",
                 elem_id="variants-n",
             )
-            sampler = gr.Dropdown(
-                list(SAMPLERS), value="dpm-solver", label="Sampler", elem_id="variants-sampler"
-            )
+            sampler = gr.Dropdown(list(SAMPLERS), value=sampler0, label="Sampler", elem_id="variants-sampler")
             steps = gr.Slider(1, 200, value=steps0, step=1, label="Steps", elem_id="variants-steps")
             guidance = gr.Slider(
                 0,
@@ -586,6 +675,45 @@ def staining_tab(ctx: AppContext) -> None:
     )
 
 
+def reference_free_tab(ctx: AppContext) -> None:
+    sampler0, steps0, guidance0 = tab_defaults(ctx.pipe)
+    labels = ctx.prior.labels
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=280):
+            gr.Markdown(
+                "No reference image: the UNI prior draws the conditions (for the chosen label), then PixCell "
+                "draws the images."
+            )
+            label = gr.Dropdown(
+                ["", *labels],
+                value="",
+                label="Label (empty: any)",
+                elem_id="free-label",
+                visible=bool(labels),
+            )
+            n = gr.Slider(1, ctx.max_variants, value=min(4, ctx.max_variants), step=1, label="Images")
+            prior_guidance = gr.Slider(0, 6, value=1.0, step=0.1, label="Prior label guidance (1: none)")
+            steps = gr.Slider(1, 200, value=steps0, step=1, label=f"Steps ({sampler0})")
+            guidance = gr.Slider(0, 6, value=guidance0, step=0.1, label="Guidance w")
+            seed = gr.Number(ctx.seed, precision=0, label="Seed")
+            button = gr.Button("Generate without a reference", variant="primary", elem_id="free-generate")
+            status = gr.Markdown(elem_id="free-status")
+    gallery = gr.Gallery(label="Reference-free images", columns=4, format="png", elem_id="free-gallery")
+    files = gr.File(label="Download: PNG (settings inside) + settings.json", file_count="multiple")
+
+    def run(label, n, prior_guidance, steps, guidance, seed, progress=gr.Progress(track_tqdm=True)):
+        return generate_reference_free(ctx, n, label, prior_guidance, steps, guidance, seed)
+
+    button.click(
+        run,
+        inputs=[label, n, prior_guidance, steps, guidance, seed],
+        outputs=[gallery, files, status],
+        api_name="reference_free",
+        concurrency_id="model",  # one model run at a time in the whole app
+        concurrency_limit=1,
+    )
+
+
 def build_app(ctx: AppContext):
     """The Gradio Blocks; tabs exist only for what was loaded."""
     # analytics_enabled=False: no usage statistics and no version check sent to gradio.app (offline sites).
@@ -594,6 +722,9 @@ def build_app(ctx: AppContext):
         with gr.Tabs():
             with gr.Tab("Variants", id="variants"):
                 variants_tab(ctx)
+            if ctx.prior is not None:
+                with gr.Tab("Reference-free", id="reference-free"):
+                    reference_free_tab(ctx)
             if ctx.stainers:
                 with gr.Tab("Virtual staining", id="staining"):
                     staining_tab(ctx)
