@@ -14,6 +14,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 # What an entry point reports as one line (exit status 2). KeyError: a missing dataset key or config entry.
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError, KeyError)
 
@@ -28,6 +30,9 @@ OS_CAUSES = {
     errno.ENOENT: "no such file or folder",
     errno.EEXIST: "is a regular file where a folder is expected",
 }
+# What a failed write raises: torch.save RuntimeError, safetensors SafetensorError, h5py and PIL OSError. Other
+# exceptions (a ValueError of the caller's) pass through untouched, even on a nearly full disk.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 # Below this many free bytes a failed write is taken as a full disk (torch.save, safetensors and h5py report it
 # without errno 28: "enforce fail at inline_container.cc ... unexpected pos", "I/O error", "Can't write data").
 FULL_DISK_BYTES = 1 << 20
@@ -75,7 +80,7 @@ def named_write_errors(path: str | Path, needed_bytes: int | None = None) -> Ite
     """
     try:
         yield
-    except Exception as err:  # torch.save: RuntimeError; safetensors: SafetensorError; h5py, PIL: OSError
+    except WRITE_ERRORS as err:
         code = getattr(err, "errno", None)
         free = free_bytes(path)
         if code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < FULL_DISK_BYTES):
