@@ -15,6 +15,19 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PIXCELL_SHARED", REPO.parent / "shared"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (opt in: `pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models
+    make many small ops, and on a shared 2-core machine OpenMP spin-waits make two threads far slower than one;
+    modules that compare with subprocesses also get the same kernels, hence the same bytes."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():

@@ -269,15 +269,6 @@ def _x0_quadrant_accuracy(base, controlnet, diffusion, masks_shift: int = 0, t_v
     return (means.argmax(1) == quadrant).float().mean().item()
 
 
-@pytest.fixture
-def one_thread():
-    """Two busy cores: one thread per process makes these small matmuls ~10x faster than oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_training_makes_the_mask_control_the_output(one_thread):
     """Base trained on 'a bright square somewhere'; the ControlNet learns where, from the mask alone.
 

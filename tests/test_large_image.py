@@ -26,13 +26,7 @@ from tools.sample_4k import main
 C = 96
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models make many small ops: one thread avoids OpenMP spin-waits on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for tiny models
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ MODES = np.array([[4.0, 0.0, 0.0], [-2.0, 3.5, 0.0], [-2.0, -3.5, 1.0]])  # thre
 SPREAD = 0.4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for tiny models
 
 
 def mixture(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

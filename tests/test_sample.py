@@ -32,14 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 C = 96  # the tiny UNI stand-in's embedding size
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread, like the subprocesses below (same kernels, same bytes); tiny models make many small ops, and
-    on a shared 2-core machine OpenMP spin-waits make two threads far slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for tiny models
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@ TINY = str(REPO / "configs" / "distill" / "tiny.py")
 C = 96
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for tiny models
 
 
 @pytest.fixture(scope="module")
