@@ -341,6 +341,23 @@ def pick_tile(tiles: SlideTiles, x: float, y: float) -> tuple[Image.Image, np.nd
     return tiles.draw(cell), tile.image, source, note
 
 
+def save_gallery(
+    ctx: AppContext,
+    images: Sequence[np.ndarray],  # uint8 (H, W, 3)
+    stems: Sequence[str],
+    settings: Sequence[dict],  # each image's, written inside its PNG
+    captions: Sequence[str],
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """One request's images in a fresh download folder: -> (gallery items (file, caption), files)."""
+    folder = request_dir(ctx)
+    suffix = ".png" if ctx.fmt == "png" else ".jpg"
+    paths = [
+        str(save_image(im, folder / f"{stem}{suffix}", one, ctx.fmt))
+        for im, stem, one in zip(images, stems, settings)
+    ]
+    return list(zip(paths, captions)), paths
+
+
 def generate_variants(
     ctx: AppContext,
     reference: str | None,
@@ -372,18 +389,18 @@ def generate_variants(
         "dtype": ctx.dtype,
         "device": ctx.device,
     }
-    folder = request_dir(ctx)
-    suffix = ".png" if ctx.fmt == "png" else ".jpg"
-    gallery, files, rows = [], [], []
-    for i, (image, s, cos) in enumerate(zip(out.images, out.seeds, out.cosine)):
-        one = {**settings, "seed": s, "uni_cosine": round(cos, 4)}
-        path = save_image(image, folder / f"pixcell_variant_{i + 1}_seed{s}{suffix}", one, ctx.fmt)
-        gallery.append((str(path), f"seed {s} · UNI cosine {cos:.3f}"))
-        files.append(str(path))
-        rows.append({"file": path.name, "seed": s, "uni_cosine": round(cos, 4)})
-    files.append(
-        str(save_json({**settings, **clock, "variants": rows}, folder / "pixcell_variants_settings.json"))
+    rows = [{"seed": s, "uni_cosine": round(cos, 4)} for s, cos in zip(out.seeds, out.cosine)]
+    gallery, files = save_gallery(
+        ctx,
+        out.images,
+        [f"pixcell_variant_{i + 1}_seed{r['seed']}" for i, r in enumerate(rows)],
+        [{**settings, **r} for r in rows],
+        [f"seed {r['seed']} · UNI cosine {c:.3f}" for r, c in zip(rows, out.cosine)],
     )
+    for row, path in zip(rows, files):
+        row["file"] = Path(path).name
+    settings_file = Path(files[0]).parent / "pixcell_variants_settings.json"
+    files.append(str(save_json({**settings, **clock, "variants": rows}, settings_file)))
     status = (
         f"{n} variant(s) in {clock['seconds']:.1f} s ({out.sampler}, {out.steps} steps, guidance {out.guidance:g}, "
         f"seeds {out.seeds[0]}..{out.seeds[-1]}); UNI cosine to the reference: mean {np.mean(out.cosine):.3f}."
@@ -436,21 +453,15 @@ def generate_reference_free(
         "dtype": ctx.dtype,
         "device": ctx.device,
     }
-    folder = request_dir(ctx)
-    suffix = ".png" if ctx.fmt == "png" else ".jpg"
-    gallery, files = [], []
-    for i, image in enumerate(to_uint8(out.images)):
-        path = save_image(
-            image,
-            folder / f"pixcell_reference_free_{i + 1}_seed{seed}{suffix}",
-            {**settings, "index": i},
-            ctx.fmt,
-        )
-        gallery.append((str(path), f"{label or 'any label'} · #{i + 1}"))
-        files.append(str(path))
-    files.append(
-        str(save_json({**settings, **clock, "n": n}, folder / "pixcell_reference_free_settings.json"))
+    gallery, files = save_gallery(
+        ctx,
+        list(to_uint8(out.images)),
+        [f"pixcell_reference_free_{i + 1}_seed{seed}" for i in range(n)],
+        [{**settings, "index": i} for i in range(n)],
+        [f"{label or 'any label'} · #{i + 1}" for i in range(n)],
     )
+    settings_file = Path(files[0]).parent / "pixcell_reference_free_settings.json"
+    files.append(str(save_json({**settings, **clock, "n": n}, settings_file)))
     status = (
         f"{n} image(s) from the UNI prior ({label or 'any label'}) in {clock['seconds']:.1f} s, seed {seed}."
     )

@@ -169,6 +169,14 @@ def run_trainer(main: Callable[[argparse.Namespace], int], args: argparse.Namesp
         root.setLevel(before[1])
 
 
+def any_process(accelerator, flag: bool) -> bool:
+    """True if `flag` is true on any process (collective; every process calls it)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
 class TrainLoop:
     """The bookkeeping after each optimizer step, the same in every trainer.
 
@@ -291,14 +299,7 @@ class TrainLoop:
 
     def any_process(self, flag: bool) -> bool:
         """True if `flag` is true on any process (collective), e.g. "a batch failed to load" to skip a step together."""
-        return self.any_of(self.accelerator, flag)
-
-    @staticmethod
-    def any_of(accelerator, flag: bool) -> bool:
-        if accelerator.num_processes == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=accelerator.device)
-        return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+        return any_process(self.accelerator, flag)
 
 
 @dataclass
@@ -347,7 +348,7 @@ class Run:
         noise generator; `portable` as in `CheckpointManager.save`. Weights that are not finite are never saved:
         that is one error line naming the last checkpoint."""
         finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
-        if TrainLoop.any_of(self.accelerator, not finite):
+        if any_process(self.accelerator, not finite):
             raise RuntimeError(
                 f"step {step}: the weights hold NaN or Inf, not saving them; the last checkpoint is "
                 f"{latest_checkpoint(self.work_dir) or 'none'}; lower optimizer.lr or check the data, then resume"
