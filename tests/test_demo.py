@@ -11,7 +11,7 @@ from PIL import Image
 from tools.demo import main as demo
 
 REDUCED = ["--train-steps", "30", "--vae-steps", "20", "--sample-steps", "4", "--large-size", "512", "--seeds", "2",
-           "--aug-per-image", "1"]  # fmt: skip
+           "--prior-seeds", "2", "--aug-per-image", "1"]  # fmt: skip
 
 
 def test_reduced_demo_writes_a_complete_report_and_reuses_its_stages(tmp_path, real_slide, capsys):
@@ -66,9 +66,16 @@ def test_reduced_demo_writes_a_complete_report_and_reuses_its_stages(tmp_path, r
     assert audit["n_synthetic"] == n_train and audit["reference_flagged"] == 0
     # Images from the UNI prior beside conditional and null-condition ones, as many of each, with bootstrap FDs.
     prior = json.loads((out / ".done" / "prior.json").read_text())["info"]
-    assert set(prior["fd_images"]) == {"conditional", "prior", "null"}
-    for m in prior["fd_images"].values():
-        assert m["n_images"] == 2 * len(real) and m["low"] <= m["value"] <= m["high"]
+    fd = prior["fd_images"]
+    assert set(fd["sets"]) == {"conditional", "prior", "null"} and fd["n_reference"] == len(real)
+    for m in fd["sets"].values():
+        assert m["n_images"] == 2 * len(real) and 0 < m["value"] and m["low"] <= m["high"]
+    for name, d in fd["differences"].items():  # "a - b": FD(a) - FD(b), with its shared-reference interval
+        a, b = name.split(" - ")
+        assert (
+            abs(d["value"] - (fd["sets"][a]["value"] - fd["sets"][b]["value"])) < 1e-9
+            and d["low"] <= d["high"]
+        )
     large = next((out / "large" / "syn").rglob("*.png"))
     assert Image.open(large).size == (512, 512)
 

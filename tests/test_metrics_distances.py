@@ -144,6 +144,39 @@ def test_frechet_bootstrap_value_is_the_full_sample_distance_and_the_interval_tr
         frechet_distance_bootstrap(a, b, ci=1.5)
 
 
+def test_comparison_with_a_small_shared_reference_separates_sets_its_single_intervals_cannot():
+    from diffusion.metrics.distances import compare_frechet_distances, frechet_distance_bootstrap
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(10, 4))  # a demo-sized reference: 10 held-out tiles
+    near = rng.normal(size=(200, 4)) + 0.5  # d^2 = 4 * 0.25 = 1 in the limit
+    far = rng.normal(size=(200, 4)) + 1.0  # d^2 = 4
+    cmp = compare_frechet_distances({"near": near, "far": far}, reference, n_boot=300, seed=2)
+    assert cmp.values == {"near": frechet_distance_from_features(near, reference),
+                          "far": frechet_distance_from_features(far, reference)}  # fmt: skip
+    near_alone = frechet_distance_bootstrap(near, reference, n_boot=300, seed=2)
+    far_alone = frechet_distance_bootstrap(far, reference, n_boot=300, seed=2)
+    assert near_alone.high > far_alone.low  # one at a time, the two intervals overlap
+    diff = cmp.difference("far", "near")
+    assert diff.value == pytest.approx(cmp.values["far"] - cmp.values["near"])
+    assert diff.low > 0  # over shared resamples of the reference, "near" is surely the closer set
+    assert diff.high - diff.low < 0.75 * (far_alone.high - far_alone.low)
+    assert cmp.difference("near", "far").high == pytest.approx(-diff.low)
+    assert cmp.estimate("near").value == cmp.values["near"] and cmp.estimate("near").std > 0
+    assert (
+        compare_frechet_distances({"near": near, "far": far}, reference, n_boot=300, seed=2).difference(
+            "far", "near"
+        )
+        == diff
+    )  # seeded: reproducible
+    with pytest.raises(ValueError, match="no feature sets"):
+        compare_frechet_distances({}, reference)
+    with pytest.raises(ValueError, match="feature sizes differ"):
+        compare_frechet_distances({"near": near[:, :3]}, reference)
+    with pytest.raises(ValueError, match="'far'.*NaN"):
+        compare_frechet_distances({"far": np.full((5, 4), np.nan)}, reference)
+
+
 def test_frechet_bootstrap_std_shrinks_with_more_images_and_the_value_tracks_a_scaled_covariance():
     from diffusion.metrics.distances import frechet_distance_bootstrap
 

@@ -188,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sample-steps", type=int, default=20, help="DPM-Solver++ steps")
     p.add_argument("--large-size", type=int, default=768, help="side of the sliding-window region, px")
     p.add_argument("--seeds", type=int, default=3, help="samples per held-out condition (seeds 0..N-1)")
+    p.add_argument("--prior-seeds", type=int, default=6, help="prior stage: images per held-out condition")
     p.add_argument("--aug-per-image", type=int, default=2, help="synthetic variants per training tile")
     p.add_argument("--force", action="store_true", help="rerun every stage")
     p.add_argument("--distill", action="store_true", help="also distil a 4-step student and run bench_steps")
@@ -347,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from diffusion.demo.prior import run_prior_stage
 
         return run_prior_stage(demo.run, out, patches, work, vae_dir, uni_dir, TRAIN_KEY, HELDOUT_KEY,
-                               args.sample_steps, args.seeds)  # fmt: skip
+                               args.sample_steps, args.prior_seeds)  # fmt: skip
 
     prior = demo.stage("prior", prior_stage)["info"]
 

@@ -10,7 +10,9 @@ data = dict(parent_size=256, num_workers=0, dataset_keys=["cmu_train_256"])
 train_batch_size = 16
 num_epochs = 1000
 max_steps = 400
-optimizer = dict(type="AdamW", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99), eps=1e-8)
+# lr 2e-3 rather than 1e-3: in the same 1200 steps, images closer to the held-out tiles (FD in the stand-in UNI
+# space, 60 images per set: 77 against 98 conditioned on the held-out tiles, 103 against 116 null-condition).
+optimizer = dict(type="AdamW", lr=2e-3, weight_decay=0.0, betas=(0.9, 0.99), eps=1e-8)
 lr_schedule = dict(type="cosine", warmup_steps=20)
 gradient_clip = 1.0
 ema_rate = 0.98

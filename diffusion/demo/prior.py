@@ -8,7 +8,8 @@ the training tiles; then the trained PixCell makes three sets of the same size w
     null          PixCell's null condition (what "unconditional" sampling conditions on; the lower bound)
 
 and each set's Frechet distance to the held-out tiles in the stand-in UNI space is computed with its bootstrap
-interval (the demo holds out only 10 tiles, so the spread matters). tools/evaluate_prior.py adds the prior's own
+interval, and so are the differences between the sets (the demo holds out only 10 tiles: each distance moves a
+lot with the reference's resampling, the differences much less). tools/evaluate_prior.py adds the prior's own
 numbers in UNI space (no images).
 """
 
@@ -49,22 +50,31 @@ def write_conditions(patches: Path, heldout_key: str, work: Path, out: Path, see
     return len(heldout)
 
 
-def image_fds(real: Path, samples: Path, uni_dir: Path, n_boot: int = 200) -> dict[str, dict]:
-    """Each set's Frechet distance to the real held-out tiles in the stand-in UNI space, with bootstrap spread."""
-    from diffusion.metrics.distances import frechet_distance_bootstrap
+# The comparisons the stage reports: FD(a) - FD(b) over shared-reference resamples (> 0: b is closer).
+DIFFERENCES = (("null", "prior"), ("conditional", "prior"), ("null", "conditional"))
+
+
+def image_fds(real: Path, samples: Path, uni_dir: Path, n_boot: int = 500) -> dict:
+    """Each set's Frechet distance to the real held-out tiles in the stand-in UNI space, and the differences of
+    DIFFERENCES, from one bootstrap that resamples the held-out tiles once per draw (so the 10-tile reference's
+    own noise, which moves all three distances together, stays out of the differences)."""
+    from diffusion.metrics.distances import compare_frechet_distances
     from diffusion.metrics.encoders import load_feature_encoder
     from diffusion.metrics.features import embed_images
     from diffusion.metrics.images import list_images
 
     encoder = load_feature_encoder(f"uni2={uni_dir}", "cpu")
     ref = embed_images(encoder, list_images(real, "REAL"), batch_size=32, progress=False)
-    out = {}
-    for name in SETS:
-        feats = embed_images(
-            encoder, list_images(samples / name / "syn", "SYN"), batch_size=32, progress=False
-        )
-        out[name] = {**asdict(frechet_distance_bootstrap(feats, ref, n_boot=n_boot)), "n_images": len(feats)}
-    return out
+    feats = {
+        name: embed_images(encoder, list_images(samples / name / "syn", "SYN"), batch_size=32, progress=False)
+        for name in SETS
+    }
+    comparison = compare_frechet_distances(feats, ref, n_boot=n_boot)
+    return {
+        "sets": {name: {**asdict(comparison.estimate(name)), "n_images": len(feats[name])} for name in SETS},
+        "differences": {f"{a} - {b}": asdict(comparison.difference(a, b)) for a, b in DIFFERENCES},
+        "n_reference": len(ref),
+    }
 
 
 def run_prior_stage(
@@ -77,7 +87,7 @@ def run_prior_stage(
     train_key: str,
     heldout_key: str,
     sample_steps: int,
-    seeds: int,  # images per held-out condition (and as many prior / null images in all): the demo's --seeds
+    seeds: int,  # images per held-out condition (and as many prior / null images in all): --prior-seeds
 ) -> dict:
     prior_dir, samples = out / "prior", out / "samples_prior"
     # Models this small are many small ops: one OpenMP thread per command is as fast on an idle machine and many

@@ -232,18 +232,33 @@ rotations and shifts: synthetic max {px["synthetic"]["max"]:.3f}, held-out max {
 {_img_tag(Image.open(figure)) if figure.is_file() else ""}"""
 
 
+def _closer(a: str, b: str, d: dict) -> str:
+    """What an interval of FD(a) - FD(b) says: which set is closer to the held-out tiles, or neither surely."""
+    if d["low"] > 0:
+        return f"{b} closer"
+    if d["high"] < 0:
+        return f"{a} closer"
+    return "no clear difference"
+
+
 def _prior_html(out: Path, prior: dict | None) -> str:
     """Images from no reference (prior samples) beside conditional and null-condition ones, with their FDs."""
     if not prior:
         return ""
     samples = out / "samples_prior"
-    columns = [(name, [Image.open(p) for p in sorted((samples / name / "syn").glob("*.png"))[::8][:8]])
+    step = prior["seeds_per_condition"]  # the conditional set holds each held-out tile's images side by side
+    columns = [(name, [Image.open(p) for p in sorted((samples / name / "syn").glob("*.png"))[::step][:8]])
                for name in ("conditional", "prior", "null")]  # fmt: skip
     fd = prior["fd_images"]
     rows = "".join(
         f"<tr><td>{n}</td><td>{m['n_images']}</td><td>{m['value']:.1f}</td><td>[{m['low']:.1f}, {m['high']:.1f}]</td>"
         f"<td>{m['std']:.1f}</td></tr>"
-        for n, m in fd.items()
+        for n, m in fd["sets"].items()
+    )
+    diffs = "".join(
+        f"<tr><td>FD({a}) &minus; FD({b})</td><td>{d['value']:+.1f}</td><td>[{d['low']:+.1f}, {d['high']:+.1f}]</td>"
+        f"<td>{_closer(a, b, d)}</td></tr>"
+        for a, b, d in ((*name.split(" - "), d) for name, d in fd["differences"].items())
     )
     u = prior["uni_space"]
     return f"""<h2>Generation without a reference image (UNI prior)</h2>
@@ -253,6 +268,9 @@ conditions of the middle column: no real image is involved. Left: conditioned on
 {_img_tag(_labelled_grid(columns))}
 <table><tr><th>set</th><th>images</th><th>FD to held-out tiles (stand-in UNI) &darr;</th><th>95% bootstrap</th>
 <th>bootstrap std</th></tr>{rows}</table>
+<p>The {fd["n_reference"]} held-out tiles move all three distances together from one bootstrap draw to the next; the
+differences, over the same draws (the reference resampled once per draw), are what tell the sets apart:</p>
+<table><tr><th>difference</th><th>value</th><th>95% bootstrap</th><th>reading</th></tr>{diffs}</table>
 <p>The prior in UNI space (tools/evaluate_prior.py, tokens only, against the 10 held-out tiles): FD
 {u["fd"]:.1f} [{u["fd_low"]:.1f}, {u["fd_high"]:.1f}] against {u["fd_gaussian"]:.1f} for a Gaussian fitted to the
 training tokens and {u.get("fd_null", float("nan")):.1f} for the null condition; k-NN precision {u["precision"]:.2f},
