@@ -76,6 +76,8 @@ def test_reduced_demo_writes_a_complete_report_and_reuses_its_stages(tmp_path, r
             abs(d["value"] - (fd["sets"][a]["value"] - fd["sets"][b]["value"])) < 1e-9
             and d["low"] <= d["high"]
         )
+    grid = Image.open(out / "samples_prior" / "grid.png")  # held-out real | conditional | prior | null
+    assert grid.width == 4 * 128 and grid.height > 128
     large = next((out / "large" / "syn").rglob("*.png"))
     assert Image.open(large).size == (512, 512)
 

@@ -247,8 +247,12 @@ def _prior_html(out: Path, prior: dict | None) -> str:
         return ""
     samples = out / "samples_prior"
     step = prior["seeds_per_condition"]  # the conditional set holds each held-out tile's images side by side
-    columns = [(name, [Image.open(p) for p in sorted((samples / name / "syn").glob("*.png"))[::step][:8]])
-               for name in ("conditional", "prior", "null")]  # fmt: skip
+    columns = [("held-out real", [Image.open(p) for p in sorted((samples / "real").glob("*.png"))[:8]])]
+    columns += [(name, [Image.open(p) for p in sorted((samples / name / "syn").glob("*.png"))[::step][:8]])
+                for name in ("conditional", "prior", "null")]  # fmt: skip
+    grid = _labelled_grid(columns)
+    with atomic_path(samples / "grid.png") as tmp:  # the same figure as a file (docs/prior.md shows it)
+        grid.save(tmp, format="PNG")
     fd = prior["fd_images"]
     rows = "".join(
         f"<tr><td>{n}</td><td>{m['n_images']}</td><td>{m['value']:.1f}</td><td>[{m['low']:.1f}, {m['high']:.1f}]</td>"
@@ -263,9 +267,10 @@ def _prior_html(out: Path, prior: dict | None) -> str:
     u = prior["uni_space"]
     return f"""<h2>Generation without a reference image (UNI prior)</h2>
 <p>A UNI prior (train_scripts/train_prior.py) trained on the training tiles' stand-in UNI tokens draws the
-conditions of the middle column: no real image is involved. Left: conditioned on the held-out tiles' own tokens
-({prior["seeds_per_condition"]} seeds each); right: PixCell's null condition. One image per held-out condition shown.</p>
-{_img_tag(_labelled_grid(columns))}
+conditions of the "prior" column: no real image is involved. Beside it: a held-out tile, an image conditioned on
+its own tokens ({prior["seeds_per_condition"]} seeds each in the measurement), and one from PixCell's null condition.
+The prior and null images are not paired with the tile in their row.</p>
+{_img_tag(grid)}
 <table><tr><th>set</th><th>images</th><th>FD to held-out tiles (stand-in UNI) &darr;</th><th>95% bootstrap</th>
 <th>bootstrap std</th></tr>{rows}</table>
 <p>The {fd["n_reference"]} held-out tiles move all three distances together from one bootstrap draw to the next; the
