@@ -19,8 +19,9 @@ Stages (each runs the project's own command-line tool, as a user would; a finish
  10. probe      tools/probe.py: linear probes, real vs real + synthetic, on the held-out tiles
  11. audit      tools/audit.py: the synthetic variants against the training tiles, held-out tiles as yardstick
  12. prior      train_scripts/train_prior.py: a UNI prior on the training tiles' stand-in UNI features; images
-                from its samples (no reference image) beside conditional and null-condition ones, each set's
-                Frechet distance to the held-out tiles with bootstrap spread (diffusion/demo/prior.py)
+                from its samples (no reference image) beside conditional and null-condition ones (--prior-seeds
+                per held-out tile), each set's Frechet distance to the held-out tiles and their differences, with
+                bootstrap spread (diffusion/demo/prior.py)
  13. report     demo_output/report.html (self-contained) and demo_output/report.png
  14. distill    (only with --distill) train_scripts/train_distill.py: a 4-step student of the trained model, then
                 benchmarks/bench_steps.py: every sampler at 2-50 steps and the student at 1-8 steps, Frechet

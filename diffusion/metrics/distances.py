@@ -136,7 +136,7 @@ class FrechetComparison:
     `values[name]`: the full-sample distance; `boots[name]`: its value on each resample. In every resample the
     reference is drawn once and each set on its own, so a difference of two sets' distances keeps the reference's
     sampling noise out: with a small reference (a demo's 10 held-out tiles) each distance moves a lot from one
-    resample to the next, but mostly together, and `difference` is far tighter than the individual intervals."""
+    resample to the next, but mostly together, and `difference` is tighter than the individual intervals suggest."""
 
     values: dict[str, float]
     boots: dict[str, np.ndarray]
