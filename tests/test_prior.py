@@ -345,6 +345,9 @@ def test_evaluate_prior_tool(tmp_path):
     for m in sets.values():
         assert np.isfinite([m["fd"], m["fd_gaussian"], m["precision"], m["nn_train_ratio"]]).all()
         assert m["fd_low"] <= m["fd_high"] and m["n_samples"] == 40
+        # the baselines' margins over the prior come from the same resamples as the distances themselves
+        assert m["fd_gaussian_minus_fd"] == pytest.approx(m["fd_gaussian"] - m["fd"])
+        assert m["fd_gaussian_minus_fd_low"] <= m["fd_gaussian_minus_fd_high"]
     assert "| all |" in (out / "report.md").read_text()
 
 

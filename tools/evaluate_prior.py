@@ -65,7 +65,8 @@ def load_set(args: argparse.Namespace, keys: list[str], prior: UNIPrior, what: s
 def write_report(out: Path, results: dict) -> None:
     with atomic_path(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(results, indent=1))
-    cols = ["fd", "fd_gaussian", "fd_null", "precision", "recall", "nn_train_ratio", "near_copies"]
+    cols = ["fd", "fd_gaussian", "fd_gaussian_minus_fd", "fd_null", "precision", "recall", "nn_train_ratio",
+            "near_copies"]  # fmt: skip
     lines = ["# UNI prior evaluation", "", f"prior: `{results['prior']}`", "",
              "| set | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]  # fmt: skip
     for name, m in results["sets"].items():
@@ -79,7 +80,9 @@ def write_report(out: Path, results: dict) -> None:
                 cells.append(f"{m[c]:.3g}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "FD: Frechet distance to the held-out tokens, [95% bootstrap interval]; fd_gaussian: a Gaussian fitted",
-              "to the training tokens; fd_null: PixCell's null condition. nn_train_ratio: median distance of samples to",
+              "to the training tokens; fd_null: PixCell's null condition; fd_gaussian_minus_fd: the Gaussian's margin",
+              "over the prior, from the same resamples of the held-out tokens (interval above 0: the prior is surely",
+              "closer). nn_train_ratio: median distance of samples to",
               "their nearest training token over that of held-out tokens (<< 1: memorisation); near_copies: share of",
               "samples closer to a training token than 99% of held-out tokens are."]  # fmt: skip
     with atomic_path(out / "report.md") as tmp:

@@ -278,7 +278,8 @@ differences, over the same draws (the reference resampled once per draw), are wh
 <table><tr><th>difference</th><th>value</th><th>95% bootstrap</th><th>reading</th></tr>{diffs}</table>
 <p>The prior in UNI space (tools/evaluate_prior.py, tokens only, against the 10 held-out tiles): FD
 {u["fd"]:.1f} [{u["fd_low"]:.1f}, {u["fd_high"]:.1f}] against {u["fd_gaussian"]:.1f} for a Gaussian fitted to the
-training tokens and {u.get("fd_null", float("nan")):.1f} for the null condition; k-NN precision {u["precision"]:.2f},
+training tokens (its margin over the prior, on the same resamples: {u["fd_gaussian_minus_fd"]:+.1f}
+[{u["fd_gaussian_minus_fd_low"]:+.1f}, {u["fd_gaussian_minus_fd_high"]:+.1f}]) and {u.get("fd_null", float("nan")):.1f} for the null condition; k-NN precision {u["precision"]:.2f},
 recall {u["recall"]:.2f}; nearest-training distance of the samples / of held-out tiles {u["nn_train_ratio"]:.2f}
 (&lt;&lt; 1 would mean copies of the {u["n_train"]} training tokens).</p>"""
 
