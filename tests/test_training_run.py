@@ -8,6 +8,7 @@ import argparse
 import os
 import signal
 
+import pytest
 import torch
 from mmengine.config import Config
 from torch import nn
@@ -104,3 +105,20 @@ def test_minimal_trainer_stops_on_a_signal_and_resumes_bit_for_bit(tmp_path):
     for a, b in zip(resumed["ema"], straight["ema"]):
         assert torch.equal(a, b)
     assert resumed["lr"] == straight["lr"]
+
+
+def test_a_ddp_only_trainer_refuses_a_sharded_launch_with_its_own_line(tmp_path, monkeypatch):
+    import types
+
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from diffusion.training.run import is_sharded
+
+    assert is_sharded(types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
+    assert not is_sharded(types.SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+    fsdp = types.SimpleNamespace(distributed_type=DistributedType.FSDP, is_main_process=True)
+    monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: fsdp)
+    with pytest.raises(ValueError, match=r"^train_x: DDP only \(why\)$"):
+        launch(tmp_path / "work", None, ddp_only="train_x: DDP only (why)")
+    assert not (tmp_path / "work").exists()  # refused before the work dir was locked or written

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader, default_collate
 
 from diffusion.config import build_model_from_config, load_config, parse_cfg_options
@@ -161,12 +160,9 @@ def validation_grid(base, controlnet, vae, held_out: list[dict], cfg, device, se
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     work_dir = Path(args.work_dir)
-    accelerator, resume = launch(work_dir, args.resume_from, cfg.mixed_precision)
+    accelerator, resume = launch(work_dir, args.resume_from, cfg.mixed_precision,
+                                 ddp_only="train_controlnet: DDP only (the frozen base is replicated, the ControlNet is small)")  # fmt: skip
     is_main, device = accelerator.is_main_process, accelerator.device
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ValueError(
-            "train_controlnet: DDP only (the frozen base is replicated, the ControlNet is small)"
-        )
 
     # ---- models (same seed everywhere: identical ControlNet initialisation on every process)
     torch.manual_seed(cfg.seed)

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 
 from diffusion.config import load_config, parse_cfg_options
@@ -148,10 +147,9 @@ def validation_grid(teacher, student, vae, held_out: list[dict], cfg, device: to
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     work_dir = Path(args.work_dir)
-    accelerator, resume = launch(work_dir, args.resume_from, cfg.mixed_precision)
+    accelerator, resume = launch(work_dir, args.resume_from, cfg.mixed_precision,
+                                 ddp_only="train_distill: DDP only (the teacher and the target network are replicated)")  # fmt: skip
     is_main, device = accelerator.is_main_process, accelerator.device
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ValueError("train_distill: DDP only (the teacher and the target network are replicated)")
 
     # ---- models: frozen teacher; student = teacher + zero guidance embedding (+ LoRA)
     torch.manual_seed(cfg.seed)

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 
 from diffusion.config import build_model_from_config, load_config, parse_cfg_options
@@ -35,7 +34,7 @@ from diffusion.geometry import latent_norm, resolve_norm, to_model_latents
 from diffusion.model.pixcell_transformer import compile_blocks
 from diffusion.training.init import initialise_from
 from diffusion.training.precision import set_fp32_attention, set_gradient_checkpointing
-from diffusion.training.run import add_resume_args, launch, run_trainer, start_run
+from diffusion.training.run import add_resume_args, is_sharded, launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
 from diffusion.training.step import accumulate, noised_inputs
 from tools.cli import run_cli
@@ -107,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
     work_dir = Path(args.work_dir)
     accelerator, resume = launch(work_dir, args.resume_from, cfg.mixed_precision)
     is_main, device = accelerator.is_main_process, accelerator.device
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    sharded = is_sharded(accelerator)
 
     # ---- model (same seed on every process: identical initialisation and null condition)
     torch.manual_seed(cfg.seed)

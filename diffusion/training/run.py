@@ -135,13 +135,23 @@ def seeded_generator(device: torch.device, seed: int, rank: int) -> torch.Genera
     return torch.Generator(device=device).manual_seed(seed * 100_003 + rank)
 
 
-def launch(work_dir: Path, resume_from: str | None, mixed_precision: str = "no"):
+def is_sharded(accelerator) -> bool:
+    """Whether `accelerate launch` asked for a sharded run (FSDP or DeepSpeed) rather than DDP or one process."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def launch(work_dir: Path, resume_from: str | None, mixed_precision: str = "no", ddp_only: str | None = None):
     """The first lines of every trainer: accelerate (DDP / FSDP / DeepSpeed and the process group come from
     `accelerate launch`), logging, and the checkpoint to continue from (None: a fresh run).
+    ddp_only: the one-line error of a trainer that cannot run sharded, raised for an FSDP / DeepSpeed launch.
     -> (accelerator, resume)."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision=mixed_precision)
+    if ddp_only and is_sharded(accelerator):
+        raise ValueError(ddp_only)
     if accelerator.is_main_process:  # one run per work dir: the job's main process holds the lock for all
         FolderLock(work_dir, what="work dir").acquire()  # released by run_trainer, or when the process dies
     setup_logging(accelerator, work_dir)
