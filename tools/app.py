@@ -594,6 +594,14 @@ def tab_defaults(pipe: PixCellPipeline) -> tuple[str, int, float]:
     return (sampler, *resolve_defaults(sampler, steps, pipe.defaults.get("guidance"), tokens))
 
 
+def on_model_run(button, fn, inputs: list, outputs: list, api_name: str) -> None:
+    """A button that runs a model: every such event shares the concurrency group "model", so the whole app makes
+    one model run at a time (the others wait in the queue); `api_name` is its endpoint in the Gradio API."""
+    button.click(
+        fn, inputs=inputs, outputs=outputs, api_name=api_name, concurrency_id="model", concurrency_limit=1
+    )
+
+
 def variants_tab(ctx: AppContext) -> None:
     sampler0, steps0, guidance0 = tab_defaults(ctx.pipe)
     status = gr.Markdown(elem_id="variants-status", render=False)
@@ -641,14 +649,8 @@ def variants_tab(ctx: AppContext) -> None:
         # progress: Gradio shows the sampler's tqdm bar ("denoising k/steps") on the outputs
         return generate_variants(ctx, reference, source, n, sampler, steps, guidance, seed)
 
-    button.click(
-        run,
-        inputs=[reference, source, n, sampler, steps, guidance, seed],
-        outputs=[gallery, files, status],
-        api_name="generate",
-        concurrency_id="model",  # shared with the staining tab: one model run at a time in the whole app
-        concurrency_limit=1,
-    )
+    on_model_run(button, run, [reference, source, n, sampler, steps, guidance, seed], [gallery, files, status],
+                 "generate")  # fmt: skip
 
 
 def staining_tab(ctx: AppContext) -> None:
@@ -676,13 +678,8 @@ def staining_tab(ctx: AppContext) -> None:
     def run(reference, source, target, steps, guidance, seed, progress=gr.Progress(track_tqdm=True)):
         return stain_image(ctx, reference, source, target, steps, guidance, seed)
 
-    button.click(
-        run,
-        inputs=[reference, source, target, steps, guidance, seed],
-        outputs=[output, files, status],
-        api_name="stain",
-        concurrency_id="model",
-        concurrency_limit=1,
+    on_model_run(
+        button, run, [reference, source, target, steps, guidance, seed], [output, files, status], "stain"
     )
 
 
@@ -715,14 +712,8 @@ def reference_free_tab(ctx: AppContext) -> None:
     def run(label, n, prior_guidance, steps, guidance, seed, progress=gr.Progress(track_tqdm=True)):
         return generate_reference_free(ctx, n, label, prior_guidance, steps, guidance, seed)
 
-    button.click(
-        run,
-        inputs=[label, n, prior_guidance, steps, guidance, seed],
-        outputs=[gallery, files, status],
-        api_name="reference_free",
-        concurrency_id="model",  # one model run at a time in the whole app
-        concurrency_limit=1,
-    )
+    on_model_run(button, run, [label, n, prior_guidance, steps, guidance, seed], [gallery, files, status],
+                 "reference_free")  # fmt: skip
 
 
 def build_app(ctx: AppContext):
