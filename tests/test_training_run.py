@@ -122,3 +122,21 @@ def test_a_ddp_only_trainer_refuses_a_sharded_launch_with_its_own_line(tmp_path,
     with pytest.raises(ValueError, match=r"^train_x: DDP only \(why\)$"):
         launch(tmp_path / "work", None, ddp_only="train_x: DDP only (why)")
     assert not (tmp_path / "work").exists()  # refused before the work dir was locked or written
+
+
+def test_next_batches_skips_a_step_whose_micro_batch_failed_and_counts_its_samples(caplog):
+    import types
+
+    from diffusion.training.run import Run
+
+    state = {"step": 7, "skipped_samples": 0}
+    run = types.SimpleNamespace(accelerator=types.SimpleNamespace(num_processes=1), state=state,
+                                cfg=types.SimpleNamespace(train_batch_size=4))  # fmt: skip
+    stream = iter([{"x": 1}, {"x": 2}, {"x": 3}, None, {"x": 5}, {"x": 6}])
+    assert Run.next_batches(run, stream, 2) == [{"x": 1}, {"x": 2}]
+    with caplog.at_level("WARNING", logger="pixcell.train"):
+        # one micro-batch had nothing loadable: the whole step is skipped
+        assert Run.next_batches(run, stream, 2) is None
+    assert state["skipped_samples"] == 4 and "step 7: a batch had no loadable sample" in caplog.text
+    # the stream goes on after the skipped step
+    assert Run.next_batches(run, stream, 2) == [{"x": 5}, {"x": 6}]

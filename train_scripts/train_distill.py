@@ -233,11 +233,8 @@ def main(args: argparse.Namespace) -> int:
              total_steps, s.kind, accelerator.num_processes, cfg.train_batch_size, accum)  # fmt: skip
     with run.loop(save, args.time_limit, desc="distill") as loop:
         while state["step"] < total_steps and not loop.should_stop(state["step"]):
-            batches = [next(batch_stream) for _ in range(accum)]
-            if loop.any_process(
-                any(b is None for b in batches)
-            ):  # all samples failed (logged by the dataset)
-                state["skipped_samples"] += sum(cfg.train_batch_size for b in batches if b is None)
+            batches = run.next_batches(batch_stream, accum)
+            if batches is None:  # no loadable sample on some process: skipped together
                 continue
             loss, images = accumulate(accelerator, model, batches, loss_of)
             grad_norm, step = run.optimizer_step(cfg.gradient_clip)  # clip, step, LR schedule, EMA

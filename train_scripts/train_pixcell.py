@@ -196,14 +196,8 @@ def main(args: argparse.Namespace) -> int:
     with run.loop(save, args.time_limit) as loop:
         while state["step"] < total_steps and not loop.should_stop(state["step"]):
             # ---- this step's micro-batches; skipped together when one failed to load on any process
-            batches = [next(batch_stream) for _ in range(accum)]
-            if loop.any_process(
-                any(b is None for b in batches)
-            ):  # all samples failed (logged by the dataset)
-                state["skipped_samples"] += sum(cfg.train_batch_size for b in batches if b is None)
-                log.warning(
-                    "step %d: a batch had no loadable sample on some process; step skipped", state["step"]
-                )
+            batches = run.next_batches(batch_stream, accum)
+            if batches is None:
                 continue
 
             # ---- forward / backward over the micro-batches (gradients synchronised on the last one only)

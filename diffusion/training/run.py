@@ -43,7 +43,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -307,10 +307,6 @@ class TrainLoop:
         log.info("stopped at step %d of %d; run the same command again to resume", step, self.total_steps)
         return True
 
-    def any_process(self, flag: bool) -> bool:
-        """True if `flag` is true on any process (collective), e.g. "a batch failed to load" to skip a step together."""
-        return any_process(self.accelerator, flag)
-
 
 @dataclass
 class Run:
@@ -365,6 +361,19 @@ class Run:
             )
         return save_training_state(self.manager, step, self.state, self.lr_scheduler, self.cfg.pretty_text,
                                    {self.generator_name: self.generator}, ema=self.ema, portable=portable)  # fmt: skip
+
+    def next_batches(self, stream: Iterator, accum: int) -> list | None:
+        """This step's `accum` micro-batches from `stream`, or None when one of them had no loadable sample on any
+        process (a collective, so every process skips the step together; the dataset logged why). The lost samples
+        count in state["skipped_samples"]."""
+        batches = [next(stream) for _ in range(accum)]
+        if not any_process(self.accelerator, any(b is None for b in batches)):
+            return batches
+        self.state["skipped_samples"] += sum(self.cfg.train_batch_size for b in batches if b is None)
+        log.warning(
+            "step %d: a batch had no loadable sample on some process; step skipped", self.state["step"]
+        )
+        return None
 
     def loop(self, save: Callable[[int], object], time_limit: str | float | None = None, desc: str = "train"):
         """The TrainLoop of this run; `save(step)` writes a checkpoint (`self.save`, or the trainer's, which adds
