@@ -108,20 +108,8 @@ def frechet_distance_bootstrap(
     """
     feats_a = _check_feats(feats_a, "first feature set", min_rows=2)
     feats_b = _check_feats(feats_b, "second feature set", min_rows=2)
-    if not 0 < ci < 1 or n_boot < 2:
-        raise ValueError(f"bootstrap: ci={ci} must be in (0, 1) and n_boot={n_boot} >= 2")
-    value = frechet_distance_from_features(feats_a, feats_b)
-    rng = np.random.default_rng(seed)
-    boots = np.array(
-        [
-            frechet_distance_from_features(
-                feats_a[rng.integers(0, len(feats_a), len(feats_a))],
-                feats_b[rng.integers(0, len(feats_b), len(feats_b))],
-            )
-            for _ in range(n_boot)
-        ]
-    )
-    return _estimate(value, boots, ci)
+    # the one-set case of the shared-reference bootstrap: each draw resamples feats_a, then feats_b
+    return compare_frechet_distances({"a": feats_a}, feats_b, n_boot, seed, ci).estimate("a")
 
 
 def _estimate(value: float, boots: np.ndarray, ci: float) -> FrechetEstimate:
@@ -165,10 +153,11 @@ def compare_frechet_distances(
     values = {name: frechet_distance_from_features(f, reference) for name, f in sets.items()}
     rng = np.random.default_rng(seed)
     boots: dict[str, list[float]] = {name: [] for name in sets}
-    for _ in range(n_boot):
+    for _ in range(n_boot):  # each draw: every set resampled on its own, then the reference once for all
+        draws = {name: f[rng.integers(0, len(f), len(f))] for name, f in sets.items()}
         ref = reference[rng.integers(0, len(reference), len(reference))]
-        for name, f in sets.items():
-            boots[name].append(frechet_distance_from_features(f[rng.integers(0, len(f), len(f))], ref))
+        for name, f in draws.items():
+            boots[name].append(frechet_distance_from_features(f, ref))
     return FrechetComparison(values, {name: np.array(b) for name, b in boots.items()}, ci)
 
 
