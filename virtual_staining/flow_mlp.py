@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from diffusion.flow import TIME_SCALE, ResBlock, euler_integrate, timestep_embedding
 from diffusion.flow import flow_matching_loss as _flow_loss
 from diffusion.flow import zero_init as _zero
-from diffusion.model.loading import read_state_dict
+from diffusion.model.state_dicts import read_state_dict
 
 __all__ = ["FLOW_GRIDS", "TIME_SCALE", "FlowMLP", "FlowMLPConfig", "ResBlock", "flow_matching_loss", "load_flow_mlp",
            "read_state_dict", "rescale_norm", "save_flow_mlp", "timestep_embedding", "translation_metrics"]  # fmt: skip
@@ -218,7 +218,7 @@ def load_flow_mlp(path: str | Path, device: str | torch.device = "cpu") -> FlowM
         model = FlowMLP(config)
     except ValueError as err:
         raise ValueError(f"flow MLP {path}: {err}") from None
-    from diffusion.model.loading import check_state_dict
+    from diffusion.model.state_dicts import check_state_dict
 
     check_state_dict(model, state, f"flow MLP {path}")
     model.load_state_dict(state, strict=True)

@@ -23,56 +23,11 @@ from .original_format import (
     original_to_diffusers,
     read_original_checkpoint,
 )
-from .pixcell_transformer import PixCellTransformer2DModel
+from .pixcell_transformer import PixCellTransformer2DModel, sincos_2d
+from .state_dicts import check_state_dict
+from .student import is_lora_student, load_lora_student, student_teacher
 
 ORIGINAL_SUFFIXES = (".pth", ".ckpt", ".pt")
-
-
-def check_state_dict(model: torch.nn.Module, sd: dict[str, Tensor], source: str) -> None:
-    """Raise one ValueError line if `sd` does not match `model` key for key and shape."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    mismatched = [
-        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in sd and sd[k].shape != own[k].shape
-    ]
-
-    def first(keys: list[str]) -> str:
-        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-
-    problems = []
-    if mismatched:
-        problems.append(f"shape mismatch (checkpoint vs model): {first(mismatched)}")
-    if missing:
-        problems.append(f"missing keys: {first(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {first(unexpected)}")
-    if problems:
-        raise ValueError(f"{source}: does not match the model ({'; '.join(problems)})")
-
-
-def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
-    """A plain tensor dict from .safetensors or a torch file (.pth/.pt/.bin); one-line errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path}: no such file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{what} {path}: cannot read weights ({type(err).__name__}: {err})") from None
-    for key in ("state_dict", "model", "module"):  # common training wrappers
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{what} {path}: expected a dict of tensors")
-    return state
 
 
 def load_original_checkpoint(
@@ -102,8 +57,6 @@ def load_original_checkpoint(
 
 
 def _patch_table(model: PixCellTransformer2DModel) -> Tensor:
-    from .pixcell_transformer import sincos_2d
-
     c = model.config
     grid = c.sample_size // c.patch_size
     return sincos_2d(model.inner_dim, grid, grid, model.pos_embed.interpolation_scale).unsqueeze(0)
@@ -147,14 +100,11 @@ def load_transformer(
 ) -> PixCellTransformer2DModel:
     """Load a PixCell transformer from a hub id, a diffusers folder, an original checkpoint file, or a training
     work dir / checkpoint folder (`ema`: its EMA weights, the default for sampling, else the raw weights)."""
-    # imported here: student.py builds on lora.py, which imports this module
-    from .student import is_lora_student, load_lora_student
-
     path = Path(source)
     if path.suffix in ORIGINAL_SUFFIXES:
         model = load_original_checkpoint(path, ema=ema)
     elif path.is_dir() and is_lora_student(path):  # a few-MB LoRA student: its teacher + the adapter, merged
-        return load_lora_student(path, torch_dtype)
+        return load_lora_student(path, load_transformer(student_teacher(path)), torch_dtype)
     elif path.is_dir():
         folder = _transformer_folder(path)
         if folder is None and ((path / "checkpoints").is_dir() or (path / "meta.json").is_file()):

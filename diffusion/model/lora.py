@@ -29,7 +29,7 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from ..atomic import atomic_path
-from .loading import check_state_dict, read_state_dict
+from .state_dicts import check_state_dict, read_state_dict
 
 log = logging.getLogger(__name__)
 

@@ -86,18 +86,24 @@ def save_lora_student(model: nn.Module, folder: str | Path, teacher: str) -> Pat
     return folder
 
 
-def load_lora_student(
-    folder: str | Path, torch_dtype: torch.dtype | None = None
-) -> PixCellTransformer2DModel:
-    """Teacher + guidance embedding + adapter, merged: a plain student model (guidance_embeds=True), strictly
-    checked (the adapter by `load_lora_weights`, the guidance embedding by its own keys)."""
-    from .loading import load_transformer
-
+def student_teacher(folder: str | Path) -> str:
+    """The teacher source recorded in a LoRA student folder's student.json."""
     folder = Path(folder)
     info = json.loads((folder / STUDENT_FILE).read_text())
     if info.get("kind") != "lora":
         raise ValueError(f"{folder / STUDENT_FILE}: kind {info.get('kind')!r}, expected 'lora'")
-    student = student_from_teacher(load_transformer(info["teacher"]))
+    return info["teacher"]
+
+
+def load_lora_student(
+    folder: str | Path, teacher: PixCellTransformer2DModel, torch_dtype: torch.dtype | None = None
+) -> PixCellTransformer2DModel:
+    """`teacher` (loaded from `student_teacher(folder)` by diffusion.model.loading) + guidance embedding +
+    adapter, merged: a plain student model (guidance_embeds=True), strictly checked (the adapter by
+    `load_lora_weights`, the guidance embedding by its own keys)."""
+    folder = Path(folder)
+    student_teacher(folder)  # checks the kind
+    student = student_from_teacher(teacher)
     state, settings = read_lora_file(folder / ADAPTER_FILE)
     add_lora(student, settings)
     load_lora_weights(student, folder / ADAPTER_FILE, state)

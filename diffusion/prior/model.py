@@ -241,7 +241,7 @@ def load_prior(source: str | Path, device: str | torch.device = "cpu") -> UNIPri
 
     from safetensors.torch import load_file
 
-    from ..model.loading import check_state_dict
+    from ..model.state_dicts import check_state_dict
 
     folder = prior_folder(source)
     config = json.loads((folder / "config.json").read_text())
