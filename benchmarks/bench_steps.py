@@ -33,7 +33,7 @@ from diffusion.metrics.distances import frechet_distance_bootstrap
 from diffusion.sampling.conditions import IndexSource
 from diffusion.sampling.pipeline import PixCellPipeline
 from diffusion.sampling.runner import initial_noise
-from diffusion.sampling.samplers import SAMPLERS, guidance_in_model, resolve_defaults, sampler_name
+from diffusion.sampling.samplers import SAMPLERS, guidance_in_model, sampler_name
 
 TEACHER_SAMPLERS = [s for s in SAMPLERS if s != "lcm"]
 
@@ -178,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind, sampler, steps in tqdm(plan, desc="rows"):
         pipe = pipes[kind]
         pipe.set_sampler(sampler)
-        recorded, _ = pipe.recorded_defaults(args.guidance, steps)
-        _, guidance = resolve_defaults(sampler, steps, recorded, tokens=1)
+        guidance = pipe.sampling_options(steps, args.guidance).guidance
         timing, images = run_row(pipe, counters[kind], tokens, noise, range(args.seeds), steps, guidance,
                                  args.batch, device)  # fmt: skip
         est = frechet_distance_bootstrap(embed(uni, images.to(device)), real_feats, n_boot=args.n_boot)

@@ -17,12 +17,12 @@ import torch
 from diffusion.encoders import UNI2H_ARCH, UNI2H_KWARGS, UNIEncoder, resolve_timm_layers
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.geometry import SD35_LATENT_SCALE, SD35_LATENT_SHIFT
+from diffusion.model.flow_mlp import FlowMLP, flow_matching_loss
+from diffusion.model.lora import add_lora, lora_parameters
 from diffusion.model.pixcell_transformer import build_pixcell
 from diffusion.sampling.pipeline import PixCellPipeline
 from diffusion.sampling.samplers import make_scheduler
 from diffusion.standins import TINY_FLOW, build_tiny_transformer, build_tiny_vae
-from virtual_staining.flow_mlp import FlowMLP, flow_matching_loss
-from virtual_staining.lora import add_lora, lora_parameters
 from virtual_staining.stainer import SamplerSettings, VirtualStainer
 
 

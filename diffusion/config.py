@@ -15,7 +15,10 @@ from mmengine.config import Config
 from .geometry import UNI_TILE, VAE_FACTOR, resolve_norm
 from .model.pixcell_transformer import PixCellTransformer2DModel, build_pixcell
 
-SCHEMA_FILE = Path(__file__).resolve().parents[1] / "configs" / "_base_" / "default.py"
+# The shipped configs: `configs/` beside the packages, in a checkout and in an installed wheel alike (pyproject.toml
+# installs the folder as the top-level `configs` package data beside `diffusion`).
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+SCHEMA_FILE = CONFIG_ROOT / "_base_" / "default.py"
 # Nested dicts whose keys are free-form (their content is checked by the code that reads them).
 _OPEN_DICTS = {"model_overrides", "optimizer", "lr_schedule"}
 
@@ -70,15 +73,33 @@ def _literal(text: str):
     return text
 
 
+def config_file(name: str | Path) -> Path:
+    """A config file: `name` as a path when it exists, else the shipped config of that name
+    (`configs/tiny/pixcell_tiny_256.py` or `tiny/pixcell_tiny_256.py`), so an installed package finds its configs
+    from any working directory."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    shipped = CONFIG_ROOT.joinpath(*parts)
+    if parts and shipped.is_file():
+        return shipped
+    raise FileNotFoundError(f"config {name}: no such file (nor a shipped config under {CONFIG_ROOT})")
+
+
+def shipped_config(name: str) -> Path:
+    """A shipped config or schema by its path under `configs/` (`_base_/lora.py`, `tiny/pixcell_tiny_256.py`)."""
+    return config_file(Path("configs") / name)
+
+
 def load_strict_config(path: str | Path, schema_file: str | Path, options: dict | None = None) -> Config:
-    """Load `path`, apply `options`, check every key against `schema_file` and fill the keys it does not set.
+    """Load `path` (a file, or a shipped config's name: `config_file`), apply `options`, check every key against
+    `schema_file` and fill the keys it does not set.
 
     Shared by every trainer; each has its own schema (this module's SCHEMA_FILE for PixCell itself,
     `configs/_base_/controlnet.py`, `configs/virtual_staining/_base_/*.py`).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config {path}: no such file")
+    path = config_file(path)
     try:
         cfg = Config.fromfile(str(path))
         if options:

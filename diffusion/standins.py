@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .atomic import atomic_path
+from .config import shipped_config
 from .encoders import UNI2H_ARCH, UNI2H_KWARGS, resolve_timm_layers
 from .geometry import SD35_LATENT_SCALE, SD35_LATENT_SHIFT
 from .metrics.inception import INCEPTION_DIM, INCEPTION_FILE
@@ -38,7 +39,7 @@ from .sampling.samplers import guided_prediction
 
 TINY_PRESET = "PixCell-tiny-128-T16"  # 16 UNI tokens -> 128 px images
 TINY_UNI_DIM = 96  # build_tiny_uni's feature size (int(96 * 5.33334) is even, as SwiGLUPacked needs)
-_TINY_FLOW_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "virtual_staining" / "tiny_flow_mlp.py"
+_TINY_FLOW_CONFIG = shipped_config("virtual_staining/tiny_flow_mlp.py")
 
 
 def _read_tiny_flow() -> dict:

@@ -50,12 +50,14 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from diffusion.atomic import atomic_path
+from diffusion.command import resolve_device, run_cli
 from diffusion.data.slides import SlideError
 from diffusion.encoders import UNIEncoder
 from diffusion.geometry import DTYPES
+from diffusion.sampling.loading import load_pipeline, load_uni_encoder
 from diffusion.sampling.pipeline import PixCellPipeline
 from diffusion.sampling.runner import model_reference
-from diffusion.sampling.samplers import DEFAULT_STEPS, SAMPLERS, resolve_defaults, sampler_name
+from diffusion.sampling.samplers import DEFAULT_STEPS, SAMPLERS, resolve_sampling, sampler_name
 from diffusion.sampling.variants import (
     MIN_TISSUE,
     ReferenceImageError,
@@ -64,14 +66,7 @@ from diffusion.sampling.variants import (
     read_reference,
     reference_size,
 )
-from tools.cli import (
-    add_model_args,
-    add_runtime_args,
-    load_pipeline,
-    load_uni_encoder,
-    resolve_device,
-    run_cli,
-)
+from tools.cli import add_model_args, add_runtime_args, pipeline_sources
 
 DEMO_PARTS = {"model": "train", "vae": "standins/vae-standin", "uni": "standins/uni2h-standin"}
 # System fonts: the default theme fetches Google Fonts, which offline sites (and CI) cannot reach.
@@ -210,8 +205,8 @@ def load_context(args: argparse.Namespace) -> AppContext:
     demo = resolve_sources(args)
     targets = stain_targets(args)
     device = resolve_device(args.device)
-    pipe, model_ref, vae_ref = load_pipeline(args, device)
-    uni = load_uni_encoder(args, device, pipe.transformer.config.caption_channels)
+    pipe, model_ref, vae_ref = load_pipeline(pipeline_sources(args), device)
+    uni = load_uni_encoder(args.uni, device, args.dtype, pipe.transformer.config.caption_channels)
     ctx = AppContext(
         pipe=pipe,
         uni=uni,
@@ -589,9 +584,8 @@ def tab_defaults(pipe: PixCellPipeline) -> tuple[str, int, float]:
     """(sampler, steps, guidance) the controls start from: those recorded beside the model (a few-step student:
     LCM, 4 steps, its guidance input; the fast mode), else DPM-Solver++ with the published defaults."""
     sampler = pipe.defaults.get("sampler", "dpm-solver")
-    steps = pipe.defaults.get("steps") if pipe.defaults.get("sampler") == sampler else None
-    tokens = pipe.transformer.config.caption_num_tokens
-    return (sampler, *resolve_defaults(sampler, steps, pipe.defaults.get("guidance"), tokens))
+    o = resolve_sampling(sampler, None, None, pipe.transformer.config.caption_num_tokens, pipe.defaults)
+    return o.sampler, o.steps, o.guidance
 
 
 def on_model_run(button, fn, inputs: list, outputs: list, api_name: str) -> None:
@@ -655,9 +649,8 @@ def variants_tab(ctx: AppContext) -> None:
 
 def staining_tab(ctx: AppContext) -> None:
     first = next(iter(ctx.stainers.values()))
-    steps0, guidance0 = resolve_defaults(
-        "dpm-solver", None, None, first.pipe.transformer.config.caption_num_tokens
-    )
+    o = resolve_sampling("dpm-solver", None, None, first.pipe.transformer.config.caption_num_tokens)
+    steps0, guidance0 = o.steps, o.guidance
     status = gr.Markdown(elem_id="stain-status", render=False)
     with gr.Row(equal_height=False):
         reference, source = reference_picker(ctx.stain_slide, first.unit_size, "stain", status)

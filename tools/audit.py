@@ -29,8 +29,10 @@ from diffusion.audit.audit import AuditSettings, audit
 from diffusion.audit.images import ImageSet, from_folder, from_index, is_index
 from diffusion.audit.report import report_figure, report_markdown
 from diffusion.audit.search import BACKENDS
+from diffusion.command import resolve_device, run_cli
+from diffusion.metrics.cache import open_feature_cache
 from diffusion.metrics.encoders import load_feature_encoder, parse_encoder_spec
-from tools.cli import DTYPES, add_feature_args, feature_cache, resolve_device, run_cli
+from tools.cli import DTYPES, add_feature_args
 
 
 def image_set(
@@ -84,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     loaders = [lambda spec=spec: load_feature_encoder(spec, device, dtype) for spec in specs]
     settings = AuditSettings(k=args.k, pixel_threshold=args.pixel_threshold, max_shift=args.max_shift,
                              backend=args.search)  # fmt: skip
-    cache = feature_cache(args)
+    cache = open_feature_cache(args.cache_dir, not args.no_cache)
     result = audit(
         train, synthetic, reference, loaders, settings, cache, args.batch_size, args.num_workers, progress
     )

@@ -22,21 +22,18 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from diffusion.command import check_paths, run_cli, runtime_device
 from diffusion.geometry import UNI_TILE, tokens_side
 from diffusion.sampling.augment import ClassFolderSource, class_folders
+from diffusion.sampling.loading import default_batching, load_pipeline, load_uni_encoder
 from diffusion.sampling.runner import sample_patches
 from tools.cli import (
     add_model_args,
     add_output_args,
     add_runtime_args,
     add_sampler_args,
-    check_paths,
-    load_pipeline,
-    load_uni_encoder,
-    patch_batching,
-    run_cli,
-    runtime_device,
-    settings_from_args,
+    pipeline_sources,
+    sample_settings,
 )
 
 
@@ -66,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     class_folders(args.data)  # empty class folders and stray images: one line, before loading any model
     fit = "resize" if args.resize else "crop" if args.crop else "none"
     device = runtime_device(args.device)
-    pipe, model_ref, vae_ref = load_pipeline(args, device)
+    pipe, model_ref, vae_ref = load_pipeline(pipeline_sources(args), device)
     t = pipe.transformer.config
     m = tokens_side(t.caption_num_tokens)
     source = ClassFolderSource(
@@ -75,8 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # fmt: skip
     if pipe.image_size // m != UNI_TILE:
         print(f"warning: {pipe.image_size // m} px per UNI token, not UNI's {UNI_TILE}", file=sys.stderr)
-    uni = load_uni_encoder(args, device, t.caption_channels)
-    settings = settings_from_args(args, *patch_batching(args, t.caption_num_tokens, device))
+    uni = load_uni_encoder(args.uni, device, args.dtype, t.caption_channels)
+    settings = sample_settings(args, pipe, *default_batching(args.batch, args.workers, t.caption_num_tokens, device))
     summary = sample_patches(pipe, source, args.out, settings, model_ref, vae_ref, uni=uni, syn_dir="")
     if "done" in summary:
         print(f"{summary['done']}/{summary['images']} synthetic images in {args.out} ({source.describe()})")

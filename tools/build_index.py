@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from diffusion.command import run_cli
 from diffusion.data.index import (
     default_index_file,
     merge_indexes,
@@ -23,7 +24,6 @@ from diffusion.data.index import (
     scan_patches,
     write_index,
 )
-from tools.cli import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:

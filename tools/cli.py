@@ -1,25 +1,20 @@
-"""Command-line plumbing every tool shares: the common flags (model source, VAE, device, dtype, seed, output
-format), defined once, and `run_cli`, which turns bad input into one `error: ...` line and exit status 2."""
+"""The flags every tool shares (model source, VAE, device, dtype, seed, sampler, output), defined once, and
+their reading into the library's typed settings (`pipeline_sources`, `sample_settings`). Nothing here loads a
+model or runs a tool: `diffusion.command.run_cli` runs them, `diffusion.sampling.loading` loads their models."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import logging
-import re
-import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 
 from diffusion.encoders import SD35_VAE_ID, UNI2H_HUB_ID
-from diffusion.errors import USER_ERRORS, describe_error
 from diffusion.geometry import DTYPES
 
 if TYPE_CHECKING:  # the sampling stack is imported by the tools that sample, not by every tool
+    from diffusion.sampling.loading import PipelineSources
     from diffusion.sampling.pipeline import PixCellPipeline
     from diffusion.sampling.runner import SampleSettings
 
@@ -48,18 +43,6 @@ def add_lora_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def apply_lora_args(pipe, args: argparse.Namespace) -> None:
-    """Load --lora into the pipeline's transformer at --lora-scale (nothing without --lora)."""
-    if getattr(args, "lora", None):
-        from pathlib import Path
-
-        if not Path(args.lora).is_file():
-            raise FileNotFoundError(f"--lora {args.lora}: no such file")
-        pipe.load_lora_weights(args.lora, scale=args.lora_scale)
-    elif getattr(args, "lora_scale", 1.0) != 1.0:
-        raise ValueError("--lora-scale needs --lora")
-
-
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     """--device, --dtype, --seed, --format."""
     g = parser.add_argument_group("runtime")
@@ -67,63 +50,6 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=sorted(DTYPES))
     g.add_argument("--seed", type=int, default=0, help="base seed; per-image seeds derive from it")
     g.add_argument("--format", default="png", choices=["png", "jpeg"], help="image format (PNG is lossless)")
-
-
-# The library names its parameters in backquotes (`n_images`) in its error messages; a tool shows the flag that
-# sets that parameter. One mapping for every tool: a parameter keeps one flag name everywhere.
-FLAGS = {
-    "allow_negative_guidance": "--allow-negative-guidance",
-    "guidance_scale": "--guidance",
-    "num_inference_steps": "--steps",
-    "stride": "--stride",
-    "data_root": "--data-root",
-    "dataset_regions": "--region",
-    "features": "--features",
-    "fmt": "--format",
-    "grids": "--grid",
-    "images": "--image",
-    "index_file": "--index",
-    "mask_dir": "--masks",
-    "max_skips": "--max-skips",
-    "n_images": "--n-images",
-    "out_dir": "--out",
-    "patches": "--patches",
-    "region_size": "--region-size",
-    "uni": "--uni",
-    "vae": "--vae",
-    "per_image": "--per-image",
-    "per_class_total": "--per-class-total",
-    "resize": "--resize",
-    "crop": "--crop",
-}
-
-
-def flag_names(message: str) -> str:
-    """A library error message as a tool shows it: each `parameter` of FLAGS becomes its --flag."""
-    return re.sub(r"`(\w+)`", lambda m: FLAGS.get(m[1], m[0]), message)
-
-
-def error_line(err: BaseException) -> str:
-    """The one `error: ...` line for bad input (a KeyError's message without its quotes, an OSError's path and
-    cause), with the library's parameter names as the tools' flags."""
-    return f"error: {flag_names(describe_error(err))}"
-
-
-def resolve_device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return device
-
-
-def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run a tool's main; bad input (ValueError, missing files, unavailable weights) is one line, exit 2."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(main(argv) or 0)
-    except USER_ERRORS as err:
-        print(error_line(err), file=sys.stderr)
-        return 2
 
 
 def add_sampler_args(parser: argparse.ArgumentParser) -> None:
@@ -199,96 +125,33 @@ def add_output_args(parser: argparse.ArgumentParser, real: bool = True) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def check_paths(**flags: Sequence[str | None] | None) -> None:
-    """Missing input paths, before minutes of model loading: one line naming the flag."""
-    for flag, paths in flags.items():
-        for path in paths or ():
-            if path is not None and not Path(path).exists():
-                raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file or folder")
+def pipeline_sources(args: argparse.Namespace) -> PipelineSources:
+    """The pipeline the model, LoRA, ControlNet, sampler and runtime flags ask for."""
+    from diffusion.sampling.loading import PipelineSources
 
-
-def runtime_device(name: str) -> torch.device:
-    """--device, with each `accelerate launch` process on its own GPU."""
-    device = resolve_device(name)
-    if device.type == "cuda":
-        from accelerate import PartialState
-
-        state = PartialState()
-        if state.num_processes > 1:
-            return state.device
-    return device
-
-
-def load_pipeline(args: argparse.Namespace, device: torch.device) -> tuple[PixCellPipeline, str, str]:
-    """The pipeline on `device` in --dtype, plus what the manifest names as model and VAE."""
-    from diffusion.model.pixcell_transformer import compile_blocks
-    from diffusion.sampling.pipeline import PixCellPipeline
-    from diffusion.sampling.runner import model_reference
-    from diffusion.sampling.samplers import sampler_name
-
-    dtype = DTYPES[args.dtype]
-    torch_dtype = None if dtype == torch.float32 else dtype  # fp32 is the stored dtype: no cast
-    if getattr(args, "controlnet", None):
-        from diffusion.sampling.controlnet_pipeline import PixCellControlNetPipeline
-
-        pipe = PixCellControlNetPipeline.from_parts(
-            args.model, args.controlnet, args.vae, args.sampler, torch_dtype=torch_dtype
-        ).to(device)
-    else:
-        pipe = PixCellPipeline.from_parts(args.model, args.vae, args.sampler, torch_dtype=torch_dtype).to(
-            device
-        )
-    apply_lora_args(pipe, args)
-    # Flags left unset take the defaults recorded beside the weights (a distilled student's sampling.json), so
-    # run.json and the manifest record what was used.
-    args.sampler = sampler_name(pipe.scheduler)
-    # (tools/app.py chooses them per request: it has no such flags)
-    args.guidance, args.steps = pipe.recorded_defaults(
-        getattr(args, "guidance", None), getattr(args, "steps", None)
+    return PipelineSources(
+        model=args.model,
+        vae=args.vae,
+        sampler=getattr(args, "sampler", None),
+        controlnet=getattr(args, "controlnet", None),
+        lora=getattr(args, "lora", None),
+        lora_scale=getattr(args, "lora_scale", 1.0),
+        dtype=args.dtype,
+        compile=getattr(args, "compile", False),
     )
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    if args.compile:
-        compile_blocks(pipe.transformer, True)
-    model_ref = model_reference(args.model)
-    if getattr(
-        args, "lora", None
-    ):  # the manifest (and a resumed run's check) names the adapter and its scale
-        model_ref += f"+lora:{model_reference(args.lora)}@{args.lora_scale:g}"
-    return pipe, model_ref, model_reference(args.vae)
 
 
-def load_uni_encoder(args: argparse.Namespace, device: torch.device, channels: int):
-    """--uni in --dtype on `device`; its embeddings must have the model's `channels`."""
-    from diffusion.encoders import load_uni
-
-    uni = load_uni(args.uni, device)
-    if uni.embed_dim != channels:
-        raise ValueError(f"--uni {args.uni}: embeddings of dim {uni.embed_dim}, the model takes {channels}")
-    uni.model.to(DTYPES[args.dtype])
-    return uni
-
-
-def patch_batching(args: argparse.Namespace, tokens: int, device: torch.device) -> tuple[int, int]:
-    """(--batch, --workers) for patch sampling: by default 64/T images on GPU, 8/T on CPU; 4 workers on GPU."""
-    cuda = device.type == "cuda"
-    batch = args.batch or max(1, (64 if cuda else 8) // tokens)
-    return batch, args.workers if args.workers is not None else (4 if cuda else 0)
-
-
-def settings_from_args(args: argparse.Namespace, batch: int, workers: int) -> SampleSettings:
-    """SampleSettings from the sampler, runtime and output flags."""
-    from diffusion.sampling.runner import SampleSettings
-
+def sample_settings(args: argparse.Namespace, pipe: PixCellPipeline, batch: int, workers: int) -> SampleSettings:
+    """SampleSettings from the sampler, runtime and output flags, with steps and guidance resolved once for
+    `pipe` (flags given, else the defaults recorded beside its weights, else the published ones)."""
     check_sampler_args(args)
     if batch < 1:
         raise ValueError(f"--batch {batch}: expected >= 1")
+    from diffusion.sampling.runner import SampleSettings
+
+    interval = tuple(args.guidance_interval) if args.guidance_interval else None
     return SampleSettings(
-        sampler=args.sampler,
-        steps=args.steps,
-        guidance=args.guidance,
-        guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
-        allow_negative_guidance=args.allow_negative_guidance,
+        sampling=pipe.sampling_options(args.steps, args.guidance, interval, args.allow_negative_guidance),
         seed=args.seed,
         dtype=args.dtype,
         format=args.format,
@@ -302,42 +165,9 @@ def settings_from_args(args: argparse.Namespace, batch: int, workers: int) -> Sa
     )
 
 
-def run_with_default_model(module: str, model: str, argv: Sequence[str] | None) -> int:
-    """An alias tool (tools.sample_256): `module`'s main with --model defaulting to `model` (a --model given
-    on the command line comes later and wins: argparse keeps the last value)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    return int(importlib.import_module(module).main(["--model", model, *args]) or 0)
-
-
 #################################################################################
 #               Feature tools (tools.extract_features, tools.pack_features)     #
 #################################################################################
-
-
-class FailureCounter:
-    """Counts bad inputs of a long loop; logs each with a running count; raises past the allowed rate."""
-
-    def __init__(self, max_rate: float, min_failures: int, log_file: Path | None, what: str = "patches"):
-        self.max_rate, self.min_failures, self.log_file, self.what = max_rate, min_failures, log_file, what
-        self.ok = 0
-        self.failed = 0
-
-    def success(self, n: int = 1) -> None:
-        self.ok += n
-
-    def failure(self, path: str, reason: str) -> None:
-        self.failed += 1
-        seen = self.ok + self.failed
-        tqdm.write(f"skip {path}: {reason} [{self.failed} of {seen} {self.what} failed so far]")
-        if self.log_file is not None:
-            self.log_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.log_file, "a") as fh:
-                fh.write(f"{path}\t{reason}\n")
-        if self.failed >= self.min_failures and self.failed / seen > self.max_rate:
-            raise RuntimeError(
-                f"{self.failed} of {seen} {self.what} failed ({self.failed / seen:.1%} > "
-                f"--max-failure-rate {self.max_rate:.1%}); last: {path}: {reason}"
-            )
 
 
 def add_index_args(p: argparse.ArgumentParser, verb: str) -> None:
@@ -378,10 +208,3 @@ def add_feature_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--no-cache", action="store_true", help="do not read or write cached features")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def feature_cache(args: argparse.Namespace):
-    """The FeatureCache the flags of add_feature_args ask for, or None (--no-cache)."""
-    from diffusion.metrics.cache import FeatureCache, default_feature_cache_dir
-
-    return None if args.no_cache else FeatureCache(args.cache_dir or default_feature_cache_dir())

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from diffusion.atomic import atomic_path
+from diffusion.command import run_cli
 from diffusion.model.loading import ORIGINAL_SUFFIXES, load_transformer, save_original_checkpoint
-from tools.cli import run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from diffusion.atomic import atomic_write_bytes
-from tools.cli import run_cli
+from diffusion.command import run_cli
 
 PY = sys.executable
 CONFIG = "configs/demo/pixcell_demo_256.py"

@@ -23,11 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion.atomic import atomic_path
+from diffusion.command import resolve_device, run_cli
 from diffusion.geometry import UNI_TILE
 from diffusion.prior.data import NO_LABEL, UNITokenDataset, read_tokens
 from diffusion.prior.evaluation import prior_metrics, token_rows
 from diffusion.prior.model import DEFAULT_FLOW_STEPS, UNIPrior, load_prior
-from tools.cli import resolve_device, run_cli
 
 
 def sample_tokens(prior: UNIPrior, n: int, label: str | None, guidance: float, steps: int, seed: int,

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from diffusion.atomic import atomic_path
 from diffusion.checkpoints import latest_checkpoint
+from diffusion.command import run_cli
 from diffusion.encoders import SD35_VAE_ID
 from diffusion.sampling.samplers import SAMPLERS
-from tools.cli import run_cli
 
 
 def export_pipeline(

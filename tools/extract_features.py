@@ -29,6 +29,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from diffusion.command import run_cli
+from diffusion.data.failures import FailureCounter
 from diffusion.data.features import (
     DEFAULT_SHARD_SIZE,
     PACKED_DIRNAME,
@@ -51,7 +53,7 @@ from diffusion.encoders import (
     vae_scale_factor,
 )
 from diffusion.geometry import UNI_TILE, latent_norm, norm_record
-from tools.cli import FailureCounter, add_failure_args, add_index_args, run_cli
+from tools.cli import add_failure_args, add_index_args
 
 log = logging.getLogger("pixcell.data")
 

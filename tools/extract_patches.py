@@ -21,8 +21,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from diffusion.command import run_cli
 from diffusion.data.slides import SlideError, SlideJob, SlideSummary, TilingParams, extract_slide
-from tools.cli import run_cli
 
 # Extensions openslide/tiffslide read (a folder argument is searched for these).
 SLIDE_EXTENSIONS = {

@@ -7,8 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from diffusion.command import run_cli
 from diffusion.demo.slide import fetch_slide
-from tools.cli import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:

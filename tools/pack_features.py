@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from diffusion.command import error_line
+from diffusion.data.failures import FailureCounter
 from diffusion.data.features import (
     DEFAULT_SHARD_SIZE,
     PACKED_DIRNAME,
@@ -34,7 +36,7 @@ from diffusion.data.features import (
 )
 from diffusion.data.index import default_index_file, key_size, read_index
 from diffusion.geometry import UNI_TILE, VAE_FACTOR, norm_record
-from tools.cli import FailureCounter, add_failure_args, add_index_args, error_line
+from tools.cli import add_failure_args, add_index_args
 
 
 def expected_shapes(features_root: Path, names: list[str], size: int) -> tuple[tuple, tuple]:

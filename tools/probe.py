@@ -21,9 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from diffusion.atomic import atomic_path, atomic_write_bytes
+from diffusion.command import resolve_device, run_cli
+from diffusion.metrics.cache import open_feature_cache
 from diffusion.metrics.encoders import load_feature_encoder, parse_encoder_spec
 from diffusion.metrics.probe import labelled_features, report_figure, report_markdown, run_probe
-from tools.cli import DTYPES, add_feature_args, feature_cache, resolve_device, run_cli
+from tools.cli import DTYPES, add_feature_args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(set(syn_names)) != len(syn_names):
         raise ValueError(f"--synthetic: folders must have distinct names ({', '.join(syn_names)})")
     device = resolve_device(args.device)
-    cache = feature_cache(args)
+    cache = open_feature_cache(args.cache_dir, not args.no_cache)
     common = dict(batch_size=args.batch_size, num_workers=args.num_workers, progress=not args.no_progress)
 
     encoders, info, counts = {}, {}, {}

@@ -33,10 +33,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from diffusion.command import check_paths, run_cli, runtime_device
 from diffusion.geometry import UNI_TILE, tokens_side
 from diffusion.prior.model import DEFAULT_FLOW_STEPS, check_prior_fits, load_prior, prior_folder
 from diffusion.prior.sampling import PriorSource
 from diffusion.sampling.conditions import EmbeddingSource, FolderSource, IndexSource
+from diffusion.sampling.loading import default_batching, load_pipeline, load_uni_encoder
 from diffusion.sampling.runner import MaskControl, model_reference, sample_patches
 from tools.cli import (
     add_lora_args,
@@ -44,13 +46,8 @@ from tools.cli import (
     add_output_args,
     add_runtime_args,
     add_sampler_args,
-    check_paths,
-    load_pipeline,
-    load_uni_encoder,
-    patch_batching,
-    run_cli,
-    runtime_device,
-    settings_from_args,
+    pipeline_sources,
+    sample_settings,
 )
 
 log = logging.getLogger("pixcell.sample")
@@ -140,7 +137,7 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
                 data_root=[args.data_root], features_root=[args.features_root], masks=[args.masks],
                 prior=[args.prior])  # fmt: skip
     device = runtime_device(args.device)
-    pipe, model_ref, vae_ref = load_pipeline(args, device)
+    pipe, model_ref, vae_ref = load_pipeline(pipeline_sources(args), device)
     t = pipe.transformer.config
     m = tokens_side(t.caption_num_tokens)
     tile = pipe.image_size // m  # px per UNI token: 256 for every published model
@@ -162,7 +159,7 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
         )  # fmt: skip
     elif args.images:
         source = FolderSource(m, tile, args.images, t.caption_channels)
-        uni = load_uni_encoder(args, device, t.caption_channels)
+        uni = load_uni_encoder(args.uni, device, args.dtype, t.caption_channels)
     elif args.prior:
         prior = load_prior(args.prior, device)
         check_prior_fits(prior, t.caption_num_tokens, t.caption_channels, f"--prior {args.prior}")
@@ -183,10 +180,10 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
     else:
         source = EmbeddingSource(m, tile, args.embeddings, t.caption_channels)
 
-    batch, workers = patch_batching(args, t.caption_num_tokens, device)
+    batch, workers = default_batching(args.batch, args.workers, t.caption_num_tokens, device)
     if args.prior:
         workers = 0  # the prior draws conditions on the sampling device, in this process
-    settings = settings_from_args(args, batch, workers)
+    settings = sample_settings(args, pipe, batch, workers)
     control = None
     if args.controlnet:
         control = MaskControl(Path(args.masks), args.controlnet_scale, model_reference(args.controlnet))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from tools.cli import run_cli, run_with_default_model
+from diffusion.command import run_cli, run_with_default_model
 
 MODEL = "StonyBrook-CVLab/PixCell-1024"
 

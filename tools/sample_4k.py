@@ -19,8 +19,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from diffusion.command import check_paths, run_cli, runtime_device
 from diffusion.geometry import tokens_side
 from diffusion.sampling.conditions import RegionSource
+from diffusion.sampling.loading import load_pipeline, load_uni_encoder
 from diffusion.sampling.runner import RegionSettings, sample_regions
 from tools.cli import (
     add_lora_args,
@@ -28,12 +30,8 @@ from tools.cli import (
     add_output_args,
     add_runtime_args,
     add_sampler_args,
-    check_paths,
-    load_pipeline,
-    load_uni_encoder,
-    run_cli,
-    runtime_device,
-    settings_from_args,
+    pipeline_sources,
+    sample_settings,
 )
 
 MODEL = "StonyBrook-CVLab/PixCell-1024"
@@ -88,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         image=args.image, grid=args.grid, data_root=[args.data_root], features_root=[args.features_root]
     )
     device = runtime_device(args.device)
-    pipe, model_ref, vae_ref = load_pipeline(args, device)
+    pipe, model_ref, vae_ref = load_pipeline(pipeline_sources(args), device)
     t = pipe.transformer.config
     try:
         m = tokens_side(t.caption_num_tokens)
@@ -108,8 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         images=args.image, grids=args.grid, dataset_regions=regions,
         data_root=args.data_root, features_root=args.features_root, region_size=args.region_size,
     )  # fmt: skip
-    uni = load_uni_encoder(args, device, t.caption_channels) if args.image else None
-    settings = settings_from_args(args, 1, args.workers if args.workers is not None else 0)
+    uni = load_uni_encoder(args.uni, device, args.dtype, t.caption_channels) if args.image else None
+    settings = sample_settings(args, pipe, 1, args.workers if args.workers is not None else 0)
     region = RegionSettings(args.stride, args.decode_stride, args.sigma, args.window_batch)
     summary = sample_regions(pipe, source, args.out, settings, region, model_ref, vae_ref, uni=uni)
     if "done" in summary:

@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mmengine.config import Config
 from torch.utils.data import DataLoader, default_collate
 
-from diffusion.config import build_model_from_config, load_config, parse_cfg_options
+from diffusion.command import run_cli
+from diffusion.config import build_model_from_config, load_config, parse_cfg_options, shipped_config
 from diffusion.data.mask_pairs import MaskPairDataset, write_missing_uni
 from diffusion.encoders import encode_posterior, latents_to_model, load_uni, load_vae, to_uint8
 from diffusion.gaussian_diffusion import GaussianDiffusion
@@ -36,10 +38,10 @@ from diffusion.training.precision import set_gradient_checkpointing
 from diffusion.training.run import add_resume_args, launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
 from diffusion.training.step import accumulate, noised_inputs
-from tools.cli import run_cli
+from diffusion.training.validation import fixed_noise, sample_column, validation_grid
 
 log = logging.getLogger("pixcell.train")
-SCHEMA = Path(__file__).resolve().parents[1] / "configs" / "_base_" / "controlnet.py"
+SCHEMA = shipped_config("_base_/controlnet.py")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -128,28 +130,29 @@ def encode(vae, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_grid(base, controlnet, vae, held_out: list[dict], cfg, device, seed: int) -> np.ndarray:
+def mask_grid(
+    base: torch.nn.Module, controlnet: torch.nn.Module, vae: torch.nn.Module, held_out: list[dict], cfg: Config
+) -> np.ndarray:
     """Rows of [mask | reference image | samples...] for fixed held-out pairs and noise: uint8 (N*H, (2+k)*W, 3).
 
     The reference is the image whose UNI embedding conditions the samples; the mask sets their layout.
     """
-    v = cfg.validation
+    v, k = cfg.validation, cfg.validation.samples_per_mask
+    device = next(base.parameters()).device
     pipe = PixCellControlNetPipeline(base, controlnet, vae, make_scheduler("dpm-solver"))
-    k = v.samples_per_mask
     uni = torch.stack([h["uni"] for h in held_out]).repeat_interleave(k, 0).to(device)
     masks = torch.stack([h["mask"] for h in held_out]).repeat_interleave(k, 0)
-    size = base.config.sample_size
-    gen = torch.Generator().manual_seed(seed)
-    latents = torch.randn(len(uni), base.config.in_channels, size, size, generator=gen).to(device)
-    samples = pipe(uni, mask=masks, controlnet_conditioning_scale=cfg.controlnet.conditioning_scale,
-                   guidance_scale=v.guidance_scale, num_inference_steps=v.num_inference_steps, latents=latents,
-                   output_type="pt", progress=False).images  # fmt: skip
-    samples = to_uint8(samples)
-    rows = []
-    for i, h in enumerate(held_out):
-        cells = [to_uint8(h["mask"][None])[0], to_uint8(h["image"][None])[0], *samples[i * k : (i + 1) * k]]
-        rows.append(np.concatenate(cells, axis=1))
-    return np.concatenate(rows, axis=0)
+    noise = fixed_noise(base, len(uni), cfg.seed, device)
+    scale = cfg.controlnet.conditioning_scale
+    samples = sample_column(
+        pipe, uni, noise, v.guidance_scale, v.num_inference_steps, mask=masks, controlnet_conditioning_scale=scale
+    )
+    columns = [
+        to_uint8(torch.stack([h["mask"] for h in held_out])),
+        to_uint8(torch.stack([h["image"] for h in held_out])),
+    ]
+    columns += [samples[j::k] for j in range(k)]
+    return validation_grid(columns)
 
 
 #################################################################################
@@ -236,7 +239,7 @@ def main(args: argparse.Namespace) -> int:
                           show_rate=False)  # fmt: skip
             if validate and is_main and step % cfg.validation.every_steps == 0:
                 grid = run.ema_eval(
-                    lambda: validation_grid(base, unwrapped, vae, held_out, cfg, device, seed=cfg.seed)
+                    lambda: mask_grid(base, unwrapped, vae, held_out, cfg)
                 )
                 loop.save_grid("validation/mask_reference_samples", grid, step)
             loop.save_if_due(step)

@@ -30,9 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mmengine.config import Config
 from torch.utils.data import DataLoader
 
-from diffusion.config import load_config, parse_cfg_options
+from diffusion.command import run_cli
+from diffusion.config import load_config, parse_cfg_options, shipped_config
 from diffusion.data.datasets import (
     PatchFeatureDataset,
     check_data_matches_model,
@@ -49,16 +51,18 @@ from diffusion.model.student import (
     student_state_dict,
     write_sampling_defaults,
 )
+from diffusion.sampling.pipeline import PixCellPipeline
+from diffusion.sampling.samplers import make_scheduler
 from diffusion.training.checkpoint import save_transformer_folder
 from diffusion.training.distill import ConsistencyDistiller
 from diffusion.training.precision import set_fp32_attention, set_gradient_checkpointing
 from diffusion.training.run import add_resume_args, launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
 from diffusion.training.step import accumulate
-from tools.cli import run_cli
+from diffusion.training.validation import fixed_noise, sample_column, validation_grid
 
 log = logging.getLogger("pixcell.train")
-SCHEMA = Path(__file__).resolve().parents[1] / "configs" / "_base_" / "distill.py"
+SCHEMA = shipped_config("_base_/distill.py")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,31 +116,21 @@ def load_teacher(cfg, device: torch.device):
 
 
 @torch.no_grad()
-def validation_grid(teacher, student, vae, held_out: list[dict], cfg, device: torch.device) -> np.ndarray:
+def teacher_student_grid(
+    teacher: torch.nn.Module, student: torch.nn.Module, vae: torch.nn.Module, held_out: list[dict], cfg: Config
+) -> np.ndarray:
     """Rows of [real | teacher | student] for fixed held-out conditions and the same noise: uint8 (N*H, 3*W, 3)."""
-    from diffusion.encoders import to_uint8
-    from diffusion.sampling.pipeline import PixCellPipeline
-    from diffusion.sampling.samplers import make_scheduler
-
     v = cfg.validation
+    device = next(teacher.parameters()).device
     uni = torch.stack([h["uni"] for h in held_out]).to(device)
-    size = teacher.config.sample_size
-    noise = torch.randn(len(held_out), teacher.config.in_channels, size, size,
-                        generator=torch.Generator().manual_seed(cfg.seed)).to(device)  # fmt: skip
+    noise = fixed_noise(teacher, len(held_out), cfg.seed, device)
     columns = []
-    for model, sampler, steps in (
-        (teacher, "dpm-solver", v.teacher_steps),
-        (student, "lcm", v.student_steps),
-    ):
+    for model, sampler, steps in ((teacher, "dpm-solver", v.teacher_steps), (student, "lcm", v.student_steps)):
         pipe = PixCellPipeline(transformer=model, vae=vae, scheduler=make_scheduler(sampler))
-        images = pipe(uni, guidance_scale=v.guidance_scale, num_inference_steps=steps, latents=noise,
-                      generator=torch.Generator().manual_seed(cfg.seed), output_type="pt", progress=False).images  # fmt: skip
-        columns.append(to_uint8(images))
-    rows = []
-    for i, h in enumerate(held_out):
-        real = h["real"] if h["real"] is not None else np.zeros_like(columns[0][i])
-        rows.append(np.concatenate([real, columns[0][i], columns[1][i]], axis=1))
-    return np.concatenate(rows, axis=0)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        columns.append(sample_column(pipe, uni, noise, v.guidance_scale, steps, generator=gen))
+    reals = [h["real"] if h["real"] is not None else np.zeros_like(columns[0][i]) for i, h in enumerate(held_out)]
+    return validation_grid([reals, *columns])
 
 
 #################################################################################
@@ -171,7 +165,7 @@ def main(args: argparse.Namespace) -> int:
                                   resolution=cfg.resolution, parent_size=d.parent_size,
                                   feature_format=d.feature_format, features_root=d.features_root, seed=cfg.seed,
                                   max_failure_rate=d.max_failure_rate)  # fmt: skip
-    check_data_matches_model(dataset, teacher, cfg)
+    check_data_matches_model(dataset, teacher, cfg.resolution, str(cfg.model))
     validate = cfg.validation.every_steps > 0
     held_out_idx = list(range(len(dataset) - cfg.validation.num_images, len(dataset))) if validate else []
     sampler = ResumableSampler(len(dataset), cfg.train_batch_size, accelerator.num_processes,
@@ -242,7 +236,7 @@ def main(args: argparse.Namespace) -> int:
             state["images_seen"] += images * accelerator.num_processes
             loop.log_step(step, loss, run.lr, grad_norm, images=images * accelerator.num_processes)
             if validate and is_main and step % cfg.validation.every_steps == 0:
-                grid = validation_grid(teacher, target, vae, held_out, cfg, device)
+                grid = teacher_student_grid(teacher, target, vae, held_out, cfg)
                 loop.save_grid("validation/real_teacher_student", grid, step)
             loop.save_if_due(step)
 

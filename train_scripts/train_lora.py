@@ -9,7 +9,7 @@
 
 A config's `task` picks the data: "features" (`configs/_base_/lora.py`: latents and UNI tokens stored beside the
 patches, as train_pixcell.py reads them) or "virtual_staining" (`configs/virtual_staining/_base_/lora.py`: IHC
-images conditioned on their own UNI tokens, see `virtual_staining/train_lora.py`). The rest is one loop: rank,
+images conditioned on their own UNI tokens, built by `diffusion.data.ihc_tokens.build_ihc_data`). The rest is one loop: rank,
 alpha and target modules (self-attention, cross-attention, feed-forward) from `lora`, only `lora_A`/`lora_B`
 train, checkpoints hold only them (plus optimizer, RNG, data position), never the base weights. To resume, run
 the same command again (bit-exact on the same hardware). SIGTERM / SIGUSR1 and --time-limit save and stop.
@@ -24,18 +24,23 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
 import torch
 from mmengine.config import Config
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from diffusion.config import load_strict_config, parse_cfg_options, resolve_latent_norm
+from diffusion.command import run_cli
+from diffusion.config import load_strict_config, parse_cfg_options, resolve_latent_norm, shipped_config
+from diffusion.data.datasets import (
+    PatchFeatureDataset,
+    check_data_matches_model,
+    collate_skip_none,
+    held_out_samples,
+)
+from diffusion.data.ihc_tokens import IHCDataSettings, build_ihc_data, load_staining_config
+from diffusion.encoders import load_vae
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.geometry import VAE_FACTOR, latent_norm, resolve_norm, to_model_latents
 from diffusion.model.loading import load_transformer
@@ -45,14 +50,11 @@ from diffusion.training.precision import set_gradient_checkpointing
 from diffusion.training.run import add_resume_args, launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
 from diffusion.training.step import accumulate, noised_inputs
-from tools.cli import run_cli
+from diffusion.training.task import TaskData
+from diffusion.training.validation import held_out_grid
 
 log = logging.getLogger("pixcell.train")
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SCHEMAS = {
-    "features": CONFIGS / "_base_" / "lora.py",
-    "virtual_staining": CONFIGS / "virtual_staining" / "_base_" / "lora.py",
-}
+SCHEMAS = {"features": "_base_/lora.py", "virtual_staining": "virtual_staining/_base_/lora.py"}
 LOSSES = ("mse", "hybrid")
 
 
@@ -83,16 +85,16 @@ def load_lora_config(args: argparse.Namespace) -> Config:
     task = options.get("task") or Config.fromfile(str(path)).get("task", "features")
     if task not in SCHEMAS:
         raise ValueError(f"{path}: task {task!r}; expected one of {', '.join(SCHEMAS)}")
-    if task == "virtual_staining":
-        from virtual_staining.training import load_run_config
-
-        return load_run_config(args, "lora")
     for key, value in (("data.root", args.data_root), ("report_to", args.report_to)):
         if value is not None:
             options[key] = value
+    if task == "virtual_staining":
+        if args.stain is not None:
+            options["stain"] = args.stain
+        return load_staining_config(path, options, "lora")
     if args.stain is not None:
         raise ValueError("--stain: only for virtual-staining configs (task 'virtual_staining')")
-    cfg = load_strict_config(path, SCHEMAS[task], options)
+    cfg = load_strict_config(path, shipped_config(SCHEMAS[task]), options)
     if not cfg.data.root:
         raise ValueError("data root not set: pass --data-root (the patches folder)")
     # the one latent normalisation (diffusion/geometry.py): configured, else recorded beside the features
@@ -105,31 +107,8 @@ def load_lora_config(args: argparse.Namespace) -> Config:
 #################################################################################
 
 
-@dataclass
-class LoRAData:
-    """A task's training data and how a batch becomes model inputs; built by a task's `build(...)`."""
-
-    dataset: Dataset
-    collate: Callable
-    inputs: Callable[
-        [dict, torch.Generator], tuple[Tensor, Tensor]
-    ]  # batch -> x0 (B, 16, h, w) model space, uni
-    validation_grid: Callable[[torch.nn.Module], np.ndarray] | None = None  # adapted model -> uint8 grid
-    held_out: list[int] = field(default_factory=list)  # dataset indices never trained on (validation)
-    what: str = "samples"  # for log lines and the failure message
-    info: dict = field(default_factory=dict)  # extra run info (env.json)
-
-
-def build_features_data(cfg: Config, model, accelerator, work_dir: Path) -> LoRAData:
+def build_features_data(cfg: Config, model, accelerator, work_dir: Path) -> TaskData:
     """Stored VAE latents + UNI tokens (`PatchFeatureDataset`) at the base model's resolution."""
-    from diffusion.data.datasets import (
-        PatchFeatureDataset,
-        check_data_matches_model,
-        collate_skip_none,
-        held_out_samples,
-    )
-    from train_scripts.train_pixcell import validation_grid
-
     d, device = cfg.data, accelerator.device
     resolution = model.config.sample_size * VAE_FACTOR
     dataset = PatchFeatureDataset(
@@ -143,32 +122,29 @@ def build_features_data(cfg: Config, model, accelerator, work_dir: Path) -> LoRA
         seed=cfg.seed,
         max_failure_rate=d.max_failure_rate,
     )
-    check_data_matches_model(dataset, model, SimpleNamespace(resolution=resolution, model=cfg.load_from))
+    check_data_matches_model(dataset, model, resolution, str(cfg.load_from))
 
     def inputs(batch: dict, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         x0 = to_model_latents(batch["latent"].to(device), cfg.vae_shift, cfg.vae_scale)
         return x0, batch["uni"].to(device)
 
-    data = LoRAData(dataset, collate_skip_none, inputs, info={"resolution": resolution})
+    data = TaskData(dataset, collate_skip_none, inputs, info={"resolution": resolution})
     v = cfg.validation
     if v.every_steps > 0:
         data.held_out = list(range(len(dataset) - v.num_images, len(dataset)))  # same exclusion on every rank
     if v.every_steps > 0 and accelerator.is_main_process:
-        from diffusion.encoders import load_vae
-
         vae = load_vae(v.vae).to(device).eval()
         # validation decodes with the VAE's own normalisation: it must be the run's (as in train_pixcell.py)
         resolve_norm((cfg.vae_shift, cfg.vae_scale), latent_norm(vae), f"validation.vae {v.vae}")
         held = held_out_samples(dataset, data.held_out, resolution)
-        data.validation_grid = lambda m: validation_grid(m, vae, held, cfg, device, cfg.seed)
+        norm = (cfg.vae_shift, cfg.vae_scale)
+        data.validation_grid = lambda m: held_out_grid(m, vae, held, norm, v.guidance_scale, v.num_inference_steps, cfg.seed)
     return data
 
 
-def build_data(cfg: Config, model, accelerator, work_dir: Path) -> LoRAData:
+def build_data(cfg: Config, model, accelerator, work_dir: Path) -> TaskData:
     if cfg.task == "virtual_staining":
-        from virtual_staining.train_lora import build_ihc_data
-
-        return build_ihc_data(cfg, model, accelerator, work_dir)
+        return build_ihc_data(IHCDataSettings.from_config(cfg, work_dir), model, str(cfg.model), accelerator)
     return build_features_data(cfg, model, accelerator, work_dir)
 
 

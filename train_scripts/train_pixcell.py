@@ -18,10 +18,10 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from diffusion.command import run_cli
 from diffusion.config import build_model_from_config, load_config, parse_cfg_options
 from diffusion.data.datasets import (
     PatchFeatureDataset,
@@ -37,7 +37,7 @@ from diffusion.training.precision import set_fp32_attention, set_gradient_checkp
 from diffusion.training.run import add_resume_args, is_sharded, launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
 from diffusion.training.step import accumulate, noised_inputs
-from tools.cli import run_cli
+from diffusion.training.validation import held_out_grid
 
 log = logging.getLogger("pixcell.train")
 
@@ -52,39 +52,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="per-process batch size (train_batch_size)")
     add_resume_args(p)
     return p.parse_args(argv)
-
-
-#################################################################################
-#                               Validation grid                                 #
-#################################################################################
-
-
-@torch.no_grad()
-def validation_grid(
-    transformer, vae, held_out: list[dict], cfg, device: torch.device, seed: int
-) -> np.ndarray:
-    """Rows of [real | EMA sample] for fixed held-out conditions and fixed noise seeds: uint8 (N*H, 2*W, 3)."""
-    from diffusion.encoders import decode_latents, to_uint8
-    from diffusion.sampling.pipeline import PixCellPipeline
-    from diffusion.sampling.samplers import make_scheduler
-
-    v = cfg.validation
-    pipe = PixCellPipeline(transformer=transformer, vae=vae, scheduler=make_scheduler("dpm-solver"))
-    uni = torch.stack([h["uni"] for h in held_out]).to(device)
-    size = transformer.config.sample_size
-    gen = torch.Generator().manual_seed(seed)
-    latents = torch.randn(len(held_out), transformer.config.in_channels, size, size, generator=gen).to(device)
-    fake = pipe(uni, guidance_scale=v.guidance_scale, num_inference_steps=v.num_inference_steps,
-                latents=latents, output_type="pt", progress=False).images  # fmt: skip
-    fake = to_uint8(fake)
-    rows = []
-    for i, h in enumerate(held_out):
-        real = h["real"]
-        if real is None:  # no readable image: show the VAE reconstruction of the stored latent instead
-            z = to_model_latents(h["latent"][None], cfg.vae_shift, cfg.vae_scale).to(device)
-            real = to_uint8(decode_latents(vae, z))[0]
-        rows.append(np.concatenate([real, fake[i]], axis=1))
-    return np.concatenate(rows, axis=0)
 
 
 #################################################################################
@@ -138,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
         seed=cfg.seed,
         max_failure_rate=d.max_failure_rate,
     )
-    check_data_matches_model(dataset, model, cfg)
+    check_data_matches_model(dataset, model, cfg.resolution, str(cfg.model))
     held_out_idx = list(range(len(dataset) - cfg.validation.num_images, len(dataset)))
     validate = cfg.validation.every_steps > 0
     sampler = ResumableSampler(
@@ -180,6 +147,7 @@ def main(args: argparse.Namespace) -> int:
         # validation decodes (and the released pipeline samples) with the VAE's own normalisation: it must be the run's
         resolve_norm((cfg.vae_shift, cfg.vae_scale), latent_norm(vae), f"validation.vae {cfg.validation.vae}")
         held_out = held_out_samples(dataset, held_out_idx, cfg.resolution)
+    val, norm = cfg.validation, (cfg.vae_shift, cfg.vae_scale)
 
     def save(step: int) -> Path:
         sd = accelerator.get_state_dict(model)  # full weights (a gather under FSDP: every process calls it)
@@ -222,7 +190,7 @@ def main(args: argparse.Namespace) -> int:
                                    "train/skipped_samples": state["skipped_samples"]})  # fmt: skip
             if validate and step % cfg.validation.every_steps == 0 and (is_main or sharded):
                 grid = run.ema_eval(
-                    lambda: validation_grid(unwrapped, vae, held_out, cfg, device, seed=cfg.seed)
+                    lambda: held_out_grid(unwrapped, vae, held_out, norm, val.guidance_scale, val.num_inference_steps, cfg.seed)
                 )
                 if is_main:
                     loop.save_grid("validation/real_vs_ema", grid, step)

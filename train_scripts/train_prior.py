@@ -24,7 +24,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from diffusion.atomic import atomic_path
-from diffusion.config import load_strict_config, parse_cfg_options
+from diffusion.command import run_cli
+from diffusion.config import load_strict_config, parse_cfg_options, shipped_config
 from diffusion.data.datasets import collate_skip_none
 from diffusion.flow import flow_matching_loss
 from diffusion.geometry import UNI_TILE
@@ -32,10 +33,9 @@ from diffusion.prior.data import LABEL_SOURCES, NO_LABEL, UNITokenDataset, descr
 from diffusion.prior.model import UNIPrior
 from diffusion.training.run import add_resume_args, launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
-from tools.cli import run_cli
 
 log = logging.getLogger("pixcell.train")
-SCHEMA = Path(__file__).resolve().parents[1] / "configs" / "prior" / "_base_" / "prior.py"
+SCHEMA = shipped_config("prior/_base_/prior.py")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from diffusion.atomic import atomic_path
+from diffusion.command import run_cli
+from diffusion.model.flow_mlp import load_flow_mlp
 from diffusion.model.loading import load_transformer
 from diffusion.model.lora import add_lora, load_lora_weights, read_lora_file, save_published_lora
-from tools.cli import run_cli
-from virtual_staining.flow_mlp import load_flow_mlp
 from virtual_staining.published import BASE_MODEL, TARGETS
 
 

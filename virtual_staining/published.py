@@ -2,7 +2,7 @@
 
 `StonyBrook-CVLab/pixcell-virtual-staining` holds one LoRA and one flow MLP per target (file names as the
 published notebook downloads them): MIST HER2, ER, PR, Ki67 and HER2Match (HER2). The LoRA `.pth` files hold the
-whole adapted PixCell-1024 (see `virtual_staining.lora`); the flow MLP `.pth` files the published state dict
+whole adapted PixCell-1024 (see `diffusion.model.lora`); the flow MLP `.pth` files the published state dict
 (`../shared/formats/flow_mlp_keys.json`).
 
 A weights reference is a local file, or `OWNER/REPO:PATH/IN/REPO` on the Hugging Face Hub.

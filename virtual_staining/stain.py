@@ -27,12 +27,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffusion.atomic import atomic_path
+from diffusion.command import resolve_device, run_cli
+from diffusion.data.ihc_pairs import MIST_STAINS, read_image
 from diffusion.encoders import to_uint8
 from diffusion.geometry import DTYPES, IMAGE_SUFFIXES
+from diffusion.model.flow_mlp import FLOW_GRIDS
 from diffusion.sampling.samplers import SAMPLERS
-from tools.cli import add_model_args, add_runtime_args, resolve_device, run_cli
-from virtual_staining.data import MIST_STAINS, read_image
-from virtual_staining.flow_mlp import FLOW_GRIDS
+from tools.cli import add_model_args, add_runtime_args
 from virtual_staining.published import BASE_MODEL, published_refs
 from virtual_staining.stainer import SamplerSettings, VirtualStainer
 

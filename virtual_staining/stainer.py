@@ -20,12 +20,12 @@ from torch import Tensor
 
 from diffusion.encoders import UNIEncoder, load_uni, load_vae
 from diffusion.geometry import UNI_TILE
+from diffusion.model.flow_mlp import FlowMLP, load_flow_mlp, rescale_norm
 from diffusion.model.loading import load_transformer
+from diffusion.model.lora import add_lora, load_lora_weights, lora_parameters, read_lora_file
 from diffusion.sampling.pipeline import PixCellPipeline
 from diffusion.sampling.samplers import make_scheduler
 
-from .flow_mlp import FlowMLP, load_flow_mlp, rescale_norm
-from .lora import add_lora, load_lora_weights, lora_parameters, read_lora_file
 from .published import resolve_weights
 
 

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 
+from diffusion.model.flow_mlp import FlowMLP, save_flow_mlp
+from diffusion.model.lora import add_lora, save_lora_weights
 from diffusion.standins import TINY_FLOW, TINY_UNI_DIM, build_tiny_transformer, build_tiny_uni, build_tiny_vae
-
-from .flow_mlp import FlowMLP, save_flow_mlp
-from .lora import add_lora, save_lora_weights
 
 
 @dataclass

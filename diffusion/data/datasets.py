@@ -342,20 +342,25 @@ def held_out_samples(dataset: PatchFeatureDataset, indices: Sequence[int], resol
     return out
 
 
-def check_data_matches_model(dataset: PatchFeatureDataset, model, cfg) -> None:
+def check_data_matches_model(
+    dataset: PatchFeatureDataset,
+    model: torch.nn.Module,  # a PixCell transformer (its config: patch size, channels, token count and dim)
+    resolution: int,  # px of the training samples
+    model_name: str,  # how the error lines name the model (the config's `model`, or the base model's source)
+) -> None:
     """One-line errors for a config that does not fit the data: latent size / patch size, token count and dim."""
     c = model.config
-    lat = cfg.resolution // VAE_FACTOR
+    lat = resolution // VAE_FACTOR
     if lat % c.patch_size:
-        raise ValueError(f"config: resolution {cfg.resolution} gives {lat}x{lat} latents, not divisible by the "
+        raise ValueError(f"config: resolution {resolution} gives {lat}x{lat} latents, not divisible by the "
                          f"model's patch_size {c.patch_size}")  # fmt: skip
     item = next((dataset[i] for i in range(min(len(dataset), 16)) if dataset[i] is not None), None)
     if item is None:
         raise ValueError(f"data {dataset.root}: none of the first samples loads (see the warnings above)")
     if tuple(item["latent"].shape) != (c.in_channels, lat, lat):
         raise ValueError(f"data {dataset.root}: latents of shape {tuple(item['latent'].shape)}, but the model "
-                         f"{cfg.model} at resolution {cfg.resolution} needs ({c.in_channels}, {lat}, {lat})")  # fmt: skip
+                         f"{model_name} at resolution {resolution} needs ({c.in_channels}, {lat}, {lat})")  # fmt: skip
     if tuple(item["uni"].shape) != (c.caption_num_tokens, c.caption_channels):
         raise ValueError(f"data {dataset.root}: UNI features of shape {tuple(item['uni'].shape)} per sample, but "
-                         f"the model {cfg.model} takes ({c.caption_num_tokens}, {c.caption_channels}) "
+                         f"the model {model_name} takes ({c.caption_num_tokens}, {c.caption_channels}) "
                          "(token count and embedding dim; check model, resolution and model_overrides)")  # fmt: skip

@@ -79,3 +79,8 @@ class FeatureCache:
         feats = compute()
         self.save(folder, folder_hash, extractor, feats)
         return feats, False
+
+
+def open_feature_cache(cache_dir: str | Path | None, enabled: bool = True) -> FeatureCache | None:
+    """The cache a tool asks for: `cache_dir` (default `default_feature_cache_dir()`), or None when disabled."""
+    return FeatureCache(cache_dir or default_feature_cache_dir()) if enabled else None

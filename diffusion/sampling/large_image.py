@@ -46,13 +46,13 @@ from tqdm.auto import tqdm
 from ..encoders import decode_latents, vae_scale_factor
 from ..geometry import tokens_side
 from .samplers import (
+    SamplingOptions,
     denoise,
     guidance_in_model,
     guided_prediction,
     guides,
     make_scheduler,
-    resolve_defaults,
-    sampler_name,
+    resolve_sampling,
     transformer_fn,
 )
 
@@ -261,6 +261,7 @@ def denoise_region(
     | None = None,  # tests, benchmarks: standins.reference_eps_fn
     progress: bool = True,
     allow_negative_guidance: bool = False,  # a guidance_scale < 0 is an error unless this says it is meant
+    options: SamplingOptions | None = None,  # resolved settings (the runner's): then leave the five above unset
 ) -> Tensor:
     """Sliding-window denoising of a whole region: -> final model-space latents (1, 16, H, W)."""
     device = next(transformer.parameters()).device
@@ -276,14 +277,17 @@ def denoise_region(
         latents = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
-    scheduler = make_scheduler(sampler)
-    steps, guidance_scale = resolve_defaults(
-        sampler_name(scheduler),
-        num_inference_steps,
-        guidance_scale,
-        transformer.config.caption_num_tokens,
-        allow_negative_guidance,
-    )
+    if options is None:
+        options = resolve_sampling(
+            sampler,
+            num_inference_steps,
+            guidance_scale,
+            transformer.config.caption_num_tokens,
+            guidance_interval=guidance_interval,
+            allow_negative_guidance=allow_negative_guidance,
+        )
+    scheduler = make_scheduler(options.sampler)
+    steps, guidance_scale, guidance_interval = options.steps, options.guidance, options.guidance_interval
     # A distilled student takes the guidance scale as an input: one pass per window, no unconditional one.
     student = guidance_in_model(transformer)
     uncond = transformer.null_condition(1)[0] if guides(guidance_scale) and not student else None

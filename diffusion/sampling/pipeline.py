@@ -41,12 +41,13 @@ from .hub import (
     vae_folder,
 )
 from .samplers import (
+    SamplingOptions,
     denoise,
     guidance_in_model,
     guided_prediction,
     guides,
     make_scheduler,
-    resolve_defaults,
+    resolve_sampling,
     sampler_name,
     transformer_fn,
 )
@@ -164,17 +165,24 @@ class PixCellPipeline(DiffusionPipeline):
         device = self._execution_device
         self.register_modules(transformer=merge_lora(self.transformer).to(device))
 
-    def recorded_defaults(
-        self, guidance_scale: float | None, steps: int | None
-    ) -> tuple[float | None, int | None]:
-        """Unset guidance and steps filled from the defaults recorded beside the weights (a student's
-        sampling.json; steps only when recorded for the current sampler); what stays None, `resolve_defaults`
-        fills with the published defaults."""
-        if guidance_scale is None:
-            guidance_scale = self.defaults.get("guidance")
-        if steps is None and self.defaults.get("sampler") == sampler_name(self.scheduler):
-            steps = self.defaults.get("steps")
-        return guidance_scale, steps
+    def sampling_options(
+        self,
+        steps: int | None = None,
+        guidance: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        allow_negative_guidance: bool = False,
+    ) -> SamplingOptions:
+        """This pipeline's sampler with `steps` and `guidance` resolved (`resolve_sampling`: the defaults
+        recorded beside the weights, else the published ones for the model's token count)."""
+        return resolve_sampling(
+            sampler_name(self.scheduler),
+            steps,
+            guidance,
+            self.transformer.config.caption_num_tokens,
+            self.defaults,
+            guidance_interval,
+            allow_negative_guidance,
+        )
 
     # ------------------------------------------------------------------ sampling
 
@@ -248,6 +256,9 @@ class PixCellPipeline(DiffusionPipeline):
         negative_uni_embeds: Tensor | None = None,  # unconditional input; default: the model's null condition
         guidance_interval: tuple[float, float] | None = None,  # guide only for timesteps in [low, high]
         allow_negative_guidance: bool = False,  # a guidance_scale < 0 is an error unless this says it is meant
+        # resolved settings (the runner's and the app's); then guidance_scale, num_inference_steps,
+        # guidance_interval and allow_negative_guidance stay unset
+        options: SamplingOptions | None = None,
         output_type: str = "pil",  # 'pil' | 'np' | 'pt' | 'latent'
         return_dict: bool = True,
         progress: bool = True,
@@ -273,10 +284,16 @@ class PixCellPipeline(DiffusionPipeline):
         k = int(num_images_per_prompt)
         uni = uni.repeat_interleave(k, dim=0)  # row i*k+j: image j of condition i (diffusers' order)
         batch = uni.shape[0]
-        guidance_scale, num_inference_steps = self.recorded_defaults(guidance_scale, num_inference_steps)
-        steps, w = resolve_defaults(
-            sampler_name(self.scheduler), num_inference_steps, guidance_scale, tokens, allow_negative_guidance
-        )
+        if options is None:
+            options = self.sampling_options(
+                num_inference_steps, guidance_scale, guidance_interval, allow_negative_guidance
+            )
+        elif (guidance_scale, num_inference_steps, guidance_interval) != (None, None, None):
+            raise ValueError("give `options` or guidance_scale / num_inference_steps / guidance_interval, not both")
+        elif options.sampler != sampler_name(self.scheduler):
+            raise ValueError(f"options.sampler {options.sampler!r}, but the pipeline samples with "
+                             f"{sampler_name(self.scheduler)!r} (set_sampler first)")
+        steps, w, guidance_interval = options.steps, options.guidance, options.guidance_interval
         student = guidance_in_model(self.transformer)  # w is the student's input: no unconditional pass
 
         size = self.transformer.config.sample_size

@@ -52,7 +52,7 @@ from .large_image import (
     window_layout,
 )
 from .pipeline import PixCellPipeline
-from .samplers import resolve_defaults
+from .samplers import SamplingOptions
 
 log = logging.getLogger("pixcell.sample")
 SUFFIX = {"png": ".png", "jpeg": ".jpg"}
@@ -63,15 +63,11 @@ SUFFIX = {"png": ".png", "jpeg": ".jpg"}
 #################################################################################
 
 
-@dataclass
+@dataclass(frozen=True)
 class SampleSettings:
     """What decides the pixels (recorded in run.json and each manifest row), and how the run is carried out."""
 
-    sampler: str = "dpm-solver"
-    steps: int | None = None  # None: the sampler's default (20 for DPM-Solver++)
-    guidance: float | None = None  # None: published default for the model's token count (2.0 @256, 1.2 @1024)
-    guidance_interval: tuple[float, float] | None = None  # guide only for timesteps in [low, high]
-    allow_negative_guidance: bool = False  # a negative guidance is an error unless this says it is meant
+    sampling: SamplingOptions  # sampler, steps, guidance: resolved once (`PixCellPipeline.sampling_options`)
     seed: int = 0
     dtype: str = "fp32"
     format: str = "png"  # 'png' (lossless, default) or 'jpeg'
@@ -83,9 +79,6 @@ class SampleSettings:
     write_real: bool = True
     max_skips: int = 100  # stop when more conditions than this could not be read
     progress: bool = True
-
-    def resolved(self, tokens: int) -> tuple[int, float]:
-        return resolve_defaults(self.sampler, self.steps, self.guidance, tokens, self.allow_negative_guidance)
 
 
 @dataclass
@@ -304,15 +297,15 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> tuple[Tensor,
     return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
 
 
-def _run_info(settings: SampleSettings, model_ref: str, vae_ref: str, tokens: int, extra: dict) -> dict:
-    steps, guidance = settings.resolved(tokens)
+def _run_info(settings: SampleSettings, model_ref: str, vae_ref: str, extra: dict) -> dict:
+    o = settings.sampling
     return {
         "model": model_ref,
         "vae": vae_ref,
-        "sampler": settings.sampler,
-        "steps": steps,
-        "guidance": guidance,
-        "guidance_interval": list(settings.guidance_interval) if settings.guidance_interval else None,
+        "sampler": o.sampler,
+        "steps": o.steps,
+        "guidance": o.guidance,
+        "guidance_interval": list(o.guidance_interval) if o.guidance_interval else None,
         "seed": settings.seed,
         "dtype": settings.dtype,
         "format": settings.format if settings.format == "png" else f"jpeg q{settings.jpeg_quality}",
@@ -326,8 +319,6 @@ class _Run:
 
     state: object  # accelerate PartialState
     out: OutputFolder
-    steps: int
-    guidance: float
     manifest_meta: dict  # the settings every manifest row repeats
     lock: FolderLock | None  # the output folder's, on the main process
 
@@ -342,23 +333,22 @@ def _open_run(
     extra_in_manifest: bool = False,
     syn_dir: str = "syn",
 ) -> _Run:
-    """The opening both runners share: process state, resolved steps/guidance, the output folder's run.json
+    """The opening both runners share: process state, the output folder's run.json
     (refusing other settings), leftovers of a killed run removed, then every process waits for that."""
     state = _process_state(pipe._execution_device)
     # One run per output folder: the main process holds the lock until _close_run (or its own death).
     lock = FolderLock(out_dir, what="output folder").acquire() if state.is_main_process else None
-    tokens = pipe.transformer.config.caption_num_tokens
-    steps, guidance = settings.resolved(tokens)
+    o = settings.sampling
     out = OutputFolder(out_dir, settings.format, settings.jpeg_quality, syn_dir=syn_dir)
-    info = _run_info(settings, model_ref, vae_ref, tokens, extra)
+    info = _run_info(settings, model_ref, vae_ref, extra)
     out.check_run(info, state.is_main_process)
     if state.is_main_process:
         out.clean_temporaries()
     state.wait_for_everyone()
-    meta = {"sampler": settings.sampler, "steps": steps, "guidance": guidance, "model": model_ref,
+    meta = {"sampler": o.sampler, "steps": o.steps, "guidance": o.guidance, "model": model_ref,
             "guidance_interval": info["guidance_interval"], "dtype": settings.dtype,
             **(extra if extra_in_manifest else {})}  # fmt: skip
-    return _Run(state, out, steps, guidance, meta, lock)
+    return _Run(state, out, meta, lock)
 
 
 def _close_run(run: _Run, specs: Sequence[Spec], shards: list[list[str]], summary: dict, seed: int) -> dict:
@@ -425,7 +415,7 @@ def sample_patches(
                        "masks": str(control.mask_dir)}  # fmt: skip
     size = transformer.config.sample_size
     run = _open_run(pipe, out_dir, settings, model_ref, vae_ref, extra_info, syn_dir=syn_dir)
-    state, out, steps, guidance = run.state, run.out, run.steps, run.guidance
+    state, out = run.state, run.out
 
     bs = max(1, settings.batch_size)
     batches = [list(range(i, min(i + bs, len(specs)))) for i in range(0, len(specs), bs)]
@@ -469,12 +459,9 @@ def sample_patches(
         x = pipe(
             cond.to(device),
             **masks,
-            guidance_scale=guidance,
-            num_inference_steps=steps,
+            options=settings.sampling,
             generator=gens,
             latents=latents.to(device),
-            guidance_interval=settings.guidance_interval,
-            allow_negative_guidance=settings.allow_negative_guidance,
             output_type="latent",
             progress=False,
         ).images
@@ -546,7 +533,7 @@ def sample_regions(
             raise ValueError(f"region {spec.name}: {err}") from None
     extra = {"stride": stride, "decode_stride": decode_stride, "sigma": region.sigma, "window": window}
     run = _open_run(pipe, out_dir, settings, model_ref, vae_ref, extra, extra_in_manifest=True)
-    state, out, steps, guidance = run.state, run.out, run.steps, run.guidance
+    state, out = run.state, run.out
 
     device = pipe._execution_device
     wb = Chunker(region.window_batch or default_window_batch(device), "window batch")
@@ -575,10 +562,8 @@ def sample_regions(
             (transformer.config.in_channels, gh * layout_tile, gw * layout_tile),
         )
         latents = denoise_region(
-            transformer, grid, stride=stride, sampler=settings.sampler, num_inference_steps=steps,
-            guidance_scale=guidance, guidance_interval=settings.guidance_interval, latents=noise,
-            generator=gens[0], window_batch=wb, progress=show,
-            allow_negative_guidance=settings.allow_negative_guidance,
+            transformer, grid, stride=stride, options=settings.sampling, latents=noise, generator=gens[0],
+            window_batch=wb, progress=show,
         )  # fmt: skip
         image = decode_region(pipe.vae, latents, window, decode_stride, region.sigma, vb, progress=show)
         real = loaded.image if (settings.write_real and spec.has_real) else None

@@ -24,7 +24,8 @@ unconditional pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from diffusers import (
@@ -113,21 +114,42 @@ _SIGNATURE = {
 DEFAULT_GUIDANCE = {1: 2.0, 4: 1.5, 16: 1.2}
 
 
-def resolve_defaults(
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to sample, resolved: every field set (recorded in run.json and each manifest row). Built once per
+    request by `resolve_sampling`, then taken as it is by the runner, the pipeline and the app."""
+
+    sampler: str  # a key of SAMPLERS
+    steps: int  # >= 1
+    guidance: float  # w in eps_u + w (eps_c - eps_u); finite
+    guidance_interval: tuple[float, float] | None = None  # guide only for timesteps in [low, high]
+    allow_negative_guidance: bool = False  # a negative guidance is an error unless this says it is meant
+
+
+def resolve_sampling(
     sampler: str,
     steps: int | None,
     guidance: float | None,
     tokens: int,
+    recorded: Mapping[str, object] | None = None,
+    guidance_interval: tuple[float, float] | Sequence[float] | None = None,
     allow_negative_guidance: bool = False,
-) -> tuple[int, float]:
-    """(steps, guidance) with None replaced by the defaults: DEFAULT_STEPS of the sampler, and the published
-    guidance for a model taking `tokens` UNI tokens (1.5 for token counts without a published value).
+) -> SamplingOptions:
+    """THE one place where sampling defaults are filled in and checked. Unset values come from, in order: what
+    is `recorded` beside the weights (a distilled student's sampling.json: its guidance, and its steps when
+    recorded for this sampler), then DEFAULT_STEPS of the sampler and the published guidance for a model taking
+    `tokens` UNI tokens (1.5 for token counts without a published value).
 
     Every sampling path resolves its settings here, so one check covers them all: a NaN guidance used to give
     all-black images and exit 0. A negative scale (pushing away from the condition) is an error unless
     `allow_negative_guidance` says it is meant."""
     if sampler not in DEFAULT_STEPS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(DEFAULT_STEPS)}")
+    recorded = recorded or {}
+    if guidance is None:
+        guidance = recorded.get("guidance")
+    if steps is None and recorded.get("sampler") == sampler:
+        steps = recorded.get("steps")
     if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
         raise ValueError(f"`num_inference_steps` {steps}: expected a whole number >= 1")
     w = DEFAULT_GUIDANCE.get(tokens, 1.5) if guidance is None else float(guidance)
@@ -138,7 +160,11 @@ def resolve_defaults(
             f"`guidance_scale` {w:g}: a negative scale pushes samples away from their condition; pass "
             "`allow_negative_guidance` if that is meant"
         )
-    return int(steps or DEFAULT_STEPS[sampler]), w
+    interval = None
+    if guidance_interval is not None:
+        low, high = (float(v) for v in guidance_interval)
+        interval = (low, high)
+    return SamplingOptions(sampler, int(steps or DEFAULT_STEPS[sampler]), w, interval, allow_negative_guidance)
 
 
 def guides(guidance_scale: float) -> bool:

@@ -27,7 +27,7 @@ from ..geometry import UNI_TILE, image_px_for_tokens
 from ..metrics.distances import paired_cosine
 from .pipeline import PixCellPipeline
 from .runner import initial_noise
-from .samplers import resolve_defaults, sampler_name
+from .samplers import resolve_sampling, sampler_name
 
 #################################################################################
 #                                  References                                   #
@@ -220,17 +220,16 @@ def make_variants(
         raise ValueError(f"n: expected at least 1 variant, got {n}")
     if steps is not None and steps < 1:
         raise ValueError(f"steps: expected >= 1, got {steps}")
-    steps, guidance = resolve_defaults(sampler, steps, guidance, pipe.transformer.config.caption_num_tokens)
     if sampler_name(pipe.scheduler) != sampler:
         pipe.set_sampler(sampler)
+    options = resolve_sampling(sampler, steps, guidance, pipe.transformer.config.caption_num_tokens)
     tokens = embed_reference(uni, torch.tensor(reference).permute(2, 0, 1)[None], size)  # (1, T, C)
     seeds = [seed + i for i in range(n)]
     cfg = pipe.transformer.config
     noise, gens = initial_noise(seeds, (cfg.in_channels, cfg.sample_size, cfg.sample_size))
     images = pipe(
         tokens.expand(n, -1, -1).cpu(),
-        guidance_scale=guidance,
-        num_inference_steps=steps,
+        options=options,
         generator=gens,
         latents=noise,
         output_type="pt",
@@ -239,4 +238,4 @@ def make_variants(
     syn = embed_reference(uni, images, size).cpu().numpy()  # (N, T, C)
     ref = tokens[0].cpu().numpy()
     cosine = [float(paired_cosine(ref, s).mean()) for s in syn]
-    return Variants(list(to_uint8(images)), seeds, cosine, sampler, steps, guidance, ref)
+    return Variants(list(to_uint8(images)), seeds, cosine, sampler, options.steps, options.guidance, ref)

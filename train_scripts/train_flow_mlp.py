@@ -1,6 +1,6 @@
 """Train the flow MLP that maps H&E UNI2-h tokens to IHC tokens (rectified flow per token), under accelerate.
 
-    accelerate launch -m virtual_staining.train_flow_mlp configs/virtual_staining/flow_mlp_mist.py \\
+    accelerate launch train_scripts/train_flow_mlp.py configs/virtual_staining/flow_mlp_mist.py \\
         --data-root /data/MIST --stain HER2 --work-dir work_dirs/flow_mist_her2 \\
         --cfg-options uni=/weights/uni2h/pytorch_model.bin
 
@@ -21,13 +21,34 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from diffusion.training.run import launch, run_trainer, start_run
+from diffusion.command import run_cli
+from diffusion.config import parse_cfg_options
+from diffusion.data.ihc_tokens import TokenSplit, load_staining_config, split_embeddings
+from diffusion.model.flow_mlp import FlowMLP, flow_matching_loss, save_flow_mlp, translation_metrics
+from diffusion.training.run import add_resume_args, launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
-from tools.cli import run_cli
-from virtual_staining.flow_mlp import FlowMLP, flow_matching_loss, save_flow_mlp, translation_metrics
-from virtual_staining.training import load_run_config, parse_args, split_embeddings
 
 log = logging.getLogger("pixcell.train")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="config file, e.g. configs/virtual_staining/flow_mlp_mist.py")
+    p.add_argument("--work-dir", required=True, help="run folder: checkpoints, logs, exported weights")
+    p.add_argument("--data-root", default=None, help="dataset root (MIST or HER2Match folder)")
+    p.add_argument("--stain", default=None, help="MIST: HER2, ER, PR, Ki67 (HER2Match: HER2)")
+    p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
+    add_resume_args(p)
+    return p.parse_args(argv)
+
+
+def staining_options(args: argparse.Namespace) -> dict:
+    """--cfg-options with --data-root, --stain and --report-to folded in."""
+    options = parse_cfg_options(args.cfg_options)
+    for key, value in (("data.root", args.data_root), ("stain", args.stain), ("report_to", args.report_to)):
+        if value is not None:
+            options[key] = value
+    return options
 
 
 class TokenPairs(Dataset):
@@ -44,16 +65,16 @@ class TokenPairs(Dataset):
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_run_config(args, "flow_mlp")
+    cfg = load_staining_config(args.config, staining_options(args), "flow_mlp")
     work_dir = Path(args.work_dir)
     accelerator, resume = launch(work_dir, args.resume_from)
     is_main, device = accelerator.is_main_process, accelerator.device
 
     # ---- data: cached UNI token pairs
-    _, train = split_embeddings(cfg, accelerator, work_dir, cfg.data.train_split)
+    _, train = split_embeddings(TokenSplit.from_config(cfg, work_dir, cfg.data.train_split), accelerator)
     val = None
     if cfg.data.val_split and cfg.validation.every_steps > 0:
-        _, val = split_embeddings(cfg, accelerator, work_dir, cfg.data.val_split)
+        _, val = split_embeddings(TokenSplit.from_config(cfg, work_dir, cfg.data.val_split), accelerator)
     if train.he.shape[-1] != cfg.flow.in_channels:
         raise ValueError(
             f"config flow.in_channels={cfg.flow.in_channels}, but the UNI tokens of {cfg.dataset} are "
@@ -113,7 +134,7 @@ def main(args: argparse.Namespace) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     """The command line: bad input is one `error:` line and exit status 2, as for every tool."""
-    return run_cli(lambda a: run_trainer(main, parse_args(a, __doc__)), argv)
+    return run_cli(lambda a: run_trainer(main, parse_args(a)), argv)
 
 
 if __name__ == "__main__":
