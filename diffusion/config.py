@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from mmengine.config import Config
@@ -198,17 +199,20 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(saved_text: str, cfg: Config) -> dict[str, tuple]:
-    """{dotted key: (value in the checkpoint's config, value now)} for every key that differs."""
+def config_changes(saved_text: str, config: Mapping[str, object]) -> dict[str, tuple]:
+    """{dotted key: (value in the checkpoint's config, value now)} for every key that differs (`config`: the
+    resolved config as a dict, `Config.to_dict()`)."""
     old = _flat(Config.fromstring(saved_text, ".py").to_dict())
-    new = _flat(cfg.to_dict())
+    new = _flat(dict(config))
     return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
 
 
-def check_resume_changes(saved_text: str, cfg: Config, checkpoint: str | Path) -> dict[str, tuple]:
+def check_resume_changes(
+    saved_text: str, config: Mapping[str, object], checkpoint: str | Path
+) -> dict[str, tuple]:
     """The config changes of a resumed run, when every one may change (RESUME_CHANGEABLE); else one ValueError
     naming the first key that may not."""
-    changes = config_changes(saved_text, cfg)
+    changes = config_changes(saved_text, config)
     for key, (old, new) in changes.items():
         if not any(key == k or key.startswith(k + ".") for k in RESUME_CHANGEABLE):
             raise ValueError(

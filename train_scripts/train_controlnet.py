@@ -35,7 +35,7 @@ from diffusion.model.loading import load_transformer
 from diffusion.sampling.controlnet_pipeline import PixCellControlNetPipeline, check_pair
 from diffusion.sampling.samplers import make_scheduler
 from diffusion.training.precision import set_gradient_checkpointing
-from diffusion.training.run import add_resume_args, launch, run_trainer, start_run
+from diffusion.training.run import RunSettings, add_resume_args, launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
 from diffusion.training.step import accumulate, noised_inputs
 from diffusion.training.validation import fixed_noise, sample_column, validation_grid
@@ -197,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"config: no steps to train ({sampler.batches_per_epoch} batches per epoch)")
 
     # ---- optimisation, EMA, noise, checkpoints, counters (restored when resuming)
-    run = start_run(accelerator, cfg, work_dir, controlnet, total_steps, resume,
+    run = start_run(accelerator, RunSettings.from_config(cfg), work_dir, controlnet, total_steps, resume,
                     counters=dict(nonfinite_total=0, images_seen=0), info=dict(pairs=len(dataset)))  # fmt: skip
     model, unwrapped, state, noise_gen = run.model, run.unwrapped, run.state, run.generator
     diffusion = GaussianDiffusion()

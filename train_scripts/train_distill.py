@@ -56,7 +56,7 @@ from diffusion.sampling.samplers import make_scheduler
 from diffusion.training.checkpoint import save_transformer_folder
 from diffusion.training.distill import ConsistencyDistiller
 from diffusion.training.precision import set_fp32_attention, set_gradient_checkpointing
-from diffusion.training.run import add_resume_args, launch, run_trainer, start_run
+from diffusion.training.run import RunSettings, add_resume_args, launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
 from diffusion.training.step import accumulate
 from diffusion.training.validation import fixed_noise, sample_column, validation_grid
@@ -176,7 +176,7 @@ def main(args: argparse.Namespace) -> int:
     total_steps = cfg.max_steps or cfg.num_epochs * sampler.batches_per_epoch // accum
 
     # ---- optimisation; the EMA (trainable tensors only) is the target network theta^-, kept as a module copy
-    run = start_run(accelerator, cfg, work_dir, student, total_steps, resume,
+    run = start_run(accelerator, RunSettings.from_config(cfg), work_dir, student, total_steps, resume,
                     params=[p for p in student.parameters() if p.requires_grad],
                     counters=dict(skipped_samples=0, images_seen=0),
                     info=dict(dataset_samples=len(dataset), teacher=str(cfg.teacher)))  # fmt: skip

@@ -25,7 +25,7 @@ from diffusion.command import run_cli
 from diffusion.config import parse_cfg_options
 from diffusion.data.ihc_tokens import TokenSplit, load_staining_config, split_embeddings
 from diffusion.model.flow_mlp import FlowMLP, flow_matching_loss, save_flow_mlp, translation_metrics
-from diffusion.training.run import add_resume_args, launch, run_trainer, start_run
+from diffusion.training.run import RunSettings, add_resume_args, launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
 
 log = logging.getLogger("pixcell.train")
@@ -93,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
 
     # ---- model and optimisation (same seed everywhere: identical initialisation on every process)
     torch.manual_seed(cfg.seed)
-    run = start_run(accelerator, cfg, work_dir, FlowMLP(**cfg.flow), total_steps, resume,
+    run = start_run(accelerator, RunSettings.from_config(cfg), work_dir, FlowMLP(**cfg.flow), total_steps, resume,
                     generator_name="generator", info=dict(train_pairs=len(dataset)))  # fmt: skip
     model, unwrapped, state, gen = run.model, run.unwrapped, run.state, run.generator
 

@@ -47,7 +47,7 @@ from diffusion.model.loading import load_transformer
 from diffusion.model.lora import LoRASettings, add_lora, lora_parameters, save_lora_weights
 from diffusion.training.checkpoint import register_lora_checkpoint_hooks
 from diffusion.training.precision import set_gradient_checkpointing
-from diffusion.training.run import add_resume_args, launch, run_trainer, start_run
+from diffusion.training.run import RunSettings, add_resume_args, launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
 from diffusion.training.step import accumulate, noised_inputs
 from diffusion.training.task import TaskData
@@ -190,7 +190,7 @@ def main(args: argparse.Namespace) -> int:
 
     # ---- optimisation of the LoRA parameters only (and the EMA of them), noise, checkpoints, counters
     register_lora_checkpoint_hooks(accelerator)  # checkpoints hold the adapter, not the frozen base
-    run = start_run(accelerator, cfg, work_dir, model, total_steps, resume, params=lora_parameters(model),
+    run = start_run(accelerator, RunSettings.from_config(cfg), work_dir, model, total_steps, resume, params=lora_parameters(model),
                     counters=dict(skipped_samples=0), generator_name="generator",
                     info=dict(train_samples=len(data.dataset), base_model=str(base), lora_parameters=n_lora,
                               lora_targets=list(settings.targets), **data.info))  # fmt: skip

@@ -34,7 +34,7 @@ from diffusion.geometry import latent_norm, resolve_norm, to_model_latents
 from diffusion.model.pixcell_transformer import compile_blocks
 from diffusion.training.init import initialise_from
 from diffusion.training.precision import set_fp32_attention, set_gradient_checkpointing
-from diffusion.training.run import add_resume_args, is_sharded, launch, run_trainer, start_run
+from diffusion.training.run import RunSettings, add_resume_args, is_sharded, launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
 from diffusion.training.step import accumulate, noised_inputs
 from diffusion.training.validation import held_out_grid
@@ -132,7 +132,7 @@ def main(args: argparse.Namespace) -> int:
                          f"batches per epoch, gradient_accumulation_steps {accum})")  # fmt: skip
 
     # ---- optimisation, EMA, noise, checkpoints, counters (restored when resuming)
-    run = start_run(accelerator, cfg, work_dir, model, total_steps, resume, sharded_ema=sharded,
+    run = start_run(accelerator, RunSettings.from_config(cfg), work_dir, model, total_steps, resume, sharded_ema=sharded,
                     counters=dict(nonfinite_total=0, skipped_samples=0, images_seen=0),
                     info=dict(dataset_samples=len(dataset)))  # fmt: skip
     model, unwrapped, state, noise_gen = run.model, run.unwrapped, run.state, run.generator

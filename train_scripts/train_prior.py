@@ -31,7 +31,7 @@ from diffusion.flow import flow_matching_loss
 from diffusion.geometry import UNI_TILE
 from diffusion.prior.data import LABEL_SOURCES, NO_LABEL, UNITokenDataset, describe_labels, token_stats
 from diffusion.prior.model import UNIPrior
-from diffusion.training.run import add_resume_args, launch, run_trainer, start_run
+from diffusion.training.run import RunSettings, add_resume_args, launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
 
 log = logging.getLogger("pixcell.train")
@@ -122,7 +122,7 @@ def main(args: argparse.Namespace) -> int:
         train_samples=len(dataset), tokens=num_tokens, channels=mean.numel(), labels=dataset.label_names
     )
     run = start_run(
-        accelerator, cfg, work_dir, prior, total_steps, resume, generator_name="generator", info=info
+        accelerator, RunSettings.from_config(cfg), work_dir, prior, total_steps, resume, generator_name="generator", info=info
     )
     model, unwrapped, state, gen = run.model, run.unwrapped, run.state, run.generator
 

@@ -19,7 +19,8 @@ validation, gradient accumulation and portable weights to the same lines):
         data = MyDataset(cfg.data)
         sampler = ResumableSampler(len(data), cfg.train_batch_size, accelerator.num_processes,
                                    accelerator.process_index, seed=cfg.seed)
-        run = start_run(accelerator, cfg, work_dir, MyModel(**cfg.model), cfg.max_steps, resume)
+        run = start_run(accelerator, RunSettings.from_config(cfg), work_dir, MyModel(**cfg.model), cfg.max_steps,
+                        resume)
         loader = DataLoader(data, cfg.train_batch_size, sampler=sampler, drop_last=True)
         batches = BatchStream(loader, sampler, run.state)  # the data position is checkpointed in run.state
         with run.loop(run.save, args.time_limit) as loop:
@@ -49,7 +50,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from mmengine.config import Config
 from PIL import Image
+from torch.optim.lr_scheduler import LRScheduler
 
 from ..atomic import atomic_path
 from ..checkpoints import latest_checkpoint
@@ -187,12 +191,48 @@ def any_process(accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """What the run machinery (start_run, Run, TrainLoop) reads of a trainer's config: built once at the entry
+    point by `RunSettings.from_config(cfg)`; the library never sees the config object."""
+
+    seed: int
+    optimizer: Mapping[str, object]  # diffusion.training.optim.build_optimizer's settings
+    lr_schedule: Mapping[str, object]
+    ema_rate: float | None  # None / 0: no EMA
+    keep_last: int | None  # checkpoints kept
+    train_batch_size: int  # per process
+    report_to: str  # tensorboard (default), wandb, none
+    log_every_steps: int
+    save_every_steps: int
+    max_nonfinite_steps: int | None  # skipped steps in a row before the run stops (None: no limit)
+    config_text: str  # the resolved config as Python: saved beside the run and in every checkpoint
+    config: Mapping[str, object]  # the same as a dict: the tracker's hyperparameters, the resume comparison
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> RunSettings:
+        return cls(
+            seed=cfg.seed,
+            optimizer=dict(cfg.optimizer),
+            lr_schedule=dict(cfg.lr_schedule),
+            ema_rate=cfg.ema_rate,
+            keep_last=cfg.keep_last,
+            train_batch_size=cfg.train_batch_size,
+            report_to=cfg.report_to,
+            log_every_steps=cfg.log_every_steps,
+            save_every_steps=cfg.save_every_steps,
+            max_nonfinite_steps=cfg.get("max_nonfinite_steps"),
+            config_text=cfg.pretty_text,
+            config=cfg.to_dict(),
+        )
+
+
 class TrainLoop:
     """The bookkeeping after each optimizer step, the same in every trainer.
 
     Every step advances the progress bar; every `cfg.log_every_steps` steps and at the last one, the loss (mean
     over processes), LR and grad norm go to the bar, the tracker (`cfg.report_to`) and one `step i/n ...` log
-    line; every `cfg.save_every_steps` steps and at the last one, `save(step)` writes a checkpoint. When
+    line; every `settings.save_every_steps` steps and at the last one, `save(step)` writes a checkpoint. When
     `stop_reason()` (a signal or the time limit, agreed over processes) says so, the trainer calls `save_and_stop`
     and leaves its loop. Use it as a context manager: the bar and tracker close and the signal handlers are
     restored, also on errors.
@@ -202,7 +242,7 @@ class TrainLoop:
         self,
         accelerator,
         work_dir: Path,
-        cfg,  # reads report_to, log_every_steps, save_every_steps (and logs to_dict() to the tracker)
+        settings: RunSettings,  # report_to, log_every_steps, save_every_steps, config (logged to the tracker)
         save: Callable[[int], object],  # writes checkpoint `step`; every process calls it
         total_steps: int,
         start_step: int,  # the resumed step, 0 for a fresh run
@@ -217,8 +257,8 @@ class TrainLoop:
         self.work_dir = work_dir
         self.save = save
         self.total_steps = total_steps
-        self.log_every, self.save_every = cfg.log_every_steps, cfg.save_every_steps
-        self.tracker = RunTracker(work_dir, cfg.report_to, enabled=is_main, config=cfg.to_dict())
+        self.log_every, self.save_every = settings.log_every_steps, settings.save_every_steps
+        self.tracker = RunTracker(work_dir, settings.report_to, enabled=is_main, config=dict(settings.config))
         self.stop = StopRequest(time_limit=time_limit)
         self.bar = progress_bar(total_steps, initial=start_step, enabled=is_main, desc=desc)
         self.speed = Throughput()
@@ -313,8 +353,8 @@ class Run:
     """What `start_run` hands a trainer: the prepared model and optimizer, the schedule, EMA, noise generator,
     checkpointed counters and the checkpoint manager of one run."""
 
-    accelerator: object
-    cfg: object  # the resolved config (mmengine Config)
+    accelerator: Accelerator
+    settings: RunSettings
     work_dir: Path
     model: torch.nn.Module  # prepared (the DDP / FSDP wrapper): forward, backward and clipping go through it
     unwrapped: torch.nn.Module  # the trainer's own module: its methods, config and portable weights
@@ -359,7 +399,7 @@ class Run:
                 f"step {step}: the weights hold NaN or Inf, not saving them; the last checkpoint is "
                 f"{latest_checkpoint(self.work_dir) or 'none'}; lower optimizer.lr or check the data, then resume"
             )
-        return save_training_state(self.manager, step, self.state, self.lr_scheduler, self.cfg.pretty_text,
+        return save_training_state(self.manager, step, self.state, self.lr_scheduler, self.settings.config_text,
                                    {self.generator_name: self.generator}, ema=self.ema, portable=portable)  # fmt: skip
 
     def next_batches(self, stream: Iterator, accum: int) -> list | None:
@@ -369,7 +409,7 @@ class Run:
         batches = [next(stream) for _ in range(accum)]
         if not any_process(self.accelerator, any(b is None for b in batches)):
             return batches
-        self.state["skipped_samples"] += sum(self.cfg.train_batch_size for b in batches if b is None)
+        self.state["skipped_samples"] += sum(self.settings.train_batch_size for b in batches if b is None)
         log.warning(
             "step %d: a batch had no loadable sample on some process; step skipped", self.state["step"]
         )
@@ -378,7 +418,7 @@ class Run:
     def loop(self, save: Callable[[int], object], time_limit: str | float | None = None, desc: str = "train"):
         """The TrainLoop of this run; `save(step)` writes a checkpoint (`self.save`, or the trainer's, which adds
         portable weights); `time_limit` as `--time-limit` takes it (3:55:00, 4h, seconds)."""
-        return TrainLoop(self.accelerator, self.work_dir, self.cfg, save, self.total_steps, self.state["step"],
+        return TrainLoop(self.accelerator, self.work_dir, self.settings, save, self.total_steps, self.state["step"],
                          resumed=self.resume is not None, time_limit=parse_duration(time_limit), desc=desc,
                          guard=self.guard)  # fmt: skip
 
@@ -414,13 +454,19 @@ class Run:
         return 0
 
 
-def apply_resume_changes(saved_config: str | None, cfg, resume: Path, optimizer, lr_scheduler) -> None:
+def apply_resume_changes(
+    saved_config: str | None,
+    config: Mapping[str, object],
+    resume: Path,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: LRScheduler,
+) -> None:
     """A resumed run runs the config it is given, never silently the checkpoint's: each changed key that may
     change (RESUME_CHANGEABLE) is logged, a new `optimizer.lr` goes into the optimizer and the LR schedule, any
     other change is one error line (before config.py is rewritten)."""
     if saved_config is None:  # a checkpoint from before configs were saved in it
         return
-    changes = check_resume_changes(saved_config, cfg, resume)
+    changes = check_resume_changes(saved_config, config, resume)
     for key, (old, new) in changes.items():
         log.warning("resume: config %s changed from %r to %r; the run continues with %r", key, old, new, new)
     if "optimizer.lr" in changes:
@@ -431,8 +477,8 @@ def apply_resume_changes(saved_config: str | None, cfg, resume: Path, optimizer,
 
 
 def start_run(
-    accelerator,
-    cfg,  # reads seed, optimizer, lr_schedule, ema_rate, keep_last, pretty_text (+ TrainLoop's keys)
+    accelerator: Accelerator,
+    settings: RunSettings,
     work_dir: Path,
     model: torch.nn.Module,  # built on every process with the same seed
     total_steps: int,
@@ -447,17 +493,17 @@ def start_run(
     -> EMA -> noise generator -> checkpoint manager -> counters -> restore (when `resume`) -> run info."""
     if total_steps < 1:
         raise ValueError(f"config: no steps to train (total_steps {total_steps})")
-    optimizer = build_optimizer(model.parameters() if params is None else params, cfg.optimizer)
-    lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_schedule, total_steps)
+    optimizer = build_optimizer(model.parameters() if params is None else params, settings.optimizer)
+    lr_scheduler = build_lr_scheduler(optimizer, settings.lr_schedule, total_steps)
     prepared, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(prepared)
     # EMA over this process's parameters, never through accelerate: the full copy under DDP, the local shard
     # under FSDP (elementwise, so the shards of the EMA are the EMA of the shards).
     ema_module = prepared if sharded_ema else unwrapped
-    ema = EMA(ema_module, cfg.ema_rate, sharded=sharded_ema) if cfg.ema_rate else None
-    generator = seeded_generator(accelerator.device, cfg.seed, accelerator.process_index)
-    manager = CheckpointManager(work_dir, accelerator, keep_last=cfg.keep_last)
-    limit = cfg.get("max_nonfinite_steps")  # skipped steps in a row before the run stops (None: no limit)
+    ema = EMA(ema_module, settings.ema_rate, sharded=sharded_ema) if settings.ema_rate else None
+    generator = seeded_generator(accelerator.device, settings.seed, accelerator.process_index)
+    manager = CheckpointManager(work_dir, accelerator, keep_last=settings.keep_last)
+    limit = settings.max_nonfinite_steps  # skipped steps in a row before the run stops (None: no limit)
     guard = NonFiniteGuard(limit, work_dir) if limit else None
     counters = {**({"nonfinite_total": 0} if guard else {}), **(counters or {})}
     state = dict(step=0, epoch=0, batch_in_epoch=0, **counters)
@@ -467,10 +513,10 @@ def start_run(
         )
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, state["step"], state["epoch"],
                  state["batch_in_epoch"])  # fmt: skip
-        apply_resume_changes(saved.get("config"), cfg, resume, optimizer, lr_scheduler)
+        apply_resume_changes(saved.get("config"), settings.config, resume, optimizer, lr_scheduler)
     if accelerator.is_main_process:
         env = environment(accelerator)
         env.update(total_steps=total_steps, resumed_from=str(resume or ""), **(info or {}))
-        save_run_info(work_dir, cfg.pretty_text, env)
-    return Run(accelerator, cfg, work_dir, prepared, unwrapped, optimizer, lr_scheduler, ema, ema_module,
+        save_run_info(work_dir, settings.config_text, env)
+    return Run(accelerator, settings, work_dir, prepared, unwrapped, optimizer, lr_scheduler, ema, ema_module,
                generator, generator_name, state, manager, resume, total_steps, guard)  # fmt: skip
