@@ -13,11 +13,12 @@ from safetensors.torch import load_file
 from diffusion.config import load_strict_config
 from diffusion.model.pixcell_transformer import build_pixcell
 from diffusion.sampling.pipeline import PixCellPipeline
-from tests.test_train_pixcell import write_random_features
-from tests.vs_common import one_torch_thread  # noqa: F401
+from tests.helpers.features import write_random_features
+from tests.helpers.paths import REPO
 from train_scripts.train_lora import SCHEMAS, cli
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for tiny models
+
 TINY = str(REPO / "configs" / "lora" / "tiny.py")
 
 

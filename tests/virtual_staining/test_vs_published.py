@@ -10,12 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.vs_common import make_mist, one_torch_thread, write_image  # noqa: F401
+from tests.helpers.vs_data import make_mist, write_image
 from tools.cli import run_cli
 from virtual_staining.export_published import main as export
 from virtual_staining.flow_mlp import load_flow_mlp, rescale_norm
 from virtual_staining.stain import main as stain
 from virtual_staining.tiny import build_tiny_parts
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for tiny models
 
 
 @pytest.fixture(scope="module")

@@ -28,9 +28,9 @@ from diffusion.data.slides import (
     slide_mpp,
 )
 from diffusion.demo.slide import SLIDE_SHA256, fetch_slide
+from tests.helpers.paths import REPO
 from tools import build_index, extract_patches
 
-REPO = Path(__file__).resolve().parents[1]
 SLIDE_DIR = ("cmu", "demo")
 
 

@@ -24,11 +24,11 @@ from diffusion.model.pixcell_transformer import build_pixcell
 from diffusion.sampling.conditions import EmbeddingSource, IndexSource, name_seed
 from diffusion.sampling.pipeline import PixCellPipeline
 from diffusion.sampling.runner import as_images, initial_noise
+from tests.helpers.paths import REPO
 from tools.cli import run_cli
 from tools.sample import main
 from tools.sample_256 import main as main_256
 
-REPO = Path(__file__).resolve().parents[1]
 C = 96  # the tiny UNI stand-in's embedding size
 
 

@@ -16,6 +16,7 @@ from diffusion.flow import flow_matching_loss
 from diffusion.metrics.distances import frechet_distance_from_features
 from diffusion.prior import UNIPrior, check_prior_fits, load_prior
 from diffusion.prior.data import label_of, read_label_csv
+from tests.helpers.paths import REPO
 
 CFG = "configs/prior/tiny.py"
 MODES = np.array([[4.0, 0.0, 0.0], [-2.0, 3.5, 0.0], [-2.0, -3.5, 1.0]])  # three well-separated modes in 3-d
@@ -354,7 +355,7 @@ def test_evaluate_prior_tool(tmp_path):
 def test_every_prior_config_loads_and_builds():
     from diffusion.config import load_strict_config
 
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = REPO / "configs"
     paths = sorted((root / "prior").glob("*.py")) + sorted((root / "demo").glob("prior_*.py"))
     assert len(paths) >= 4
     for path in paths:

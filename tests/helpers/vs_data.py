@@ -1,23 +1,11 @@
-"""Helpers shared by the virtual-staining tests: synthetic paired folders in both layouts, a one-thread fixture."""
+"""Synthetic paired H&E/IHC folders in both published layouts (MIST, HER2Match), for the virtual-staining tests."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core runner threads spin-wait for each
-    other (measured: 5x the CPU time). Import this fixture into a test module to run it on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_image(path: Path, size: int, seed: int) -> None:

@@ -22,11 +22,11 @@ from safetensors.torch import load_file
 from diffusion.checkpoints import latest_checkpoint, list_checkpoints
 from diffusion.config import build_model_from_config, load_config
 from diffusion.gaussian_diffusion import GaussianDiffusion
-from diffusion.geometry import UNI_TILE, VAE_FACTOR
 from diffusion.model.loading import load_transformer, save_original_checkpoint
+from tests.helpers.features import write_random_features
+from tests.helpers.paths import REPO
 from train_scripts.train_pixcell import cli
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny" / "pixcell_tiny_256.py")
 SCRIPT = str(REPO / "train_scripts" / "train_pixcell.py")
 # Tiny models for the three stages share patch_size 8 so that 1024 px stays cheap (16x16 tokens).
@@ -35,27 +35,6 @@ STAGE = {
     512: "model_overrides={'patch_size':8,'sample_size':64,'interpolation_scale':1.0,'caption_num_tokens':4}",
     1024: "model_overrides={'patch_size':8,'sample_size':128,'interpolation_scale':2.0,'caption_num_tokens':16}",
 }
-
-
-def write_random_features(root: Path, count: int, size: int, key: str) -> Path:
-    """`count` random `size` px 'patches' in the published npy layout (VAE mean + constant logvar, 96-d UNI tokens
-    of the stand-in) and their index under `key`; also the LoRA trainer's test data."""
-    from diffusion.data.index import write_index
-
-    rng = np.random.default_rng(0)
-    lat, tokens = size // VAE_FACTOR, (size // UNI_TILE) ** 2
-    names = []
-    for i in range(count):
-        stem = root / "syn" / "demo" / "single_1024" / "slide" / f"0_{i}"
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        vae = np.concatenate([rng.normal(size=(16, lat, lat)), np.full((16, lat, lat), 0.1)]).astype(
-            np.float16
-        )
-        np.save(f"{stem}_sd3_vae.npy", vae)
-        np.save(f"{stem}_uni.npy", rng.normal(size=(tokens, 96)).astype(np.float16))
-        names.append(f"syn/demo/single_1024/slide/0_{i}.png")
-    write_index(root / "metadata" / "patch_names_all.hdf5", {key: names})
-    return root
 
 
 @pytest.fixture(scope="module")

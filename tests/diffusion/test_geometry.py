@@ -25,8 +25,8 @@ from diffusion.geometry import (
     tokens_for_image_px,
     tokens_side,
 )
+from tests.helpers.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny" / "pixcell_tiny_256.py")
 OTHER = (0.25, 0.75)  # a VAE normalisation that is not SD3.5's
 

@@ -8,23 +8,21 @@ import pytest
 import torch
 
 from diffusion.config import SCHEMA_FILE, build_model_from_config, load_config
+from tests.helpers.paths import REPO
 
 # PixCell trainer configs, and the ControlNet's against its own schema (every key that trainer reads);
-# virtual-staining configs have their own schemas too and are checked in tests/test_vs_train.py, the UNI prior's
-# (configs/prior/, configs/demo/prior_*.py) in tests/test_prior.py.
+# virtual-staining configs have their own schemas too and are checked in tests/virtual_staining/test_vs_train.py,
+# the UNI prior's (configs/prior/, configs/demo/prior_*.py) in tests/diffusion/prior/test_prior.py.
 CONFIGS = sorted(
     p
-    for p in (Path(__file__).parents[1] / "configs").rglob("*.py")
+    for p in (REPO / "configs").rglob("*.py")
     if "_base_" not in p.parts
     and "virtual_staining" not in p.parts
     and "lora" not in p.parts
     and "prior" not in p.parts
     and not p.stem.startswith("prior")
 )
-SCHEMAS = {
-    name: Path(__file__).parents[1] / "configs" / "_base_" / f"{name}.py"
-    for name in ("controlnet", "distill")
-}
+SCHEMAS = {name: REPO / "configs" / "_base_" / f"{name}.py" for name in ("controlnet", "distill")}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
@@ -65,10 +63,7 @@ def test_unknown_keys_and_mismatches_are_errors(tmp_path):
         load_config(tmp_path / "nope.py")
     # A dict where the schema has a value (or the reverse): one ValueError naming the key, not mmengine's TypeError.
     bad = tmp_path / "bad.py"
-    bad.write_text(
-        "_base_ = ['%s']\nvae_scale = dict(x=1)\n"
-        % (Path(__file__).parents[1] / "configs/tiny/pixcell_tiny_256.py")
-    )
+    bad.write_text("_base_ = ['%s']\nvae_scale = dict(x=1)\n" % (REPO / "configs/tiny/pixcell_tiny_256.py"))
     with pytest.raises(ValueError, match=r"bad.py: vae_scale=.* cannot inherit"):
         load_config(bad)
     # The compile switch: a dict of torch.compile arguments, set key by key.

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import nbformat
 import numpy as np
+import pytest
 from nbclient import NotebookClient
 from PIL import Image
 
-from tests.vs_common import one_torch_thread  # noqa: F401
+from tests.helpers.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for tiny models
+
+
 NOTEBOOK = REPO / "virtual_staining" / "virtual_staining.ipynb"
 
 
@@ -26,7 +28,7 @@ def test_notebook_executes_offline(tmp_path, monkeypatch, real_slide):
     monkeypatch.delenv("PIXCELL_VS_MODE", raising=False)
     monkeypatch.delenv("PIXCELL_VS_INPUT", raising=False)
     monkeypatch.setenv("PIXCELL_VS_NUM_IMAGES", "1")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel's tiny models: see tests/vs_common.py
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: see conftest's one_thread
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     # kernel "python3" starts the current interpreter (jupyter_client swaps `python` for sys.executable)
     NotebookClient(

@@ -21,30 +21,14 @@ from diffusion.model.controlnet import load_controlnet
 from diffusion.model.loading import load_transformer
 from diffusion.model.pixcell_transformer import build_pixcell
 from diffusion.sampling.controlnet_pipeline import PixCellControlNetPipeline
+from tests.helpers.mask_pairs import write_pairs
+from tests.helpers.paths import REPO
 from train_scripts.train_controlnet import cli
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "train_scripts" / "train_controlnet.py")
 TINY = str(REPO / "configs" / "controlnet" / "tiny.py")
 # Constant LR: a run stopped at step 2 and resumed to 4 then has the same schedule as 4 steps in one go.
 COMMON = ("lr_schedule.type='constant'", "validation.every_steps=4")
-
-
-def write_pairs(root: Path, n: int, seed: int = 0, size: int = 256) -> None:
-    """Cells (dark purple squares) where the instance mask says, on pink background."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    s = size // 256
-    for i in range(n):
-        labels = np.zeros((size, size), np.uint8)
-        for k in range(1, 6):
-            y, x = rng.integers(16 * s, 240 * s, 2)
-            labels[y - 12 * s : y + 12 * s, x - 12 * s : x + 12 * s] = k
-        image = np.full((size, size, 3), (230, 200, 220), np.uint8)
-        image[labels > 0] = (90, 40, 140)
-        Image.fromarray(image).save(root / "images" / f"p{i}.png")
-        Image.fromarray(labels).save(root / "masks" / f"p{i}.png")
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,11 @@ import logging
 import pytest
 import torch
 
-from tests.vs_common import make_her2match, make_mist, one_torch_thread, write_image  # noqa: F401
+from tests.helpers.vs_data import make_her2match, make_mist, write_image
 from virtual_staining.data import PairedImages, dataset_pairs, read_image
 from virtual_staining.embeddings import compute_embeddings, ensure_embeddings, load_embeddings
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for tiny models
 
 
 def test_both_layouts_pair_by_file_name(tmp_path):

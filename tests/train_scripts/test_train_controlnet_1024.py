@@ -3,9 +3,8 @@ with a tiny base: train two steps, sample with the Hub call's `controlnet_input`
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -14,11 +13,12 @@ from diffusion.config import load_config
 from diffusion.model.controlnet import load_controlnet
 from diffusion.sampling.controlnet_pipeline import PixCellControlNetPipeline
 from diffusion.standins import random_pixcell
-from tests.test_train_controlnet import write_pairs
-from tests.vs_common import one_torch_thread  # noqa: F401
+from tests.helpers.mask_pairs import write_pairs
+from tests.helpers.paths import REPO
 from train_scripts.train_controlnet import cli
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for tiny models
+
 SCHEMA = REPO / "configs" / "_base_" / "controlnet.py"
 
 

@@ -10,10 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion.standins import build_tiny_transformer
-from tests.vs_common import make_mist, one_torch_thread  # noqa: F401
+from tests.helpers.vs_data import make_mist
 from virtual_staining.flow_mlp import load_flow_mlp
 from virtual_staining.lora import add_lora, load_lora_weights, lora_delta_norm, read_lora_settings
 from virtual_staining.tiny import build_tiny_parts
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for tiny models
 
 FLOW_CFG = "configs/virtual_staining/tiny_flow_mlp.py"
 LORA_CFG = "configs/virtual_staining/tiny_lora.py"

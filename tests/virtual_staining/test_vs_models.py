@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from diffusion.standins import TINY_FLOW, build_tiny_transformer
-from tests.vs_common import one_torch_thread  # noqa: F401
 from virtual_staining.flow_mlp import (
     TIME_SCALE,
     FlowMLP,
@@ -28,6 +27,8 @@ from virtual_staining.lora import (
     read_lora_settings,
     save_lora_weights,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for tiny models
 
 # ---------------------------------------------------------------------- flow MLP
 

@@ -1,7 +1,7 @@
-"""Drive the PixCell app (`tools/app.py`) in headless Chromium through Selenium: shared by `tests/test_app.py`
+"""Drive the PixCell app (`tools/app.py`) in headless Chromium through Selenium: shared by `tests/tools/test_app.py`
 and the README screenshot, which shows the demo models' variants of a tile of the demo slide:
 
-    make demo && python -m tests.app_browser --demo demo_output --screenshot asset/app.png
+    make demo && python -m tests.helpers.app_browser --demo demo_output --screenshot asset/app.png
 
 The browser is Debian's `chromium` with its `chromium-driver` (`apt-get install chromium chromium-driver`);
 Selenium is pointed at both, so Selenium Manager never downloads a browser or a driver.
@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.paths import REPO
+
 CHROMIUM = os.environ.get("PIXCELL_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("PIXCELL_CHROMEDRIVER", "/usr/bin/chromedriver")
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.app_browser import (
+from tests.helpers.app_browser import (
     AppPage,
     browser_missing,
     chromium,

@@ -3,9 +3,9 @@ models and the real slide. Each case asserts its outcome: the exit status, the o
 and that nothing written before is damaged.
 
 The kills live beside the code they interrupt, sharing its fixtures: kill -9 during checkpoint saves and SIGTERM
-then resume (tests/test_train_pixcell.py, tests/test_training_run.py), a killed and resumed sampling run
-(tests/test_sample.py::test_resume_after_kill_is_byte_identical), a killed patch extraction
-(tests/test_data_slides.py::test_killed_extraction_resumes_to_identical_output).
+then resume (tests/train_scripts/test_train_pixcell.py, tests/diffusion/training/test_training_run.py), a killed
+and resumed sampling run (tests/tools/test_sample.py::test_resume_after_kill_is_byte_identical), a killed patch
+extraction (tests/diffusion/data/test_data_slides.py::test_killed_extraction_resumes_to_identical_output).
 
 Full and read-only disks are real: a small tmpfs mounted for the test (the tests run as root in CI; elsewhere
 those cases skip, saying why).
@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from tests.helpers.paths import REPO
 from tools import build_index, extract_features, extract_patches
 
 TRACEBACK = "Traceback (most recent call last)"
@@ -237,7 +238,7 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
         f"lock = FolderLock({str(folder)!r}).acquire(); print('held', flush=True); time.sleep(600)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+                            cwd=REPO)  # fmt: skip
     assert proc.stdout.readline().strip() == "held"
     return proc
 

@@ -1,5 +1,6 @@
-"""The Hub pipelines' call patterns (`../shared/formats/hub_api.md`) run unchanged against our pipelines and give
-the images of our native call; published-layout snapshots load without executing their Python files."""
+"""The Hub pipelines' call patterns (the README's "Coming from the Hub pipeline"; `../shared/formats/hub_api.md`)
+run unchanged against our pipelines and give the images of our native call; published-layout snapshots load
+without executing their Python files."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from diffusion.sampling.controlnet_pipeline import PixCellControlNetPipeline
 from diffusion.sampling.pipeline import PixCellPipeline
 from diffusion.sampling.samplers import sampler_name
 from diffusion.standins import random_pixcell
-from tests.vs_common import one_torch_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for tiny models
 
 
 @pytest.fixture(scope="module")

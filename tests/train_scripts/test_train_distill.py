@@ -19,10 +19,10 @@ from diffusion.model.pixcell_transformer import build_pixcell
 from diffusion.model.student import ADAPTER_FILE, SAMPLING_FILE
 from diffusion.standins import random_pixcell
 from diffusion.training.checkpoint import latest_checkpoint
+from tests.helpers.paths import REPO
 from tools.cli import run_cli
 from train_scripts.train_distill import cli
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "distill" / "tiny.py")
 C = 96
 

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from diffusion.sampling.conditions import IndexSource, RegionSource
+from tests.helpers.paths import REPO
 from tools.cli import FLAGS, flag_names, run_cli
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 # The demo's own helper modules (report, stand-in training, the slide download) are parts of the one demo tool.

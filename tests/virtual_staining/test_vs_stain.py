@@ -9,12 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.vs_common import one_torch_thread, write_image  # noqa: F401
+from tests.helpers.vs_data import write_image
 from tools.cli import run_cli
 from virtual_staining.published import published_refs, resolve_weights
 from virtual_staining.stain import main
 from virtual_staining.stainer import SamplerSettings, VirtualStainer
 from virtual_staining.tiny import build_tiny_parts
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for tiny models
 
 
 @pytest.fixture(scope="module")
