@@ -1,4 +1,4 @@
-"""Shared test fixtures: offline hubs, one CPU thread budget, the shared golden files, tiny models, the real slide."""
+"""Shared test fixtures: offline hubs, one CPU thread budget, tests/data (goldens, layouts), tiny models, the real slide."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.paths import DATA
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("PIXCELL_SHARED", REPO.parent / "shared"))
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +29,9 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"shared material not found at {SHARED} (set PIXCELL_SHARED)")
-    return SHARED
+    """The goldens (`golden/`) and published layouts (`formats/`) copied from the project's shared material into
+    tests/data (its README says what they are): in every clone, so these tests never skip."""
+    return DATA
 
 
 @pytest.fixture(scope="session")
