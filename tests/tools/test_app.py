@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusion.command import run_cli
 from tests.helpers.app_browser import (
     AppPage,
     browser_missing,
@@ -25,7 +26,6 @@ from tests.helpers.app_browser import (
     wait_download,
     wait_for,
 )
-from tools.cli import run_cli
 
 N_MAX = 4  # --max-variants of the test server
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusion.command import run_cli
 from diffusion.model.pixcell_transformer import build_pixcell
 from diffusion.sampling.augment import ClassFolderSource, variant_counts, variant_source
 from diffusion.sampling.conditions import name_seed
 from tools.augment import main
-from tools.cli import run_cli
 
 C = 96  # the tiny UNI stand-in's embedding size
 

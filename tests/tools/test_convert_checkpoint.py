@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from diffusion.command import run_cli
 from diffusion.model.loading import load_transformer, save_original_checkpoint
 from diffusion.model.pixcell_transformer import build_pixcell
-from tools.cli import run_cli
 from tools.convert_checkpoint import main
 
 

@@ -283,7 +283,7 @@ def t64(tmp_path_factory) -> Path:
 def _sample(argv: list[str], capsys, tool: str = "sample") -> tuple[int, str]:
     import importlib
 
-    from tools.cli import run_cli
+    from diffusion.command import run_cli
 
     rc = run_cli(importlib.import_module(f"tools.{tool}").main, argv)
     return rc, capsys.readouterr().err
@@ -430,7 +430,7 @@ def _toy_trainer(
     from mmengine.config import Config
     from torch import nn
 
-    from diffusion.training.run import launch, run_trainer, start_run
+    from diffusion.training.run import RunSettings, launch, run_trainer, start_run
 
     def main(args):
         cfg = Config(dict(seed=0, optimizer=dict(type="AdamW", lr=1e-2, weight_decay=0.0),
@@ -438,7 +438,7 @@ def _toy_trainer(
                           report_to="none", log_every_steps=1, save_every_steps=1, max_nonfinite_steps=3))  # fmt: skip
         accelerator, resume = launch(work, None)
         torch.manual_seed(0)
-        run = start_run(accelerator, cfg, work, nn.Linear(4, 1), total, resume)
+        run = start_run(accelerator, RunSettings.from_config(cfg), work, nn.Linear(4, 1), total, resume)
         with run.loop(run.save) as loop:
             while run.state["step"] < run.total_steps and not loop.should_stop(run.state["step"]):
                 loss = run.model(torch.ones(2, 4)).pow(2).mean()
@@ -453,7 +453,7 @@ def _toy_trainer(
                 loop.save_if_due(step)
         return run.finish()
 
-    from tools.cli import run_cli
+    from diffusion.command import run_cli
 
     return run_cli(lambda argv: run_trainer(main, argparse.Namespace()), [])
 
@@ -592,7 +592,7 @@ def test_slide_without_mpp_and_unpaired_staining_pairs(tmp_path, capsys):
 
     from PIL import Image
 
-    from tools.cli import run_cli
+    from diffusion.command import run_cli
     from virtual_staining import embeddings
 
     mist = tmp_path / "MIST" / "HER2" / "TrainValAB"

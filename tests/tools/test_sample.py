@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors.numpy import save_file
 
+from diffusion.command import run_cli
 from diffusion.data.features import PACKED_DIRNAME, PackedShardWriter, packed_shard_path, write_packed_meta
 from diffusion.encoders import load_uni
 from diffusion.model.loading import save_original_checkpoint
@@ -25,7 +26,6 @@ from diffusion.sampling.conditions import EmbeddingSource, IndexSource, name_see
 from diffusion.sampling.pipeline import PixCellPipeline
 from diffusion.sampling.runner import as_images, initial_noise
 from tests.helpers.paths import REPO
-from tools.cli import run_cli
 from tools.sample import main
 from tools.sample_256 import main as main_256
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from diffusion.command import FLAGS, flag_names, run_cli
 from diffusion.sampling.conditions import IndexSource, RegionSource
 from tests.helpers.paths import REPO
-from tools.cli import FLAGS, flag_names, run_cli
 
 
 # The demo's own helper modules (report, stand-in training, the slide download) are parts of the one demo tool.

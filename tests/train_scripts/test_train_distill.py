@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from diffusion.command import run_cli
 from diffusion.data.features import PACKED_DIRNAME, PackedShardWriter, packed_shard_path, write_packed_meta
 from diffusion.model.loading import load_transformer
 from diffusion.model.pixcell_transformer import build_pixcell
@@ -20,7 +21,6 @@ from diffusion.model.student import ADAPTER_FILE, SAMPLING_FILE
 from diffusion.standins import random_pixcell
 from diffusion.training.checkpoint import latest_checkpoint
 from tests.helpers.paths import REPO
-from tools.cli import run_cli
 from train_scripts.train_distill import cli
 
 TINY = str(REPO / "configs" / "distill" / "tiny.py")

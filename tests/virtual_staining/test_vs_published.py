@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusion.command import run_cli
+from diffusion.model.flow_mlp import load_flow_mlp, rescale_norm
 from tests.helpers.vs_data import make_mist, write_image
-from tools.cli import run_cli
 from virtual_staining.export_published import main as export
-from virtual_staining.flow_mlp import load_flow_mlp, rescale_norm
 from virtual_staining.stain import main as stain
 from virtual_staining.tiny import build_tiny_parts
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for t
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A LoRA and a flow MLP trained here (2 steps each, tiny parts, synthetic MIST)."""
-    from virtual_staining import train_flow_mlp, train_lora
+    from train_scripts import train_flow_mlp, train_lora
 
     root = make_mist(tmp_path_factory.mktemp("mist"), "HER2", "train", n=4, size=1024)
     parts = build_tiny_parts(tmp_path_factory.mktemp("tiny"))

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusion.command import run_cli
 from tests.helpers.vs_data import write_image
-from tools.cli import run_cli
 from virtual_staining.published import published_refs, resolve_weights
 from virtual_staining.stain import main
 from virtual_staining.stainer import SamplerSettings, VirtualStainer

@@ -15,9 +15,9 @@ from PIL import Image
 
 from diffusion.audit.pixels import match
 from diffusion.audit.search import FeatureIndex
+from diffusion.command import run_cli
 from diffusion.data.slides import open_slide, read_rgb
 from tools.audit import main
-from tools.cli import run_cli
 
 
 def _jpeg(a: np.ndarray, quality: int = 70) -> np.ndarray:

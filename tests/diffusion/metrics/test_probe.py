@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
+from diffusion.command import run_cli
 from diffusion.metrics.probe import LabelledFeatures, run_probe, scores, stratified_subset
-from tools.cli import run_cli
 from tools.probe import main
 
 

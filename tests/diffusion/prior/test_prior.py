@@ -229,7 +229,7 @@ def saved_prior(path: Path, tokens: int = 1, channels: int = UNI_C) -> Path:
 def test_sample_tool_with_prior_end_to_end(pixcell_t1, tiny_vae_dir, tmp_path):
     import json
 
-    from tools.cli import run_cli
+    from diffusion.command import run_cli
     from tools.sample import main
 
     work = saved_prior(tmp_path / "work")
@@ -263,7 +263,7 @@ def test_sample_tool_with_prior_end_to_end(pixcell_t1, tiny_vae_dir, tmp_path):
 
 
 def test_sample_tool_prior_errors_are_one_line(pixcell_t1, tiny_vae_dir, tmp_path, capsys):
-    from tools.cli import run_cli
+    from diffusion.command import run_cli
     from tools.sample import main
 
     base = [
@@ -331,7 +331,7 @@ def test_knn_precision_recall_and_bootstrap_fd():
 def test_evaluate_prior_tool(tmp_path):
     import json
 
-    from tools.cli import run_cli
+    from diffusion.command import run_cli
     from tools.evaluate_prior import main
 
     root = make_patches(tmp_path / "patches")

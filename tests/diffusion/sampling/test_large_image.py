@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusion.command import run_cli
 from diffusion.encoders import decode_latents
 from diffusion.model.pixcell_transformer import build_pixcell
 from diffusion.sampling.large_image import (
@@ -20,7 +21,6 @@ from diffusion.sampling.large_image import (
     window_layout,
 )
 from diffusion.standins import build_tiny_vae, reference_eps_fn
-from tools.cli import run_cli
 from tools.sample_4k import main
 
 C = 96

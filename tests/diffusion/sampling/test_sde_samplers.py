@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusion.command import run_cli
 from diffusion.sampling.pipeline import PixCellPipeline
 from diffusion.sampling.runner import initial_noise
 from diffusion.sampling.samplers import denoise, make_scheduler, sampler_name
 from diffusion.standins import random_pixcell
-from tools.cli import run_cli
 
 SDE = ["sde-dpm-solver", "euler-ancestral"]
 MODULE = {

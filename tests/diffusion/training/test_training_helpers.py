@@ -356,14 +356,26 @@ def test_training_state_round_trip_restores_counters_scheduler_and_generators(tm
 
 def test_train_loop_logs_saves_and_stops_on_schedule(tmp_path, caplog):
     from accelerate import Accelerator
-    from mmengine.config import Config
 
-    from diffusion.training.run import TrainLoop
+    from diffusion.training.run import RunSettings, TrainLoop
 
-    cfg = Config(dict(report_to="none", log_every_steps=2, save_every_steps=3))
+    settings = RunSettings(
+        seed=0,
+        optimizer={},
+        lr_schedule={},
+        ema_rate=None,
+        keep_last=None,
+        train_batch_size=1,
+        report_to="none",
+        log_every_steps=2,
+        save_every_steps=3,
+        max_nonfinite_steps=None,
+        config_text="",
+        config={},
+    )
     saved = []
     with caplog.at_level("INFO", logger="pixcell.train"):
-        with TrainLoop(Accelerator(cpu=True), tmp_path, cfg, saved.append, total_steps=5, start_step=0,
+        with TrainLoop(Accelerator(cpu=True), tmp_path, settings, saved.append, total_steps=5, start_step=0,
                        resumed=False) as loop:  # fmt: skip
             for step in range(1, 5):
                 loop.log_step(step, torch.tensor(0.5), 1e-3, 2.0, images=8, show_rate=step < 3)

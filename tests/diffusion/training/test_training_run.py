@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from diffusion.checkpoints import latest_checkpoint, list_checkpoints
-from diffusion.training.run import launch, run_trainer, start_run
+from diffusion.training.run import RunSettings, launch, run_trainer, start_run
 from diffusion.training.sampler import BatchStream, ResumableSampler
 
 TOTAL = 6
@@ -56,7 +56,9 @@ def _train(work_dir, interrupt_after: int | None = None) -> dict:
             accelerator.process_index,
             seed=cfg.seed,
         )
-        run = start_run(accelerator, cfg, args.work_dir, nn.Linear(8, 1), TOTAL, resume)
+        run = start_run(
+            accelerator, RunSettings.from_config(cfg), args.work_dir, nn.Linear(8, 1), TOTAL, resume
+        )
         loader = DataLoader(data, cfg.train_batch_size, sampler=sampler, drop_last=True)
         batches = BatchStream(loader, sampler, run.state)
         with run.loop(run.save, None) as loop:

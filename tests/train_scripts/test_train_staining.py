@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffusion.model.flow_mlp import load_flow_mlp
+from diffusion.model.lora import add_lora, load_lora_weights, lora_delta_norm, read_lora_settings
 from diffusion.standins import build_tiny_transformer
 from tests.helpers.vs_data import make_mist
-from virtual_staining.flow_mlp import load_flow_mlp
-from virtual_staining.lora import add_lora, load_lora_weights, lora_delta_norm, read_lora_settings
 from virtual_staining.tiny import build_tiny_parts
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for tiny models
@@ -38,7 +38,7 @@ def run(module, cfg: str, work_dir: Path, setup, *options: str) -> int:
 
 
 def test_flow_trainer_exact_resume_and_export(setup, tmp_path):
-    from virtual_staining import train_flow_mlp
+    from train_scripts import train_flow_mlp
 
     # straight 6 steps, vs 4 steps then the same command again with 6 (resumes from the step-4 checkpoint)
     assert run(train_flow_mlp, FLOW_CFG, tmp_path / "a", setup, "max_steps=6", "ema_rate=0.9") == 0
@@ -57,7 +57,7 @@ def test_flow_trainer_exact_resume_and_export(setup, tmp_path):
 
 
 def test_lora_trainer_adapter_only_checkpoints_and_exact_resume(setup, tmp_path):
-    from virtual_staining import train_lora
+    from train_scripts import train_lora
 
     _, parts, _ = setup
     opts = (f"model={parts.transformer}", f"vae={parts.vae}")
@@ -80,7 +80,7 @@ def test_lora_trainer_adapter_only_checkpoints_and_exact_resume(setup, tmp_path)
 
 
 def test_trainer_config_errors_are_one_line(setup, tmp_path, capsys):
-    from virtual_staining import train_flow_mlp, train_lora
+    from train_scripts import train_flow_mlp, train_lora
 
     assert run(train_flow_mlp, FLOW_CFG, tmp_path / "x", setup, "flow.widht=3") == 2
     assert "unknown config key flow.'widht'" in capsys.readouterr().err
@@ -103,8 +103,9 @@ def test_trainer_config_errors_are_one_line(setup, tmp_path, capsys):
 
 
 def test_every_virtual_staining_config_loads():
-    from diffusion.config import load_strict_config
-    from virtual_staining.training import CONFIG_DIR
+    from diffusion.config import CONFIG_ROOT, load_strict_config
+
+    CONFIG_DIR = CONFIG_ROOT / "virtual_staining"
 
     for path in sorted(CONFIG_DIR.glob("*.py")):
         schema = CONFIG_DIR / "_base_" / ("lora.py" if "lora" in path.name else "flow_mlp.py")
@@ -128,7 +129,7 @@ def test_lora_trainer_two_processes_resume(setup, tmp_path):
                PYTHONPATH=os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")])))  # fmt: skip
     for steps in (2, 3):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--dynamo_backend", "no", "-m", "virtual_staining.train_lora", LORA_CFG, "--work-dir",
+               "--dynamo_backend", "no", "-m", "train_scripts.train_lora", LORA_CFG, "--work-dir",
                str(tmp_path / "run"), "--data-root", str(root), "--cfg-options", f"model={parts.transformer}",
                f"vae={parts.vae}", f"uni={parts.uni}", f"data.embeddings_dir={emb}", "train_batch_size=1",
                f"max_steps={steps}"]  # fmt: skip

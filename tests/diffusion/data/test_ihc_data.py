@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 
+from diffusion.data.ihc_pairs import PairedImages, dataset_pairs, read_image
+from diffusion.data.ihc_tokens import compute_embeddings, ensure_embeddings, load_embeddings
 from tests.helpers.vs_data import make_her2match, make_mist, write_image
-from virtual_staining.data import PairedImages, dataset_pairs, read_image
-from virtual_staining.embeddings import compute_embeddings, ensure_embeddings, load_embeddings
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for tiny models
 

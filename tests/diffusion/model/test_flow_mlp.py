@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from diffusion.standins import TINY_FLOW, build_tiny_transformer
-from virtual_staining.flow_mlp import (
+from diffusion.model.flow_mlp import (
     TIME_SCALE,
     FlowMLP,
     flow_matching_loss,
@@ -17,7 +16,7 @@ from virtual_staining.flow_mlp import (
     timestep_embedding,
     translation_metrics,
 )
-from virtual_staining.lora import (
+from diffusion.model.lora import (
     LoRASettings,
     add_lora,
     load_lora_weights,
@@ -27,6 +26,7 @@ from virtual_staining.lora import (
     read_lora_settings,
     save_lora_weights,
 )
+from diffusion.standins import TINY_FLOW, build_tiny_transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for tiny models
 
