@@ -29,7 +29,7 @@ stride), each weighted by a Gaussian window exp(-(u^2 + v^2) / sigma^2) over u, 
 images are summed and divided by the summed weights, so window borders (where a decode sees zero padding) fade
 out. The published script used sigma = 0.8, which still gives a window's border 21% of its centre's weight; the
 tools default to 0.3 (~1e-5 at the border), which on a VAE with strong border artifacts cut the seam amplitude
-10-fold in our test (tests/test_large_image.py); any sigma > 0 gives the same image where windows agree.
+10-fold in our test (tests/diffusion/sampling/test_large_image.py); any sigma > 0 gives the same image where windows agree.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """CAME (Luo et al., ACL 2023), the optimizer PixArt-sigma and PixCell train with, over many tensors at once.
 
 Why not just `came_pytorch.CAME`: that implementation (kept as the reference: `optimizer.foreach=False`, and the
-equivalence test in tests/test_came.py) loops over the parameters in Python and runs ~32 small kernels per
+equivalence test in tests/diffusion/training/test_came.py) loops over the parameters in Python and runs ~32 small kernels per
 tensor. PixCell-XL has 603 parameter tensors, so one step is ~19k kernel launches, and the H100 benchmark of a
 full 256 px training step spent more time in the optimizer than in forward + backward (10% MFU against 24% with
 AdamW). Here parameters of one shape are stacked and updated together (a handful of shapes in a DiT: on a GPU
