@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion.config import load_strict_config
+from diffusion.config import load_strict_config, shipped_config
 from diffusion.model.pixcell_transformer import build_pixcell
 from diffusion.sampling.pipeline import PixCellPipeline
 from tests.helpers.features import write_random_features
@@ -106,7 +106,7 @@ def test_adapter_in_tools_sample_and_merged_export_equal_adapter_on_base(
 
 def test_lora_configs_load_and_errors_are_one_line(features, base, tmp_path, capsys):
     for path in sorted((REPO / "configs" / "lora").glob("*.py")):
-        cfg = load_strict_config(path, SCHEMAS["features"])
+        cfg = load_strict_config(path, shipped_config(SCHEMAS["features"]))
         assert cfg.task == "features" and cfg.data.root is None
     assert train(tmp_path / "a", features, base, "lora.rnak=3") == 2
     assert "unknown config key lora.'rnak'" in capsys.readouterr().err
