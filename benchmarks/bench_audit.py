@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ def clustered(n: int, dim: int, rng: np.random.Generator, centres: np.ndarray, c
         )
 
 
-def streamed_top1(queries: np.ndarray, blocks) -> np.ndarray:
+def streamed_top1(queries: np.ndarray, blocks: Iterable[np.ndarray]) -> np.ndarray:
     """Exact top-1 cosine neighbour of each query over blocks of stored vectors, one block at a time."""
     from diffusion.audit.search import normalise
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -48,7 +49,7 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process RSS)
 
 
-def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
+def timed(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -166,7 +167,7 @@ def print_table(rows: list[dict]) -> None:
         print("| " + " | ".join(v.ljust(w) for v, w in zip(c, widths)) + " |")
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", nargs="+", default=["PixCell-tiny-256"], choices=sorted(PIXCELL_MODELS))
     p.add_argument("--batch", type=int, nargs="+", default=[8], help="one per preset, or one for all")

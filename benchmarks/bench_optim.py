@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -24,6 +25,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from diffusion.model.pixcell_transformer import PIXCELL_MODELS, build_pixcell
 from diffusion.training.ema import EMA
 from diffusion.training.optim import build_optimizer
+
+if TYPE_CHECKING:
+    from torch._ops import OpOverload
 
 
 class OpCounter(TorchDispatchMode):
@@ -34,7 +38,13 @@ class OpCounter(TorchDispatchMode):
         super().__init__()
         self.count = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(
+        self,
+        func: OpOverload,
+        types: tuple[type, ...],
+        args: tuple[object, ...] = (),
+        kwargs: dict[str, object] | None = None,
+    ) -> object:
         self.count += not func.is_view
         return func(*args, **(kwargs or {}))
 

@@ -84,7 +84,7 @@ def timed(
 
 
 def bench_images(
-    pipe: PixCellPipeline, batch: int, steps: int, guidance: float, device, repeats: int
+    pipe: PixCellPipeline, batch: int, steps: int, guidance: float, device: torch.device, repeats: int
 ) -> float:
     t = pipe.transformer.config
     cond = torch.randn(batch, t.caption_num_tokens, t.caption_channels, device=device)
@@ -98,14 +98,14 @@ def bench_images(
 
 
 def bench_region(
-    pipe,
+    pipe: PixCellPipeline,
     windows: int,
     stride: int,
     steps: int,
     guidance: float,
-    device,
-    window_batch,
-    vae_batch,
+    device: torch.device,
+    window_batch: int | None,  # windows per forward; None: the 4K tool's default for the device
+    vae_batch: int | None,  # windows per VAE decode; None: the default
     reference: bool,
     repeats: int = 1,
 ) -> float:
@@ -130,7 +130,7 @@ def bench_region(
     return timed(run, device, repeats, warmup=lambda: run(2))  # warm-up: the same shapes, 2 steps
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", nargs="+", default=TINY, help="PIXCELL_MODELS presets (random weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffusion.encoders import decode_latents, load_uni, load_vae
+from diffusion.encoders import UNIEncoder, decode_latents, load_uni, load_vae
 from diffusion.geometry import DTYPES, UNI_TILE
 from diffusion.metrics.distances import frechet_distance_bootstrap
 from diffusion.sampling.conditions import IndexSource
@@ -68,7 +69,7 @@ def held_out(args: argparse.Namespace, channels: int) -> tuple[torch.Tensor, np.
 
 
 @torch.no_grad()
-def embed(uni, images: torch.Tensor, batch: int = 64) -> np.ndarray:
+def embed(uni: UNIEncoder, images: torch.Tensor, batch: int = 64) -> np.ndarray:
     """(N, 3, H, W) in [0, 1] (or uint8) -> (N, C) UNI features, float64."""
     return (
         torch.cat([uni(images[i : i + batch]).float().cpu() for i in range(0, len(images), batch)])
@@ -84,13 +85,23 @@ class ForwardCounter:
         self.rows = 0
         model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
-    def _hook(self, module, args, kwargs) -> None:
+    def _hook(self, module: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
         x = args[0] if args else kwargs["hidden_states"]
         self.rows += x.shape[0]
 
 
 @torch.no_grad()
-def run_row(pipe, counter, tokens, noise, seeds, steps, guidance, batch, device) -> tuple[dict, torch.Tensor]:
+def run_row(
+    pipe: PixCellPipeline,
+    counter: ForwardCounter,
+    tokens: torch.Tensor,  # (N, 1, C) held-out conditions
+    noise: torch.Tensor,  # (S*N, C, h, w) initial latents, seed-major
+    seeds: Sequence[int],
+    steps: int,
+    guidance: float,
+    batch: int,
+    device: torch.device,
+) -> tuple[dict, torch.Tensor]:
     """Sample every (condition, seed) pair in batches; -> timings and the images (N*S, 3, H, W) in [0, 1]."""
     counter.rows = 0
     cond = tokens.repeat(len(seeds), 1, 1)  # (S*N, 1, C): seed-major

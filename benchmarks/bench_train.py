@@ -24,7 +24,12 @@ import torch
 
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.geometry import VAE_FACTOR
-from diffusion.model.pixcell_transformer import PIXCELL_MODELS, build_pixcell, compile_blocks
+from diffusion.model.pixcell_transformer import (
+    PIXCELL_MODELS,
+    PixCellTransformer2DModel,
+    build_pixcell,
+    compile_blocks,
+)
 from diffusion.training.ema import EMA
 from diffusion.training.optim import build_optimizer
 from diffusion.training.precision import autocast_dtype, set_fp32_attention, set_gradient_checkpointing
@@ -38,7 +43,7 @@ OPTIMIZERS = {  # --optimizer -> the config's `optimizer` dict (lr is irrelevant
 }
 
 
-def forward_flops(model, batch: int) -> float:
+def forward_flops(model: PixCellTransformer2DModel, batch: int) -> float:
     """Multiply-add FLOPs (x2) of one forward pass over `batch` images: blocks, patch embed, head."""
     c = model.config
     d, n, t = model.inner_dim, (c.sample_size // c.patch_size) ** 2, c.caption_num_tokens

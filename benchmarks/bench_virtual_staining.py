@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -54,7 +55,7 @@ def parts(tiny: bool, tmp: str):
     return transformer, vae, uni, flow
 
 
-def timed(fn, device: torch.device, repeat: int = 3) -> float:
+def timed(fn: Callable[[], object], device: torch.device, repeat: int = 3) -> float:
     fn()  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -11,7 +11,9 @@ saved in the same on-disk format and loaded back through these loaders.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +26,9 @@ from .geometry import (
     latent_norm,
     to_model_latents,
 )
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 UNI2H_HUB_ID = "hf-hub:MahmoodLab/UNI2-h"
 SD35_VAE_ID = "stabilityai/stable-diffusion-3.5-large"
@@ -77,7 +82,13 @@ class UNIEncoder(torch.nn.Module):
     used ImageNet statistics, so they are fixed here.)
     """
 
-    def __init__(self, model: torch.nn.Module, input_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        input_size: int = 224,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
         super().__init__()
         self.model = model.eval()
         self.input_size = input_size
@@ -184,7 +195,9 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
 #################################################################################
 
 
-def load_vae(source: str | Path = SD35_VAE_ID, subfolder: str | None = "vae", torch_dtype=None):
+def load_vae(
+    source: str | Path = SD35_VAE_ID, subfolder: str | None = "vae", torch_dtype: torch.dtype | None = None
+) -> AutoencoderKL:
     """Load the SD3.5 VAE (`AutoencoderKL`) from a hub id (subfolder `vae`) or a local folder."""
     from diffusers import AutoencoderKL
 
@@ -207,21 +220,21 @@ def load_vae(source: str | Path = SD35_VAE_ID, subfolder: str | None = "vae", to
         ) from None
 
 
-def vae_scale_factor(vae) -> int:
+def vae_scale_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def latents_to_model(z: Tensor, vae) -> Tensor:
+def latents_to_model(z: Tensor, vae: AutoencoderKL) -> Tensor:
     """Raw VAE latents -> model space, with the normalisation in the VAE's config (diffusion.geometry)."""
     return to_model_latents(z, *latent_norm(vae))
 
 
-def latents_from_model(x: Tensor, vae) -> Tensor:
+def latents_from_model(x: Tensor, vae: AutoencoderKL) -> Tensor:
     return from_model_latents(x, *latent_norm(vae))
 
 
 @torch.no_grad()
-def decode_latents(vae, latents: Tensor) -> Tensor:
+def decode_latents(vae: AutoencoderKL, latents: Tensor) -> Tensor:
     """Model-space latents (B, 16, h, w) -> images (B, 3, 8h, 8w) in [0, 1], float32."""
     param = next(vae.parameters())
     z = latents_from_model(latents.float(), vae).to(param.dtype)
@@ -230,7 +243,7 @@ def decode_latents(vae, latents: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def encode_posterior(vae, images: Tensor) -> tuple[Tensor, Tensor]:
+def encode_posterior(vae: AutoencoderKL, images: Tensor) -> tuple[Tensor, Tensor]:
     """Images (B, 3, H, W) in [0, 1] -> VAE posterior (mean, std), each (B, 16, H/8, W/8), raw VAE space."""
     param = next(vae.parameters())
     dist = vae.encode((images * 2 - 1).to(param.dtype)).latent_dist

@@ -87,7 +87,9 @@ class GaussianDiffusion:
         out = table.to(t.device)[t].to(torch.float32)
         return out.view(-1, *([1] * (like.ndim - 1)))
 
-    def sample_timesteps(self, batch: int, device, generator: torch.Generator | None = None) -> Tensor:
+    def sample_timesteps(
+        self, batch: int, device: torch.device | str, generator: torch.Generator | None = None
+    ) -> Tensor:
         """t ~ U{0, ..., T-1} (PixArt trains with uniform timesteps)."""
         return torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
 

@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 UNI_TILE = 256  # px per UNI token: one 256x256 tile at 20x
 VAE_FACTOR = 8  # px per latent px (SD3.5 VAE, f8)
@@ -66,18 +71,18 @@ def crop_token_indices(grid: int | tuple[int, int], y: int, x: int, rows: int, c
 #################################################################################
 
 
-def latent_norm(vae) -> tuple[float, float]:
+def latent_norm(vae: AutoencoderKL) -> tuple[float, float]:
     """(shift, scale) from a diffusers VAE's config: model latent = (z - shift) * scale."""
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return float(shift), float(vae.config.scaling_factor)
 
 
-def to_model_latents(z, shift: float, scale: float):
+def to_model_latents(z: Tensor, shift: float, scale: float) -> Tensor:
     """Raw VAE latent -> the transformer's space."""
     return (z - shift) * scale
 
 
-def from_model_latents(x, shift: float, scale: float):
+def from_model_latents(x: Tensor, shift: float, scale: float) -> Tensor:
     """The transformer's space -> raw VAE latent."""
     return x / scale + shift
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ from diffusion.data.index import default_index_file, key_size, read_index
 from diffusion.encoders import (
     SD35_VAE_ID,
     UNI2H_HUB_ID,
+    UNIEncoder,
     encode_posterior,
     load_uni,
     load_vae,
@@ -54,6 +56,9 @@ from diffusion.encoders import (
 )
 from diffusion.geometry import UNI_TILE, latent_norm, norm_record
 from tools.cli import add_failure_args, add_index_args
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 log = logging.getLogger("pixcell.data")
 
@@ -80,7 +85,9 @@ class PatchImages(Dataset):
             return self.positions[i], None, f"{type(err).__name__}: {err}"
 
 
-def _collate(items):
+def _collate(
+    items: list[tuple[int, torch.Tensor | None, str | None]],
+) -> list[tuple[int, torch.Tensor | None, str | None]]:
     return items
 
 
@@ -90,7 +97,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_for(device: torch.device, precision: str):
+def autocast_for(device: torch.device, precision: str) -> AbstractContextManager:
     """auto: bf16 autocast on GPU (the encoders are frozen; bf16 halves memory and time), fp32 on CPU."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -101,7 +108,9 @@ def autocast_for(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def encode(vae, uni, images: torch.Tensor, amp) -> tuple[np.ndarray, np.ndarray]:
+def encode(
+    vae: AutoencoderKL, uni: UNIEncoder, images: torch.Tensor, amp: AbstractContextManager
+) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (B, 3, S, S) -> vae float16 (B, 2k, S/8, S/8) [mean | std], uni float16 (B, (S/256)^2, C)."""
     x = images.float() / 255.0
     with amp:

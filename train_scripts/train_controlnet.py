@@ -19,6 +19,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,6 +40,9 @@ from diffusion.training.run import RunSettings, add_resume_args, launch, run_tra
 from diffusion.training.sampler import BatchStream, ResumableSampler
 from diffusion.training.step import accumulate, noised_inputs
 from diffusion.training.validation import fixed_noise, sample_column, validation_grid
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 log = logging.getLogger("pixcell.train")
 SCHEMA = shipped_config("_base_/controlnet.py")
@@ -80,7 +84,7 @@ def config_from_args(args: argparse.Namespace):
 #################################################################################
 
 
-def build_models(cfg, device: torch.device):
+def build_models(cfg: Config, device: torch.device):
     """(frozen base transformer, trainable ControlNet, frozen VAE) as the config says."""
     expected = build_model_from_config(cfg)  # the preset: checks resolution and token count
     if cfg.base_model is None:
@@ -118,7 +122,7 @@ def build_models(cfg, device: torch.device):
 
 
 @torch.no_grad()
-def encode(vae, images: torch.Tensor) -> torch.Tensor:
+def encode(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> model-space latents (B, 16, H/8, W/8): posterior mean, as published."""
     mean, _ = encode_posterior(vae, images)
     return latents_to_model(mean, vae)
@@ -131,7 +135,11 @@ def encode(vae, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def mask_grid(
-    base: torch.nn.Module, controlnet: torch.nn.Module, vae: torch.nn.Module, held_out: list[dict], cfg: Config
+    base: torch.nn.Module,
+    controlnet: torch.nn.Module,
+    vae: torch.nn.Module,
+    held_out: list[dict],
+    cfg: Config,
 ) -> np.ndarray:
     """Rows of [mask | reference image | samples...] for fixed held-out pairs and noise: uint8 (N*H, (2+k)*W, 3).
 
@@ -145,7 +153,13 @@ def mask_grid(
     noise = fixed_noise(base, len(uni), cfg.seed, device)
     scale = cfg.controlnet.conditioning_scale
     samples = sample_column(
-        pipe, uni, noise, v.guidance_scale, v.num_inference_steps, mask=masks, controlnet_conditioning_scale=scale
+        pipe,
+        uni,
+        noise,
+        v.guidance_scale,
+        v.num_inference_steps,
+        mask=masks,
+        controlnet_conditioning_scale=scale,
     )
     columns = [
         to_uint8(torch.stack([h["mask"] for h in held_out])),
@@ -238,9 +252,7 @@ def main(args: argparse.Namespace) -> int:
             loop.log_step(step, loss, run.lr, grad_norm, images=images * accelerator.num_processes,
                           show_rate=False)  # fmt: skip
             if validate and is_main and step % cfg.validation.every_steps == 0:
-                grid = run.ema_eval(
-                    lambda: mask_grid(base, unwrapped, vae, held_out, cfg)
-                )
+                grid = run.ema_eval(lambda: mask_grid(base, unwrapped, vae, held_out, cfg))
                 loop.save_grid("validation/mask_reference_samples", grid, step)
             loop.save_if_due(step)
     return run.finish()

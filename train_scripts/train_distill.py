@@ -26,6 +26,7 @@ import argparse
 import copy
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,7 @@ def config_from_args(args: argparse.Namespace):
     return cfg
 
 
-def load_teacher(cfg, device: torch.device):
+def load_teacher(cfg: Config, device: torch.device):
     """The frozen teacher; its geometry must be the config's preset's (resolution, token count, UNI dim)."""
     teacher = load_transformer(cfg.teacher)
     with torch.device("meta"):
@@ -117,7 +118,11 @@ def load_teacher(cfg, device: torch.device):
 
 @torch.no_grad()
 def teacher_student_grid(
-    teacher: torch.nn.Module, student: torch.nn.Module, vae: torch.nn.Module, held_out: list[dict], cfg: Config
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    vae: torch.nn.Module,
+    held_out: list[dict],
+    cfg: Config,
 ) -> np.ndarray:
     """Rows of [real | teacher | student] for fixed held-out conditions and the same noise: uint8 (N*H, 3*W, 3)."""
     v = cfg.validation
@@ -125,11 +130,16 @@ def teacher_student_grid(
     uni = torch.stack([h["uni"] for h in held_out]).to(device)
     noise = fixed_noise(teacher, len(held_out), cfg.seed, device)
     columns = []
-    for model, sampler, steps in ((teacher, "dpm-solver", v.teacher_steps), (student, "lcm", v.student_steps)):
+    for model, sampler, steps in (
+        (teacher, "dpm-solver", v.teacher_steps),
+        (student, "lcm", v.student_steps),
+    ):
         pipe = PixCellPipeline(transformer=model, vae=vae, scheduler=make_scheduler(sampler))
         gen = torch.Generator().manual_seed(cfg.seed)
         columns.append(sample_column(pipe, uni, noise, v.guidance_scale, steps, generator=gen))
-    reals = [h["real"] if h["real"] is not None else np.zeros_like(columns[0][i]) for i, h in enumerate(held_out)]
+    reals = [
+        h["real"] if h["real"] is not None else np.zeros_like(columns[0][i]) for i, h in enumerate(held_out)
+    ]
     return validation_grid([reals, *columns])
 
 
@@ -205,10 +215,13 @@ def main(args: argparse.Namespace) -> int:
         }
         return run.save(step, portable=portable)
 
-    def teacher_fn(x, cond, t):
+    def teacher_fn(x: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return teacher(x, encoder_hidden_states=cond, timestep=t, return_dict=False)[0]
 
-    def student_fn(net):
+    # the prepared (possibly DDP-wrapped) student or its unwrapped EMA target
+    def student_fn(
+        net: torch.nn.Module,
+    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
         return lambda x, cond, t, w: net(
             x, encoder_hidden_states=cond, timestep=t, guidance=w, return_dict=False
         )[0]

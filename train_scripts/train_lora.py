@@ -25,6 +25,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from mmengine.config import Config
@@ -52,6 +53,11 @@ from diffusion.training.sampler import BatchStream, ResumableSampler
 from diffusion.training.step import accumulate, noised_inputs
 from diffusion.training.task import TaskData
 from diffusion.training.validation import held_out_grid
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from diffusion.model.pixcell_transformer import PixCellTransformer2DModel
 
 log = logging.getLogger("pixcell.train")
 SCHEMAS = {"features": "_base_/lora.py", "virtual_staining": "virtual_staining/_base_/lora.py"}
@@ -107,7 +113,9 @@ def load_lora_config(args: argparse.Namespace) -> Config:
 #################################################################################
 
 
-def build_features_data(cfg: Config, model, accelerator, work_dir: Path) -> TaskData:
+def build_features_data(
+    cfg: Config, model: PixCellTransformer2DModel, accelerator: Accelerator, work_dir: Path
+) -> TaskData:
     """Stored VAE latents + UNI tokens (`PatchFeatureDataset`) at the base model's resolution."""
     d, device = cfg.data, accelerator.device
     resolution = model.config.sample_size * VAE_FACTOR
@@ -138,11 +146,15 @@ def build_features_data(cfg: Config, model, accelerator, work_dir: Path) -> Task
         resolve_norm((cfg.vae_shift, cfg.vae_scale), latent_norm(vae), f"validation.vae {v.vae}")
         held = held_out_samples(dataset, data.held_out, resolution)
         norm = (cfg.vae_shift, cfg.vae_scale)
-        data.validation_grid = lambda m: held_out_grid(m, vae, held, norm, v.guidance_scale, v.num_inference_steps, cfg.seed)
+        data.validation_grid = lambda m: held_out_grid(
+            m, vae, held, norm, v.guidance_scale, v.num_inference_steps, cfg.seed
+        )
     return data
 
 
-def build_data(cfg: Config, model, accelerator, work_dir: Path) -> TaskData:
+def build_data(
+    cfg: Config, model: PixCellTransformer2DModel, accelerator: Accelerator, work_dir: Path
+) -> TaskData:
     if cfg.task == "virtual_staining":
         return build_ihc_data(IHCDataSettings.from_config(cfg, work_dir), model, str(cfg.model), accelerator)
     return build_features_data(cfg, model, accelerator, work_dir)

@@ -47,7 +47,7 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def read(self, entry) -> np.ndarray:
+    def read(self, entry: Path | Crop) -> np.ndarray:
         """(H, W, 3) uint8 of one entry; a ValueError naming the file when it cannot be read."""
         if isinstance(entry, Crop):
             image = read_rgb(entry.path)

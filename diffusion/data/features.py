@@ -27,6 +27,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 import h5py
 import numpy as np
@@ -273,7 +274,9 @@ class PackedShardWriter:
     def __enter__(self) -> PackedShardWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc_type is None:
             self.close()
         else:

@@ -76,7 +76,9 @@ class _PairReader(Dataset):
             return i, str(err), None
 
 
-def _collate(items):
+def _collate(
+    items: list[tuple[int, Tensor | str, Tensor | None]],
+) -> list[tuple[int, Tensor | str, Tensor | None]]:
     return items
 
 

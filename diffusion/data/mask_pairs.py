@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from diffusion.geometry import IMAGE_SUFFIXES, UNI_TILE
+
+if TYPE_CHECKING:
+    from diffusion.encoders import UNIEncoder
 
 log = logging.getLogger("pixcell.data")
 
@@ -255,7 +259,7 @@ class MaskPairDataset(Dataset):
 
 @torch.no_grad()
 def write_missing_uni(
-    dataset: MaskPairDataset, uni_encoder, batch_size: int = 32, progress: bool = True
+    dataset: MaskPairDataset, uni_encoder: UNIEncoder, batch_size: int = 32, progress: bool = True
 ) -> int:
     """Embed every image of `dataset` whose `<name>_uni.npy` is missing, with `uni_encoder` (`load_uni`).
 

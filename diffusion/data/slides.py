@@ -18,11 +18,16 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from diffusion.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from openslide import OpenSlide
+    from tiffslide import TiffSlide
 
 IMAGE_FORMATS = {"png": ".png", "jpeg": ".jpeg"}
 SUMMARY_FILE = "summary.json"  # written last: its presence means the slide is complete
@@ -114,7 +119,7 @@ class SlideSummary:
 #################################################################################
 
 
-def open_slide(path: str | Path, backend: str = "auto"):
+def open_slide(path: str | Path, backend: str = "auto") -> tuple[OpenSlide | TiffSlide, str]:
     """Open a slide with openslide (default) or tiffslide; `auto` tries openslide, then tiffslide.
 
     Returns (slide, backend_name). Raises SlideError naming the file when neither can read it.
@@ -151,7 +156,7 @@ def check_mpp(mpp: float, source: str) -> float:
     return mpp
 
 
-def slide_mpp(slide, path: str | Path = "") -> float:
+def slide_mpp(slide: OpenSlide | TiffSlide, path: str | Path = "") -> float:
     """Level-0 microns per pixel from the slide's metadata; SlideError when it is absent."""
     props = slide.properties
     for kx, ky in zip(MPP_KEYS, MPP_Y_KEYS):
@@ -171,7 +176,7 @@ def slide_mpp(slide, path: str | Path = "") -> float:
     )
 
 
-def read_rgb(slide, x: int, y: int, level: int, size: int) -> Image.Image:
+def read_rgb(slide: OpenSlide | TiffSlide, x: int, y: int, level: int, size: int) -> Image.Image:
     """Read a size x size region at `level` whose top-left is (x, y) in level-0 px; transparent -> white."""
     region = slide.read_region((x, y), level, (size, size))
     if region.mode == "RGBA":
@@ -253,7 +258,7 @@ class SlideGrid:
         return list(zip(rows.tolist(), cols.tolist()))
 
 
-def plan_slide(slide, params: TilingParams, mpp: float) -> SlideGrid:
+def plan_slide(slide: OpenSlide | TiffSlide, params: TilingParams, mpp: float) -> SlideGrid:
     """Compute the patch grid of a slide at `params.target_mpp` and the tissue fraction of each cell."""
     scale = params.target_mpp / mpp  # level-0 px per output px
     if abs(scale - 1) <= params.mpp_tolerance:

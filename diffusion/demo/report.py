@@ -94,7 +94,13 @@ def _vae_example(out: Path, tile_path: Path) -> Image.Image:
     return _labelled_grid([("held-out tile", [Image.open(tile_path)]), ("VAE stand-in", [rec_img])], 192)
 
 
-def _figure(pairs: Image.Image, curve, metrics: dict, large: Image.Image | None, path: Path) -> None:
+def _figure(
+    pairs: Image.Image,
+    curve: tuple[list[int], list[float]],
+    metrics: dict,
+    large: Image.Image | None,
+    path: Path,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -27,7 +27,7 @@ saved in the same layout and loaded through `load_feature_encoder` like the real
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -273,7 +273,7 @@ def load_feature_encoder(
     return FeatureExtractor(spec.name, encoder, to_uint8_chw, encoder.embed_dim, device, info)
 
 
-def _side(input_size) -> int | None:
+def _side(input_size: Sequence[int] | None) -> int | None:
     return int(input_size[-1]) if input_size else None
 
 
@@ -309,7 +309,9 @@ def _load_timm(spec: EncoderSpec) -> tuple[torch.nn.Module, str, dict]:
     return _create(spec, source, source, pretrained=True, **spec.model_args), source, {}
 
 
-def _create(spec: EncoderSpec, arch: str, where, file: Path | None = None, **kwargs) -> torch.nn.Module:
+def _create(
+    spec: EncoderSpec, arch: str, where: str | Path, file: Path | None = None, **kwargs
+) -> torch.nn.Module:
     """timm.create_model with one-line errors. Local weights go through timm's own pretrained loading
     (`pretrained_cfg_overlay=dict(file=...)`) so its checkpoint filters and strict key check apply."""
     import timm

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -56,7 +57,7 @@ _BLOCK_SPLIT = {
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
-def _fail(what: str, keys) -> ValueError:
+def _fail(what: str, keys: Iterable[str]) -> ValueError:
     keys = sorted(keys)
     shown = ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
     return ValueError(f"{what}: {shown}")

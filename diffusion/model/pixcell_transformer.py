@@ -140,7 +140,7 @@ class PixCellModelMixin:
     """
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs):
         """diffusers' `from_pretrained`, made strict: missing, unexpected or mis-shaped keys are a ValueError.
 
         A hub id that cannot be reached (gated, offline) raises one OSError line saying what to pass instead.

@@ -9,6 +9,7 @@ sample_images   prior -> conditions -> PixCellPipeline, in one call
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ from torch import Tensor
 
 from ..sampling.conditions import ConditionSource, Loaded, Spec, name_seed
 from .model import DEFAULT_FLOW_STEPS, UNIPrior, check_prior_fits
+
+if TYPE_CHECKING:
+    from ..sampling.pipeline import PixCellPipeline
 
 
 def condition_generators(seed: int, names: Sequence[str]) -> list[torch.Generator]:
@@ -103,7 +107,7 @@ class PriorSource(ConditionSource):
 
 @torch.no_grad()
 def sample_images(
-    pipe,  # a PixCellPipeline
+    pipe: PixCellPipeline,
     prior: UNIPrior,
     n: int,
     label: str | None = None,

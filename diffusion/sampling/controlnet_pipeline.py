@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL, SchedulerMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from torch import Tensor
 
@@ -35,7 +36,13 @@ from .samplers import make_scheduler
 class PixCellControlNetPipeline(PixCellPipeline):
     model_cpu_offload_seq = "controlnet->transformer->vae"
 
-    def __init__(self, transformer: PixCellTransformer2DModel, controlnet: PixCellControlNet, vae, scheduler):
+    def __init__(
+        self,
+        transformer: PixCellTransformer2DModel,
+        controlnet: PixCellControlNet,
+        vae: AutoencoderKL,
+        scheduler: SchedulerMixin,
+    ):
         super(PixCellPipeline, self).__init__()
         self.register_modules(transformer=transformer, controlnet=controlnet, vae=vae, scheduler=scheduler)
         self._control: tuple[Tensor, float] | None = None

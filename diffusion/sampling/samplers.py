@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import (
@@ -35,9 +36,13 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     LCMScheduler,
     SASolverScheduler,
+    SchedulerMixin,
 )
 from torch import Tensor
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from ..model.pixcell_transformer import PixCellTransformer2DModel
 
 _SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 
@@ -164,7 +169,9 @@ def resolve_sampling(
     if guidance_interval is not None:
         low, high = (float(v) for v in guidance_interval)
         interval = (low, high)
-    return SamplingOptions(sampler, int(steps or DEFAULT_STEPS[sampler]), w, interval, allow_negative_guidance)
+    return SamplingOptions(
+        sampler, int(steps or DEFAULT_STEPS[sampler]), w, interval, allow_negative_guidance
+    )
 
 
 def guides(guidance_scale: float) -> bool:
@@ -172,14 +179,14 @@ def guides(guidance_scale: float) -> bool:
     return guidance_scale != 1.0
 
 
-def make_scheduler(name: str = "dpm-solver"):
+def make_scheduler(name: str = "dpm-solver") -> SchedulerMixin:
     """A fresh diffusers scheduler for the PixCell noise schedule (1000 linear betas 1e-4..0.02)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     return SAMPLERS[name]()
 
 
-def sampler_name(scheduler, config: dict | None = None) -> str:
+def sampler_name(scheduler: SchedulerMixin | str, config: dict | None = None) -> str:
     """The SAMPLERS key of a scheduler instance, or of a class name with its saved `config` (scheduler_config.json).
 
     A class name alone stands for its first sampler (DPMSolverMultistepScheduler: `dpm-solver`)."""
@@ -195,7 +202,7 @@ def sampler_name(scheduler, config: dict | None = None) -> str:
     raise ValueError(f"unsupported scheduler {cls_name!r}; PixCell samples with {', '.join(SAMPLERS)}")
 
 
-def wants_variance(scheduler) -> bool:
+def wants_variance(scheduler: SchedulerMixin) -> bool:
     """True when the scheduler consumes the learned variance channels (ancestral DDPM)."""
     return getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
 
@@ -235,13 +242,13 @@ def guided_prediction(
     return torch.cat([eps, out_c[:, c:]], dim=1)
 
 
-def guidance_in_model(transformer) -> bool:
+def guidance_in_model(transformer: PixCellTransformer2DModel) -> bool:
     """True for a distilled student: the guidance scale is one of its inputs (no unconditional pass)."""
     return bool(getattr(transformer.config, "guidance_embeds", False))
 
 
 def transformer_fn(
-    transformer, guidance_scale: float | None = None
+    transformer: PixCellTransformer2DModel, guidance_scale: float | None = None
 ) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """Adapt a PixCell transformer to the (x, cond, t) -> output callable the samplers take.
 
@@ -268,7 +275,7 @@ def transformer_fn(
 def denoise(
     eps_fn: Callable[[Tensor, Tensor], Tensor],
     latents: Tensor,
-    scheduler,
+    scheduler: SchedulerMixin,
     num_inference_steps: int = 20,
     generator: torch.Generator | list[torch.Generator] | None = None,  # a list: one per row (per-image seeds)
     progress: bool = True,

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import ParamsT
 
 try:  # public since torch 2.5
     from torch.distributed.tensor import DTensor
@@ -49,7 +51,7 @@ class CAME(torch.optim.Optimizer):
 
     def __init__(
         self,
-        params,
+        params: ParamsT,
         lr: float,
         eps: tuple[float, float] = (1e-30, 1e-16),
         clip_threshold: float = 1.0,
@@ -126,7 +128,7 @@ class CAME(torch.optim.Optimizer):
         return buffers
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -7,9 +7,14 @@ in the attention logits at long token counts (4096 tokens at 1024 px).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from diffusers.models.attention_processor import Attention
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -23,7 +28,7 @@ class FP32AttnProcessor:
 
     def __call__(
         self,
-        attn,
+        attn: Attention,
         hidden_states: Tensor,  # (B, N, D)
         encoder_hidden_states: Tensor | None = None,  # (B, T, D_ctx) for cross-attention
         attention_mask: Tensor | None = None,

@@ -11,8 +11,13 @@ import logging
 import re
 import signal
 import time
+from types import FrameType
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 log = logging.getLogger("pixcell.train")
 
@@ -59,7 +64,7 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def _handle(self, signum: int, frame) -> None:  # async-signal context: only set a flag
+    def _handle(self, signum: int, frame: FrameType | None) -> None:  # async-signal context: only set a flag
         self.signal_name = signal.Signals(signum).name
 
     def local_reason(self) -> str | None:
@@ -69,7 +74,7 @@ class StopRequest:
             return f"wall-time limit of {self.time_limit:.0f} s reached"
         return None
 
-    def should_stop(self, accelerator=None) -> str | None:
+    def should_stop(self, accelerator: Accelerator | None = None) -> str | None:
         """The stop reason if any process wants to stop (collective when there are several processes)."""
         reason = self.local_reason()
         if accelerator is None or accelerator.num_processes == 1:

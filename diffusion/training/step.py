@@ -9,17 +9,23 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..checkpoints import latest_checkpoint
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from ..gaussian_diffusion import GaussianDiffusion
+
 log = logging.getLogger("pixcell.train")
 
 
 def noised_inputs(
-    diffusion,  # GaussianDiffusion
+    diffusion: GaussianDiffusion,
     x0: Tensor,  # (B, C, h, w) model-space latents
     uni: Tensor,  # (B, T, C_uni) conditions
     generator: torch.Generator,  # the trainer's noise generator (checkpointed)
@@ -39,7 +45,7 @@ def noised_inputs(
 
 
 def accumulate(
-    accelerator,
+    accelerator: Accelerator,
     model: torch.nn.Module,  # the prepared (DDP) model whose gradients are synchronised
     batches: Sequence,  # the micro-batches of one optimizer step
     loss_of: Callable[[object], tuple[Tensor, int] | None],  # batch -> (loss, images), or None to skip it
@@ -60,7 +66,10 @@ def accumulate(
 
 
 def clipped_step(
-    accelerator, params: Iterable[torch.nn.Parameter], optimizer, clip: float | None
+    accelerator: Accelerator,
+    params: Iterable[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,  # fp16: the accelerate-prepared one (it reports step_was_skipped)
+    clip: float | None,
 ) -> tuple[float, bool]:
     """Clip the (synchronised) global grad norm to `clip` (None/0: no clipping), step unless the loss or gradient
     is non-finite, zero the gradients. -> (grad norm before clipping, skipped)."""

@@ -14,12 +14,16 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_path
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 REPORT_TO = ("tensorboard", "wandb", "none")
 
@@ -118,7 +122,7 @@ class Throughput:
         return r
 
 
-def environment(accelerator=None, argv: list[str] | None = None) -> dict:
+def environment(accelerator: Accelerator | None = None, argv: list[str] | None = None) -> dict:
     """Versions, devices and the distributed setup of this run (saved as env.json)."""
     import accelerate
     import diffusers
