@@ -73,7 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if pipe.image_size // m != UNI_TILE:
         print(f"warning: {pipe.image_size // m} px per UNI token, not UNI's {UNI_TILE}", file=sys.stderr)
     uni = load_uni_encoder(args.uni, device, args.dtype, t.caption_channels)
-    settings = sample_settings(args, pipe, *default_batching(args.batch, args.workers, t.caption_num_tokens, device))
+    settings = sample_settings(
+        args, pipe, *default_batching(args.batch, args.workers, t.caption_num_tokens, device)
+    )
     summary = sample_patches(pipe, source, args.out, settings, model_ref, vae_ref, uni=uni, syn_dir="")
     if "done" in summary:
         print(f"{summary['done']}/{summary['images']} synthetic images in {args.out} ({source.describe()})")

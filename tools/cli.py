@@ -141,7 +141,9 @@ def pipeline_sources(args: argparse.Namespace) -> PipelineSources:
     )
 
 
-def sample_settings(args: argparse.Namespace, pipe: PixCellPipeline, batch: int, workers: int) -> SampleSettings:
+def sample_settings(
+    args: argparse.Namespace, pipe: PixCellPipeline, batch: int, workers: int
+) -> SampleSettings:
     """SampleSettings from the sampler, runtime and output flags, with steps and guidance resolved once for
     `pipe` (flags given, else the defaults recorded beside its weights, else the published ones)."""
     check_sampler_args(args)

@@ -190,7 +190,9 @@ def main(args: argparse.Namespace) -> int:
                                    "train/skipped_samples": state["skipped_samples"]})  # fmt: skip
             if validate and step % cfg.validation.every_steps == 0 and (is_main or sharded):
                 grid = run.ema_eval(
-                    lambda: held_out_grid(unwrapped, vae, held_out, norm, val.guidance_scale, val.num_inference_steps, cfg.seed)
+                    lambda: held_out_grid(
+                        unwrapped, vae, held_out, norm, val.guidance_scale, val.num_inference_steps, cfg.seed
+                    )
                 )
                 if is_main:
                     loop.save_grid("validation/real_vs_ema", grid, step)

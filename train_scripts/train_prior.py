@@ -122,7 +122,14 @@ def main(args: argparse.Namespace) -> int:
         train_samples=len(dataset), tokens=num_tokens, channels=mean.numel(), labels=dataset.label_names
     )
     run = start_run(
-        accelerator, RunSettings.from_config(cfg), work_dir, prior, total_steps, resume, generator_name="generator", info=info
+        accelerator,
+        RunSettings.from_config(cfg),
+        work_dir,
+        prior,
+        total_steps,
+        resume,
+        generator_name="generator",
+        info=info,
     )
     model, unwrapped, state, gen = run.model, run.unwrapped, run.state, run.generator
 

@@ -22,7 +22,9 @@ from diffusion.geometry import DTYPES
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m virtual_staining.embeddings", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m virtual_staining.embeddings", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--dataset", required=True, choices=DATASETS)
     p.add_argument("--root", required=True, help="dataset root folder")
     p.add_argument("--stain", default="HER2", choices=MIST_STAINS)

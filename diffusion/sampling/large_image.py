@@ -261,7 +261,8 @@ def denoise_region(
     | None = None,  # tests, benchmarks: standins.reference_eps_fn
     progress: bool = True,
     allow_negative_guidance: bool = False,  # a guidance_scale < 0 is an error unless this says it is meant
-    options: SamplingOptions | None = None,  # resolved settings (the runner's): then leave the five above unset
+    # resolved settings (the runner's): then leave the five above unset
+    options: SamplingOptions | None = None,
 ) -> Tensor:
     """Sliding-window denoising of a whole region: -> final model-space latents (1, 16, H, W)."""
     device = next(transformer.parameters()).device

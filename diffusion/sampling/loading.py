@@ -44,7 +44,9 @@ def load_pipeline(sources: PipelineSources, device: torch.device) -> tuple[PixCe
     if s.controlnet:
         from .controlnet_pipeline import PixCellControlNetPipeline
 
-        pipe = PixCellControlNetPipeline.from_parts(s.model, s.controlnet, s.vae, s.sampler, torch_dtype=torch_dtype)
+        pipe = PixCellControlNetPipeline.from_parts(
+            s.model, s.controlnet, s.vae, s.sampler, torch_dtype=torch_dtype
+        )
     else:
         pipe = PixCellPipeline.from_parts(s.model, s.vae, s.sampler, torch_dtype=torch_dtype)
     pipe = pipe.to(device)
@@ -69,7 +71,9 @@ def load_uni_encoder(source: str, device: torch.device, dtype: str, channels: in
     return uni
 
 
-def default_batching(batch: int | None, workers: int | None, tokens: int, device: torch.device) -> tuple[int, int]:
+def default_batching(
+    batch: int | None, workers: int | None, tokens: int, device: torch.device
+) -> tuple[int, int]:
     """(batch, workers) for patch sampling: by default 64/T images on GPU, 8/T on CPU; 4 workers on GPU."""
     cuda = device.type == "cuda"
     chosen = batch or max(1, (64 if cuda else 8) // tokens)

@@ -289,10 +289,14 @@ class PixCellPipeline(DiffusionPipeline):
                 num_inference_steps, guidance_scale, guidance_interval, allow_negative_guidance
             )
         elif (guidance_scale, num_inference_steps, guidance_interval) != (None, None, None):
-            raise ValueError("give `options` or guidance_scale / num_inference_steps / guidance_interval, not both")
+            raise ValueError(
+                "give `options` or guidance_scale / num_inference_steps / guidance_interval, not both"
+            )
         elif options.sampler != sampler_name(self.scheduler):
-            raise ValueError(f"options.sampler {options.sampler!r}, but the pipeline samples with "
-                             f"{sampler_name(self.scheduler)!r} (set_sampler first)")
+            raise ValueError(
+                f"options.sampler {options.sampler!r}, but the pipeline samples with "
+                f"{sampler_name(self.scheduler)!r} (set_sampler first)"
+            )
         steps, w, guidance_interval = options.steps, options.guidance, options.guidance_interval
         student = guidance_in_model(self.transformer)  # w is the student's input: no unconditional pass
 
