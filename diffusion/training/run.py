@@ -201,7 +201,7 @@ class RunSettings:
     lr_schedule: Mapping[str, object]
     ema_rate: float | None  # None / 0: no EMA
     keep_last: int | None  # checkpoints kept
-    train_batch_size: int  # per process
+    train_batch_size: int | None  # per process (what a skipped micro-batch counts in skipped_samples)
     report_to: str  # tensorboard (default), wandb, none
     log_every_steps: int
     save_every_steps: int
@@ -217,7 +217,7 @@ class RunSettings:
             lr_schedule=dict(cfg.lr_schedule),
             ema_rate=cfg.ema_rate,
             keep_last=cfg.keep_last,
-            train_batch_size=cfg.train_batch_size,
+            train_batch_size=cfg.get("train_batch_size"),
             report_to=cfg.report_to,
             log_every_steps=cfg.log_every_steps,
             save_every_steps=cfg.save_every_steps,
@@ -409,7 +409,9 @@ class Run:
         batches = [next(stream) for _ in range(accum)]
         if not any_process(self.accelerator, any(b is None for b in batches)):
             return batches
-        self.state["skipped_samples"] += sum(self.settings.train_batch_size for b in batches if b is None)
+        self.state["skipped_samples"] += sum(
+            self.settings.train_batch_size or 1 for b in batches if b is None
+        )
         log.warning(
             "step %d: a batch had no loadable sample on some process; step skipped", self.state["step"]
         )

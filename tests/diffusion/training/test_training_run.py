@@ -133,7 +133,7 @@ def test_next_batches_skips_a_step_whose_micro_batch_failed_and_counts_its_sampl
 
     state = {"step": 7, "skipped_samples": 0}
     run = types.SimpleNamespace(accelerator=types.SimpleNamespace(num_processes=1), state=state,
-                                cfg=types.SimpleNamespace(train_batch_size=4))  # fmt: skip
+                                settings=types.SimpleNamespace(train_batch_size=4))  # fmt: skip
     stream = iter([{"x": 1}, {"x": 2}, {"x": 3}, None, {"x": 5}, {"x": 6}])
     assert Run.next_batches(run, stream, 2) == [{"x": 1}, {"x": 2}]
     with caplog.at_level("WARNING", logger="pixcell.train"):
