@@ -56,6 +56,7 @@ from ..encoders import decode_latents, encode_posterior, latents_to_model, vae_s
 from ..geometry import tokens_side
 from .conditions import name_seed
 from .disk import DiskArray
+from .editing import EDIT_SAMPLERS, noised, start_step
 from .large_image import Chunker, WindowLayout, default_window_batch, window_conditions, window_layout
 from .pyramid import write_pyramid
 from .samplers import (
@@ -71,7 +72,7 @@ from .samplers import (
 log = logging.getLogger("pixcell.wsi")
 # Samplers whose model input is the latent itself (scale_model_input is the identity, init_noise_sigma 1), so a
 # band can be stepped from the stored latent alone. Euler-ancestral scales its input by the step's sigma.
-WSI_SAMPLERS = ("dpm-solver", "ddim", "sa-solver", "ddpm", "sde-dpm-solver", "lcm")
+WSI_SAMPLERS = EDIT_SAMPLERS
 
 
 #################################################################################
@@ -272,11 +273,9 @@ class WSIRun:
         self.steps, self.guidance = resolve_defaults(
             settings.sampler, settings.steps, settings.guidance, cfg.caption_num_tokens
         )
-        if not 0 < settings.strength <= 1:
-            raise ValueError(f"`strength` {settings.strength}: expected a number in (0, 1]")
-        if settings.strength < 1 and inputs.known is None:
-            raise ValueError("`strength` below 1 needs an init image (img2img) to start from")
-        self.start = self.steps - max(1, round(self.steps * settings.strength))  # first step run (SDEdit)
+        self.start = start_step(self.steps, settings.strength)  # the first step run (SDEdit)
+        if (settings.strength < 1 or inputs.mask is not None) and inputs.known is None:
+            raise ValueError("`strength` below 1 and a mask need an init image to start from")
         probe = make_scheduler(settings.sampler)
         self.variance = wants_variance(probe)
         self.channels = cfg.in_channels
@@ -326,16 +325,11 @@ class WSIRun:
         return out
 
     def _noised_known(self, y0: int, y1: int, index: int) -> Tensor:
-        """The init image's latents of rows y0..y1 noised to timestep `index` (the tile noise of the seed)."""
+        """The init image's latents of rows y0..y1 noised to the level of step `index` (the tile noise of the
+        seed); past the last step, the latents themselves."""
         known = torch.from_numpy(self.inputs.known.read(y0, y1))
-        if index >= self.steps:
-            return known
-        sched = self._fresh_scheduler()
-        t = self.timesteps[index]
-        noisy = sched.add_noise(
-            known.permute(2, 0, 1)[None], self._noise(y0, y1).permute(2, 0, 1)[None], t[None]
-        )
-        return noisy[0].permute(1, 2, 0)
+        t = self.timesteps[index] if index < self.steps else None
+        return noised(known, self._noise(y0, y1), t).float()
 
     # ------------------------------------------------------------------ tasks
 
