@@ -301,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ran = run.run(out / "slide.tif", note=f"PixCell {model_ref}")
     elapsed = time.time() - start
     if args.view:
-        from tools.viewer import write_viewer
+        from diffusion.viewer import write_viewer
 
         write_viewer(out / "slide.tif", out / "viewer")
     summary = {

@@ -101,7 +101,7 @@ class TokenGrid:
         if self.holes.any():
             raise ValueError(
                 f"{what}: {int(self.holes.sum())} tiles without a token (NaN); fill them first "
-                "(TokenGrid.fill_holes, or --fill on the command line)"
+                "(TokenGrid.fill_holes, or the tool's fill option)"
             )
         return self
 
@@ -219,8 +219,8 @@ def grid_from_features(
         size, mag = int(attrs.get("patch_size", 0)), attrs.get("target_magnification")
         if size != UNI_TILE or (mag is not None and float(mag) != 20):
             raise ValueError(
-                f"{path}: patches of {size} px at {mag}x; PixCell's tokens are {UNI_TILE} px tiles at 20x (extract "
-                "with TRIDENT --mag 20 --patch_size 256)"
+                f"{path}: patches of {size} px at {mag}x; PixCell's tokens are {UNI_TILE} px tiles at 20x (TRIDENT's "
+                "mag 20 and patch_size 256)"
             )
         if int(attrs.get("overlap", 0) or 0):
             raise ValueError(
@@ -313,7 +313,7 @@ def grid_from_slide(
     from ..data.slides import slide_mpp as read_mpp
 
     slide, _ = open_slide(slide_path)
-    mpp = check_mpp(mpp, "--mpp") if mpp is not None else read_mpp(slide, slide_path)
+    mpp = check_mpp(mpp, "the mpp given") if mpp is not None else read_mpp(slide, slide_path)
     rows, cols, read_row = slide_tiles_at_20x(slide, mpp, region)
     device = next(uni.parameters()).device
     out = np.empty((rows, cols, uni.embed_dim), np.float32)
