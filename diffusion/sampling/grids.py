@@ -23,7 +23,7 @@ Sources of grids (each returns a TokenGrid):
                         patch_size_level0, level0_magnification, target_magnification, overlap) and CLAM
                         (mahmoodlab/CLAM `extract_features_fp.py`, commit 14fbcc4: no attributes in the feature
                         file, so the patch pitch is taken from the coordinates). Patches must be 256 px at 20x
-                        (TRIDENT `--mag 20 --patch_size 256`, CLAM `--patch_size 256` on a 20x level) and not
+                        (TRIDENT's options mag 20, patch_size 256; CLAM's patch_size 256 on a 20x level) and not
                         overlap: other sizes describe other tiles than PixCell's tokens, and are refused.
 """
 
