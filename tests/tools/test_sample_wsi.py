@@ -154,8 +154,12 @@ def test_slide_region_img2img_and_inpainting(models, tiny_uni_dir, real_slide, t
         str(tmp_path / "mask.png"),
         "--out",
         str(tmp_path / "out"),
+        "--view",
     ]
     assert run_cli(main, argv) == 0
+    assert (tmp_path / "out" / "viewer" / "index.html").is_file() and (
+        tmp_path / "out" / "viewer" / "slide.dzi"
+    ).is_file()
     grid = np.load(tmp_path / "out" / "grid.npy")
     assert grid.shape == (4, 8, C)  # 1024 x 2048 level-0 px at 0.5 um/px = 4 x 8 tiles of 256 px
     out = (
