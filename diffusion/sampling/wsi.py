@@ -28,7 +28,7 @@ work folder share the tasks: each takes a task by `flock` on `locks/<task>.lock`
 its holder dies, and waits for tasks whose dependencies others are still computing.
 
 Memory: a window row of latents and predictions (window x W x 48 floats) and a decode row of pixels ((D + 2M) 8
-x 8W x 3 floats): it grows with the slide's width, not its area (a 32,768 px wide slide: ~200 MB of pixels with
+x 8W x 3 floats): it grows with the slide's width, not its area (a 32,768 px wide slide: ~250 MB of pixels with
 the defaults), plus the models. Noise: each UNI tile (tile x tile latent px) has its own generator, seeded by
 the run's seed and the tile's position, so the same seed gives the same noise in every tile of any crop or edit
 of a grid, whatever the band layout. Stochastic samplers draw their per-step noise from a generator per

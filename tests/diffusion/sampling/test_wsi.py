@@ -186,10 +186,10 @@ def test_pyramid_opens_in_openslide_and_tiffslide(tmp_path):
     level0 = DiskArray(tmp_path / "level0.npy", image.shape, "uint8")
     level0.write(0, image)
     shapes = write_pyramid(level0, tmp_path / "slide.tif", mpp=0.5, magnification=20, compression="deflate")
-    assert shapes == [(700, 1100), (350, 550), (175, 275)]
+    assert shapes == [(700, 1100), (350, 550), (175, 275), (88, 138)]  # halved until one 256 px tile
     for slide in (openslide.OpenSlide(tmp_path / "slide.tif"), tiffslide.TiffSlide(tmp_path / "slide.tif")):
         prefix = "openslide" if isinstance(slide, openslide.OpenSlide) else "tiffslide"
-        assert slide.level_dimensions == ((1100, 700), (550, 350), (275, 175))
+        assert slide.level_dimensions == ((1100, 700), (550, 350), (275, 175), (138, 88))
         assert float(slide.properties[f"{prefix}.mpp-x"]) == 0.5
         assert float(slide.properties[f"{prefix}.objective-power"]) == 20
         region = np.asarray(slide.read_region((0, 0), 0, (1100, 700)).convert("RGB"))
