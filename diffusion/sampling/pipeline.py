@@ -27,7 +27,15 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import Tensor
 
-from ..encoders import SD35_VAE_ID, decode_latents, load_vae, to_uint8, vae_scale_factor
+from ..encoders import (
+    SD35_VAE_ID,
+    decode_latents,
+    encode_posterior,
+    latents_to_model,
+    load_vae,
+    to_uint8,
+    vae_scale_factor,
+)
 from ..model.loading import load_transformer
 from ..model.lora import add_lora, has_lora, load_lora_weights, merge_lora, read_lora_file, set_lora_scale
 from ..model.pixcell_transformer import PixCellTransformer2DModel
@@ -244,6 +252,79 @@ class PixCellPipeline(DiffusionPipeline):
 
         return on_step
 
+    def prepare_edit(
+        self,
+        image,
+        strength: float,
+        mask_image,
+        feather: int,
+        noise: Tensor,  # (B, 16, h, w) the initial noise
+        steps: int,
+        per_prompt: int,
+        on_step: Callable[[int, Tensor, Tensor], Tensor | None] | None,
+    ) -> tuple[Tensor, int, Callable[[int, Tensor, Tensor], Tensor | None] | None]:
+        """img2img / inpainting (diffusion/sampling/editing.py): -> (starting latents, first step, on_step)."""
+        from .editing import check_edit_sampler, latent_mask, noised, start_step
+
+        if image is None:
+            if strength != 1.0 or mask_image is not None:
+                raise ValueError("`strength` below 1 and `mask_image` need an `image` to start from")
+            return noise, 0, on_step
+        check_edit_sampler(sampler_name(self.scheduler))
+        pixels = self.as_pixels(image, 3).repeat_interleave(per_prompt, dim=0).to(noise.device)
+        if pixels.shape[0] != noise.shape[0] or pixels.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"image: {tuple(pixels.shape)} for {noise.shape[0]} images of {self.image_size} px (one per condition)"
+            )
+        known = latents_to_model(encode_posterior(self.vae, pixels)[0], self.vae).float()
+        start = start_step(steps, strength)
+        self.scheduler.set_timesteps(steps)
+        timesteps = self.scheduler.timesteps
+        x = noised(known, noise, timesteps[start]) if start > 0 else noise
+        if mask_image is None:
+            return x, start, on_step
+        mask = latent_mask(self.as_pixels(mask_image, 1), tuple(noise.shape[-2:]), feather)
+        mask = mask.repeat_interleave(per_prompt, dim=0).to(noise.device)
+
+        def blend(i: int, t: Tensor, x: Tensor) -> Tensor | None:
+            nxt = timesteps[i + 1] if i + 1 < len(timesteps) else None
+            x = mask * x + (1 - mask) * noised(known, noise, nxt)
+            replaced = on_step(i, t, x) if on_step is not None else None
+            return x if replaced is None else replaced
+
+        return x, start, blend
+
+    def composite(self, decoded: Tensor, image, mask_image, feather: int, per_prompt: int) -> Tensor:
+        """Inpainting's output: the decoded images inside the (feathered) mask, the input image outside, blended
+        over the mask's ramp (the latent mask upsampled to pixels)."""
+        from .editing import latent_mask
+
+        pixels = self.as_pixels(image, 3).repeat_interleave(per_prompt, dim=0).to(decoded.device)
+        size = tuple(s // vae_scale_factor(self.vae) for s in decoded.shape[-2:])
+        mask = latent_mask(self.as_pixels(mask_image, 1), size, feather).repeat_interleave(per_prompt, dim=0)
+        mask = torch.nn.functional.interpolate(mask, size=decoded.shape[-2:], mode="bilinear").to(
+            decoded.device
+        )
+        return mask * decoded + (1 - mask) * pixels
+
+    @staticmethod
+    def as_pixels(images, channels: int) -> Tensor:
+        """Images (PIL list, (B, H, W, C) uint8 array, or (B, C, H, W) tensor in [0, 1]) -> (B, C, H, W) float."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        if isinstance(images, (list, tuple)):
+            mode = "RGB" if channels == 3 else "L"
+            images = np.stack([np.asarray(im.convert(mode)) for im in images])
+        if isinstance(images, np.ndarray):
+            arr = images.astype(np.float32) / (255.0 if images.dtype == np.uint8 else 1.0)
+            if arr.ndim == 3:
+                arr = arr[..., None] if channels == 1 else arr[None]
+            images = torch.from_numpy(arr).permute(0, 3, 1, 2)
+        images = torch.as_tensor(images, dtype=torch.float32)
+        if images.ndim != 4 or images.shape[1] != channels:
+            raise ValueError(f"expected (B, {channels}, H, W) images in [0, 1], got {tuple(images.shape)}")
+        return images
+
     @torch.no_grad()
     def __call__(
         self,
@@ -269,6 +350,13 @@ class PixCellPipeline(DiffusionPipeline):
         callback_steps: int = 1,
         callback_on_step_end: Callable[..., dict] | None = None,  # diffusers: (pipe, step, t, kwargs) -> dict
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        image: Tensor
+        | np.ndarray
+        | Sequence[Image.Image]
+        | None = None,  # img2img / inpainting: (B, 3, H, W) in [0, 1]
+        strength: float = 1.0,  # SDEdit: the fraction of the steps run from the noised image (1: from noise)
+        mask_image: Tensor | np.ndarray | Sequence[Image.Image] | None = None,  # (B, 1, H, W), 1 = regenerate
+        mask_feather: int = 2,  # latent px over which the mask's border is blended
     ) -> ImagePipelineOutput | tuple:
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
@@ -322,19 +410,27 @@ class PixCellPipeline(DiffusionPipeline):
             uncond = uncond.to(device)
 
         fn = self.model_fn(w) if student else self.model_fn()
+        latents, start, on_step = self.prepare_edit(
+            image, strength, mask_image, mask_feather, latents.to(device), steps, k, on_step
+        )
         x = denoise(
             lambda x, t: guided_prediction(fn, x, t, uni, uncond, w, guidance_interval),
-            latents.to(device),
+            latents,
             self.scheduler,
             steps,
             generator=generator,
             progress=progress,
             on_step=on_step,
+            start=start,
         )
         if output_type == "latent":
             images = x
         else:
             images = decode_latents(self.vae, x)  # (B, 3, H, W) in [0, 1]
+            if (
+                mask_image is not None and image is not None
+            ):  # inpainting: the kept pixels are the image's own
+                images = self.composite(images, image, mask_image, mask_feather, k)
             if output_type == "np":
                 images = images.permute(0, 2, 3, 1).cpu().numpy()
             elif output_type == "pil":

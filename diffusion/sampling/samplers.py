@@ -280,6 +280,7 @@ def denoise(
     generator: torch.Generator | list[torch.Generator] | None = None,  # a list: one per row (per-image seeds)
     progress: bool = True,
     on_step: Callable[[int, Tensor, Tensor], Tensor | None] | None = None,  # (i, t, x) after step i
+    start: int = 0,  # img2img (SDEdit): run steps start.. only, from `latents` already noised to that step
 ) -> Tensor:
     """Run a diffusers scheduler from noise `latents` (B, C, h, w) with `eps_fn(x, t) -> (B, 2C, h, w)`.
 
@@ -287,10 +288,13 @@ def denoise(
     `on_step` sees the latents after each step and may return replacements (the pipelines' callbacks).
     """
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
-    x = latents * scheduler.init_noise_sigma
+    if start and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    x = latents * scheduler.init_noise_sigma if start == 0 else latents
     c = x.shape[1]
     full = wants_variance(scheduler)
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False)):
+    steps = scheduler.timesteps[start:]
+    for i, t in enumerate(tqdm(steps, desc="denoising", disable=not progress, leave=False), start):
         x_in = scheduler.scale_model_input(x, t)
         out = eps_fn(x_in, t)
         out = out if full else out[:, :c]
