@@ -35,18 +35,16 @@ from pathlib import Path
 import numpy as np
 
 from diffusion.atomic import atomic_path
+from diffusion.command import check_paths, run_cli, runtime_device
 from diffusion.geometry import tokens_side
+from diffusion.sampling.loading import load_pipeline, load_uni_encoder
 from tools.cli import (
     add_lora_args,
     add_model_args,
     add_runtime_args,
     add_sampler_args,
-    check_paths,
     check_sampler_args,
-    load_pipeline,
-    load_uni_encoder,
-    run_cli,
-    runtime_device,
+    pipeline_sources,
 )
 
 log = logging.getLogger("pixcell.sample_wsi")
@@ -239,13 +237,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = check_args(args)
     out = Path(args.out)
     device = runtime_device(args.device)
-    pipe, model_ref, vae_ref = load_pipeline(args, device)
+    pipe, model_ref, vae_ref = load_pipeline(pipeline_sources(args), device)
     cfg = pipe.transformer.config
     try:
         m = tokens_side(cfg.caption_num_tokens)
     except ValueError as err:
         raise ValueError(f"--model {args.model}: {err}") from None
-    uni = load_uni_encoder(args, device, cfg.caption_channels) if source == "slide" else None
+    uni = load_uni_encoder(args.uni, device, args.dtype, cfg.caption_channels) if source == "slide" else None
     grid_path = out / "grid.npy"
     work = out / "work"
     if (work / "plan.json").exists() and grid_path.exists() and source in ("slide", "prior"):
@@ -271,11 +269,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(tmp, "wb") as fh:
             np.save(fh, grid)
     (out / "grid.json").write_text(json.dumps(info, indent=1))
+    interval = tuple(args.guidance_interval) if args.guidance_interval else None
+    sampling = pipe.sampling_options(args.steps, args.guidance, interval, args.allow_negative_guidance)
     settings = WSISettings(
-        sampler=args.sampler,
-        steps=args.steps,
-        guidance=args.guidance,
-        guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
+        sampler=sampling.sampler,
+        steps=sampling.steps,
+        guidance=sampling.guidance,
+        guidance_interval=sampling.guidance_interval,
         seed=args.seed,
         stride=stride,
         strength=args.strength,

@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tools.cli import run_cli
+from diffusion.command import run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -64,7 +64,7 @@ from .samplers import (
     guided_prediction,
     guides,
     make_scheduler,
-    resolve_defaults,
+    resolve_sampling,
     transformer_fn,
     wants_variance,
 )
@@ -270,9 +270,10 @@ class WSIRun:
         self.bands = [(y, min(self.height, y + stride)) for y in range(0, self.height, stride)]
         self.row_cover = _coverage_1d(self.height, self.origins, self.window)
         self.col_cover = _coverage_1d(self.width, range(0, self.width - self.window + 1, stride), self.window)
-        self.steps, self.guidance = resolve_defaults(
+        sampling = resolve_sampling(
             settings.sampler, settings.steps, settings.guidance, cfg.caption_num_tokens
         )
+        self.steps, self.guidance = sampling.steps, sampling.guidance
         self.start = start_step(self.steps, settings.strength)  # the first step run (SDEdit)
         if (settings.strength < 1 or inputs.mask is not None) and inputs.known is None:
             raise ValueError("`strength` below 1 and a mask need an init image to start from")

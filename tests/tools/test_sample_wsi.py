@@ -14,8 +14,8 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
+from diffusion.command import run_cli
 from diffusion.model.pixcell_transformer import build_pixcell
-from tools.cli import run_cli
 from tools.sample_wsi import main
 
 C = 96
