@@ -164,6 +164,9 @@ RESUME_CHANGEABLE = (
     "data.features_root",
     "data.num_workers",
     "data.max_failure_rate",
+    # how the same run is laid out on other hardware (a sharded checkpoint loads on any sharding)
+    "fsdp.strategy",
+    "fsdp.reshard_after_forward",
 )
 
 
@@ -184,12 +187,14 @@ def config_changes(saved_text: str, cfg: Config) -> dict[str, tuple]:
     return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
 
 
-def check_resume_changes(saved_text: str, cfg: Config, checkpoint: str | Path) -> dict[str, tuple]:
-    """The config changes of a resumed run, when every one may change (RESUME_CHANGEABLE); else one ValueError
-    naming the first key that may not."""
+def check_resume_changes(
+    saved_text: str, cfg: Config, checkpoint: str | Path, also: tuple[str, ...] = ()
+) -> dict[str, tuple]:
+    """The config changes of a resumed run, when every one may change (RESUME_CHANGEABLE, plus `also`); else one
+    ValueError naming the first key that may not."""
     changes = config_changes(saved_text, cfg)
     for key, (old, new) in changes.items():
-        if not any(key == k or key.startswith(k + ".") for k in RESUME_CHANGEABLE):
+        if not any(key == k or key.startswith(k + ".") for k in (*RESUME_CHANGEABLE, *also)):
             raise ValueError(
                 f"resume from {checkpoint}: config key {key} is {old!r} there and {new!r} now, and cannot change "
                 "when a run resumes (changeable: optimizer.lr, max_steps, logging/saving/validation intervals, "

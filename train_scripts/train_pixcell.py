@@ -32,6 +32,7 @@ from diffusion.data.datasets import (
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.geometry import latent_norm, resolve_norm, to_model_latents
 from diffusion.model.pixcell_transformer import compile_blocks
+from diffusion.training.fsdp import fsdp_settings, full_state_dict
 from diffusion.training.init import initialise_from
 from diffusion.training.precision import set_fp32_attention, set_gradient_checkpointing
 from diffusion.training.run import add_resume_args, is_sharded, launch, run_trainer, start_run
@@ -106,7 +107,8 @@ def main(args: argparse.Namespace) -> int:
     work_dir = Path(args.work_dir)
     accelerator, resume = launch(work_dir, args.resume_from, cfg.mixed_precision)
     is_main, device = accelerator.is_main_process, accelerator.device
-    sharded = is_sharded(accelerator)
+    fsdp = fsdp_settings(cfg)  # fully_shard (diffusion/training/fsdp.py), or None: accelerate's DDP / plugins
+    sharded = is_sharded(accelerator) or (fsdp is not None and accelerator.num_processes > 1)
 
     # ---- model (same seed on every process: identical initialisation and null condition)
     torch.manual_seed(cfg.seed)
@@ -167,7 +169,7 @@ def main(args: argparse.Namespace) -> int:
     # ---- optimisation, EMA, noise, checkpoints, counters (restored when resuming)
     run = start_run(accelerator, cfg, work_dir, model, total_steps, resume, sharded_ema=sharded,
                     counters=dict(nonfinite_total=0, skipped_samples=0, images_seen=0),
-                    info=dict(dataset_samples=len(dataset)))  # fmt: skip
+                    info=dict(dataset_samples=len(dataset)), fsdp=fsdp)  # fmt: skip
     model, unwrapped, state, noise_gen = run.model, run.unwrapped, run.state, run.generator
     diffusion = GaussianDiffusion()
 
@@ -182,9 +184,11 @@ def main(args: argparse.Namespace) -> int:
         held_out = held_out_samples(dataset, held_out_idx, cfg.resolution)
 
     def save(step: int) -> Path:
-        sd = accelerator.get_state_dict(model)  # full weights (a gather under FSDP: every process calls it)
+        # full weights (a gather under FSDP: every process calls it)
+        gather = accelerator.get_state_dict if fsdp is None else full_state_dict
+        sd = gather(model)
         with run.ema_weights():
-            sd_ema = accelerator.get_state_dict(model)
+            sd_ema = gather(model)
         return run.save(
             step, portable={"transformer": (unwrapped, sd), "transformer_ema": (unwrapped, sd_ema)}
         )
