@@ -114,12 +114,15 @@ def resolve_latent_norm(cfg: Config) -> tuple[float, float]:
     """The run's (vae_shift, vae_scale): as configured, else as recorded beside the features, else SD3.5's; a
     configured pair that the features contradict is a one-line ValueError (diffusion.geometry.resolve_norm)."""
     from .data.features import PACKED_DIRNAME, recorded_latent_norm
+    from .data.shards import SHARDS_DIRNAME
 
     d = cfg.get("data", {})
     recorded, where = None, "config"
     if d.get("root"):
         fmt = d.get("feature_format", "npy")
-        default = Path(d["root"]) if fmt == "npy" else Path(d["root"]) / PACKED_DIRNAME
+        default = Path(d["root"]) / {"npy": "", "packed": PACKED_DIRNAME, "shards": SHARDS_DIRNAME}.get(
+            fmt, ""
+        )
         root = Path(d["features_root"]) if d.get("features_root") else default
         if root.is_dir():
             recorded, where = recorded_latent_norm(root, fmt)

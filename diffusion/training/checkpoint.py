@@ -36,7 +36,7 @@ from torch import Tensor
 from ..atomic import atomic_path
 from ..checkpoints import CHECKPOINT_DIR, checkpoint_name, latest_checkpoint, list_checkpoints
 from ..errors import named_write_errors
-from .fsdp import SHARDS_DIR
+from .fsdp import SHARDS_DIR, own_class_name
 
 log = logging.getLogger("pixcell.train")
 
@@ -67,6 +67,10 @@ def save_transformer_folder(model, state_dict: dict[str, Tensor], folder: str | 
     with atomic_path(folder) as tmp:
         tmp.mkdir(parents=True)
         model.save_config(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        if config.get("_class_name") != own_class_name(model):  # a sharded (FSDP2) model's config
+            config["_class_name"] = own_class_name(model)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         save_file(tensors, tmp / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
     return folder

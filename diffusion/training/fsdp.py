@@ -127,6 +127,16 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=options)
 
 
+def own_class_name(model: nn.Module) -> str:
+    """The model's own class name: fully_shard subclasses a module in place (PixCellTransformer2DModel becomes
+    FSDPPixCellTransformer2DModel), and a saved config must name the class the published loaders know."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return type(model).__name__
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """This process's part of a tensor (the shard of a DTensor, the tensor itself otherwise)."""
     return t.to_local() if hasattr(t, "to_local") else t

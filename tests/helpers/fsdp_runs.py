@@ -31,16 +31,19 @@ COMMON = ("max_steps=20", "save_every_steps=10", "log_every_steps=1", "lr_schedu
 def train(work: Path, data: str, *options: str) -> None:
     from train_scripts.train_pixcell import cli
 
-    argv = [TINY, "--work-dir", str(work), "--data-root", data, "--report-to", "none",
-            "--cfg-options", *COMMON, *options]  # fmt: skip
+    argv = [
+        TINY,
+        "--work-dir",
+        str(work),
+        "--data-root",
+        data,
+        "--report-to",
+        "none",
+        "--cfg-options",
+        *COMMON,
+        *options,
+    ]
     assert cli(argv) == 0, f"train_pixcell failed in {work}"
-    # The run ended with accelerate's end_training, which destroys the process group: forget accelerate's
-    # state, so that the next run (or this script) sets up a new one.
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
 
 
 def one_to_two(source: Path, work: Path, data: str) -> bool:
@@ -131,7 +134,7 @@ def main(data: str, out: Path, one_process_run: Path) -> None:
     train(out / "resumed", data, "fsdp.enabled=True")
     exact = one_to_two(one_process_run, out / "one_to_two", data)
     adamw = dict(type="AdamW", lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8)
-    came = dict(type="CAME", lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16))
+    came = dict(type="CAME", lr=1e-4, weight_decay=0.01, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16))
     results = {"one_to_two_load_exact": exact}
     for name, opt in (("adamw", adamw), ("came", came)):
         results[f"{name}_fsdp"], results[f"{name}_single"] = equality(20, opt)
@@ -141,4 +144,9 @@ def main(data: str, out: Path, one_process_run: Path) -> None:
 
 
 if __name__ == "__main__":
+    from accelerate.state import PartialState
+
+    # Every run ends with accelerate's end_training, which destroys the process group; the runs here share one.
+    PartialState.destroy_process_group = lambda self, group=None: None
     main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
+    dist.destroy_process_group()
