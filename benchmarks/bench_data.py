@@ -129,7 +129,7 @@ def main() -> None:
         root = Path(tmp) / "patches"
         t0 = time.perf_counter()
         make_data(root, args.patches, args.shard_size)
-        print(f"wrote {args.patches} patches x 2 formats in {time.perf_counter() - t0:.1f} s under {root}")
+        print(f"wrote {args.patches} patches x 3 formats in {time.perf_counter() - t0:.1f} s under {root}")
         print(f"batch {args.batch_size}, {args.num_workers} workers, shuffled, torch {torch.__version__}, "
               f"{os.cpu_count()} CPUs\n")  # fmt: skip
         print(

@@ -18,8 +18,8 @@ data = dict(
     index_file=None,  # default: <root>/metadata/patch_names_all.hdf5
     dataset_keys=None,  # e.g. ["TCGA_1024"]; None = all keys in the index
     parent_size=1024,  # size of the stored patches the training crops come from
-    feature_format="npy",  # "npy" (published per-patch files) or "packed"
-    features_root=None,  # packed shards folder (default under root)
+    feature_format="npy",  # "npy" (published per-patch files), "packed" (HDF5) or "shards" (streaming parquet)
+    features_root=None,  # packed / shards folder (default <root>/features_packed, <root>/features_shards)
     num_workers=8,
     max_failure_rate=0.01,  # stop when more than this fraction of samples fails to load
 )

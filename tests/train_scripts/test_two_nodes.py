@@ -28,7 +28,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_nodes(work: Path, data: Path, port: int) -> list[subprocess.Popen]:
+def start_nodes(work: Path, data: Path, port: int, steps: int) -> list[subprocess.Popen]:
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     nodes = []
@@ -62,7 +62,7 @@ def start_nodes(work: Path, data: Path, port: int) -> list[subprocess.Popen]:
             "--cfg-options",
             "fsdp.enabled=True",
             "fsdp.strategy='HYBRID_SHARD'",
-            "max_steps=6",
+            f"max_steps={steps}",
             "save_every_steps=3",
             "log_every_steps=1",
         ]
@@ -82,9 +82,10 @@ def test_two_nodes_train_lose_a_node_and_resume(tmp_path, real_features):
     work = tmp_path / "run"
     work.mkdir()
     log = work / "train.log"
-    nodes = start_nodes(work, real_features, free_port())
+    # Long enough a run that the kill comes mid-way; the resumed run stops at 12 (max_steps may change on resume).
+    nodes = start_nodes(work, real_features, free_port(), steps=60)
     deadline = time.monotonic() + 300
-    while not (log.is_file() and "step 4/6" in log.read_text()):
+    while not (log.is_file() and "step 4/60" in log.read_text()):
         assert all(n.poll() is None for n in nodes), (tmp_path / "node0.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "the 2-node run did not reach step 4"
         time.sleep(0.05)
@@ -94,19 +95,22 @@ def test_two_nodes_train_lose_a_node_and_resume(tmp_path, real_features):
     first = log.read_text()
     assert "fsdp: HYBRID_SHARD over mesh (2, 1)" in first
     assert json.loads((work / "env.json").read_text())["world_size"] == 2  # two real processes
-    assert latest_checkpoint(work).name == "checkpoint-0000003"
+    saved = int(latest_checkpoint(work).name.split("-")[1])
+    assert 3 <= saved < 12
 
-    nodes = start_nodes(work, real_features, free_port())
-    for n in nodes:
-        assert n.wait(timeout=300) == 0, (tmp_path / f"node{nodes.index(n)}.log").read_text()[-3000:]
+    nodes = start_nodes(work, real_features, free_port(), steps=12)
+    for i, n in enumerate(nodes):
+        assert n.wait(timeout=300) == 0, (tmp_path / f"node{i}.log").read_text()[-3000:]
     text = log.read_text()
-    assert "resumed from" in text and "checkpoint-0000003" in text
-    assert latest_checkpoint(work).name == "checkpoint-0000006"
+    assert f"resumed from {latest_checkpoint(work).parent / f'checkpoint-{saved:07d}'}" in text
+    assert latest_checkpoint(work).name == "checkpoint-0000012"
     assert not list((work / "checkpoints").glob(".checkpoint-*"))
     assert len(list((latest_checkpoint(work) / "shards").glob("*.distcp"))) == 2
-    # The steps that ran before the kill ran again after the resume, with the same losses.
-    before = dict(re.findall(r"step (\d)/6 loss ([0-9.]+)", first))
-    after = dict(re.findall(r"step (\d)/6 loss ([0-9.]+)", text[len(first) :]))
-    repeated = sorted(set(before) & set(after))
-    assert repeated and int(repeated[0]) == 4, (before, after)
-    assert all(before[s] == after[s] for s in repeated), (before, after)
+    # The steps that ran after the checkpoint and before the kill ran again after the resume, with the same
+    # losses (a constant learning rate: max_steps 60 or 12 gives the same schedule).
+    before = {int(k): v for k, v in re.findall(r"step (\d+)/60 loss ([0-9.]+)", first)}
+    after = {int(k): v for k, v in re.findall(r"step (\d+)/12 loss ([0-9.]+)", text[len(first) :])}
+    assert sorted(after) == list(range(saved + 1, 13))
+    lost = [s for s in before if s > saved]
+    assert all(before[s] == after[s] for s in lost), (before, after)
+    assert lost or max(before) == saved
