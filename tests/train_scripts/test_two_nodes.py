@@ -5,6 +5,7 @@ commands again resume from the last complete checkpoint and finish, repeating th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,6 +15,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 from diffusion.checkpoints import latest_checkpoint
 
@@ -74,7 +77,12 @@ def start_nodes(work: Path, data: Path, port: int, steps: int) -> list[subproces
 
 
 def kill(node: subprocess.Popen) -> None:
-    os.killpg(node.pid, signal.SIGKILL)  # the launcher and its training process
+    """SIGKILL a node: the launcher and its training process (torch's elastic agent starts the workers in
+    sessions of their own, so a process-group kill would leave them running: as a scheduler does, kill all)."""
+    launcher = psutil.Process(node.pid)
+    for proc in [*launcher.children(recursive=True), launcher]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGKILL)
     node.wait()
 
 
