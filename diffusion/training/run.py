@@ -422,8 +422,10 @@ def same_global_batch(saved_config: str, cfg, resume: Path, num_processes: int) 
 
     from .checkpoint import read_meta
 
-    old = Config.fromstring(saved_config, ".py").get("train_batch_size")
-    return old * read_meta(resume)["world_size"] == cfg.get("train_batch_size") * num_processes
+    old, new = Config.fromstring(saved_config, ".py").get("train_batch_size"), cfg.get("train_batch_size")
+    if not isinstance(old, int) or not isinstance(new, int):  # a trainer without this key
+        return False
+    return old * read_meta(resume)["world_size"] == new * num_processes
 
 
 def apply_resume_changes(
