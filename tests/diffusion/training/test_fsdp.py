@@ -3,9 +3,10 @@ resume bit for bit at the same world size and reshard to another (2 -> 1, 1 -> 2
 
 The two-process runs are one torchrun launch of tests/helpers/fsdp_runs.py (start-up dominates on 2 cores).
 Tolerances (fp32 on CPU): the FSDP and single-process losses of the same global batch and noise agree to 1e-6
-relative with AdamW (measured 8e-8 over 20 steps) and 1e-4 with CAME (its factored statistics are sums over the
-shards, in another order); FSDP and DDP log the same losses to the printed 5 decimals and end with weights within
-1e-6 (measured: 3e-8, and 5e-7 on the attention key biases, whose gradient is ~0 so that AdamW scales up noise).
+relative with AdamW (measured 8e-8 over 20 steps) and 1e-5 with CAME (measured 6e-8 at lr 1e-4 and 5e-6 at lr
+1e-3: its factored statistics are sums over the shards, in another order); FSDP and DDP log the same losses to the
+printed 5 decimals and end with weights within 1e-6 (measured 2e-8; up to 5e-7 on the attention key biases on
+other data: their gradient is ~0, and AdamW scales the rounding noise up).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def runs(tmp_path_factory, real_features) -> Path:
 
 def test_fsdp_loss_equals_one_process_on_the_same_global_batch(runs):
     results = json.loads((runs / "equality.json").read_text())
-    for name, tolerance in (("adamw", 1e-6), ("came", 1e-4)):
+    for name, tolerance in (("adamw", 1e-6), ("came", 1e-5)):
         fsdp, single = torch.tensor(results[f"{name}_fsdp"]), torch.tensor(results[f"{name}_single"])
         assert len(fsdp) == 20
         torch.testing.assert_close(fsdp, single, rtol=tolerance, atol=0.0, msg=name)
