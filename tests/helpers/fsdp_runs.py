@@ -9,7 +9,8 @@ One launch runs every world-size-2 case in the same two processes (process start
 3. a run saved by one process (ONE_PROCESS_RUN, checkpoint 10, batch 4) loaded on two: the gathered weights are
    compared with its portable ones, then it trains on to 20 with batch 2 (the same global batch): OUT/one_to_two;
 4. the library's FSDP step against a single-process step on the same global batch (same noise), 20 steps with
-   AdamW and with CAME: the losses go to OUT/equality.json.
+   AdamW and with CAME in fp32, and with AdamW under the bf16 policy against bf16 autocast: the losses go to
+   OUT/equality.json.
 """
 
 from __future__ import annotations
@@ -75,9 +76,10 @@ def one_to_two(source: Path, work: Path, data: str) -> bool:
     return exact
 
 
-def equality(steps: int, optimizer_cfg: dict) -> tuple[list[float], list[float]]:
+def equality(steps: int, optimizer_cfg: dict, bf16: bool = False) -> tuple[list[float], list[float]]:
     """Loss per step of the FSDP model (each process its half of the global batch) and of a single-process copy
-    (the whole batch, the mean of the two halves' losses, each half with that process's noise generator)."""
+    (the whole batch, the mean of the two halves' losses, each half with that process's noise generator).
+    bf16: FSDP's mixed-precision policy (bf16 compute copies, fp32 reduction) against bf16 autocast."""
     from diffusion.config import build_model_from_config, load_config
     from diffusion.gaussian_diffusion import GaussianDiffusion
     from diffusion.training.fsdp import FSDPSettings, shard_model
@@ -89,7 +91,8 @@ def equality(steps: int, optimizer_cfg: dict) -> tuple[list[float], list[float]]
     cfg = load_config(TINY, {})
     torch.manual_seed(cfg.seed)
     reference = build_model_from_config(cfg)
-    model = shard_model(copy.deepcopy(reference), FSDPSettings("FULL_SHARD", True, None), torch.device("cpu"))
+    settings = FSDPSettings("FULL_SHARD", True, torch.bfloat16 if bf16 else None)
+    model = shard_model(copy.deepcopy(reference), settings, torch.device("cpu"))
     opt = build_optimizer(model.parameters(), optimizer_cfg)
     ref_opt = build_optimizer(reference.parameters(), optimizer_cfg)
     gens = [seeded_generator(torch.device("cpu"), cfg.seed, r) for r in range(world)]
@@ -115,7 +118,8 @@ def equality(steps: int, optimizer_cfg: dict) -> tuple[list[float], list[float]]
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         ours.append(mean.item() / world)
-        ref_loss = sum(half_loss(reference, x, u, g) for (x, u), g in zip(halves, ref_gens)) / world
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            ref_loss = sum(half_loss(reference, x, u, g) for (x, u), g in zip(halves, ref_gens)) / world
         ref_loss.backward()
         torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
         ref_opt.step()
@@ -138,6 +142,7 @@ def main(data: str, out: Path, one_process_run: Path) -> None:
     results = {"one_to_two_load_exact": exact}
     for name, opt in (("adamw", adamw), ("came", came)):
         results[f"{name}_fsdp"], results[f"{name}_single"] = equality(20, opt)
+    results["bf16_fsdp"], results["bf16_single"] = equality(20, adamw, bf16=True)
     if dist.get_rank() == 0:
         (out / "equality.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
