@@ -20,8 +20,8 @@ permuted with a generator seeded by (seed, p), the same on every process, and de
 orders nodes, so each node reads a disjoint part). A consumer expands each patch into its `(S/r)^2` crops,
 pushes them through a shuffle buffer (seeded by (seed, p, consumer)) and yields an endless stream, pass after
 pass. Nothing in the stream depends on timing, so a consumer's n-th sample is a pure function of
-(seed, world size, num_workers, n): to resume, each worker replays its buffer's draws for the samples already
-taken (no I/O) and reads on from there. An "epoch" is nominal, `batches_per_epoch` = crops // global batch.
+(seed, world size, num_workers, n): to resume, each worker skips the passes it finished (arithmetic), replays its
+buffer's draws for the samples taken in the current pass (no I/O, a few microseconds each) and reads on. An "epoch" is nominal, `batches_per_epoch` = crops // global batch.
 Exact resume needs the same world size, batch size and num_workers; on other ones the run continues with
 another data order (every sample still comes once per pass).
 """
@@ -219,6 +219,9 @@ class ShardStream(IterableDataset):
         self.epoch, self.start_batch = 0, 0
         self._files: dict = {}
 
+    def __getstate__(self) -> dict:  # open files stay with their process (spawned loader workers reopen them)
+        return {**self.__dict__, "_files": {}}
+
     @property
     def root(self) -> Path:  # named in the trainer's data errors
         return self.folder
@@ -265,9 +268,13 @@ class ShardStream(IterableDataset):
         order = torch.randperm(len(self.units), generator=g).tolist()
         return order[consumer::consumers]
 
-    def _refs(self, consumer: int, consumers: int) -> Iterator[_Ref]:
-        """This consumer's endless stream of samples, shuffled through the buffer, pass after pass."""
-        pass_ = 0
+    def _pass_length(self, consumer: int, consumers: int, pass_: int) -> int:
+        return (
+            sum(self.units[u][2] for u in self._units_of(consumer, consumers, pass_)) * self.crops_per_patch
+        )
+
+    def _refs(self, consumer: int, consumers: int, pass_: int = 0) -> Iterator[_Ref]:
+        """This consumer's endless stream of samples from pass `pass_` on, shuffled through the buffer."""
         while True:
             rng = np.random.default_rng([self.seed, pass_, consumer])
             buffer: list[_Ref] = []
@@ -333,18 +340,22 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = self._consumer()
-        refs = self._refs(self.rank * workers + worker, self.world_size * workers)
-        skip = self._taken(worker, workers, self.epoch, self.start_batch)
-        for _ in range(skip):  # replay the buffer's draws: no I/O
+        consumer, consumers = self.rank * workers + worker, self.world_size * workers
+        taken = self._taken(worker, workers, self.epoch, self.start_batch)
+        todo = self._taken(worker, workers, self.epoch + 1, 0) - taken
+        pass_, skip = 0, taken
+        while skip >= (length := self._pass_length(consumer, consumers, pass_)):  # whole passes: arithmetic
+            skip, pass_ = skip - length, pass_ + 1
+        refs = self._refs(consumer, consumers, pass_)
+        for _ in range(skip):  # replay the buffer's draws within the pass: no I/O
             next(refs)
-        todo = self._taken(worker, workers, self.epoch + 1, 0) - skip
         cache: dict[int, object] = {}
         for _ in range(todo):
             ref = next(refs)
             if ref.unit not in cache:
-                if len(cache) > self.buffer_size // max(1, self.units[ref.unit][2]) + 2:
-                    cache.pop(
-                        next(iter(cache))
-                    )  # the oldest row group: its crops are mostly out of the buffer
+                crops_per_unit = max(1, self.units[ref.unit][2] * self.crops_per_patch)
+                if len(cache) > self.buffer_size // crops_per_unit + 2:
+                    # the oldest row group: its crops are mostly out of the buffer
+                    cache.pop(next(iter(cache)))
                 cache[ref.unit] = self._row_group(ref.unit)
             yield self._sample(ref, cache[ref.unit])
