@@ -347,15 +347,24 @@ class ShardStream(IterableDataset):
         while skip >= (length := self._pass_length(consumer, consumers, pass_)):  # whole passes: arithmetic
             skip, pass_ = skip - length, pass_ + 1
         refs = self._refs(consumer, consumers, pass_)
+        # A row group stays in memory while crops of it are in the shuffle buffer: until all its crops of the pass
+        # came out (counted from the start of the pass, the replayed ones included).
+        out: dict[tuple[int, int], int] = {}
+        cache: dict[tuple[int, int], object] = {}
+
+        def count_out(ref: _Ref) -> tuple[int, int]:
+            key = (ref.pass_, ref.unit)
+            out[key] = out.get(key, 0) + 1
+            return key
+
         for _ in range(skip):  # replay the buffer's draws within the pass: no I/O
-            next(refs)
-        cache: dict[int, object] = {}
+            count_out(next(refs))
         for _ in range(todo):
             ref = next(refs)
-            if ref.unit not in cache:
-                crops_per_unit = max(1, self.units[ref.unit][2] * self.crops_per_patch)
-                if len(cache) > self.buffer_size // crops_per_unit + 2:
-                    # the oldest row group: its crops are mostly out of the buffer
-                    cache.pop(next(iter(cache)))
-                cache[ref.unit] = self._row_group(ref.unit)
-            yield self._sample(ref, cache[ref.unit])
+            key = count_out(ref)
+            if key not in cache:
+                cache[key] = self._row_group(ref.unit)
+            yield self._sample(ref, cache[key])
+            if out[key] == self.units[ref.unit][2] * self.crops_per_patch:  # the unit's last crop of the pass
+                del out[key]
+                cache.pop(key)
