@@ -120,9 +120,8 @@ def resolve_latent_norm(cfg: Config) -> tuple[float, float]:
     recorded, where = None, "config"
     if d.get("root"):
         fmt = d.get("feature_format", "npy")
-        default = Path(d["root"]) / {"npy": "", "packed": PACKED_DIRNAME, "shards": SHARDS_DIRNAME}.get(
-            fmt, ""
-        )
+        subfolder = {"packed": PACKED_DIRNAME, "shards": SHARDS_DIRNAME}.get(fmt)
+        default = Path(d["root"]) / subfolder if subfolder else Path(d["root"])
         root = Path(d["features_root"]) if d.get("features_root") else default
         if root.is_dir():
             recorded, where = recorded_latent_norm(root, fmt)
