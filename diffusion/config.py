@@ -136,12 +136,14 @@ def resolve_latent_norm(cfg: Config) -> tuple[float, float]:
     """The run's (vae_shift, vae_scale): as configured, else as recorded beside the features, else SD3.5's; a
     configured pair that the features contradict is a one-line ValueError (diffusion.geometry.resolve_norm)."""
     from .data.features import PACKED_DIRNAME, recorded_latent_norm
+    from .data.shards import SHARDS_DIRNAME
 
     d = cfg.get("data", {})
     recorded, where = None, "config"
     if d.get("root"):
         fmt = d.get("feature_format", "npy")
-        default = Path(d["root"]) if fmt == "npy" else Path(d["root"]) / PACKED_DIRNAME
+        subfolder = {"packed": PACKED_DIRNAME, "shards": SHARDS_DIRNAME}.get(fmt)
+        default = Path(d["root"]) / subfolder if subfolder else Path(d["root"])
         root = Path(d["features_root"]) if d.get("features_root") else default
         if root.is_dir():
             recorded, where = recorded_latent_norm(root, fmt)
@@ -186,6 +188,9 @@ RESUME_CHANGEABLE = (
     "data.features_root",
     "data.num_workers",
     "data.max_failure_rate",
+    # how the same run is laid out on other hardware (a sharded checkpoint loads on any sharding)
+    "fsdp.strategy",
+    "fsdp.reshard_after_forward",
 )
 
 
@@ -208,13 +213,13 @@ def config_changes(saved_text: str, config: Mapping[str, object]) -> dict[str, t
 
 
 def check_resume_changes(
-    saved_text: str, config: Mapping[str, object], checkpoint: str | Path
+    saved_text: str, config: Mapping[str, object], checkpoint: str | Path, also: tuple[str, ...] = ()
 ) -> dict[str, tuple]:
-    """The config changes of a resumed run, when every one may change (RESUME_CHANGEABLE); else one ValueError
-    naming the first key that may not."""
+    """The config changes of a resumed run, when every one may change (RESUME_CHANGEABLE, plus `also`); else one
+    ValueError naming the first key that may not."""
     changes = config_changes(saved_text, config)
     for key, (old, new) in changes.items():
-        if not any(key == k or key.startswith(k + ".") for k in RESUME_CHANGEABLE):
+        if not any(key == k or key.startswith(k + ".") for k in (*RESUME_CHANGEABLE, *also)):
             raise ValueError(
                 f"resume from {checkpoint}: config key {key} is {old!r} there and {new!r} now, and cannot change "
                 "when a run resumes (changeable: optimizer.lr, max_steps, logging/saving/validation intervals, "

@@ -95,7 +95,7 @@ def add_sampler_args(parser: argparse.ArgumentParser) -> None:
 
 def check_sampler_args(args: argparse.Namespace) -> None:
     """One-line errors for sampler flags that argparse cannot check, before any model loads (the library checks
-    steps and guidance again where every sampling path resolves them: `resolve_defaults`)."""
+    steps and guidance again where every sampling path resolves them: `resolve_sampling`)."""
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps {args.steps}: expected >= 1")
     if args.guidance_interval is not None:

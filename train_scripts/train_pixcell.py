@@ -29,9 +29,11 @@ from diffusion.data.datasets import (
     collate_skip_none,
     held_out_samples,
 )
+from diffusion.data.shards import SHARDS_DIRNAME, ShardStream
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.geometry import latent_norm, resolve_norm, to_model_latents
 from diffusion.model.pixcell_transformer import compile_blocks
+from diffusion.training.fsdp import fsdp_settings, full_state_dict
 from diffusion.training.init import initialise_from
 from diffusion.training.precision import set_fp32_attention, set_gradient_checkpointing
 from diffusion.training.run import RunSettings, add_resume_args, is_sharded, launch, run_trainer, start_run
@@ -71,9 +73,10 @@ def main(args: argparse.Namespace) -> int:
         options["report_to"] = args.report_to
     cfg = load_config(args.config, options)
     work_dir = Path(args.work_dir)
+    fsdp = fsdp_settings(cfg)  # fully_shard (diffusion/training/fsdp.py), or None: accelerate's DDP / plugins
     accelerator, resume = launch(work_dir, args.resume_from, cfg.mixed_precision)
     is_main, device = accelerator.is_main_process, accelerator.device
-    sharded = is_sharded(accelerator)
+    sharded = is_sharded(accelerator) or (fsdp is not None and accelerator.num_processes > 1)
 
     # ---- model (same seed on every process: identical initialisation and null condition)
     torch.manual_seed(cfg.seed)
@@ -94,37 +97,63 @@ def main(args: argparse.Namespace) -> int:
     d = cfg.data
     if not d.root:
         raise ValueError("data root not set: pass --data-root or set PIXCELL_DATA_ROOT (the patches folder)")
-    dataset = PatchFeatureDataset(
-        root=d.root,
-        index_file=d.index_file,
-        dataset_keys=d.dataset_keys,
-        resolution=cfg.resolution,
-        parent_size=d.parent_size,
-        feature_format=d.feature_format,
-        features_root=d.features_root,
-        seed=cfg.seed,
-        max_failure_rate=d.max_failure_rate,
-    )
-    check_data_matches_model(dataset, model, cfg.resolution, str(cfg.model))
-    held_out_idx = list(range(len(dataset) - cfg.validation.num_images, len(dataset)))
     validate = cfg.validation.every_steps > 0
-    sampler = ResumableSampler(
-        len(dataset),
-        cfg.train_batch_size,
-        accelerator.num_processes,
-        accelerator.process_index,
-        seed=cfg.seed,
-        exclude=held_out_idx if validate else (),
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.train_batch_size,
-        sampler=sampler,
-        num_workers=d.num_workers,
-        collate_fn=collate_skip_none,
-        pin_memory=device.type == "cuda",
-        drop_last=True,
-    )
+    # streaming parquet shards (tools/pack_shards.py, diffusion/data/shards.py) or the indexed patches
+    if d.feature_format == "shards":
+        if validate:
+            raise ValueError(
+                "validation reads held-out patches by index: with data.feature_format 'shards' set "
+                "validation.every_steps=0 (and validate from a checkpoint with tools.sample)"
+            )
+        folder = d.features_root or Path(d.root) / SHARDS_DIRNAME
+        dataset = sampler = ShardStream(
+            folder,
+            cfg.resolution,
+            cfg.train_batch_size,
+            accelerator.num_processes,
+            accelerator.process_index,
+            d.num_workers,
+            seed=cfg.seed,
+        )
+        check_data_matches_model(dataset, model, cfg.resolution, str(cfg.model))
+        loader = DataLoader(
+            dataset,
+            batch_size=cfg.train_batch_size,
+            num_workers=d.num_workers,
+            collate_fn=collate_skip_none,
+            drop_last=True,
+        )
+    else:
+        dataset = PatchFeatureDataset(
+            root=d.root,
+            index_file=d.index_file,
+            dataset_keys=d.dataset_keys,
+            resolution=cfg.resolution,
+            parent_size=d.parent_size,
+            feature_format=d.feature_format,
+            features_root=d.features_root,
+            seed=cfg.seed,
+            max_failure_rate=d.max_failure_rate,
+        )
+        check_data_matches_model(dataset, model, cfg.resolution, str(cfg.model))
+        held_out_idx = list(range(len(dataset) - cfg.validation.num_images, len(dataset)))
+        sampler = ResumableSampler(
+            len(dataset),
+            cfg.train_batch_size,
+            accelerator.num_processes,
+            accelerator.process_index,
+            seed=cfg.seed,
+            exclude=held_out_idx if validate else (),
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=cfg.train_batch_size,
+            sampler=sampler,
+            num_workers=d.num_workers,
+            collate_fn=collate_skip_none,
+            pin_memory=device.type == "cuda",
+            drop_last=True,
+        )
     accum = cfg.gradient_accumulation_steps
     total_steps = cfg.max_steps or cfg.num_epochs * sampler.batches_per_epoch // accum
     if total_steps < 1:
@@ -134,7 +163,7 @@ def main(args: argparse.Namespace) -> int:
     # ---- optimisation, EMA, noise, checkpoints, counters (restored when resuming)
     run = start_run(accelerator, RunSettings.from_config(cfg), work_dir, model, total_steps, resume, sharded_ema=sharded,
                     counters=dict(nonfinite_total=0, skipped_samples=0, images_seen=0),
-                    info=dict(dataset_samples=len(dataset)))  # fmt: skip
+                    info=dict(dataset_samples=len(dataset)), fsdp=fsdp)  # fmt: skip
     model, unwrapped, state, noise_gen = run.model, run.unwrapped, run.state, run.generator
     diffusion = GaussianDiffusion()
 
@@ -150,9 +179,11 @@ def main(args: argparse.Namespace) -> int:
     val, norm = cfg.validation, (cfg.vae_shift, cfg.vae_scale)
 
     def save(step: int) -> Path:
-        sd = accelerator.get_state_dict(model)  # full weights (a gather under FSDP: every process calls it)
+        # full weights (a gather under FSDP: every process calls it)
+        gather = accelerator.get_state_dict if fsdp is None else full_state_dict
+        sd = gather(model)
         with run.ema_weights():
-            sd_ema = accelerator.get_state_dict(model)
+            sd_ema = gather(model)
         return run.save(
             step, portable={"transformer": (unwrapped, sd), "transformer_ema": (unwrapped, sd_ema)}
         )

@@ -18,8 +18,8 @@ data = dict(
     index_file=None,  # default: <root>/metadata/patch_names_all.hdf5
     dataset_keys=None,  # e.g. ["TCGA_1024"]; None = all keys in the index
     parent_size=1024,  # size of the stored patches the training crops come from
-    feature_format="npy",  # "npy" (published per-patch files) or "packed"
-    features_root=None,  # packed shards folder (default under root)
+    feature_format="npy",  # "npy" (published per-patch files), "packed" (HDF5) or "shards" (streaming parquet)
+    features_root=None,  # packed / shards folder (default <root>/features_packed, <root>/features_shards)
     num_workers=8,
     max_failure_rate=0.01,  # stop when more than this fraction of samples fails to load
 )
@@ -46,6 +46,12 @@ gradient_checkpointing = True
 # torch.compile each transformer block (regional compilation; for long GPU runs); the other keys go to torch.compile
 compile = dict(enabled=False, backend="inductor", mode=None, dynamic=None, fullgraph=False)
 seed = 0
+# FSDP2 (fully_shard per transformer block, sharded DCP checkpoints that load on any process count; docs/training.md)
+fsdp = dict(
+    enabled=False,  # False: DDP (or what `accelerate config` chose)
+    strategy="FULL_SHARD",  # or "HYBRID_SHARD": shard inside a node, replicate across nodes
+    reshard_after_forward=True,  # free gathered blocks after forward (ZeRO-3); False keeps them (ZeRO-2)
+)
 max_nonfinite_steps = (
     10  # stop after this many consecutive steps with a non-finite loss or gradient (skipped)
 )

@@ -225,6 +225,8 @@ def recorded_latent_norm(
     root = Path(features_root)
     if feature_format == "npy":
         metas = {root / NPY_META_NAME: read_npy_meta(root)}
+    elif feature_format == "shards":  # diffusion/data/shards.py: the norm is recorded in shards.json
+        metas = {p: json.loads(p.read_text()) for p in [root / "shards.json"] if p.is_file()}
     else:
         metas = {p: json.loads(p.read_text()) for p in sorted(root.glob("*/meta.json"))}
     found = {p: n for p, m in metas.items() if (n := recorded_norm(m)) is not None}

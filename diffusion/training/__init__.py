@@ -20,6 +20,8 @@
                    Run (optimizer, schedule, prepare, EMA, noise generator, counters, restore, run info),
                    TrainLoop (bar, log line, tracker, save on interval; the one stop protocol), shared flags, the
                    error-line entry point; its docstring is a minimal trainer to copy
+    fsdp.py        FSDP2 (fully_shard per block, FULL_SHARD / HYBRID_SHARD, bf16 policy) and the DCP sharded
+                   training state that reshards on load; came_sharded.py: CAME's step on DTensor shards
 
 Each trainer stays one linear `main(args)` (train_scripts/, virtual_staining/) on run.py's skeleton.
 """

@@ -33,6 +33,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from .came_sharded import came_update_dtensor
+
 try:  # public since torch 2.5
     from torch.distributed.tensor import DTensor
 except ImportError:  # torch 2.4
@@ -137,13 +139,12 @@ class CAME(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("CAME does not support sparse gradients")
-            if any(isinstance(p, DTensor) for p in params):
-                # FSDP2 shards parameters as DTensors; the factored statistics would need reductions over the
-                # shards (came-pytorch fails on them too). FSDP1 hands over flat 1-D shards, which step.
-                raise RuntimeError(
-                    "CAME does not support FSDP2 (DTensor) parameters: use DDP, FSDP with fsdp_version 1, "
-                    "or optimizer.type='AdamW'"
-                )
+            # FSDP2 shards parameters as DTensors: their factored statistics need reductions over the shards,
+            # one tensor at a time (came_sharded.py); the plain tensors step in buckets.
+            sharded = [p for p in params if isinstance(p, DTensor)]
+            for p in sharded:
+                came_update_dtensor(p, self.state[p], group)
+            params = [p for p in params if not isinstance(p, DTensor)]
             for bucket in self._buckets(params):
                 self._update(bucket, group)
         return loss

@@ -8,6 +8,9 @@ Layout of `<work_dir>/checkpoints/checkpoint-<step:07d>/`:
     trainer_state.pt                                 step, data position, counters, LR scheduler, EMA (unsharded),
                                                      resolved config text (written by the main process)
     rank_<r>.pt                                      per-process state: the trainer's noise generator, EMA shard
+    shards/                                          FSDP runs (fsdp.enabled): model, optimizer and EMA through
+                                                     torch.distributed.checkpoint, one file per process, loadable
+                                                     on any number of processes (diffusion/training/fsdp.py)
     transformer/, transformer_ema/                   portable weights (diffusers folders: config.json +
                                                      diffusion_pytorch_model.safetensors) for --load-from / export
     meta.json                                        written last: marks the checkpoint complete
@@ -33,6 +36,7 @@ from torch import Tensor
 from ..atomic import atomic_path
 from ..checkpoints import CHECKPOINT_DIR, checkpoint_name, latest_checkpoint, list_checkpoints
 from ..errors import named_write_errors
+from .fsdp import SHARDS_DIR, own_class_name
 
 log = logging.getLogger("pixcell.train")
 
@@ -63,6 +67,10 @@ def save_transformer_folder(model, state_dict: dict[str, Tensor], folder: str | 
     with atomic_path(folder) as tmp:
         tmp.mkdir(parents=True)
         model.save_config(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        if config.get("_class_name") != own_class_name(model):  # a sharded (FSDP2) model's config
+            config["_class_name"] = own_class_name(model)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         save_file(tensors, tmp / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
     return folder
@@ -75,13 +83,15 @@ class CheckpointManager:
     DeepSpeed). `train_state` (main process) and `rank_state` (each process) are picklable dicts of the caller's.
     """
 
-    def __init__(self, work_dir: str | Path, accelerator, keep_last: int = 3):
+    def __init__(self, work_dir: str | Path, accelerator, keep_last: int = 3, shards=None):
+        # shards: a fsdp.ShardedTrainingState (model, optimizer, EMA) saved with DCP beside accelerate's state
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.work_dir = Path(work_dir)
         self.root = self.work_dir / CHECKPOINT_DIR
         self.accelerator = accelerator
         self.keep_last = keep_last
+        self.shards = shards
 
     def save(
         self,
@@ -123,6 +133,9 @@ class CheckpointManager:
             tmp.mkdir()
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        if self.shards is not None:
+            self.shards.save(tmp / SHARDS_DIR)
+            ema = None  # the EMA is among the shards
         rank = dict(rank_state or {})
         if ema is not None and ema.sharded:
             rank["ema"] = ema.state_dict()
@@ -143,6 +156,7 @@ class CheckpointManager:
                 "world_size": acc.num_processes,
                 "distributed_type": str(acc.distributed_type),
                 "ema_sharded": bool(ema is not None and ema.sharded),
+                "sharded_checkpoint": self.shards is not None,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -169,12 +183,29 @@ class CheckpointManager:
         path = Path(path)
         meta = read_meta(path)
         acc = self.accelerator
-        if meta["world_size"] != acc.num_processes:
+        if bool(meta.get("sharded_checkpoint")) != (self.shards is not None):
+            saved, now = ("with", "without") if meta.get("sharded_checkpoint") else ("without", "with")
+            raise ValueError(
+                f"{path} was saved {saved} fsdp.enabled and this run is {now} it: resume with the "
+                "checkpoint's fsdp.enabled (any number of processes), or start another --work-dir"
+            )
+        if self.shards is not None:
+            if meta["world_size"] != acc.num_processes:
+                log.warning(
+                    "%s was saved by %d process(es), resharding it onto %d",
+                    path,
+                    meta["world_size"],
+                    acc.num_processes,
+                )
+        elif meta["world_size"] != acc.num_processes:
             log.warning(
                 "%s was saved by %d process(es), resuming on %d: the run continues, but not bit-for-bit",
                 path, meta["world_size"], acc.num_processes,
             )  # fmt: skip
         acc.load_state(str(path))
+        if self.shards is not None:
+            self.shards.load(path / SHARDS_DIR)
+            ema = None  # loaded with the shards
         state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
         rank_file = path / f"rank_{acc.process_index}.pt"
         rank = torch.load(rank_file, map_location="cpu", weights_only=False) if rank_file.is_file() else {}

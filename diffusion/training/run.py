@@ -61,6 +61,7 @@ from ..config import check_resume_changes
 from ..lock import FolderLock, release_held
 from .checkpoint import CheckpointManager, restore_training_state, save_training_state
 from .ema import EMA
+from .fsdp import FSDPSettings, ShardedTrainingState, is_distributed, local, shard_model
 from .optim import build_lr_scheduler, build_optimizer, rescale_lr
 from .signals import StopRequest, parse_duration
 from .step import NonFiniteGuard, clipped_step
@@ -393,7 +394,7 @@ class Run:
         """Checkpoint `step` (every process calls it): accelerate's state, EMA, LR schedule, counters, config and
         noise generator; `portable` as in `CheckpointManager.save`. Weights that are not finite are never saved:
         that is one error line naming the last checkpoint."""
-        finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        finite = all(bool(torch.isfinite(local(p)).all()) for p in self.model.parameters())
         if any_process(self.accelerator, not finite):
             raise RuntimeError(
                 f"step {step}: the weights hold NaN or Inf, not saving them; the last checkpoint is "
@@ -456,19 +457,34 @@ class Run:
         return 0
 
 
+def same_global_batch(
+    saved_config: str, config: Mapping[str, object], resume: Path, num_processes: int
+) -> bool:
+    """Whether train_batch_size changed with the process count so that the global batch stays (a run resumed on
+    another number of processes or nodes: the sampler then deals out the same global batches)."""
+    from .checkpoint import read_meta
+
+    old, new = Config.fromstring(saved_config, ".py").get("train_batch_size"), config.get("train_batch_size")
+    if not isinstance(old, int) or not isinstance(new, int):  # a trainer without this key
+        return False
+    return old * read_meta(resume)["world_size"] == new * num_processes
+
+
 def apply_resume_changes(
     saved_config: str | None,
     config: Mapping[str, object],
     resume: Path,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: LRScheduler,
+    num_processes: int = 1,
 ) -> None:
     """A resumed run runs the config it is given, never silently the checkpoint's: each changed key that may
     change (RESUME_CHANGEABLE) is logged, a new `optimizer.lr` goes into the optimizer and the LR schedule, any
     other change is one error line (before config.py is rewritten)."""
     if saved_config is None:  # a checkpoint from before configs were saved in it
         return
-    changes = check_resume_changes(saved_config, config, resume)
+    also = ("train_batch_size",) if same_global_batch(saved_config, config, resume, num_processes) else ()
+    changes = check_resume_changes(saved_config, config, resume, also)
     for key, (old, new) in changes.items():
         log.warning("resume: config %s changed from %r to %r; the run continues with %r", key, old, new, new)
     if "optimizer.lr" in changes:
@@ -490,21 +506,29 @@ def start_run(
     generator_name: str = "noise_generator",  # the generator's key in the checkpoint's rank files
     sharded_ema: bool = False,  # FSDP / DeepSpeed: the EMA of the local shards
     info: Mapping[str, object] | None = None,  # extra run facts for <work_dir>/environment.json
+    fsdp: FSDPSettings | None = None,  # shard with fully_shard instead of accelerate's DDP (fsdp.py)
 ) -> Run:
     """The part of every trainer between building its model and its loop: optimizer -> LR schedule -> prepare
     -> EMA -> noise generator -> checkpoint manager -> counters -> restore (when `resume`) -> run info."""
     if total_steps < 1:
         raise ValueError(f"config: no steps to train (total_steps {total_steps})")
+    if fsdp is not None:  # sharded before the optimizer is built: it steps the shards
+        model = shard_model(model, fsdp, accelerator.device)
+        sharded_ema = is_distributed()
     optimizer = build_optimizer(model.parameters() if params is None else params, settings.optimizer)
     lr_scheduler = build_lr_scheduler(optimizer, settings.lr_schedule, total_steps)
-    prepared, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp is None:
+        prepared, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        prepared = model
     unwrapped = accelerator.unwrap_model(prepared)
     # EMA over this process's parameters, never through accelerate: the full copy under DDP, the local shard
     # under FSDP (elementwise, so the shards of the EMA are the EMA of the shards).
     ema_module = prepared if sharded_ema else unwrapped
     ema = EMA(ema_module, settings.ema_rate, sharded=sharded_ema) if settings.ema_rate else None
     generator = seeded_generator(accelerator.device, settings.seed, accelerator.process_index)
-    manager = CheckpointManager(work_dir, accelerator, keep_last=settings.keep_last)
+    shards = ShardedTrainingState(prepared, optimizer, ema) if fsdp is not None else None
+    manager = CheckpointManager(work_dir, accelerator, keep_last=settings.keep_last, shards=shards)
     limit = settings.max_nonfinite_steps  # skipped steps in a row before the run stops (None: no limit)
     guard = NonFiniteGuard(limit, work_dir) if limit else None
     counters = {**({"nonfinite_total": 0} if guard else {}), **(counters or {})}
@@ -515,7 +539,9 @@ def start_run(
         )
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, state["step"], state["epoch"],
                  state["batch_in_epoch"])  # fmt: skip
-        apply_resume_changes(saved.get("config"), settings.config, resume, optimizer, lr_scheduler)
+        apply_resume_changes(
+            saved.get("config"), settings.config, resume, optimizer, lr_scheduler, accelerator.num_processes
+        )
     if accelerator.is_main_process:
         env = environment(accelerator)
         env.update(total_steps=total_steps, resumed_from=str(resume or ""), **(info or {}))

@@ -9,11 +9,11 @@ import threading
 
 import numpy as np
 import pytest
-from tests.helpers.app_browser import browser_missing, chromium, close_browser, wait_for
 
 from diffusion.command import run_cli
 from diffusion.sampling.disk import DiskArray
 from diffusion.sampling.pyramid import write_pyramid
+from tests.helpers.app_browser import browser_missing, chromium, close_browser, wait_for
 from tools.view_slide import main
 
 

@@ -124,8 +124,9 @@ def test_built_from_config_and_bad_arguments():
         CAME(model.parameters(), lr=1e-3, betas=(0.9, 0.99))
 
 
-def test_fsdp2_dtensor_parameters_are_a_clear_error(tmp_path):
-    """FSDP2 shards parameters as DTensors: a clear error, not a wrong update (came-pytorch fails deep inside)."""
+def test_fsdp2_dtensor_parameters_step_like_plain_ones(tmp_path):
+    """FSDP2 shards parameters as DTensors: CAME steps them (came_sharded.py) with the plain tensors' math, here on
+    a one-process mesh (the 2-process case against one process: tests/diffusion/training/test_fsdp.py)."""
     import torch.distributed as dist
 
     from diffusion.training.came import DTensor
@@ -139,10 +140,19 @@ def test_fsdp2_dtensor_parameters_are_a_clear_error(tmp_path):
         from torch.distributed.tensor import Shard, distribute_tensor
 
         mesh = init_device_mesh("cpu", (1,))
-        w = nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]))
-        assert isinstance(w, DTensor)
-        w.grad = distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)])
-        with pytest.raises(RuntimeError, match="FSDP2 .DTensor. parameters"):
-            CAME([w], lr=1e-3).step()
+        torch.manual_seed(0)
+        shapes = [(5, 3), (4, 2, 3), (6,)]
+        plain = [nn.Parameter(torch.randn(s)) for s in shapes]
+        sharded = [nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in plain]
+        assert all(isinstance(w, DTensor) for w in sharded)
+        opts = [CAME(ps, lr=1e-2, weight_decay=0.1) for ps in (plain, sharded)]
+        for _ in range(3):
+            grads = [torch.randn(s) for s in shapes]
+            for p, w, g in zip(plain, sharded, grads):
+                p.grad, w.grad = g.clone(), distribute_tensor(g.clone(), mesh, [Shard(0)])
+            for opt in opts:
+                opt.step()
+        for p, w in zip(plain, sharded):
+            torch.testing.assert_close(w.full_tensor(), p.detach(), rtol=1e-6, atol=1e-7)
     finally:
         dist.destroy_process_group()
