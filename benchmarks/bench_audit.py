@@ -120,10 +120,14 @@ def bench_end_to_end(n_syn: int, n_train: int, k: int) -> dict:
         audit(train, syn, None, [lambda: extractor], AuditSettings(k=k), progress=False)
         total = time.perf_counter() - t0
     return {
-        "synthetic": n_syn, "train": n_train, "k": k, "total_s": total, "img_s": n_syn / total,
+        "synthetic": n_syn,
+        "train": n_train,
+        "k": k,
+        "total_s": total,
+        "img_s": n_syn / total,
         "embed_img_s": (n_train + n_syn) / (embed_train + embed_syn),
         "pixel_img_s": n_syn / max(total - embed_train - embed_syn, 1e-9),
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -151,8 +155,10 @@ def main() -> None:
             )
     if args.e2e_images:
         e = bench_end_to_end(args.e2e_images, args.e2e_train, args.k)
-        print(f"\nEnd to end (audit(), tiny stand-in encoder, {e['synthetic']} synthetic vs {e['train']} training "
-              f"images, k={e['k']})\n")  # fmt: skip
+        print(
+            f"\nEnd to end (audit(), tiny stand-in encoder, {e['synthetic']} synthetic vs {e['train']} training "
+            f"images, k={e['k']})\n"
+        )
         print("| images/s (whole audit) | embedding images/s | pixel check + search images/s |")
         print("| --- | --- | --- |")
         print(f"| {e['img_s']:.1f} | {e['embed_img_s']:.0f} | {e['pixel_img_s']:.1f} |")

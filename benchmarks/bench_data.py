@@ -95,8 +95,15 @@ def measure(root: Path, fmt: str, resolution: int, args, cold: bool) -> float:
         return _rate(loader, min(args.samples, stream.batches_per_epoch * args.batch_size), root, fmt, cold)
     ds = PatchFeatureDataset(root, resolution=resolution, parent_size=1024, feature_format=fmt, seed=0)
     gen = torch.Generator().manual_seed(0)
-    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=True, generator=gen, num_workers=args.num_workers,
-                        collate_fn=collate_skip_none, persistent_workers=False)  # fmt: skip
+    loader = DataLoader(
+        ds,
+        batch_size=args.batch_size,
+        shuffle=True,
+        generator=gen,
+        num_workers=args.num_workers,
+        collate_fn=collate_skip_none,
+        persistent_workers=False,
+    )
     return _rate(loader, min(args.samples, len(ds)), root, fmt, cold)
 
 
@@ -130,8 +137,10 @@ def main() -> None:
         t0 = time.perf_counter()
         make_data(root, args.patches, args.shard_size)
         print(f"wrote {args.patches} patches x 3 formats in {time.perf_counter() - t0:.1f} s under {root}")
-        print(f"batch {args.batch_size}, {args.num_workers} workers, shuffled, torch {torch.__version__}, "
-              f"{os.cpu_count()} CPUs\n")  # fmt: skip
+        print(
+            f"batch {args.batch_size}, {args.num_workers} workers, shuffled, torch {torch.__version__}, "
+            f"{os.cpu_count()} CPUs\n"
+        )
         print(
             "| format | files / 1000 patches | GB / 1000 patches | resolution | warm samples/s | per worker | cold samples/s |"
         )
@@ -152,8 +161,10 @@ def main() -> None:
                     f"{warm / max(1, args.num_workers):,.0f} | {cold:,.0f} |"
                 )
         n30 = 30_800_000
-        print(f"\nat the published 30.8M patches: npy {2 * n30 / 1e6:.1f}M files, "
-              f"packed {int(np.ceil(n30 / args.shard_size)):,} shard files")  # fmt: skip
+        print(
+            f"\nat the published 30.8M patches: npy {2 * n30 / 1e6:.1f}M files, "
+            f"packed {int(np.ceil(n30 / args.shard_size)):,} shard files"
+        )
 
 
 if __name__ == "__main__":

@@ -67,8 +67,13 @@ def bench(preset: str, device: torch.device, kind: dict, steps: int) -> dict:
     sync()
     ms = (time.perf_counter() - t0) / steps * 1e3
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    row = dict(tensors=len(params), params_m=sum(p.numel() for p in params) / 1e6, ops=counter.count, ms=ms,
-               peak_gib=peak)  # fmt: skip
+    row = dict(
+        tensors=len(params),
+        params_m=sum(p.numel() for p in params) / 1e6,
+        ops=counter.count,
+        ms=ms,
+        peak_gib=peak,
+    )
     del opt, model, params
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -104,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     kinds = {
         "CAME (multi-tensor, default)": dict(type="CAME", lr=2e-5, max_bucket_numel=args.max_bucket_numel),
         "CAME (came-pytorch loop)": dict(type="CAME", lr=2e-5, foreach=False),
-        f"AdamW ({'fused' if cuda else 'foreach'})": dict(type="AdamW", lr=2e-5, **({"fused": True} if cuda else {})),
-    }  # fmt: skip
+        f"AdamW ({'fused' if cuda else 'foreach'})": dict(
+            type="AdamW", lr=2e-5, **({"fused": True} if cuda else {})
+        ),
+    }
     where = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
     print(f"{args.preset}, {where}")
     print("| optimizer | tensors | params (M) | aten ops / step | ms / step | peak GiB |")

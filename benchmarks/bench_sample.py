@@ -91,8 +91,14 @@ def bench_images(
     latents = torch.randn(batch, t.in_channels, t.sample_size, t.sample_size, device=device)
 
     def run():
-        pipe(cond, guidance_scale=guidance, num_inference_steps=steps, latents=latents, output_type="pt",
-             progress=False)  # fmt: skip
+        pipe(
+            cond,
+            guidance_scale=guidance,
+            num_inference_steps=steps,
+            latents=latents,
+            output_type="pt",
+            progress=False,
+        )
 
     return batch / timed(run, device, repeats)
 
@@ -122,9 +128,18 @@ def bench_region(
         vb = Chunker(vae_batch or default_vae_batch(device))
 
     def run(steps: int = steps) -> None:
-        x = denoise_region(pipe.transformer, grid, stride=stride, sampler=sampler_name(pipe.scheduler),
-                           num_inference_steps=steps, guidance_scale=guidance, latents=latents, window_batch=wb,
-                           window_eps=reference_eps_fn if reference else None, progress=False)  # fmt: skip
+        x = denoise_region(
+            pipe.transformer,
+            grid,
+            stride=stride,
+            sampler=sampler_name(pipe.scheduler),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            latents=latents,
+            window_batch=wb,
+            window_eps=reference_eps_fn if reference else None,
+            progress=False,
+        )
         decode_region(pipe.vae, x, t.sample_size, t.sample_size // 2, vae_batch=vb)
 
     return timed(run, device, repeats, warmup=lambda: run(2))  # warm-up: the same shapes, 2 steps
@@ -185,8 +200,18 @@ def main(argv: list[str] | None = None) -> int:
         if (
             region and not args.no_reference and not args.student
         ):  # first: with --compile it stays eager, as the published script
-            ref = bench_region(pipe, args.region_windows, stride, args.steps, guidance, device, 1, 1,
-                               reference=True, repeats=args.repeats)  # fmt: skip
+            ref = bench_region(
+                pipe,
+                args.region_windows,
+                stride,
+                args.steps,
+                guidance,
+                device,
+                1,
+                1,
+                reference=True,
+                repeats=args.repeats,
+            )
             add((f"{what}, one-window reference", preset, "1 window, cond/uncond apart", f"{ref:.2f} s"))
         tag = ", compiled blocks" if compile_blocks(model, args.compile) else ""
         ips = bench_images(pipe, batch, args.steps, guidance, device, args.repeats)
@@ -194,8 +219,18 @@ def main(argv: list[str] | None = None) -> int:
         if region:
             wb = args.window_batch or default_window_batch(device) or "all"
             vb = args.vae_batch or default_vae_batch(device)
-            fast = bench_region(pipe, args.region_windows, stride, args.steps, guidance, device, args.window_batch,
-                                args.vae_batch, reference=False, repeats=args.repeats)  # fmt: skip
+            fast = bench_region(
+                pipe,
+                args.region_windows,
+                stride,
+                args.steps,
+                guidance,
+                device,
+                args.window_batch,
+                args.vae_batch,
+                reference=False,
+                repeats=args.repeats,
+            )
             add((f"{what}, batched", preset, f"{wb} windows/forward, {vb}/VAE call{tag}", f"{fast:.2f} s"))
             if ref is not None:
                 add(("batched speed-up", preset, "", f"{ref / fast:.2f}x"))

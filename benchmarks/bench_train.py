@@ -51,9 +51,12 @@ def forward_flops(model: PixCellTransformer2DModel, batch: int) -> float:
     per_block = (
         8 * n * d * d  # self-attention q, k, v, out projections
         + 4 * n * n * d  # self-attention scores and weighted sum
-        + 4 * n * d * d + 4 * t * d * d + 4 * n * t * d  # cross-attention (q, out; k, v; scores + sum)
+        # cross-attention: q and out projections, k and v projections, scores and weighted sum
+        + 4 * n * d * d
+        + 4 * t * d * d
+        + 4 * n * t * d
         + 16 * n * d * d  # MLP d -> 4d -> d
-    )  # fmt: skip
+    )
     rest = 2 * n * d * c.in_channels * c.patch_size**2 + 2 * n * d * c.patch_size**2 * model.out_channels
     rest += 2 * t * (ctx * d + d * d)  # UNI projection
     return batch * (c.num_layers * per_block + rest)
@@ -174,10 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         "| TFLOP/s | MFU |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {row['preset']} | {row['px']} | {row['batch']} | {row['dtype']} | {row['grad_ckpt']} | "
-          f"{row['optimizer']} | {row['compile']} | "
-          f"{row['params_m']:.1f} | {row['step_s']:.3f} | {row['images_s']:.2f} | {row['peak_gib']:.2f} | "
-          f"{row['tflops']:.3f} | {mfu} |")  # fmt: skip
+    print(
+        f"| {row['preset']} | {row['px']} | {row['batch']} | {row['dtype']} | {row['grad_ckpt']} | "
+        f"{row['optimizer']} | {row['compile']} | "
+        f"{row['params_m']:.1f} | {row['step_s']:.3f} | {row['images_s']:.2f} | {row['peak_gib']:.2f} | "
+        f"{row['tflops']:.3f} | {mfu} |"
+    )
     return 0
 
 

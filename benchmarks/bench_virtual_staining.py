@@ -31,11 +31,18 @@ def sd35_shaped_vae():
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2, scaling_factor=SD35_LATENT_SCALE, shift_factor=SD35_LATENT_SHIFT, use_quant_conv=False,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        scaling_factor=SD35_LATENT_SCALE,
+        shift_factor=SD35_LATENT_SHIFT,
+        use_quant_conv=False,
         use_post_quant_conv=False,
-    )  # fmt: skip
+    )
 
 
 def parts(tiny: bool, tmp: str):
@@ -137,8 +144,10 @@ def main() -> None:
     for label, sec in rows:
         unit = " / image" if "train" not in label else " / step"
         print(f"{label:32s} {sec:10.3f}{unit}")
-    print(f"LoRA parameters: {sum(p.numel() for p in lora_parameters(model)):,}; peak GPU memory in training "
-          f"{mem:.1f} GiB")  # fmt: skip
+    print(
+        f"LoRA parameters: {sum(p.numel() for p in lora_parameters(model)):,}; peak GPU memory in training "
+        f"{mem:.1f} GiB"
+    )
 
 
 if __name__ == "__main__":

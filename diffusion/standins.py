@@ -259,8 +259,9 @@ def reference_eps_fn(
             for u in range(0, layout.width - w + 1, layout.stride):
                 c = grid[y // tile : y // tile + m, u // tile : u // tile + m].reshape(1, m * m, -1)
                 unc = uncond.unsqueeze(0) if uncond is not None else None
-                out = guided_prediction(single, x[:, :, y : y + w, u : u + w], t, c, unc, guidance_scale,
-                                        guidance_interval)  # fmt: skip
+                out = guided_prediction(
+                    single, x[:, :, y : y + w, u : u + w], t, c, unc, guidance_scale, guidance_interval
+                )
                 if total is None:
                     total = torch.zeros(1, out.shape[1], layout.height, layout.width, device=x.device)
                 total[:, :, y : y + w, u : u + w] += out

@@ -67,9 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     t = pipe.transformer.config
     m = tokens_side(t.caption_num_tokens)
     source = ClassFolderSource(
-        m, pipe.image_size // m, args.data, t.caption_channels,
-        per_image=args.per_image, per_class_total=args.per_class_total, fit=fit,
-    )  # fmt: skip
+        m,
+        pipe.image_size // m,
+        args.data,
+        t.caption_channels,
+        per_image=args.per_image,
+        per_class_total=args.per_class_total,
+        fit=fit,
+    )
     if pipe.image_size // m != UNI_TILE:
         print(f"warning: {pipe.image_size // m} px per UNI token, not UNI's {UNI_TILE}", file=sys.stderr)
     uni = load_uni_encoder(args.uni, device, args.dtype, t.caption_channels)

@@ -30,8 +30,16 @@ from diffusion.prior.evaluation import prior_metrics, token_rows
 from diffusion.prior.model import DEFAULT_FLOW_STEPS, UNIPrior, load_prior
 
 
-def sample_tokens(prior: UNIPrior, n: int, label: str | None, guidance: float, steps: int, seed: int,
-                  batch: int, progress: bool) -> np.ndarray:  # fmt: skip
+def sample_tokens(
+    prior: UNIPrior,
+    n: int,
+    label: str | None,
+    guidance: float,
+    steps: int,
+    seed: int,
+    batch: int,
+    progress: bool,
+) -> np.ndarray:
     """n token sets (n, T, C) in batches, each batch from its own seeded generator."""
     out = []
     for k, start in enumerate(
@@ -65,10 +73,24 @@ def load_set(args: argparse.Namespace, keys: list[str], prior: UNIPrior, what: s
 def write_report(out: Path, results: dict) -> None:
     with atomic_path(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(results, indent=1))
-    cols = ["fd", "fd_gaussian", "fd_gaussian_minus_fd", "fd_null", "precision", "recall", "nn_train_ratio",
-            "near_copies"]  # fmt: skip
-    lines = ["# UNI prior evaluation", "", f"prior: `{results['prior']}`", "",
-             "| set | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]  # fmt: skip
+    cols = [
+        "fd",
+        "fd_gaussian",
+        "fd_gaussian_minus_fd",
+        "fd_null",
+        "precision",
+        "recall",
+        "nn_train_ratio",
+        "near_copies",
+    ]
+    lines = [
+        "# UNI prior evaluation",
+        "",
+        f"prior: `{results['prior']}`",
+        "",
+        "| set | " + " | ".join(cols) + " |",
+        "|" + " --- |" * (len(cols) + 1),
+    ]
     for name, m in results["sets"].items():
         cells = []
         for c in cols:
@@ -79,12 +101,15 @@ def write_report(out: Path, results: dict) -> None:
             else:
                 cells.append(f"{m[c]:.3g}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "FD: Frechet distance to the held-out tokens, [95% bootstrap interval]; fd_gaussian: a Gaussian fitted",
-              "to the training tokens; fd_null: PixCell's null condition; fd_gaussian_minus_fd: the Gaussian's margin",
-              "over the prior, from the same resamples of the held-out tokens (interval above 0: the prior is surely",
-              "closer). nn_train_ratio: median distance of samples to",
-              "their nearest training token over that of held-out tokens (<< 1: memorisation); near_copies: share of",
-              "samples closer to a training token than 99% of held-out tokens are."]  # fmt: skip
+    lines += [
+        "",
+        "FD: Frechet distance to the held-out tokens, [95% bootstrap interval]; fd_gaussian: a Gaussian fitted",
+        "to the training tokens; fd_null: PixCell's null condition; fd_gaussian_minus_fd: the Gaussian's margin",
+        "over the prior, from the same resamples of the held-out tokens (interval above 0: the prior is surely",
+        "closer). nn_train_ratio: median distance of samples to",
+        "their nearest training token over that of held-out tokens (<< 1: memorisation); near_copies: share of",
+        "samples closer to a training token than 99% of held-out tokens are.",
+    ]
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 
@@ -136,8 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         transformer = load_transformer(args.model)
         if transformer.config.caption_num_tokens != prior.num_tokens:
-            raise ValueError(f"--model {args.model}: takes {transformer.config.caption_num_tokens} UNI tokens, "
-                             f"the prior makes {prior.num_tokens}")  # fmt: skip
+            raise ValueError(
+                f"--model {args.model}: takes {transformer.config.caption_num_tokens} UNI tokens, "
+                f"the prior makes {prior.num_tokens}"
+            )
         null = token_rows(transformer.null_condition(1).float())
     train, _ = load_set(args, args.train_keys, prior, "train")
     heldout, heldout_labels = load_set(args, args.heldout_keys, prior, "heldout")
@@ -160,15 +187,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             if len(real) <= args.k:
                 results["sets"][label] = {"skipped": f"{len(real)} held-out samples"}
                 continue
-            s = sample_tokens(prior, args.n_samples, label, args.prior_guidance, args.prior_steps, args.seed + k + 1,
-                              args.batch, progress)  # fmt: skip
+            s = sample_tokens(
+                prior,
+                args.n_samples,
+                label,
+                args.prior_guidance,
+                args.prior_steps,
+                args.seed + k + 1,
+                args.batch,
+                progress,
+            )
             results["sets"][label] = evaluate(s, real)
     out = Path(args.out)
     write_report(out, results)
     for name, m in results["sets"].items():
         if "fd" in m:
-            print(f"{name:>16s}  fd {m['fd']:.4g} [{m['fd_low']:.4g}, {m['fd_high']:.4g}]  gaussian {m['fd_gaussian']:.4g}"
-                  f"  precision {m['precision']:.3f}  recall {m['recall']:.3f}  nn_train_ratio {m['nn_train_ratio']:.3f}")  # fmt: skip
+            print(
+                f"{name:>16s}  fd {m['fd']:.4g} [{m['fd_low']:.4g}, {m['fd_high']:.4g}]  gaussian {m['fd_gaussian']:.4g}"
+                f"  precision {m['precision']:.3f}  recall {m['recall']:.3f}  nn_train_ratio {m['nn_train_ratio']:.3f}"
+            )
     print(f"report: {out / 'report.md'}")
     return 0
 

@@ -210,9 +210,11 @@ def _main(argv: list[str] | None) -> int:
             ]
             if not packed_todo:
                 batches = [
-                    b for b in batches
-                    if want_npy and not all(p.is_file() for i in b for p in npy_feature_paths(npy_root, names[i]))
-                ]  # fmt: skip
+                    b
+                    for b in batches
+                    if want_npy
+                    and not all(p.is_file() for i in b for p in npy_feature_paths(npy_root, names[i]))
+                ]
             if not batches:
                 continue
             s = sizes[unit.key]

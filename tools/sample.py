@@ -133,21 +133,35 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
     if not args.prior and (args.label or args.prior_steps is not None):
         raise ValueError("--label and --prior-steps go with --prior")
 
-    check_paths(index=[args.index], patches=[args.patches], images=args.images, embeddings=[args.embeddings],
-                data_root=[args.data_root], features_root=[args.features_root], masks=[args.masks],
-                prior=[args.prior])  # fmt: skip
+    check_paths(
+        index=[args.index],
+        patches=[args.patches],
+        images=args.images,
+        embeddings=[args.embeddings],
+        data_root=[args.data_root],
+        features_root=[args.features_root],
+        masks=[args.masks],
+        prior=[args.prior],
+    )
     device = runtime_device(args.device)
     pipe, model_ref, vae_ref = load_pipeline(pipeline_sources(args), device)
     t = pipe.transformer.config
     m = tokens_side(t.caption_num_tokens)
     tile = pipe.image_size // m  # px per UNI token: 256 for every published model
     if tile != UNI_TILE:
-        log.warning("this model makes %d px images from %d tokens: %d px per token, not UNI's %d", pipe.image_size,
-                    t.caption_num_tokens, tile, UNI_TILE)  # fmt: skip
+        log.warning(
+            "this model makes %d px images from %d tokens: %d px per token, not UNI's %d",
+            pipe.image_size,
+            t.caption_num_tokens,
+            tile,
+            UNI_TILE,
+        )
     uni = None
     if args.index or args.patches:
         source = IndexSource(
-            m, tile, t.caption_channels,
+            m,
+            tile,
+            t.caption_channels,
             index_file=args.index,
             patches=read_patch_list(args.patches) if args.patches else None,
             data_root=args.data_root,
@@ -156,7 +170,7 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
             n_images=args.n_images,
             seed=args.seed,
             features=args.features,
-        )  # fmt: skip
+        )
     elif args.images:
         source = FolderSource(m, tile, args.images, t.caption_channels)
         uni = load_uni_encoder(args.uni, device, args.dtype, t.caption_channels)
@@ -168,7 +182,9 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
         except ValueError as err:
             raise ValueError(f"--label {args.label}: {err}") from None
         source = PriorSource(
-            m, tile, t.caption_channels,
+            m,
+            tile,
+            t.caption_channels,
             prior=prior,
             n_images=args.n_images,
             prior_ref=model_reference(prior_folder(args.prior)),
@@ -176,7 +192,7 @@ def main(argv: Sequence[str] | None = None, model_default: str | None = None) ->
             guidance=args.prior_guidance,
             steps=args.prior_steps or DEFAULT_FLOW_STEPS,
             seed=args.seed,
-        )  # fmt: skip
+        )
     else:
         source = EmbeddingSource(m, tile, args.embeddings, t.caption_channels)
 

@@ -66,9 +66,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace):
     options = parse_cfg_options(args.cfg_options)
-    flags = {"images": "pairs.image_dir", "masks": "pairs.mask_dir", "features": "pairs.features_dir",
-             "uni": "pairs.uni", "base_model": "base_model", "vae": "vae", "batch_size": "train_batch_size",
-             "report_to": "report_to"}  # fmt: skip
+    flags = {
+        "images": "pairs.image_dir",
+        "masks": "pairs.mask_dir",
+        "features": "pairs.features_dir",
+        "uni": "pairs.uni",
+        "base_model": "base_model",
+        "vae": "vae",
+        "batch_size": "train_batch_size",
+        "report_to": "report_to",
+    }
     options.update({key: getattr(args, flag) for flag, key in flags.items() if getattr(args, flag)})
     cfg = load_config(args.config, options, schema_file=SCHEMA)
     for key in ("image_dir", "mask_dir"):
@@ -93,8 +100,17 @@ def build_models(cfg: Config, device: torch.device):
     else:
         base = load_transformer(cfg.base_model)
         own, want = dict(base.config), dict(expected.config)
-        diff = [f"{k} {own.get(k)} vs {want[k]}" for k in ("sample_size", "caption_num_tokens", "caption_channels",
-                                                          "num_layers", "num_attention_heads") if own.get(k) != want[k]]  # fmt: skip
+        diff = [
+            f"{k} {own.get(k)} vs {want[k]}"
+            for k in (
+                "sample_size",
+                "caption_num_tokens",
+                "caption_channels",
+                "num_layers",
+                "num_attention_heads",
+            )
+            if own.get(k) != want[k]
+        ]
         if diff:
             raise ValueError(
                 f"base_model {cfg.base_model} does not match model {cfg.model}: {'; '.join(diff)}"
@@ -177,8 +193,12 @@ def mask_grid(
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     work_dir = Path(args.work_dir)
-    accelerator, resume = launch(work_dir, args.resume_from, cfg.mixed_precision,
-                                 ddp_only="train_controlnet: DDP only (the frozen base is replicated, the ControlNet is small)")  # fmt: skip
+    accelerator, resume = launch(
+        work_dir,
+        args.resume_from,
+        cfg.mixed_precision,
+        ddp_only="train_controlnet: DDP only (the frozen base is replicated, the ControlNet is small)",
+    )
     is_main, device = accelerator.is_main_process, accelerator.device
 
     # ---- models (same seed everywhere: identical ControlNet initialisation on every process)
@@ -190,8 +210,15 @@ def main(args: argparse.Namespace) -> int:
     uni_dim = base.config.caption_channels
 
     def pairs(require_uni: bool) -> MaskPairDataset:
-        return MaskPairDataset(p.image_dir, p.mask_dir, p.features_dir, size=cfg.resolution, uni_dim=uni_dim,
-                               max_failure_rate=p.max_failure_rate, require_uni=require_uni)  # fmt: skip
+        return MaskPairDataset(
+            p.image_dir,
+            p.mask_dir,
+            p.features_dir,
+            size=cfg.resolution,
+            uni_dim=uni_dim,
+            max_failure_rate=p.max_failure_rate,
+            require_uni=require_uni,
+        )
 
     if p.uni and is_main:
         written = write_missing_uni(pairs(require_uni=False), load_uni(p.uni, device=device))
@@ -200,19 +227,40 @@ def main(args: argparse.Namespace) -> int:
     dataset = pairs(require_uni=True)
     validate = cfg.validation.every_steps > 0
     held_out_idx = list(range(len(dataset) - cfg.validation.num_images, len(dataset))) if validate else []
-    sampler = ResumableSampler(len(dataset), cfg.train_batch_size, accelerator.num_processes,
-                               accelerator.process_index, seed=cfg.seed, exclude=held_out_idx)  # fmt: skip
+    sampler = ResumableSampler(
+        len(dataset),
+        cfg.train_batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+        seed=cfg.seed,
+        exclude=held_out_idx,
+    )
     collate = lambda items: default_collate([{k: v for k, v in it.items() if k != "name"} for it in items])  # noqa: E731
-    loader = DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler, num_workers=p.num_workers,
-                        collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True)  # fmt: skip
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.train_batch_size,
+        sampler=sampler,
+        num_workers=p.num_workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+    )
     accum = cfg.gradient_accumulation_steps
     total_steps = cfg.max_steps or cfg.num_epochs * sampler.batches_per_epoch // accum
     if total_steps < 1:
         raise ValueError(f"config: no steps to train ({sampler.batches_per_epoch} batches per epoch)")
 
     # ---- optimisation, EMA, noise, checkpoints, counters (restored when resuming)
-    run = start_run(accelerator, RunSettings.from_config(cfg), work_dir, controlnet, total_steps, resume,
-                    counters=dict(nonfinite_total=0, images_seen=0), info=dict(pairs=len(dataset)))  # fmt: skip
+    run = start_run(
+        accelerator,
+        RunSettings.from_config(cfg),
+        work_dir,
+        controlnet,
+        total_steps,
+        resume,
+        counters=dict(nonfinite_total=0, images_seen=0),
+        info=dict(pairs=len(dataset)),
+    )
     model, unwrapped, state, noise_gen = run.model, run.unwrapped, run.state, run.generator
     diffusion = GaussianDiffusion()
     held_out = [dataset[i] for i in held_out_idx] if is_main else []
@@ -225,8 +273,14 @@ def main(args: argparse.Namespace) -> int:
         return run.save(step, portable=portable)
 
     batch_stream = BatchStream(loader, sampler, state)
-    log.info("training %d steps: %d process(es) x batch %d x accumulation %d, %d pairs", total_steps,
-             accelerator.num_processes, cfg.train_batch_size, accum, len(dataset))  # fmt: skip
+    log.info(
+        "training %d steps: %d process(es) x batch %d x accumulation %d, %d pairs",
+        total_steps,
+        accelerator.num_processes,
+        cfg.train_batch_size,
+        accum,
+        len(dataset),
+    )
     with run.loop(save, args.time_limit) as loop:
         while state["step"] < total_steps and not loop.should_stop(state["step"]):
             batches = [next(batch_stream) for _ in range(accum)]
@@ -235,8 +289,14 @@ def main(args: argparse.Namespace) -> int:
             def loss_of(batch: dict) -> tuple[torch.Tensor, int]:
                 x0 = encode(vae, batch["image"].to(device))  # (B, 16, h, w)
                 mask_latents = encode(vae, batch["mask"].to(device))  # (B, 16, h, w)
-                x_t, t, noise, uni = noised_inputs(diffusion, x0, batch["uni"].to(device), noise_gen,
-                                                   cfg.class_dropout_prob, base.drop_condition)  # fmt: skip
+                x_t, t, noise, uni = noised_inputs(
+                    diffusion,
+                    x0,
+                    batch["uni"].to(device),
+                    noise_gen,
+                    cfg.class_dropout_prob,
+                    base.drop_condition,
+                )
                 with accelerator.autocast():
                     # through the DDP wrapper `model`, so the ControlNet's gradients are synchronised
                     out = controlled_forward(
@@ -249,8 +309,9 @@ def main(args: argparse.Namespace) -> int:
             state["images_seen"] += images * accelerator.num_processes
 
             # ---- report, validate, save
-            loop.log_step(step, loss, run.lr, grad_norm, images=images * accelerator.num_processes,
-                          show_rate=False)  # fmt: skip
+            loop.log_step(
+                step, loss, run.lr, grad_norm, images=images * accelerator.num_processes, show_rate=False
+            )
             if validate and is_main and step % cfg.validation.every_steps == 0:
                 grid = run.ema_eval(lambda: mask_grid(base, unwrapped, vae, held_out, cfg))
                 loop.save_grid("validation/mask_reference_samples", grid, step)

@@ -82,8 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace):
     options = parse_cfg_options(args.cfg_options)
-    flags = {"teacher": "teacher", "data_root": "data.root", "batch_size": "train_batch_size",
-             "report_to": "report_to"}  # fmt: skip
+    flags = {
+        "teacher": "teacher",
+        "data_root": "data.root",
+        "batch_size": "train_batch_size",
+        "report_to": "report_to",
+    }
     options.update({key: getattr(args, flag) for flag, key in flags.items() if getattr(args, flag)})
     cfg = load_config(args.config, options, schema_file=SCHEMA)
     if cfg.student.kind not in ("full", "lora"):
@@ -102,8 +106,11 @@ def load_teacher(cfg: Config, device: torch.device):
     teacher = load_transformer(cfg.teacher)
     with torch.device("meta"):
         want = build_pixcell(cfg.model, **dict(cfg.model_overrides)).config
-    diff = [f"{k} {teacher.config.get(k)} vs {want[k]}" for k in ("sample_size", "caption_num_tokens",
-            "caption_channels", "in_channels", "out_channels") if teacher.config.get(k) != want[k]]  # fmt: skip
+    diff = [
+        f"{k} {teacher.config.get(k)} vs {want[k]}"
+        for k in ("sample_size", "caption_num_tokens", "caption_channels", "in_channels", "out_channels")
+        if teacher.config.get(k) != want[k]
+    ]
     if diff:
         raise ValueError(f"teacher {cfg.teacher} does not match model {cfg.model}: {'; '.join(diff)}")
     if teacher.config.get("guidance_embeds"):
@@ -151,8 +158,12 @@ def teacher_student_grid(
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     work_dir = Path(args.work_dir)
-    accelerator, resume = launch(work_dir, args.resume_from, cfg.mixed_precision,
-                                 ddp_only="train_distill: DDP only (the teacher and the target network are replicated)")  # fmt: skip
+    accelerator, resume = launch(
+        work_dir,
+        args.resume_from,
+        cfg.mixed_precision,
+        ddp_only="train_distill: DDP only (the teacher and the target network are replicated)",
+    )
     is_main, device = accelerator.is_main_process, accelerator.device
 
     # ---- models: frozen teacher; student = teacher + zero guidance embedding (+ LoRA)
@@ -162,8 +173,12 @@ def main(args: argparse.Namespace) -> int:
     s = cfg.student
     if s.kind == "lora":
         names = add_student_lora(student, s.lora_rank, s.lora_alpha)
-        log.info("LoRA student: rank %d, %d trainable tensors (%d parameters)", s.lora_rank, len(names),
-                 sum(p.numel() for p in student.parameters() if p.requires_grad))  # fmt: skip
+        log.info(
+            "LoRA student: rank %d, %d trainable tensors (%d parameters)",
+            s.lora_rank,
+            len(names),
+            sum(p.numel() for p in student.parameters() if p.requires_grad),
+        )
     if cfg.fp32_attention and cfg.mixed_precision != "no":
         set_fp32_attention(student)
     set_gradient_checkpointing(student, cfg.gradient_checkpointing)
@@ -171,31 +186,63 @@ def main(args: argparse.Namespace) -> int:
 
     # ---- data: the stored features, as the teacher's trainer reads them
     d = cfg.data
-    dataset = PatchFeatureDataset(root=d.root, index_file=d.index_file, dataset_keys=d.dataset_keys,
-                                  resolution=cfg.resolution, parent_size=d.parent_size,
-                                  feature_format=d.feature_format, features_root=d.features_root, seed=cfg.seed,
-                                  max_failure_rate=d.max_failure_rate)  # fmt: skip
+    dataset = PatchFeatureDataset(
+        root=d.root,
+        index_file=d.index_file,
+        dataset_keys=d.dataset_keys,
+        resolution=cfg.resolution,
+        parent_size=d.parent_size,
+        feature_format=d.feature_format,
+        features_root=d.features_root,
+        seed=cfg.seed,
+        max_failure_rate=d.max_failure_rate,
+    )
     check_data_matches_model(dataset, teacher, cfg.resolution, str(cfg.model))
     validate = cfg.validation.every_steps > 0
     held_out_idx = list(range(len(dataset) - cfg.validation.num_images, len(dataset))) if validate else []
-    sampler = ResumableSampler(len(dataset), cfg.train_batch_size, accelerator.num_processes,
-                               accelerator.process_index, seed=cfg.seed, exclude=held_out_idx)  # fmt: skip
-    loader = DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler, num_workers=d.num_workers,
-                        collate_fn=collate_skip_none, pin_memory=device.type == "cuda", drop_last=True)  # fmt: skip
+    sampler = ResumableSampler(
+        len(dataset),
+        cfg.train_batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+        seed=cfg.seed,
+        exclude=held_out_idx,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.train_batch_size,
+        sampler=sampler,
+        num_workers=d.num_workers,
+        collate_fn=collate_skip_none,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+    )
     accum = cfg.gradient_accumulation_steps
     total_steps = cfg.max_steps or cfg.num_epochs * sampler.batches_per_epoch // accum
 
     # ---- optimisation; the EMA (trainable tensors only) is the target network theta^-, kept as a module copy
-    run = start_run(accelerator, RunSettings.from_config(cfg), work_dir, student, total_steps, resume,
-                    params=[p for p in student.parameters() if p.requires_grad],
-                    counters=dict(skipped_samples=0, images_seen=0),
-                    info=dict(dataset_samples=len(dataset), teacher=str(cfg.teacher)))  # fmt: skip
+    run = start_run(
+        accelerator,
+        RunSettings.from_config(cfg),
+        work_dir,
+        student,
+        total_steps,
+        resume,
+        params=[p for p in student.parameters() if p.requires_grad],
+        counters=dict(skipped_samples=0, images_seen=0),
+        info=dict(dataset_samples=len(dataset), teacher=str(cfg.teacher)),
+    )
     model, unwrapped, state = run.model, run.unwrapped, run.state
     target = copy.deepcopy(unwrapped).requires_grad_(False).eval()
     run.ema.copy_to(target)
     distiller = ConsistencyDistiller(tuple(cfg.distill.guidance_range), cfg.distill.huber_c)
-    defaults = dict(sampler="lcm", steps=cfg.distill.sample_steps, guidance=cfg.distill.sample_guidance,
-                    teacher=str(cfg.teacher), guidance_range=list(cfg.distill.guidance_range))  # fmt: skip
+    defaults = dict(
+        sampler="lcm",
+        steps=cfg.distill.sample_steps,
+        guidance=cfg.distill.sample_guidance,
+        teacher=str(cfg.teacher),
+        guidance_range=list(cfg.distill.guidance_range),
+    )
     if is_main:
         write_sampling_defaults(work_dir, **defaults)
 
@@ -231,13 +278,27 @@ def main(args: argparse.Namespace) -> int:
         x0 = to_model_latents(batch["latent"].to(device), cfg.vae_shift, cfg.vae_scale)  # (B, 16, h, w)
         uni = batch["uni"].to(device)  # (B, T, C)
         with accelerator.autocast():
-            out = distiller.loss(student_fn(model), student_fn(target), teacher_fn, x0, uni,
-                                 teacher.null_condition(len(x0)).to(uni), run.generator)  # fmt: skip
+            out = distiller.loss(
+                student_fn(model),
+                student_fn(target),
+                teacher_fn,
+                x0,
+                uni,
+                teacher.null_condition(len(x0)).to(uni),
+                run.generator,
+            )
         return out.loss, len(x0)
 
     batch_stream = BatchStream(loader, sampler, state, set_epoch=dataset.set_epoch)
-    log.info("distilling %s for %d steps (%s student): %d process(es) x batch %d x accumulation %d", cfg.teacher,
-             total_steps, s.kind, accelerator.num_processes, cfg.train_batch_size, accum)  # fmt: skip
+    log.info(
+        "distilling %s for %d steps (%s student): %d process(es) x batch %d x accumulation %d",
+        cfg.teacher,
+        total_steps,
+        s.kind,
+        accelerator.num_processes,
+        cfg.train_batch_size,
+        accum,
+    )
     with run.loop(save, args.time_limit, desc="distill") as loop:
         while state["step"] < total_steps and not loop.should_stop(state["step"]):
             batches = run.next_batches(batch_stream, accum)

@@ -93,8 +93,16 @@ def main(args: argparse.Namespace) -> int:
 
     # ---- model and optimisation (same seed everywhere: identical initialisation on every process)
     torch.manual_seed(cfg.seed)
-    run = start_run(accelerator, RunSettings.from_config(cfg), work_dir, FlowMLP(**cfg.flow), total_steps, resume,
-                    generator_name="generator", info=dict(train_pairs=len(dataset)))  # fmt: skip
+    run = start_run(
+        accelerator,
+        RunSettings.from_config(cfg),
+        work_dir,
+        FlowMLP(**cfg.flow),
+        total_steps,
+        resume,
+        generator_name="generator",
+        info=dict(train_pairs=len(dataset)),
+    )
     model, unwrapped, state, gen = run.model, run.unwrapped, run.state, run.generator
 
     def save(step: int) -> None:
@@ -104,8 +112,14 @@ def main(args: argparse.Namespace) -> int:
                 save_flow_mlp(unwrapped, work_dir / "flow_mlp.safetensors")
 
     batch_stream = BatchStream(loader, sampler, state)
-    log.info("training %d steps on %d pairs (%d tokens each), %d process(es) x batch %d",
-             total_steps, len(dataset), train.he.shape[1], accelerator.num_processes, cfg.train_batch_size)  # fmt: skip
+    log.info(
+        "training %d steps on %d pairs (%d tokens each), %d process(es) x batch %d",
+        total_steps,
+        len(dataset),
+        train.he.shape[1],
+        accelerator.num_processes,
+        cfg.train_batch_size,
+    )
     with run.loop(save, args.time_limit, desc="flow MLP") as loop:
         while state["step"] < total_steps and not loop.should_stop(state["step"]):
             he, ihc = next(batch_stream)

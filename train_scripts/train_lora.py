@@ -188,11 +188,23 @@ def main(args: argparse.Namespace) -> int:
     model.train()
     n_lora = sum(p.numel() for p in lora_parameters(model))
 
-    sampler = ResumableSampler(len(data.dataset), cfg.train_batch_size, accelerator.num_processes,
-                               accelerator.process_index, seed=cfg.seed, exclude=data.held_out)  # fmt: skip
-    loader = DataLoader(data.dataset, batch_size=cfg.train_batch_size, sampler=sampler,
-                        num_workers=cfg.data.num_workers, collate_fn=data.collate,
-                        pin_memory=device.type == "cuda", drop_last=True)  # fmt: skip
+    sampler = ResumableSampler(
+        len(data.dataset),
+        cfg.train_batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+        seed=cfg.seed,
+        exclude=data.held_out,
+    )
+    loader = DataLoader(
+        data.dataset,
+        batch_size=cfg.train_batch_size,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        collate_fn=data.collate,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+    )
     accum = cfg.gradient_accumulation_steps
     total_steps = cfg.max_steps or cfg.num_epochs * sampler.batches_per_epoch // accum
     if total_steps < 1:
@@ -202,10 +214,24 @@ def main(args: argparse.Namespace) -> int:
 
     # ---- optimisation of the LoRA parameters only (and the EMA of them), noise, checkpoints, counters
     register_lora_checkpoint_hooks(accelerator)  # checkpoints hold the adapter, not the frozen base
-    run = start_run(accelerator, RunSettings.from_config(cfg), work_dir, model, total_steps, resume, params=lora_parameters(model),
-                    counters=dict(skipped_samples=0), generator_name="generator",
-                    info=dict(train_samples=len(data.dataset), base_model=str(base), lora_parameters=n_lora,
-                              lora_targets=list(settings.targets), **data.info))  # fmt: skip
+    run = start_run(
+        accelerator,
+        RunSettings.from_config(cfg),
+        work_dir,
+        model,
+        total_steps,
+        resume,
+        params=lora_parameters(model),
+        counters=dict(skipped_samples=0),
+        generator_name="generator",
+        info=dict(
+            train_samples=len(data.dataset),
+            base_model=str(base),
+            lora_parameters=n_lora,
+            lora_targets=list(settings.targets),
+            **data.info,
+        ),
+    )
     model, unwrapped, state, gen = run.model, run.unwrapped, run.state, run.generator
     diffusion = GaussianDiffusion()
 
@@ -218,9 +244,19 @@ def main(args: argparse.Namespace) -> int:
     batch_stream = BatchStream(loader, sampler, state)
     max_skipped = max(1, int(cfg.data.max_failure_rate * len(data.dataset)))
     validate = data.validation_grid is not None and cfg.validation.every_steps > 0
-    log.info("training %d steps: %d process(es) x batch %d x accumulation %d, %d %s, %d LoRA parameters (rank %d "
-             "on %s)", total_steps, accelerator.num_processes, cfg.train_batch_size, accum, len(data.dataset),
-             data.what, n_lora, settings.rank, ", ".join(settings.targets))  # fmt: skip
+    log.info(
+        "training %d steps: %d process(es) x batch %d x accumulation %d, %d %s, %d LoRA parameters (rank %d "
+        "on %s)",
+        total_steps,
+        accelerator.num_processes,
+        cfg.train_batch_size,
+        accum,
+        len(data.dataset),
+        data.what,
+        n_lora,
+        settings.rank,
+        ", ".join(settings.targets),
+    )
     with run.loop(save, args.time_limit, desc="LoRA") as loop:
         while state["step"] < total_steps and not loop.should_stop(state["step"]):
             batches = [next(batch_stream) for _ in range(accum)]
@@ -253,9 +289,14 @@ def main(args: argparse.Namespace) -> int:
                 continue
             grad_norm, step = run.optimizer_step(cfg.gradient_clip, params=lora_parameters(model))
 
-            loop.log_step(step, loss, run.lr, grad_norm,
-                          images=images * accelerator.num_processes,
-                          scalars={"train/skipped_samples": state["skipped_samples"]})  # fmt: skip
+            loop.log_step(
+                step,
+                loss,
+                run.lr,
+                grad_norm,
+                images=images * accelerator.num_processes,
+                scalars={"train/skipped_samples": state["skipped_samples"]},
+            )
             if validate and is_main and (step % cfg.validation.every_steps == 0 or step == total_steps):
                 grid = run.ema_eval(lambda: data.validation_grid(unwrapped))
                 loop.save_grid("validation/real_vs_generated", grid, step)

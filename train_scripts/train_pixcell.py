@@ -157,13 +157,24 @@ def main(args: argparse.Namespace) -> int:
     accum = cfg.gradient_accumulation_steps
     total_steps = cfg.max_steps or cfg.num_epochs * sampler.batches_per_epoch // accum
     if total_steps < 1:
-        raise ValueError(f"config: no steps to train (max_steps {cfg.max_steps}, {sampler.batches_per_epoch} "
-                         f"batches per epoch, gradient_accumulation_steps {accum})")  # fmt: skip
+        raise ValueError(
+            f"config: no steps to train (max_steps {cfg.max_steps}, {sampler.batches_per_epoch} "
+            f"batches per epoch, gradient_accumulation_steps {accum})"
+        )
 
     # ---- optimisation, EMA, noise, checkpoints, counters (restored when resuming)
-    run = start_run(accelerator, RunSettings.from_config(cfg), work_dir, model, total_steps, resume, sharded_ema=sharded,
-                    counters=dict(nonfinite_total=0, skipped_samples=0, images_seen=0),
-                    info=dict(dataset_samples=len(dataset)), fsdp=fsdp)  # fmt: skip
+    run = start_run(
+        accelerator,
+        RunSettings.from_config(cfg),
+        work_dir,
+        model,
+        total_steps,
+        resume,
+        sharded_ema=sharded,
+        counters=dict(nonfinite_total=0, skipped_samples=0, images_seen=0),
+        info=dict(dataset_samples=len(dataset)),
+        fsdp=fsdp,
+    )
     model, unwrapped, state, noise_gen = run.model, run.unwrapped, run.state, run.generator
     diffusion = GaussianDiffusion()
 
@@ -189,9 +200,15 @@ def main(args: argparse.Namespace) -> int:
         )
 
     batch_stream = BatchStream(loader, sampler, state, set_epoch=dataset.set_epoch)
-    log.info("training %d steps: %d process(es) x batch %d x accumulation %d, %d samples, %d batches per epoch",
-             total_steps, accelerator.num_processes, cfg.train_batch_size, accum, len(dataset),
-             sampler.batches_per_epoch)  # fmt: skip
+    log.info(
+        "training %d steps: %d process(es) x batch %d x accumulation %d, %d samples, %d batches per epoch",
+        total_steps,
+        accelerator.num_processes,
+        cfg.train_batch_size,
+        accum,
+        len(dataset),
+        sampler.batches_per_epoch,
+    )
     with run.loop(save, args.time_limit) as loop:
         while state["step"] < total_steps and not loop.should_stop(state["step"]):
             # ---- this step's micro-batches; skipped together when one failed to load on any process
@@ -205,8 +222,14 @@ def main(args: argparse.Namespace) -> int:
                 x0 = to_model_latents(
                     batch["latent"].to(device), cfg.vae_shift, cfg.vae_scale
                 )  # (B, 16, h, w)
-                x_t, t, noise, uni = noised_inputs(diffusion, x0, batch["uni"].to(device), noise_gen,
-                                                   cfg.class_dropout_prob, unwrapped.drop_condition)  # fmt: skip
+                x_t, t, noise, uni = noised_inputs(
+                    diffusion,
+                    x0,
+                    batch["uni"].to(device),
+                    noise_gen,
+                    cfg.class_dropout_prob,
+                    unwrapped.drop_condition,
+                )
                 with accelerator.autocast():
                     out = model(x_t, uni, t, return_dict=False)[0]
                 return diffusion.training_losses(out.float(), x0, x_t, t, noise).loss.mean(), len(x0)  # fp32
@@ -216,9 +239,17 @@ def main(args: argparse.Namespace) -> int:
             state["images_seen"] += images * accelerator.num_processes
 
             # ---- report, validate, save
-            loop.log_step(step, loss, run.lr, grad_norm, images=images * accelerator.num_processes,
-                          scalars={"train/nonfinite_steps": state["nonfinite_total"],
-                                   "train/skipped_samples": state["skipped_samples"]})  # fmt: skip
+            loop.log_step(
+                step,
+                loss,
+                run.lr,
+                grad_norm,
+                images=images * accelerator.num_processes,
+                scalars={
+                    "train/nonfinite_steps": state["nonfinite_total"],
+                    "train/skipped_samples": state["skipped_samples"],
+                },
+            )
             if validate and step % cfg.validation.every_steps == 0 and (is_main or sharded):
                 grid = run.ema_eval(
                     lambda: held_out_grid(

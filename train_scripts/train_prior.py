@@ -109,8 +109,14 @@ def main(args: argparse.Namespace) -> int:
         accelerator.process_index,
         seed=cfg.seed,
     )
-    loader = DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler, drop_last=True,
-                        num_workers=d.num_workers, collate_fn=collate_skip_none)  # fmt: skip
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.train_batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=d.num_workers,
+        collate_fn=collate_skip_none,
+    )
     total_steps = cfg.max_steps or cfg.num_epochs * sampler.batches_per_epoch
 
     # ---- model (same seed everywhere: identical initialisation on every process) and the run skeleton
@@ -142,9 +148,16 @@ def main(args: argparse.Namespace) -> int:
 
     batch_stream = BatchStream(loader, sampler, state)
     null = len(dataset.label_names)
-    log.info("training %d steps on %d samples of %d token(s) x %d (%s), %d process(es) x batch %d", total_steps,
-             len(dataset), num_tokens, mean.numel(), describe_labels(cfg.label_from), accelerator.num_processes,
-             cfg.train_batch_size)  # fmt: skip
+    log.info(
+        "training %d steps on %d samples of %d token(s) x %d (%s), %d process(es) x batch %d",
+        total_steps,
+        len(dataset),
+        num_tokens,
+        mean.numel(),
+        describe_labels(cfg.label_from),
+        accelerator.num_processes,
+        cfg.train_batch_size,
+    )
     with run.loop(save, args.time_limit, desc="UNI prior") as loop:
         while state["step"] < total_steps and not loop.should_stop(state["step"]):
             batch = next(batch_stream)

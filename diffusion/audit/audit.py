@@ -41,8 +41,14 @@ class AuditSettings:
     backend: str = "auto"  # feature search: auto, exact, flat, ivf (diffusion.audit.search)
 
 
-def set_features(extractor: FeatureExtractor, images: ImageSet, cache: FeatureCache | None = None,
-                 batch_size: int = 64, num_workers: int = 0, progress: bool = True) -> np.ndarray:  # fmt: skip
+def set_features(
+    extractor: FeatureExtractor,
+    images: ImageSet,
+    cache: FeatureCache | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> np.ndarray:
     """(N, dim) features of an image set, from the cache when it has them."""
 
     def compute() -> np.ndarray:
@@ -135,8 +141,16 @@ def audit(
                 "transform": transform,
                 "shift": list(shift),
             }
-            out.append({"name": key, "nearest_train": train.keys[nn], "scores": scores, "flagged": bool(flagged),
-                        "suspect": bool(closer) and not flagged and role == "synthetic", "reason": reason})  # fmt: skip
+            out.append(
+                {
+                    "name": key,
+                    "nearest_train": train.keys[nn],
+                    "scores": scores,
+                    "flagged": bool(flagged),
+                    "suspect": bool(closer) and not flagged and role == "synthetic",
+                    "reason": reason,
+                }
+            )
         return out
 
     per_image = rows("synthetic")

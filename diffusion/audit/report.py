@@ -36,13 +36,24 @@ def report_markdown(result: dict) -> str:
             f"| {e} | {syn['min']:.4f} / {syn['median']:.4f} | {ref_txt} | {'-' if closer is None else closer} |"
         )
     px = s["pixel_ncc"]
-    lines += ["", f"Pixel NCC to the best candidate: synthetic median {px['synthetic']['median']:.3f}, max "
-              f"{px['synthetic']['max']:.3f}" + (f"; held-out median {px['reference']['median']:.3f}, max "
-              f"{px['reference']['max']:.3f}" if px["reference"] else "") + "."]  # fmt: skip
+    lines += [
+        "",
+        f"Pixel NCC to the best candidate: synthetic median {px['synthetic']['median']:.3f}, max "
+        f"{px['synthetic']['max']:.3f}"
+        + (
+            f"; held-out median {px['reference']['median']:.3f}, max {px['reference']['max']:.3f}"
+            if px["reference"]
+            else ""
+        )
+        + ".",
+    ]
     sl = s["slide_level"]
     if sl:
-        lines += ["", f"Slide level ({sl['encoder']} space, {sl['n_train_slides']} training slide(s)): nearest "
-                  "training image from the image's own slide:"]  # fmt: skip
+        lines += [
+            "",
+            f"Slide level ({sl['encoder']} space, {sl['n_train_slides']} training slide(s)): nearest "
+            "training image from the image's own slide:",
+        ]
         for role in ("synthetic", "reference"):
             if role in sl:
                 r = sl[role]
@@ -67,8 +78,12 @@ def report_figure(result: dict, train: ImageSet, synthetic: ImageSet, path: Path
     enc = next(iter(s["encoders"]))
     rows, ref = result["per_image"], result["reference"]
     fig = plt.figure(figsize=(14, 4.2))
-    for col, (title, key) in enumerate(((f"{enc}: cosine distance to nearest training image", f"{enc}_distance"),
-                                        ("pixel NCC to best candidate", "pixel_ncc"))):  # fmt: skip
+    for col, (title, key) in enumerate(
+        (
+            (f"{enc}: cosine distance to nearest training image", f"{enc}_distance"),
+            ("pixel NCC to best candidate", "pixel_ncc"),
+        )
+    ):
         ax = fig.add_subplot(1, 3, col + 1)
         syn_v = [r["scores"][key] for r in rows]
         ref_v = [r["scores"][key] for r in ref]

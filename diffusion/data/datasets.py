@@ -115,8 +115,10 @@ class PatchFeatureDataset(Dataset):
                 )
         else:
             # a bare dataset name means its parent-size key: "tcga" -> "tcga_1024"
-            wanted = [k if k in lengths or f"{k}_{parent_size}" not in lengths else f"{k}_{parent_size}"
-                      for k in dataset_keys]  # fmt: skip
+            wanted = [
+                k if k in lengths or f"{k}_{parent_size}" not in lengths else f"{k}_{parent_size}"
+                for k in dataset_keys
+            ]
             keys = resolve_keys(lengths, wanted, self.index_file)
             for key in keys:
                 if key_size(key) != parent_size:
@@ -234,8 +236,11 @@ class PatchFeatureDataset(Dataset):
         if self.feature_format == "packed":
             uni = self._readers[key].read_uni(position, rel, tokens)
         else:
-            uni = np.asarray(self._read_uni_npy(npy_feature_paths(self.features_root, rel, self.vae_suffix,
-                                                                  self.uni_suffix)[1])[tokens])  # fmt: skip
+            uni = np.asarray(
+                self._read_uni_npy(
+                    npy_feature_paths(self.features_root, rel, self.vae_suffix, self.uni_suffix)[1]
+                )[tokens]
+            )
         if not np.isfinite(uni).all():
             raise SampleError(f"{rel}: NaN or Inf in the UNI embedding (crop {row},{col})")
         return uni
@@ -352,15 +357,21 @@ def check_data_matches_model(
     c = model.config
     lat = resolution // VAE_FACTOR
     if lat % c.patch_size:
-        raise ValueError(f"config: resolution {resolution} gives {lat}x{lat} latents, not divisible by the "
-                         f"model's patch_size {c.patch_size}")  # fmt: skip
+        raise ValueError(
+            f"config: resolution {resolution} gives {lat}x{lat} latents, not divisible by the "
+            f"model's patch_size {c.patch_size}"
+        )
     item = next((dataset[i] for i in range(min(len(dataset), 16)) if dataset[i] is not None), None)
     if item is None:
         raise ValueError(f"data {dataset.root}: none of the first samples loads (see the warnings above)")
     if tuple(item["latent"].shape) != (c.in_channels, lat, lat):
-        raise ValueError(f"data {dataset.root}: latents of shape {tuple(item['latent'].shape)}, but the model "
-                         f"{model_name} at resolution {resolution} needs ({c.in_channels}, {lat}, {lat})")  # fmt: skip
+        raise ValueError(
+            f"data {dataset.root}: latents of shape {tuple(item['latent'].shape)}, but the model "
+            f"{model_name} at resolution {resolution} needs ({c.in_channels}, {lat}, {lat})"
+        )
     if tuple(item["uni"].shape) != (c.caption_num_tokens, c.caption_channels):
-        raise ValueError(f"data {dataset.root}: UNI features of shape {tuple(item['uni'].shape)} per sample, but "
-                         f"the model {model_name} takes ({c.caption_num_tokens}, {c.caption_channels}) "
-                         "(token count and embedding dim; check model, resolution and model_overrides)")  # fmt: skip
+        raise ValueError(
+            f"data {dataset.root}: UNI features of shape {tuple(item['uni'].shape)} per sample, but "
+            f"the model {model_name} takes ({c.caption_num_tokens}, {c.caption_channels}) "
+            "(token count and embedding dim; check model, resolution and model_overrides)"
+        )

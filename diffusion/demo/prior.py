@@ -93,21 +93,88 @@ def run_prior_stage(
     # Models this small are many small ops: one OpenMP thread per command is as fast on an idle machine and many
     # times faster on a busy one (two threads spin-waiting for each other).
     one_thread = {"OMP_NUM_THREADS": "1"}
-    run("train_scripts.train_prior", PRIOR_CONFIG, "--work-dir", str(prior_dir), "--data-root", str(patches),
-        env=one_thread)  # fmt: skip
+    run(
+        "train_scripts.train_prior",
+        PRIOR_CONFIG,
+        "--work-dir",
+        str(prior_dir),
+        "--data-root",
+        str(patches),
+        env=one_thread,
+    )
     n = write_conditions(patches, heldout_key, work, samples, seeds)
-    common = ["--model", str(work), "--vae", str(vae_dir), "--device", "cpu", "--dtype", "fp32", "--steps",
-              str(sample_steps), "--seed", "0", "--batch", "16", "--no-progress"]  # fmt: skip
-    run("tools.sample", *common, "--prior", str(prior_dir), "--n-images", str(n), "--out", str(samples / "prior"),
-        env=one_thread)  # fmt: skip
-    run("tools.sample", *common, "--embeddings", str(samples / "heldout.npy"), "--out",
-        str(samples / "conditional"), env=one_thread)  # fmt: skip
+    common = [
+        "--model",
+        str(work),
+        "--vae",
+        str(vae_dir),
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--steps",
+        str(sample_steps),
+        "--seed",
+        "0",
+        "--batch",
+        "16",
+        "--no-progress",
+    ]
+    run(
+        "tools.sample",
+        *common,
+        "--prior",
+        str(prior_dir),
+        "--n-images",
+        str(n),
+        "--out",
+        str(samples / "prior"),
+        env=one_thread,
+    )
+    run(
+        "tools.sample",
+        *common,
+        "--embeddings",
+        str(samples / "heldout.npy"),
+        "--out",
+        str(samples / "conditional"),
+        env=one_thread,
+    )
     # The null condition alone: guidance 1 is exactly the unconditional prediction (no second pass).
-    run("tools.sample", *common, "--embeddings", str(samples / "null.npy"), "--guidance", "1", "--out",
-        str(samples / "null"), env=one_thread)  # fmt: skip
-    run("tools.evaluate_prior", "--prior", str(prior_dir), "--data-root", str(patches), "--train-keys", train_key,
-        "--heldout-keys", heldout_key, "--parent-size", "256", "--model", str(work), "--n-samples", "200",
-        "--device", "cpu", "--out", str(out / "eval" / "prior"), "--no-progress", env=one_thread)  # fmt: skip
+    run(
+        "tools.sample",
+        *common,
+        "--embeddings",
+        str(samples / "null.npy"),
+        "--guidance",
+        "1",
+        "--out",
+        str(samples / "null"),
+        env=one_thread,
+    )
+    run(
+        "tools.evaluate_prior",
+        "--prior",
+        str(prior_dir),
+        "--data-root",
+        str(patches),
+        "--train-keys",
+        train_key,
+        "--heldout-keys",
+        heldout_key,
+        "--parent-size",
+        "256",
+        "--model",
+        str(work),
+        "--n-samples",
+        "200",
+        "--device",
+        "cpu",
+        "--out",
+        str(out / "eval" / "prior"),
+        "--no-progress",
+        env=one_thread,
+    )
     fds = image_fds(samples / "real", samples, uni_dir)
     uni_space = json.loads((out / "eval" / "prior" / "metrics.json").read_text())["sets"]["all"]
     return {"fd_images": fds, "seeds_per_condition": seeds, "uni_space": uni_space}

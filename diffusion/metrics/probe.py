@@ -273,8 +273,11 @@ def report_markdown(report: dict) -> str:
                 f"[{ba['low']:.3f}, {ba['high']:.3f}] ({ba['seed_std']:.3f}) |"
             )
         if out["comparisons"]:
-            lines += ["", "| real + syn vs real | fraction | F1 gain [95% CI] | p | bal. acc. gain [95% CI] | p |",
-                      "|---|---|---|---|---|---|"]  # fmt: skip
+            lines += [
+                "",
+                "| real + syn vs real | fraction | F1 gain [95% CI] | p | bal. acc. gain [95% CI] | p |",
+                "|---|---|---|---|---|---|",
+            ]
             for c in out["comparisons"]:
                 g, b = c["f1_gain"], c["bacc_gain"]
                 lines.append(

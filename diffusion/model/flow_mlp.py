@@ -28,8 +28,20 @@ from diffusion.flow import flow_matching_loss as _flow_loss
 from diffusion.flow import zero_init as _zero
 from diffusion.model.state_dicts import read_state_dict
 
-__all__ = ["FLOW_GRIDS", "TIME_SCALE", "FlowMLP", "FlowMLPConfig", "ResBlock", "flow_matching_loss", "load_flow_mlp",
-           "read_state_dict", "rescale_norm", "save_flow_mlp", "timestep_embedding", "translation_metrics"]  # fmt: skip
+__all__ = [
+    "FLOW_GRIDS",
+    "TIME_SCALE",
+    "FlowMLP",
+    "FlowMLPConfig",
+    "ResBlock",
+    "flow_matching_loss",
+    "load_flow_mlp",
+    "read_state_dict",
+    "rescale_norm",
+    "save_flow_mlp",
+    "timestep_embedding",
+    "translation_metrics",
+]
 
 FLOW_GRIDS = ("uniform", "clipped")  # Euler time grids of `FlowMLP.translate`
 

@@ -98,8 +98,11 @@ class UNITokenDataset(PatchFeatureDataset):
         ]
         missing = sum(int((a == NO_LABEL).sum()) for a in self.label_ids)
         if missing:
-            log.warning("%d indexed patches have no label in %s: they train the unconditional flow only",
-                        missing, label_from)  # fmt: skip
+            log.warning(
+                "%d indexed patches have no label in %s: they train the unconditional flow only",
+                missing,
+                label_from,
+            )
 
     def label_of_index(self, index: int) -> int:
         key, position, _, _ = self.locate(index)

@@ -112,8 +112,13 @@ def prior_metrics(
         )
         if name != "fd":
             margin = comparison.difference(name, "fd")
-            out.update({f"{name}_minus_fd": margin.value, f"{name}_minus_fd_low": margin.low,
-                        f"{name}_minus_fd_high": margin.high})  # fmt: skip
+            out.update(
+                {
+                    f"{name}_minus_fd": margin.value,
+                    f"{name}_minus_fd_low": margin.low,
+                    f"{name}_minus_fd_high": margin.high,
+                }
+            )
     out["precision"], out["recall"] = knn_precision_recall(heldout, samples, k)
     out["precision_gaussian"], out["recall_gaussian"] = knn_precision_recall(heldout, gaussian, k)
     out.update(memorisation(samples, train, heldout))

@@ -75,8 +75,12 @@ class PriorSource(ConditionSource):
         return f"UNI prior {self.prior_ref} ({self.label or 'no label'}, {self.n_images} conditions)"
 
     def run_info(self) -> dict:
-        return {"prior": self.prior_ref, "prior_label": self.label, "prior_guidance": self.guidance,
-                "prior_steps": self.steps}  # fmt: skip
+        return {
+            "prior": self.prior_ref,
+            "prior_label": self.label,
+            "prior_guidance": self.guidance,
+            "prior_steps": self.steps,
+        }
 
     def name(self, i: int) -> str:
         return f"{self.stem}_{i:06d}"
@@ -84,16 +88,35 @@ class PriorSource(ConditionSource):
     def specs(self, skipped: list[str] | None = None) -> list[Spec]:
         m = self.m
         return [
-            Spec(self.name(i), str(i), 0, 0, m, m, False,
-                 {"type": "prior", "prior": self.prior_ref, "label": self.label, "guidance": self.guidance,
-                  "steps": self.steps, "prior_seed": name_seed(self.seed, f"prior:{self.name(i)}")})
+            Spec(
+                self.name(i),
+                str(i),
+                0,
+                0,
+                m,
+                m,
+                False,
+                {
+                    "type": "prior",
+                    "prior": self.prior_ref,
+                    "label": self.label,
+                    "guidance": self.guidance,
+                    "steps": self.steps,
+                    "prior_seed": name_seed(self.seed, f"prior:{self.name(i)}"),
+                },
+            )
             for i in range(self.n_images)
-        ]  # fmt: skip
+        ]
 
     def _draw_chunk(self, k: int) -> np.ndarray:
         names = [self.name(i) for i in range(k * self.chunk, min((k + 1) * self.chunk, self.n_images))]
-        tokens = self.prior.sample(len(names), self.label, self.guidance, self.steps,
-                                   generator=condition_generators(self.seed, names))  # fmt: skip
+        tokens = self.prior.sample(
+            len(names),
+            self.label,
+            self.guidance,
+            self.steps,
+            generator=condition_generators(self.seed, names),
+        )
         return tokens.cpu().numpy()  # (n, T, C)
 
     def load(self, spec: Spec) -> Loaded:

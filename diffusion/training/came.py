@@ -68,8 +68,13 @@ class CAME(torch.optim.Optimizer):
         if len(eps) != 2:
             raise ValueError(f"CAME: eps takes two values, got {eps}")
         self.max_bucket_numel = max_bucket_numel
-        defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, betas=tuple(betas),
-                        weight_decay=weight_decay)  # fmt: skip
+        defaults = dict(
+            lr=lr,
+            eps=tuple(eps),
+            clip_threshold=clip_threshold,
+            betas=tuple(betas),
+            weight_decay=weight_decay,
+        )
         super().__init__(params, defaults)
         # bucket (parameter ids) -> (stacked state buffers, per-parameter views of them)
         self._packed: dict[tuple[int, ...], tuple[dict[str, Tensor], dict[str, list[Tensor]]]] = {}
@@ -80,8 +85,13 @@ class CAME(torch.optim.Optimizer):
         shape = tuple(shape)
         if len(shape) >= 2:
             row, col = shape[:-1], shape[:-2] + shape[-1:]
-            return {"exp_avg": shape, "exp_avg_sq_row": row, "exp_avg_sq_col": col,
-                    "exp_avg_res_row": row, "exp_avg_res_col": col}  # fmt: skip
+            return {
+                "exp_avg": shape,
+                "exp_avg_sq_row": row,
+                "exp_avg_sq_col": col,
+                "exp_avg_res_row": row,
+                "exp_avg_res_col": col,
+            }
         return {"exp_avg": shape, "exp_avg_sq": shape}
 
     def _buckets(self, params: list[Tensor]) -> list[list[Tensor]]:

@@ -53,8 +53,16 @@ def initialise_from(model: nn.Module, source: str | Path, use_ema: bool = False)
     src_model = load_transformer(resolved, ema=use_ema)
     src, own = src_model.state_dict(), model.state_dict()
     sc, c = src_model.config, model.config
-    for name in ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "in_channels",
-                 "out_channels", "caption_channels", "cross_attention_dim"):  # fmt: skip
+    for name in (
+        "num_layers",
+        "num_attention_heads",
+        "attention_head_dim",
+        "patch_size",
+        "in_channels",
+        "out_channels",
+        "caption_channels",
+        "cross_attention_dim",
+    ):
         if getattr(sc, name) != getattr(c, name):
             raise ValueError(
                 f"load_from {source}: {name} is {getattr(sc, name)} in the source but {getattr(c, name)} in the "
@@ -92,9 +100,11 @@ def initialise_from(model: nn.Module, source: str | Path, use_ema: bool = False)
         raise ValueError(f"load_from {source}: keys the model does not have: {', '.join(extra[:3])}")
     model.load_state_dict(new_state, strict=False)
     if (sc.sample_size, sc.interpolation_scale) != (c.sample_size, c.interpolation_scale):
-        report.reinitialised.append((
-            "pos_embed.pos_embed",
-            f"patch position table recomputed for sample_size {c.sample_size}, interpolation_scale "
-            f"{c.interpolation_scale} (source: {sc.sample_size}, {sc.interpolation_scale}; never stored)",
-        ))  # fmt: skip
+        report.reinitialised.append(
+            (
+                "pos_embed.pos_embed",
+                f"patch position table recomputed for sample_size {c.sample_size}, interpolation_scale "
+                f"{c.interpolation_scale} (source: {sc.sample_size}, {sc.interpolation_scale}; never stored)",
+            )
+        )
     return report

@@ -105,8 +105,12 @@ class NonFiniteGuard:
         state["nonfinite_total"] += 1
         self.in_a_row += 1
         step = state["step"]
-        log.warning("step %d: non-finite loss or gradient: step skipped [%d in a row, %d in total]", step,
-                    self.in_a_row, state["nonfinite_total"])  # fmt: skip
+        log.warning(
+            "step %d: non-finite loss or gradient: step skipped [%d in a row, %d in total]",
+            step,
+            self.in_a_row,
+            state["nonfinite_total"],
+        )
         if self.in_a_row >= self.limit:
             last = latest_checkpoint(self.work_dir)
             raise RuntimeError(
