@@ -33,12 +33,16 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..atomic import atomic_path
 from ..geometry import UNI_TILE
+
+if TYPE_CHECKING:
+    from ..encoders import UNIEncoder
 
 TARGET_MPP = 0.5  # 20x: the resolution of PixCell's 256 px tiles
 
@@ -261,7 +265,7 @@ def grid_from_features(
 
 
 def slide_tiles_at_20x(
-    slide,
+    slide,  # an openslide.OpenSlide or tiffslide.TiffSlide
     mpp: float,
     region: tuple[int, int, int, int] | None = None,  # (x, y, width, height) in level-0 px; None: whole slide
 ) -> tuple[int, int, Callable[[int], np.ndarray]]:
@@ -300,7 +304,7 @@ def slide_tiles_at_20x(
 @torch.no_grad()
 def grid_from_slide(
     slide_path: str | Path,
-    uni,  # a UNIEncoder (diffusion.encoders.load_uni)
+    uni: UNIEncoder,  # diffusion.encoders.load_uni
     region: tuple[int, int, int, int] | None = None,
     mpp: float | None = None,  # level-0 um/px; None: from the slide's metadata
     batch_size: int = 64,

@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -68,6 +69,11 @@ from .samplers import (
     transformer_fn,
     wants_variance,
 )
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+    from ..model.pixcell_transformer import PixCellTransformer2DModel
 
 log = logging.getLogger("pixcell.wsi")
 # Samplers whose model input is the latent itself (scale_model_input is the identity, init_noise_sigma 1), so a
@@ -245,7 +251,14 @@ class WSIRun:
     >>> run.run(out / "slide.tif")        # again after a kill: resumes; in N processes at once: shared
     """
 
-    def __init__(self, work: str | Path, transformer, vae, inputs: WSIInputs, settings: WSISettings):
+    def __init__(
+        self,
+        work: str | Path,  # the run's folder (OUT/work): latents, step files, markers
+        transformer: PixCellTransformer2DModel,
+        vae: AutoencoderKL,
+        inputs: WSIInputs,
+        settings: WSISettings,
+    ):
         self.work = Path(work)
         self.transformer, self.vae, self.inputs, self.settings = transformer, vae, inputs, settings
         self.device = next(transformer.parameters()).device
@@ -594,7 +607,7 @@ def prepare_work(
 
 
 @torch.no_grad()
-def encode_region(vae, image: np.ndarray, tile: int = 64, margin: int = 8) -> np.ndarray:
+def encode_region(vae: AutoencoderKL, image: np.ndarray, tile: int = 64, margin: int = 8) -> np.ndarray:
     """(H, W, 3) uint8 image -> (H/8, W/8, 16) model-space latents (posterior mean), encoded in (tile + 2 margin)
     latent px blocks whose centres are kept (the encoder is local: a margin hides the block borders)."""
     f = vae_scale_factor(vae)
