@@ -85,7 +85,7 @@ def evict(files: list[Path]) -> None:
             os.close(fd)
 
 
-def measure(root: Path, fmt: str, resolution: int, args, cold: bool) -> float:
+def measure(root: Path, fmt: str, resolution: int, args: argparse.Namespace, cold: bool) -> float:
     if fmt == "shards":
         stream = ShardStream(
             root / "features_shards", resolution, args.batch_size, num_workers=args.num_workers

@@ -33,9 +33,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from diffusion.atomic import atomic_path
 from diffusion.command import check_paths, run_cli, runtime_device
+from diffusion.encoders import UNIEncoder
 from diffusion.geometry import tokens_side
 from diffusion.sampling.loading import load_pipeline, load_uni_encoder
 from tools.cli import (
@@ -141,7 +143,9 @@ def fit_grid(rows: int, cols: int, m: int, step: int) -> tuple[int, int]:
     return fit[0], fit[1]
 
 
-def load_grid(args: argparse.Namespace, source: str, channels: int, device, uni) -> tuple[np.ndarray, dict]:
+def load_grid(
+    args: argparse.Namespace, source: str, channels: int, device: torch.device, uni: UNIEncoder | None
+) -> tuple[np.ndarray, dict]:
     """The condition grid (rows, cols, C) of the chosen source, and what to record about it."""
     from diffusion.sampling.grids import TokenGrid, grid_from_features, grid_from_slide
 

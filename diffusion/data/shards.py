@@ -33,6 +33,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,6 +41,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from diffusion.atomic import atomic_path
 from diffusion.geometry import UNI_TILE, VAE_FACTOR
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 SHARDS_FORMAT = "pixcell-feature-shards"
 SHARDS_VERSION = 1
@@ -312,7 +316,7 @@ class ShardStream(IterableDataset):
             self._files[name] = pq.ParquetFile(self.folder / name)
         return self._files[name].read_row_group(group)
 
-    def _sample(self, ref: _Ref, table) -> dict:
+    def _sample(self, ref: _Ref, table: pa.Table) -> dict:
         first = self.units[ref.unit][3]
         patch = first + ref.row
         index = patch * self.crops_per_patch + ref.crop

@@ -42,6 +42,9 @@ from ..atomic import atomic_path
 from ..geometry import UNI_TILE
 
 if TYPE_CHECKING:
+    from openslide import OpenSlide
+    from tiffslide import TiffSlide
+
     from ..encoders import UNIEncoder
 
 TARGET_MPP = 0.5  # 20x: the resolution of PixCell's 256 px tiles
@@ -265,7 +268,7 @@ def grid_from_features(
 
 
 def slide_tiles_at_20x(
-    slide,  # an openslide.OpenSlide or tiffslide.TiffSlide
+    slide: OpenSlide | TiffSlide,
     mpp: float,
     region: tuple[int, int, int, int] | None = None,  # (x, y, width, height) in level-0 px; None: whole slide
 ) -> tuple[int, int, Callable[[int], np.ndarray]]:

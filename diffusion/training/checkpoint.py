@@ -28,6 +28,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
@@ -37,6 +38,14 @@ from ..atomic import atomic_path
 from ..checkpoints import CHECKPOINT_DIR, checkpoint_name, latest_checkpoint, list_checkpoints
 from ..errors import named_write_errors
 from .fsdp import SHARDS_DIR, own_class_name
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from diffusers import ModelMixin
+    from torch.optim.lr_scheduler import LRScheduler
+
+    from .ema import EMA
+    from .fsdp import ShardedTrainingState
 
 log = logging.getLogger("pixcell.train")
 
@@ -57,7 +66,7 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
-def save_transformer_folder(model, state_dict: dict[str, Tensor], folder: str | Path) -> Path:
+def save_transformer_folder(model: ModelMixin, state_dict: dict[str, Tensor], folder: str | Path) -> Path:
     """A diffusers model folder (config.json + diffusion_pytorch_model.safetensors) from a full state dict.
 
     `model` supplies the config (a diffusers ConfigMixin, e.g. the unwrapped transformer); `state_dict` is the
@@ -83,7 +92,13 @@ class CheckpointManager:
     DeepSpeed). `train_state` (main process) and `rank_state` (each process) are picklable dicts of the caller's.
     """
 
-    def __init__(self, work_dir: str | Path, accelerator, keep_last: int = 3, shards=None):
+    def __init__(
+        self,
+        work_dir: str | Path,
+        accelerator: Accelerator,
+        keep_last: int = 3,
+        shards: ShardedTrainingState | None = None,
+    ):
         # shards: a fsdp.ShardedTrainingState (model, optimizer, EMA) saved with DCP beside accelerate's state
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -98,7 +113,7 @@ class CheckpointManager:
         step: int,
         train_state: dict,
         rank_state: dict | None = None,
-        ema=None,
+        ema: EMA | None = None,
         portable: dict[str, tuple[object, dict[str, Tensor]]] | None = None,
     ) -> Path:
         """Write checkpoint `step`; returns its final path.
@@ -122,7 +137,15 @@ class CheckpointManager:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def _save(self, step, train_state, rank_state, ema, portable, tmp: Path) -> Path:
+    def _save(
+        self,
+        step: int,
+        train_state: dict,
+        rank_state: dict | None,
+        ema: EMA | None,
+        portable: dict[str, tuple[object, dict[str, Tensor]]] | None,
+        tmp: Path,
+    ) -> Path:
         acc = self.accelerator
         final = self.root / checkpoint_name(step)
         t0 = time.monotonic()
@@ -174,7 +197,7 @@ class CheckpointManager:
             old.rename(trash)  # no longer "complete" before any file of it disappears
             shutil.rmtree(trash, ignore_errors=True)
 
-    def load(self, path: str | Path, ema=None) -> tuple[dict, dict]:
+    def load(self, path: str | Path, ema: EMA | None = None) -> tuple[dict, dict]:
         """Restore accelerate's state (model, optimizer, scaler, RNG) from `path`; returns (train_state, rank_state).
 
         The EMA is restored in place when given. A rank file missing (resuming on more processes than saved)
@@ -226,10 +249,10 @@ def save_training_state(
     manager: CheckpointManager,
     step: int,
     state: dict,
-    lr_scheduler,
+    lr_scheduler: LRScheduler,
     config_text: str,
     generators: dict[str, torch.Generator],
-    ema=None,
+    ema: EMA | None = None,
     portable: dict[str, tuple[object, dict[str, Tensor]]] | None = None,
 ) -> Path:
     """Checkpoint `step` of a trainer (every process calls it); returns its path."""
@@ -242,9 +265,9 @@ def restore_training_state(
     manager: CheckpointManager,
     path: str | Path,
     state: dict,
-    lr_scheduler,
+    lr_scheduler: LRScheduler,
     generators: dict[str, torch.Generator],
-    ema=None,
+    ema: EMA | None = None,
 ) -> dict:
     """Continue from checkpoint `path`: accelerate's state and the EMA, the LR scheduler, the keys of `state`
     (updated in place) and the generators (a process without a rank file, on more processes than saved, keeps
@@ -258,7 +281,7 @@ def restore_training_state(
     return saved
 
 
-def register_lora_checkpoint_hooks(accelerator) -> None:
+def register_lora_checkpoint_hooks(accelerator: Accelerator) -> None:
     """Make `accelerator.save_state` / `load_state` store only the LoRA weights of adapted models.
 
     accelerate would otherwise write the whole transformer (2.4 GB for PixCell-1024, frozen and identical in every
@@ -271,16 +294,16 @@ def register_lora_checkpoint_hooks(accelerator) -> None:
 
     from ..model.lora import has_lora
 
-    def unwrap(m):
+    def unwrap(m: torch.nn.Module) -> torch.nn.Module:
         return accelerator.unwrap_model(m)
 
-    def save_hook(models, weights, output_dir) -> None:
+    def save_hook(models: list[torch.nn.Module], weights: list[dict[str, Tensor]], output_dir: str) -> None:
         for model, state in zip(models, weights):
             if has_lora(unwrap(model)):
                 for key in [k for k in state if "lora_" not in k]:
                     del state[key]
 
-    def load_hook(models, input_dir) -> None:
+    def load_hook(models: list[torch.nn.Module], input_dir: str) -> None:
         for i, model in enumerate(list(models)):
             inner = unwrap(model)
             if not has_lora(inner):

@@ -26,12 +26,15 @@ import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .ema import EMA
 
 log = logging.getLogger("pixcell.train")
 
@@ -48,7 +51,7 @@ class FSDPSettings:
     param_dtype: torch.dtype | None  # compute dtype of the gathered parameters (None: the stored fp32)
 
 
-def fsdp_settings(cfg) -> FSDPSettings | None:
+def fsdp_settings(cfg: Mapping[str, object]) -> FSDPSettings | None:
     """`cfg.fsdp` -> settings, or None when FSDP is off. Reads fsdp.enabled/strategy/reshard_after_forward and
     mixed_precision."""
     f = cfg.get("fsdp") or {}
@@ -146,7 +149,7 @@ class ShardedTrainingState:
     """Model, optimizer and EMA as one DCP `Stateful`: parameter-name keys, shards per process, resharded on
     load to whatever this run's sharding is."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ema=None):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None = None):
         self.model, self.optimizer, self.ema = model, optimizer, ema
 
     def state_dict(self) -> dict[str, Any]:
