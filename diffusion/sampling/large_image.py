@@ -261,10 +261,24 @@ def denoise_region(
     | None = None,  # tests, benchmarks: standins.reference_eps_fn
     progress: bool = True,
     allow_negative_guidance: bool = False,  # a guidance_scale < 0 is an error unless this says it is meant
+    window_conds: Tensor
+    | None = None,  # (N_windows, T, C) dense conditions (dense_conditions.py); any stride
 ) -> Tensor:
-    """Sliding-window denoising of a whole region: -> final model-space latents (1, 16, H, W)."""
+    """Sliding-window denoising of a whole region: -> final model-space latents (1, 16, H, W).
+
+    Each window's condition is its own sub-grid of `grid` (stride: whole tokens), or, with `window_conds`, the
+    given row per window of `dense_conditions.dense_layout` (stride: any latent px; `grid` then only sets the
+    region's size and channels)."""
     device = next(transformer.parameters()).device
-    layout = region_layout(transformer, tuple(grid.shape[:2]), stride)
+    if window_conds is None:
+        layout = region_layout(transformer, tuple(grid.shape[:2]), stride)
+    else:
+        from .dense_conditions import default_dense_stride, dense_layout
+
+        window = transformer.config.sample_size
+        tile = window // tokens_side(transformer.config.caption_num_tokens)
+        stride = default_dense_stride(window) if stride is None else stride
+        layout = dense_layout(grid.shape[0] * tile, grid.shape[1] * tile, window, stride)
     channels = transformer.config.caption_channels
     if grid.ndim != 3 or grid.shape[2] != channels:
         raise ValueError(f"token grid: expected shape (Gh, Gw, {channels}), got {tuple(grid.shape)}")
@@ -291,7 +305,7 @@ def denoise_region(
     if window_eps is not None:  # another windowing of the same guided model (the one-window reference)
         eps_fn = window_eps(model_fn, layout, grid, uncond, guidance_scale, guidance_interval)
     else:
-        conds = window_conditions(grid, layout)
+        conds = window_conditions(grid, layout) if window_conds is None else window_conds.to(device)
         eps_fn = windowed_eps_fn(
             model_fn, layout, conds, uncond, guidance_scale, guidance_interval, window_batch
         )
