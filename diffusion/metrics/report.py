@@ -134,7 +134,7 @@ def _write_figure(report: dict, path: Path) -> None:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fd = {n: v for n, v in report["metrics"].items() if n == "fid" or n.startswith("fd_")}
+    fd = {n: v for n, v in report["metrics"].items() if n in ("fid", "morphology") or n.startswith("fd_")}
     what = "Frechet distance"
     pairs = (report.get("pairs") or {}).get("cosine", {})
     if not fd and not pairs:  # only KID asked for: bars of KIDs instead
