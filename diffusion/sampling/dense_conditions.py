@@ -16,18 +16,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .large_image import WindowLayout, window_layout
+from .large_image import WindowLayout, default_dense_stride, dense_layout
 
-
-def dense_layout(height: int, width: int, window: int, stride: int) -> WindowLayout:
-    """Windows of `window` latent px at any `stride` (latent px) that steps exactly from edge to edge."""
-    # tokens_side=window: a "tile" of one latent px, so any stride is on the grid (as for the blended decode)
-    return window_layout(height, width, window, stride, tokens_side=window, what="stride")
-
-
-def default_dense_stride(window: int) -> int:
-    """Half a window (16 latent px = 128 px for a 256 px model): every pixel is covered by up to 4 windows."""
-    return max(1, window // 2)
+__all__ = ["default_dense_stride", "dense_layout", "dense_window_conditions"]
 
 
 @torch.no_grad()

@@ -119,6 +119,18 @@ def window_layout(
     return WindowLayout(height, width, window, stride, tile)
 
 
+def dense_layout(height: int, width: int, window: int, stride: int) -> WindowLayout:
+    """Windows at any `stride` (latent px) that steps exactly from edge to edge, for per-window conditions that do
+    not come from a token grid (dense_conditions.py)."""
+    # tokens_side=window: a "tile" of one latent px, so any stride is on the grid (as for the blended decode)
+    return window_layout(height, width, window, stride, tokens_side=window, what="stride")
+
+
+def default_dense_stride(window: int) -> int:
+    """Half a window (16 latent px = 128 px for a 256 px model): every pixel is covered by up to 4 windows."""
+    return max(1, window // 2)
+
+
 def window_conditions(grid: Tensor, layout: WindowLayout) -> Tensor:
     """(Gh, Gw, C) region token grid -> (N_windows, m*m, C): each window's own sub-grid, row-major."""
     m, t = layout.tokens_side, layout.tile
@@ -261,8 +273,8 @@ def denoise_region(
     | None = None,  # tests, benchmarks: standins.reference_eps_fn
     progress: bool = True,
     allow_negative_guidance: bool = False,  # a guidance_scale < 0 is an error unless this says it is meant
-    window_conds: Tensor
-    | None = None,  # (N_windows, T, C) dense conditions (dense_conditions.py); any stride
+    # (N_windows, T, C) dense conditions (dense_conditions.py) for a `dense_layout` at any stride
+    window_conds: Tensor | None = None,
 ) -> Tensor:
     """Sliding-window denoising of a whole region: -> final model-space latents (1, 16, H, W).
 
@@ -273,8 +285,8 @@ def denoise_region(
     if window_conds is None:
         layout = region_layout(transformer, tuple(grid.shape[:2]), stride)
     else:
-        from .dense_conditions import default_dense_stride, dense_layout
-
+        if window_eps is not None:
+            raise ValueError("window_conds and window_eps: the one-window reference takes a token grid only")
         window = transformer.config.sample_size
         tile = window // tokens_side(transformer.config.caption_num_tokens)
         stride = default_dense_stride(window) if stride is None else stride
