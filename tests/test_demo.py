@@ -84,7 +84,9 @@ def test_reduced_demo_writes_a_complete_report_and_reuses_its_stages(tmp_path, r
     assert {"VAE reconstruction", "trained", "untrained", "conditional", "null", "prior"} <= set(sets)
     assert all(s["fd"]["low"] <= s["fd"]["high"] for s in sets.values())
     assert "null - conditional" in quality["morphology"]["differences"]
-    assert quality["seams"]["generated"]["columns"] > 0 and quality["seams"]["window_px"] == 256
+    seams = quality["seams"]
+    assert seams["window"]["period_px"] == 256 and seams["stride"]["period_px"] == 64
+    assert seams["window"]["generated"]["columns"] > 0 and seams["stride"]["real"]["rows"] > 0
     assert quality["morphology"]["real"]["n"] == len(real)
     large = next((out / "large" / "syn").rglob("*.png"))
     assert Image.open(large).size == (512, 512)

@@ -57,6 +57,8 @@ CONFIG = "configs/demo/pixcell_demo_256.py"
 TRAIN_KEY, HELDOUT_KEY = "cmu_train_256", "cmu_heldout_256"
 # random crops of the training rows, at any offset and orientation: the generator's training set
 CROPS_KEY = "cmu_traincrops_256"
+# the region's windows step by a quarter window (8 latent px = 64 px), each conditioned on the crop under it
+LARGE_STRIDE = 8
 
 
 class Demo:
@@ -317,8 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def large() -> None:
         demo.run("tools.sample_4k", "--model", str(work), "--vae", str(vae_dir), "--uni", str(uni_dir),
-                 "--image", str(out / "large_region_real.png"), "--out", str(out / "large"), "--stride", "8",
-                 "--device", "cpu", "--dtype", "fp32", "--steps", str(args.sample_steps))  # fmt: skip
+                 "--image", str(out / "large_region_real.png"), "--out", str(out / "large"), "--stride",
+                 str(LARGE_STRIDE), "--device", "cpu", "--dtype", "fp32", "--steps", str(args.sample_steps))  # fmt: skip
 
     def large_stage() -> None:
         from diffusion.demo.report import write_large_reference
@@ -382,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = {"morphology": morphology_verdicts(real, {n: f for n, f in sets.items() if f}, pairs)}
         generated = next(iter(sorted((out / "large" / "syn").glob("*.png"))), None)
         if generated is not None:
-            info["seams"] = seam_report(out / "large_region_real.png", generated, 256)
+            info["seams"] = seam_report(out / "large_region_real.png", generated, 256, 8 * LARGE_STRIDE)
         return info
 
     demo.stage("quality", quality)

@@ -83,13 +83,22 @@ def morphology_verdicts(
     return result
 
 
-def seam_report(real_region: Path, generated_region: Path, window_px: int) -> dict:
-    """Border step ratios (columns, rows) at the model's window period, for the generated and the real region."""
+def seam_report(
+    real_region: Path, generated_region: Path, window_px: int, stride_px: int | None = None
+) -> dict:
+    """Border step ratios (columns, rows) of the generated and the real region at the model's window period (where
+    whole-window tiling puts its seams) and, given a stride, at the stride's period (every window border)."""
     from diffusion.metrics.seams import border_step_ratio
 
-    out = {}
-    for name, path in (("generated", generated_region), ("real", real_region)):
-        cols, rows = border_step_ratio(np.array(Image.open(path).convert("RGB")), window_px)
-        out[name] = {"columns": cols, "rows": rows}
-    out["window_px"] = window_px
+    images = {
+        n: np.array(Image.open(p).convert("RGB"))
+        for n, p in (("generated", generated_region), ("real", real_region))
+    }
+    out = {"window_px": window_px}
+    for key, period in (("window", window_px), ("stride", stride_px)):
+        if period and period >= 2:
+            out[key] = {"period_px": period}
+            for name, image in images.items():
+                cols, rows = border_step_ratio(image, period)
+                out[key][name] = {"columns": cols, "rows": rows}
     return out

@@ -57,11 +57,17 @@ distance is over the features standardised by the held-out tiles' mean and std, 
 def seams_html(seams: dict | None) -> str:
     if not seams:
         return ""
-    g, r = seams["generated"], seams["real"]
+    parts = []
+    for key, what in (("window", "window grid"), ("stride", "stride grid (every window border)")):
+        if key in seams:
+            g, r = seams[key]["generated"], seams[key]["real"]
+            parts.append(
+                f"at the {seams[key]['period_px']} px {what}: generated {g['columns']:.2f} (columns) / "
+                f"{g['rows']:.2f} (rows), real region {r['columns']:.2f} / {r['rows']:.2f}"
+            )
     return (
-        f"<p>Seams: the mean pixel step across the {seams['window_px']} px window grid over the mean step elsewhere "
-        f"(1 = no seam; diffusion/metrics/seams.py): generated {g['columns']:.2f} (columns) / {g['rows']:.2f} "
-        f"(rows), real region {r['columns']:.2f} / {r['rows']:.2f}.</p>"
+        "<p>Seams: the mean pixel step across window borders over the mean step elsewhere (1 = no seam; "
+        f"diffusion/metrics/seams.py), {'; '.join(parts)}.</p>"
     )
 
 
