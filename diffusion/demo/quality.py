@@ -57,9 +57,12 @@ def morphology_verdicts(
 
     real_images = _images([real])
     thresholds = fit_thresholds(real_images)
-    feats = {name: morphology_features(_images(folders), thresholds) for name, folders in sets.items()}
+    images = {name: _images(folders) for name, folders in sets.items()}
+    feats = {
+        n: morphology_features(ims, thresholds) for n, ims in images.items() if len(ims) >= 2
+    }  # else left out
     real_feats = morphology_features(real_images, thresholds)
-    names = [n for n in feats if len(feats[n]) >= 2]
+    names = list(feats)
     z_real, *z_sets = standardise(real_feats, *(feats[n] for n in names))
     cmp = compare_frechet_distances(dict(zip(names, z_sets, strict=True)), z_real, n_boot=n_boot)
     result = {
