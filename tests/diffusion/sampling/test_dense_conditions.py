@@ -106,8 +106,9 @@ def test_sample_4k_image_at_half_window_stride(one_token, tiny_vae_dir, tiny_uni
     Image.fromarray(big).save(tmp_path / "big.png")
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
-        argv = ["--model", str(model_dir), "--vae", str(tiny_vae_dir), "--uni", str(tiny_uni_dir), "--out",
-                str(out), "--steps", "2", "--device", "cpu", "--no-progress", "--image", str(tmp_path / "big.png")]  # fmt: skip
+        argv = ["--model", str(model_dir), "--vae", str(tiny_vae_dir), "--uni", str(tiny_uni_dir)]
+        argv += ["--out", str(out), "--steps", "2", "--device", "cpu", "--no-progress"]
+        argv += ["--image", str(tmp_path / "big.png")]
         assert run_cli(main, argv) == 0
     row = json.loads((outs[0] / "manifest.jsonl").read_text().splitlines()[0])
     assert row["dense_stride"] == 4  # the default: half of the 8-latent-px window
