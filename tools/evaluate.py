@@ -6,6 +6,9 @@ pathology-encoder feature spaces, and real-vs-synthetic embedding similarity. On
         --encoder uni2=/weights/uni2h/pytorch_model.bin --encoder hoptimus0=/weights/H-optimus-0 \\
         --inception /weights/inception-2015-12-05.pt
 
+    # no weights anywhere: the encoder-free morphology distance (stains, nuclei, sharpness) alone
+    python -m tools.evaluate REAL SYN --out report_dir
+
 REAL and SYN are folders of PNG/JPEG/TIFF images; the paired metric (cos_NAME) matches them by file name.
 Writes metrics.json, report.md, report.png and pairs.csv into --out. See docs/evaluation.md.
 """
@@ -18,7 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from diffusion.metrics.encoders import FEATURE_ENCODERS, parse_encoder_spec
-from diffusion.metrics.evaluation import CACHE_MODES, DTYPES, evaluate
+from diffusion.metrics.evaluation import CACHE_MODES, DTYPES, MORPHOLOGY, evaluate, resolve_plan
 
 __all__ = ["evaluate", "main", "build_parser"]
 
@@ -29,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
-            "metrics: fid, kid (Inception, clean-fid), fd_NAME, kid_NAME, cos_NAME for an encoder NAME.\n"
+            "metrics: fid, kid (Inception, clean-fid), fd_NAME, kid_NAME, cos_NAME for an encoder NAME, and\n"
+            "morphology (no encoder: stains, nuclei, sharpness; the default when no weights are given).\n"
             f"encoder presets: {', '.join(FEATURE_ENCODERS)}. Define or override one with\n"
             "  --encoder NAME=SOURCE[,arch=TIMM_NAME][,size=224][,mean=a/b/c][,std=a/b/c][,pool=model|cls|mean|cls+mean]"
             "[,timm_kwarg=value]\n"
@@ -41,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", required=True, help="report folder (metrics.json, report.md, report.png, pairs.csv)"
     )
-    p.add_argument("--metrics", help="comma-separated; default: fid,kid + fd_NAME,cos_NAME for every encoder")
+    p.add_argument(
+        "--metrics",
+        help="comma-separated; default: morphology when no --encoder/--encoders/--inception is given, else "
+        "fid,kid + fd_NAME,cos_NAME for every encoder, and morphology",
+    )
     p.add_argument(
         "--encoders", help="comma-separated encoder names (default: uni2 and every --encoder NAME)"
     )
@@ -84,17 +92,30 @@ def encoder_specs(encoders: str | None, definitions: Sequence[str]) -> list[str]
     return [defined.get(n, n) for n in names]
 
 
+def default_metrics(args: argparse.Namespace, specs: list[str]) -> list[str]:
+    """Without --metrics: the encoder-free morphology distance alone when no weights were named (no --encoder,
+    --encoders, --inception or $PIXCELL_INCEPTION), so the tool runs at a site without UNI2-h or Inception;
+    else every encoder's default metrics and morphology."""
+    if not (args.encoder or args.encoders or args.inception or os.environ.get("PIXCELL_INCEPTION")):
+        return [MORPHOLOGY]
+    return [*resolve_plan(None, specs)[0], MORPHOLOGY]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0, or 2 with `error: ...` on bad input)."""
     args = build_parser().parse_args(argv)
     try:
-        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+        specs = encoder_specs(args.encoders, args.encoder)
+        if args.metrics:
+            metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        else:
+            metrics = default_metrics(args, specs)
         report = evaluate(
             args.real,
             args.syn,
             out=args.out,
             metrics=metrics,
-            encoders=encoder_specs(args.encoders, args.encoder),
+            encoders=specs,
             inception=args.inception,
             device=args.device,
             dtype=args.dtype,

@@ -7,7 +7,8 @@
     # on 4 x 4 adjacent 1024 px dataset patches (and their stored features), top-left patch row 10, col 12
     python -m tools.sample_4k --data-root patches --region tcga/lihc/single_1024/TCGA-XX 10 12 --out runs/4k
 
-Each 1024 px window is conditioned on its own 4 x 4 sub-grid of the region's UNI grid, overlapping predictions
+Each 1024 px window is conditioned on its own 4 x 4 sub-grid of the region's UNI grid (with --image: on the UNI
+embeddings of the reference crop under it, so windows may start anywhere; diffusion/sampling/dense_conditions.py), overlapping predictions
 are averaged at every step (stride 32/64/128 latent px; see diffusion/sampling/large_image.py for the exact update), all
 windows of a step, conditional and unconditional, run through the model in batched chunks, and the VAE decodes
 overlapping windows blended with a Gaussian window. Rerunning the same command skips finished regions.
@@ -62,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--stride",
         type=int,
         default=None,
-        help="latent px between windows (PixCell-1024: 32, 64 or 128; default half a window: 64)",
+        help="latent px between windows (default half a window: 64 for PixCell-1024). --image: any stride "
+        "that steps edge to edge; --grid/--region: a multiple of one UNI tile (PixCell-1024: 32, 64 or 128)",
     )
     win.add_argument(
         "--decode-stride", type=int, default=None, help="latent px between decoded windows (half)"
@@ -92,8 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         m = tokens_side(t.caption_num_tokens)
     except ValueError as err:
         raise ValueError(f"--model {args.model}: {err}") from None
-    # A one-token model (PixCell-256) can only step by whole windows (each window is one UNI tile): its
-    # windows do not overlap while denoising, and only the blended decode joins them.
+    # With --image every window is conditioned on the reference crop at its own position, so any stride works
+    # (a one-token model too); --grid / --region step on whole UNI tiles (a one-token model: whole windows).
     tile = pipe.image_size // m
     try:
         regions = [(slide, int(row), int(col)) for slide, row, col in args.region]

@@ -6,7 +6,8 @@ _base_ = ["../_base_/default.py"]
 model = "PixCell-demo-256"
 model_overrides = dict(caption_channels=96)
 resolution = 256
-data = dict(parent_size=256, num_workers=0, dataset_keys=["cmu_train_256"])
+# the training tiles and random crops of the same rows at any offset and orientation (tools/demo.py, issue 29)
+data = dict(parent_size=256, num_workers=0, dataset_keys=["cmu_train_256", "cmu_traincrops_256"])
 train_batch_size = 16
 num_epochs = 1000
 max_steps = 400

@@ -6,6 +6,9 @@ Metrics (names as on the command line and in metrics.json):
     kid_NAME         KID in encoder NAME's feature space
     cos_NAME         conditional fidelity: mean cosine similarity between each real image's embedding and its
                      synthetic twin's (same file name); the distribution is reported too
+    morphology       no encoder: Frechet distance of standardised stain / nuclei / sharpness features, with a
+                     bootstrap interval and per-feature medians and Wasserstein distances
+                     (`diffusion.metrics.morphology`); the default when no encoder weights are given
 NAME is an encoder preset (uni2, hoptimus0, virchow2) or one defined by a spec (`diffusion.metrics.encoders`).
 """
 
@@ -33,6 +36,7 @@ from diffusion.metrics.features import FeatureExtractor, embed_images
 from diffusion.metrics.images import ImageFolder, check_paired, content_hash, list_images
 
 DEFAULT_ENCODERS = ("uni2",)
+MORPHOLOGY = "morphology"  # the encoder-free metric (diffusion.metrics.morphology)
 KINDS = ("fd", "kid", "cos")
 CACHE_MODES = ("real", "all", "none")
 
@@ -131,7 +135,10 @@ def evaluate(
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"--batch-size {batch_size} / --num-workers {num_workers}: expected >= 1 / >= 0")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    names, needed = resolve_plan(metrics, encoders)
+    want_morphology = metrics is not None and MORPHOLOGY in metrics
+    if want_morphology:
+        metrics = [m for m in metrics if m != MORPHOLOGY]
+    names, needed = ([], {}) if want_morphology and not metrics else resolve_plan(metrics, encoders)
 
     real_folder, syn_folder = list_images(real, "REAL"), list_images(syn, "SYN")
     paired = [n for n in names if n.startswith("cos_")]
@@ -204,6 +211,15 @@ def evaluate(
                 cosine[enc] = summary.to_dict()
                 pair_cos[enc] = [float(c) for c in cos]
 
+    morphology = None
+    if want_morphology:
+        from diffusion.metrics.morphology import compare_morphology, read_folder
+
+        morphology = compare_morphology(
+            read_folder(real_folder.files), read_folder(syn_folder.files), seed=seed
+        )
+        results[MORPHOLOGY] = morphology.frechet.value
+        names.append(MORPHOLOGY)
     report = {
         "metrics": {n: results[n] for n in names},
         "cosine": cosine,
@@ -225,6 +241,8 @@ def evaluate(
         },
         "warnings": warnings,
     }
+    if morphology is not None:
+        report["morphology"] = morphology.to_dict()
     if pair_cos:
         report["pairs"] = {"keys": list(real_folder.keys), "cosine": pair_cos}
     if out is not None:

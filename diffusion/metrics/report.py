@@ -65,6 +65,13 @@ def render_markdown(report: dict) -> str:
         "|---|---:|---|---|",
     ]
     for name, value in report["metrics"].items():
+        if name == "morphology":  # no encoder: its own table below
+            m = report["morphology"]["frechet"]
+            lines.append(
+                f"| {name} | {_fmt(name, value)} [{m['low']:.3g}, {m['high']:.3g}] | Frechet distance (95% CI) | "
+                "standardised stain, nuclei and sharpness features, no encoder |"
+            )
+            continue
         kind = "fd" if name == "fid" else "kid" if name == "kid" else name.split("_", 1)[0]
         lines.append(
             f"| {name} | {_fmt(name, value)} | {_DESCRIPTIONS[kind]} | {_features_label(name, report)} |"
@@ -80,13 +87,28 @@ def render_markdown(report: dict) -> str:
         for enc, s in report["cosine"].items():
             stats = " | ".join(f"{s[k]:.4f}" for k in ("mean", "std", "median", "p05", "p95", "min", "max"))
             lines.append(f"| {enc} | {stats} | {s['n_pairs']} |")
-    lines += [
-        "",
-        "## Encoders",
-        "",
-        "| Name | Source | Architecture | Input | Mean / std | Pool | dtype | Dim |",
-        "|---|---|---|---|---|---|---|---:|",
-    ]
+    if report.get("morphology"):
+        m = report["morphology"]
+        lines += [
+            "",
+            f"## Morphology (no encoder; nuclei threshold: haematoxylin OD > {m['thresholds']['nuclei_h']:.4f}, "
+            "set on REAL)",
+            "",
+            "| Feature | REAL median | SYN median | Wasserstein-1 |",
+            "|---|---:|---:|---:|",
+        ]
+        for row in m["features"]:
+            lines.append(
+                f"| {row['name']} | {row['real_median']:.4g} | {row['syn_median']:.4g} | {row['wasserstein']:.4g} |"
+            )
+    if report["encoders"]:
+        lines += [
+            "",
+            "## Encoders",
+            "",
+            "| Name | Source | Architecture | Input | Mean / std | Pool | dtype | Dim |",
+            "|---|---|---|---|---|---|---|---:|",
+        ]
     for enc, info in report["encoders"].items():
         norm = f"{info['mean']} / {info['std']}" if "mean" in info else "(x - 128) / 128"
         lines.append(
@@ -112,7 +134,7 @@ def _write_figure(report: dict, path: Path) -> None:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fd = {n: v for n, v in report["metrics"].items() if n == "fid" or n.startswith("fd_")}
+    fd = {n: v for n, v in report["metrics"].items() if n in ("fid", "morphology") or n.startswith("fd_")}
     what = "Frechet distance"
     pairs = (report.get("pairs") or {}).get("cosine", {})
     if not fd and not pairs:  # only KID asked for: bars of KIDs instead

@@ -119,6 +119,18 @@ def window_layout(
     return WindowLayout(height, width, window, stride, tile)
 
 
+def dense_layout(height: int, width: int, window: int, stride: int) -> WindowLayout:
+    """Windows at any `stride` (latent px) that steps exactly from edge to edge, for per-window conditions that do
+    not come from a token grid (dense_conditions.py)."""
+    # tokens_side=window: a "tile" of one latent px, so any stride is on the grid (as for the blended decode)
+    return window_layout(height, width, window, stride, tokens_side=window, what="stride")
+
+
+def default_dense_stride(window: int) -> int:
+    """Half a window (16 latent px = 128 px for a 256 px model): every pixel is covered by up to 4 windows."""
+    return max(1, window // 2)
+
+
 def window_conditions(grid: Tensor, layout: WindowLayout) -> Tensor:
     """(Gh, Gw, C) region token grid -> (N_windows, m*m, C): each window's own sub-grid, row-major."""
     m, t = layout.tokens_side, layout.tile
@@ -263,10 +275,24 @@ def denoise_region(
     allow_negative_guidance: bool = False,  # a guidance_scale < 0 is an error unless this says it is meant
     # resolved settings (the runner's): then leave the five above unset
     options: SamplingOptions | None = None,
+    # (N_windows, T, C) dense conditions (dense_conditions.py) for a `dense_layout` at any stride
+    window_conds: Tensor | None = None,
 ) -> Tensor:
-    """Sliding-window denoising of a whole region: -> final model-space latents (1, 16, H, W)."""
+    """Sliding-window denoising of a whole region: -> final model-space latents (1, 16, H, W).
+
+    Each window's condition is its own sub-grid of `grid` (stride: whole tokens), or, with `window_conds`, the
+    given row per window of `dense_conditions.dense_layout` (stride: any latent px; `grid` then only sets the
+    region's size and channels)."""
     device = next(transformer.parameters()).device
-    layout = region_layout(transformer, tuple(grid.shape[:2]), stride)
+    if window_conds is None:
+        layout = region_layout(transformer, tuple(grid.shape[:2]), stride)
+    else:
+        if window_eps is not None:
+            raise ValueError("window_conds and window_eps: the one-window reference takes a token grid only")
+        window = transformer.config.sample_size
+        tile = window // tokens_side(transformer.config.caption_num_tokens)
+        stride = default_dense_stride(window) if stride is None else stride
+        layout = dense_layout(grid.shape[0] * tile, grid.shape[1] * tile, window, stride)
     channels = transformer.config.caption_channels
     if grid.ndim != 3 or grid.shape[2] != channels:
         raise ValueError(f"token grid: expected shape (Gh, Gw, {channels}), got {tuple(grid.shape)}")
@@ -296,7 +322,7 @@ def denoise_region(
     if window_eps is not None:  # another windowing of the same guided model (the one-window reference)
         eps_fn = window_eps(model_fn, layout, grid, uncond, guidance_scale, guidance_interval)
     else:
-        conds = window_conditions(grid, layout)
+        conds = window_conditions(grid, layout) if window_conds is None else window_conds.to(device)
         eps_fn = windowed_eps_fn(
             model_fn, layout, conds, uncond, guidance_scale, guidance_interval, window_batch
         )

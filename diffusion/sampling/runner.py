@@ -37,10 +37,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_path
-from ..encoders import decode_latents, to_uint8
+from ..encoders import decode_latents, to_uint8, vae_scale_factor
 from ..geometry import tokens_side
 from ..lock import FolderLock
 from .conditions import ConditionSource, FolderSource, Loaded, SampleError, Spec, name_seed
+from .dense_conditions import default_dense_stride, dense_layout, dense_window_conditions
 from .large_image import (
     Chunker,
     decode_region,
@@ -508,6 +509,12 @@ def _rows(out: OutputFolder, specs: Sequence[Spec], seed: int, meta: dict) -> It
 #################################################################################
 
 
+def _region_latent(transformer, spec: Spec) -> tuple[int, int]:
+    """A region's latent (height, width): its token rows and columns times the latent px per token."""
+    tile = transformer.config.sample_size // tokens_side(transformer.config.caption_num_tokens)
+    return spec.rows * tile, spec.cols * tile
+
+
 def sample_regions(
     pipe: PixCellPipeline,
     source: ConditionSource,  # a RegionSource
@@ -523,15 +530,27 @@ def sample_regions(
     tokens = transformer.config.caption_num_tokens
     window = transformer.config.sample_size
     decode_stride = region.decode_stride or window // 2
-    stride = default_stride(transformer) if region.stride is None else region.stride
     specs = source.specs()
+
+    # A reference image gives every window the embedding of its own crop (dense_conditions.py): any stride,
+    # half a window by default. Stored token grids step on whole tokens (`default_stride`).
+    def dense(spec: Spec) -> bool:
+        return uni is not None and spec.source.get("type") == "image"
+
+    stride = default_stride(transformer) if region.stride is None else region.stride
+    dense_stride = default_dense_stride(window) if region.stride is None else region.stride
     for spec in specs:  # geometry errors now, not after hours of sampling
         try:
-            layout = region_layout(transformer, (spec.rows, spec.cols), stride)
+            if dense(spec):
+                layout = dense_layout(*_region_latent(transformer, spec), window, dense_stride)
+            else:
+                layout = region_layout(transformer, (spec.rows, spec.cols), stride)
             window_layout(layout.height, layout.width, window, decode_stride, window, "decode stride")
         except ValueError as err:
             raise ValueError(f"region {spec.name}: {err}") from None
     extra = {"stride": stride, "decode_stride": decode_stride, "sigma": region.sigma, "window": window}
+    if any(dense(spec) for spec in specs):
+        extra["dense_stride"] = dense_stride
     run = _open_run(pipe, out_dir, settings, model_ref, vae_ref, extra, extra_in_manifest=True)
     state, out = run.state, run.out
 
@@ -549,12 +568,21 @@ def sample_regions(
         if error is not None:
             skip(error)
             continue
+        conds = None
         if loaded.tokens is not None:
             grid = torch.from_numpy(loaded.tokens)
         else:
             h, w = loaded.image.shape[:2]
             flat = uni.embed_grid(as_images([loaded.image]), tile=source.tile)[0]  # (gh*gw, C)
             grid = flat.view(h // source.tile, w // source.tile, -1)
+            layout = dense_layout(*_region_latent(transformer, spec), window, dense_stride)
+            conds = dense_window_conditions(
+                as_images([loaded.image])[0],
+                layout,
+                tokens_side(tokens),
+                uni.embed_grid,
+                vae_scale_factor(pipe.vae),
+            )
         gh, gw = grid.shape[:2]
         layout_tile = window // tokens_side(tokens)
         noise, gens = initial_noise(
@@ -562,8 +590,8 @@ def sample_regions(
             (transformer.config.in_channels, gh * layout_tile, gw * layout_tile),
         )
         latents = denoise_region(
-            transformer, grid, stride=stride, options=settings.sampling, latents=noise, generator=gens[0],
-            window_batch=wb, progress=show,
+            transformer, grid, stride=stride if conds is None else dense_stride, options=settings.sampling,
+            latents=noise, generator=gens[0], window_batch=wb, progress=show, window_conds=conds,
         )  # fmt: skip
         image = decode_region(pipe.vae, latents, window, decode_stride, region.sigma, vb, progress=show)
         real = loaded.image if (settings.write_real and spec.has_real) else None

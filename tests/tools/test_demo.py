@@ -11,7 +11,7 @@ from PIL import Image
 from tools.demo import main as demo
 
 REDUCED = ["--train-steps", "30", "--vae-steps", "20", "--sample-steps", "4", "--large-size", "512", "--seeds", "2",
-           "--prior-seeds", "2", "--aug-per-image", "1"]  # fmt: skip
+           "--prior-seeds", "2", "--aug-per-image", "1", "--train-crops", "32"]  # fmt: skip
 
 
 def test_reduced_demo_writes_a_complete_report_and_reuses_its_stages(tmp_path, real_slide, capsys):
@@ -22,7 +22,7 @@ def test_reduced_demo_writes_a_complete_report_and_reuses_its_stages(tmp_path, r
     for section in ("Held-out tiles and their synthetic twins", "Metrics", "Training loss", "Sliding-window region",
                     "Timings", "Commands run", "demo stand-ins", "Over 2 seeds per held-out condition",
                     "Augmentation and a linear probe", "Memorisation audit",
-                    "Generation without a reference image"):  # fmt: skip
+                    "Generation without a reference image", "Morphology, no encoder", "Seams:"):  # fmt: skip
         assert section in page, section
     images = re.findall(r'src="data:image/png;base64,', page)
     assert (
@@ -78,6 +78,16 @@ def test_reduced_demo_writes_a_complete_report_and_reuses_its_stages(tmp_path, r
         )
     grid = Image.open(out / "samples_prior" / "grid.png")  # held-out real | conditional | prior | null
     assert grid.width == 4 * 128 and grid.height > 128
+    # Encoder-free verdicts: every set's morphology distance with its interval, and the region's seams.
+    quality = json.loads((out / ".done" / "quality.json").read_text())["info"]
+    sets = quality["morphology"]["sets"]
+    assert {"VAE reconstruction", "trained", "untrained", "conditional", "null", "prior"} <= set(sets)
+    assert all(s["fd"]["low"] <= s["fd"]["high"] for s in sets.values())
+    assert "null - conditional" in quality["morphology"]["differences"]
+    seams = quality["seams"]
+    assert seams["window"]["period_px"] == 256 and seams["stride"]["period_px"] == 64
+    assert seams["window"]["generated"]["columns"] > 0 and seams["stride"]["real"]["rows"] > 0
+    assert quality["morphology"]["real"]["n"] == len(real)
     large = next((out / "large" / "syn").rglob("*.png"))
     assert Image.open(large).size == (512, 512)
 
