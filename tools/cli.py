@@ -167,13 +167,55 @@ def add_sampler_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# Each numeric flag and the library parameter whose range it takes (diffusion/sampling/limits.py).
+NUMERIC_FLAGS = {
+    "steps": "num_inference_steps",
+    "guidance": "guidance_scale",
+    "batch": "batch_size",
+    "batch_size": "batch_size",
+    "vae_batch": "vae_batch",
+    "window_batch": "window_batch",
+    "workers": "workers",
+    "num_workers": "workers",
+    "max_skips": "max_skips",
+    "jpeg_quality": "jpeg_quality",
+    "n_images": "n_images",
+    "prior_steps": "prior_steps",
+    "prior_guidance": "prior_guidance",
+    "stride": "stride",
+    "decode_stride": "decode_stride",
+    "sigma": "sigma",
+    "lora_scale": "lora_scale",
+    "controlnet_scale": "controlnet_scale",
+}
+
+
+def check_numeric_args(args: argparse.Namespace) -> None:
+    """Every numeric flag a tool has, in range (`limits.check_limits`), before any model loads: one line naming
+    the flag. --steps is bounded by the --sampler given, else by the most any sampler takes (the model's recorded
+    sampler is checked exactly once it is known, in `resolve_defaults`)."""
+    from diffusion.sampling.limits import check_limits
+
+    for attr, param in NUMERIC_FLAGS.items():
+        value = getattr(args, attr, None)
+        if value is None:
+            continue
+        try:
+            check_limits(
+                {param: value},
+                getattr(args, "sampler", None),
+                getattr(args, "allow_negative_guidance", False),
+            )
+        except ValueError as err:
+            raise ValueError(str(err).replace(f"`{param}`", f"--{attr.replace('_', '-')}")) from None
+    check_sampler_args(args)
+
+
 def check_sampler_args(args: argparse.Namespace) -> None:
-    """One-line errors for sampler flags that argparse cannot check, before any model loads (the library checks
-    steps and guidance again where every sampling path resolves them: `resolve_defaults`)."""
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps {args.steps}: expected >= 1")
-    if args.guidance_interval is not None:
-        low, high = args.guidance_interval
+    """--guidance-interval, which argparse cannot check, before any model loads."""
+    interval = getattr(args, "guidance_interval", None)
+    if interval is not None:
+        low, high = interval
         if not 0 <= low <= high <= 1000:  # NaN fails too
             raise ValueError(f"--guidance-interval {low} {high}: expected 0 <= LOW <= HIGH <= 1000")
 
@@ -220,7 +262,9 @@ def runtime_device(name: str) -> torch.device:
 
 
 def load_pipeline(args: argparse.Namespace, device: torch.device) -> tuple[PixCellPipeline, str, str]:
-    """The pipeline on `device` in --dtype, plus what the manifest names as model and VAE."""
+    """The pipeline on `device` in --dtype, plus what the manifest names as model and VAE. Every numeric flag is
+    checked first: a range error costs no model loading."""
+    check_numeric_args(args)
     from diffusion.model.pixcell_transformer import compile_blocks
     from diffusion.sampling.pipeline import PixCellPipeline
     from diffusion.sampling.runner import model_reference
@@ -272,7 +316,7 @@ def load_uni_encoder(args: argparse.Namespace, device: torch.device, channels: i
 def patch_batching(args: argparse.Namespace, tokens: int, device: torch.device) -> tuple[int, int]:
     """(--batch, --workers) for patch sampling: by default 64/T images on GPU, 8/T on CPU; 4 workers on GPU."""
     cuda = device.type == "cuda"
-    batch = args.batch or max(1, (64 if cuda else 8) // tokens)
+    batch = args.batch if args.batch is not None else max(1, (64 if cuda else 8) // tokens)
     return batch, args.workers if args.workers is not None else (4 if cuda else 0)
 
 
@@ -280,7 +324,7 @@ def settings_from_args(args: argparse.Namespace, batch: int, workers: int) -> Sa
     """SampleSettings from the sampler, runtime and output flags."""
     from diffusion.sampling.runner import SampleSettings
 
-    check_sampler_args(args)
+    check_numeric_args(args)
     if batch < 1:
         raise ValueError(f"--batch {batch}: expected >= 1")
     return SampleSettings(

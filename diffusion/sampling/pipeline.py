@@ -32,6 +32,7 @@ from ..model.loading import load_transformer
 from ..model.lora import add_lora, has_lora, load_lora_weights, merge_lora, read_lora_file, set_lora_scale
 from ..model.pixcell_transformer import PixCellTransformer2DModel
 from ..model.student import read_sampling_defaults
+from .checks import check_images, condition_problem
 from .hub import (
     check_pipeline_class,
     refuse_diffusers_loading,
@@ -197,6 +198,10 @@ class PixCellPipeline(DiffusionPipeline):
         if uni.ndim == 2:  # a single image's tokens
             uni = uni.unsqueeze(0)
         self.transformer.check_condition(uni)
+        for i, row in enumerate(uni):  # finite but extreme: its image would come out black
+            problem = condition_problem(row)
+            if problem is not None:
+                raise ValueError(f"uni_embeds: row {i}: {problem.removeprefix('its condition ')}")
         return uni
 
     def check_size(self, height: int | None, width: int | None, tokens: int) -> None:
@@ -258,6 +263,7 @@ class PixCellPipeline(DiffusionPipeline):
         callback_steps: int = 1,
         callback_on_step_end: Callable[..., dict] | None = None,  # diffusers: (pipe, step, t, kwargs) -> dict
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        check_output: bool = True,  # NaN/Inf or collapsed latents/images raise UnusableImage (False: the caller checks)
     ) -> ImagePipelineOutput | tuple:
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
@@ -310,10 +316,15 @@ class PixCellPipeline(DiffusionPipeline):
             progress=progress,
             on_step=on_step,
         )
+        names = [f"image {i}" for i in range(batch)]
+        if check_output:
+            check_images(x, names, "latents", uni)
         if output_type == "latent":
             images = x
         else:
             images = decode_latents(self.vae, x)  # (B, 3, H, W) in [0, 1]
+            if check_output:
+                check_images(images, names, "decoded image", uni)
             if output_type == "np":
                 images = images.permute(0, 2, 3, 1).cpu().numpy()
             elif output_type == "pil":

@@ -23,7 +23,6 @@ unconditional pass.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -37,6 +36,8 @@ from diffusers import (
 )
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from .limits import check_guidance, check_steps
 
 _SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 
@@ -128,16 +129,10 @@ def resolve_defaults(
     `allow_negative_guidance` says it is meant."""
     if sampler not in DEFAULT_STEPS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(DEFAULT_STEPS)}")
-    if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
-        raise ValueError(f"`num_inference_steps` {steps}: expected a whole number >= 1")
+    if steps is not None:
+        check_steps(steps, sampler)  # at most what the sampler takes on the schedule (limits.MAX_STEPS)
     w = DEFAULT_GUIDANCE.get(tokens, 1.5) if guidance is None else float(guidance)
-    if not math.isfinite(w):
-        raise ValueError(f"`guidance_scale` {w}: expected a finite number (1 = conditional only)")
-    if w < 0 and not allow_negative_guidance:
-        raise ValueError(
-            f"`guidance_scale` {w:g}: a negative scale pushes samples away from their condition; pass "
-            "`allow_negative_guidance` if that is meant"
-        )
+    check_guidance(w, allow_negative_guidance)
     return int(steps or DEFAULT_STEPS[sampler]), w
 
 
