@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from diffusion.encoders import SD35_VAE_ID, UNI2H_HUB_ID
 from diffusion.errors import USER_ERRORS, describe_error
 from diffusion.geometry import DTYPES
+from diffusion.training.signals import INTERRUPT_STATUS, interrupt_line
 
 if TYPE_CHECKING:  # the sampling stack is imported by the tools that sample, not by every tool
     from diffusion.sampling.pipeline import PixCellPipeline
@@ -117,13 +118,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run a tool's main; bad input (ValueError, missing files, unavailable weights) is one line, exit 2."""
+    """Run a tool's main; bad input (ValueError, missing files, unavailable weights) is one line, exit 2; Ctrl-C
+    is one line, exit 130."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(main(argv) or 0)
     except USER_ERRORS as err:
         print(error_line(err), file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C: one line, no traceback (a trainer saved first: signals.py)
+        print(interrupt_line(err), file=sys.stderr)
+        return INTERRUPT_STATUS
 
 
 def add_sampler_args(parser: argparse.ArgumentParser) -> None:
@@ -192,10 +197,15 @@ NUMERIC_FLAGS = {
 
 def check_numeric_args(args: argparse.Namespace) -> None:
     """Every numeric flag a tool has, in range (`limits.check_limits`), before any model loads: one line naming
-    the flag. --steps is bounded by the --sampler given, else by the most any sampler takes (the model's recorded
-    sampler is checked exactly once it is known, in `resolve_defaults`)."""
+    the flag. --steps is bounded by what the sampler takes: --sampler, else the one recorded beside the model."""
+    from diffusion.model.student import read_sampling_defaults
     from diffusion.sampling.limits import check_limits
 
+    sampler = getattr(args, "sampler", None)
+    if sampler is None and getattr(args, "model", None):
+        # The sampler recorded beside the weights (a JSON file, no loading), else DPM-Solver++: the default of
+        # every model but a student without sampling.json, whose LCM takes fewer steps (checked after loading).
+        sampler = read_sampling_defaults(args.model).get("sampler", "dpm-solver")
     for attr, param in NUMERIC_FLAGS.items():
         value = getattr(args, attr, None)
         if value is None:
@@ -203,7 +213,7 @@ def check_numeric_args(args: argparse.Namespace) -> None:
         try:
             check_limits(
                 {param: value},
-                getattr(args, "sampler", None),
+                sampler,
                 getattr(args, "allow_negative_guidance", False),
             )
         except ValueError as err:

@@ -378,9 +378,10 @@ class Run:
     def loop(self, save: Callable[[int], object], time_limit: str | float | None = None, desc: str = "train"):
         """The TrainLoop of this run; `save(step)` writes a checkpoint (`self.save`, or the trainer's, which adds
         portable weights); `time_limit` as `--time-limit` takes it (3:55:00, 4h, seconds)."""
-        return TrainLoop(self.accelerator, self.work_dir, self.cfg, save, self.total_steps, self.state["step"],
+        self.train_loop = TrainLoop(self.accelerator, self.work_dir, self.cfg, save, self.total_steps, self.state["step"],
                          resumed=self.resume is not None, time_limit=parse_duration(time_limit), desc=desc,
                          guard=self.guard)  # fmt: skip
+        return self.train_loop
 
     def optimizer_step(
         self,
@@ -407,10 +408,19 @@ class Run:
         return self.state["step"]
 
     def finish(self) -> int:
-        """The last line of a trainer: the log line of a finished run, and accelerate's end. -> exit status 0."""
+        """The last line of a trainer: the log line of a finished run, and accelerate's end. -> exit status 0; after
+        Ctrl-C (saved like SIGTERM) a KeyboardInterrupt naming the checkpoint, which `run_cli` turns into one line
+        and status 130."""
         if self.state["step"] >= self.total_steps:
             log.info("done: %d steps; checkpoints in %s", self.state["step"], self.manager.root)
         self.accelerator.end_training()
+        loop = getattr(self, "train_loop", None)
+        if (
+            loop is not None and loop.stop.signal_name == "SIGINT"
+        ):  # Ctrl-C: saved like SIGTERM, then status 130
+            raise KeyboardInterrupt(
+                f"stopped at step {self.state['step']}; the latest checkpoint is {latest_checkpoint(self.work_dir)}"
+            )
         return 0
 
 

