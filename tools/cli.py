@@ -19,6 +19,7 @@ from diffusion.encoders import SD35_VAE_ID, UNI2H_HUB_ID
 from diffusion.errors import USER_ERRORS, describe_error
 from diffusion.geometry import DTYPES
 from diffusion.training.signals import INTERRUPT_STATUS, interrupt_line
+from diffusion.writable import check_writable
 
 if TYPE_CHECKING:  # the sampling stack is imported by the tools that sample, not by every tool
     from diffusion.sampling.pipeline import PixCellPipeline
@@ -273,8 +274,10 @@ def runtime_device(name: str) -> torch.device:
 
 def load_pipeline(args: argparse.Namespace, device: torch.device) -> tuple[PixCellPipeline, str, str]:
     """The pipeline on `device` in --dtype, plus what the manifest names as model and VAE. Every numeric flag is
-    checked first: a range error costs no model loading."""
+    checked first, and --out writable: a range error or a read-only output folder costs no model loading."""
     check_numeric_args(args)
+    if getattr(args, "out", None):
+        check_writable(args.out, "--out")
     from diffusion.model.pixcell_transformer import compile_blocks
     from diffusion.sampling.pipeline import PixCellPipeline
     from diffusion.sampling.runner import model_reference
@@ -438,4 +441,8 @@ def feature_cache(args: argparse.Namespace):
     """The FeatureCache the flags of add_feature_args ask for, or None (--no-cache)."""
     from diffusion.metrics.cache import FeatureCache, default_feature_cache_dir
 
-    return None if args.no_cache else FeatureCache(args.cache_dir or default_feature_cache_dir())
+    if args.no_cache:
+        return None
+    root = args.cache_dir or default_feature_cache_dir()
+    check_writable(root, "--cache-dir")  # before the encoders load and embed, not when the first entry is saved
+    return FeatureCache(root)

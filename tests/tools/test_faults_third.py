@@ -6,6 +6,7 @@ outcome asserted: exit status, the one `error:` line (no traceback), and what is
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -243,6 +244,7 @@ def test_library_settings_refuse_zero_batches():
 
 TOY_TRAINER = """
 import argparse, sys, time
+import json
 import os
 import signal
 import subprocess
@@ -358,3 +360,111 @@ def _interrupt_when_written(cmd: list[str], folder: Path, timeout: float = 120) 
         time.sleep(0.05)
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
+
+
+#################################################################################
+#       3. Outputs and caches that cannot be written: found before the work     #
+#################################################################################
+
+
+@pytest.fixture(scope="module")
+def eval_folders(tmp_path_factory) -> dict:
+    """Two folders of 4 small random images (64 and 96 px) and a tiny timm encoder spec."""
+    from PIL import Image
+
+    from diffusion.standins import build_tiny_timm_encoder
+
+    root = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(0)
+    for name, size in (("real", 64), ("syn", 64), ("big", 96)):
+        (root / name).mkdir()
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), np.uint8)).save(root / name / f"{i}.png")
+    return {"root": root, "encoder": f"vit={build_tiny_timm_encoder(root / 'vit')},pool=cls"}
+
+
+def _evaluate(folders: dict, *extra: str, syn: str = "syn") -> list[str]:
+    root = folders["root"]
+    return [
+        str(root / "real"),
+        str(root / syn),
+        "--metrics",
+        "fd_vit",
+        "--encoder",
+        folders["encoder"],
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_evaluate_refuses_an_unwritable_out_before_any_feature(eval_folders, tmp_path, capsys, monkeypatch):
+    from diffusion.metrics import evaluation
+    from tools import evaluate
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("features computed before the output was checked")
+
+    monkeypatch.setattr(evaluation, "embed_images", no_work)
+    regular = tmp_path / "a_file"
+    regular.write_text("not a folder")
+    rc = evaluate.main(_evaluate(eval_folders, "--out", str(regular / "report"), "--cache", "none"))
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and f"--out {regular / 'report'}: a component of the path is a regular file" in line
+    # the variant: a --cache-dir under a regular file
+    rc = evaluate.main(
+        _evaluate(eval_folders, "--out", str(tmp_path / "r"), "--cache-dir", str(regular / "c"))
+    )
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and f"--cache-dir {regular / 'c'}: a component of the path is a regular file" in line
+    assert regular.read_text() == "not a folder" and not (tmp_path / "r").exists()
+
+
+def test_evaluate_read_only_out_and_cache(eval_folders, tmp_path, capsys):
+    from diffusion.writable import check_writable
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root (CI runs as root)")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(ro)], check=True)
+    try:
+        with pytest.raises(OSError, match="Read-only file system") as info:
+            check_writable(ro / "report", "--out")
+        assert info.value.filename == f"--out {ro / 'report'}"
+        from tools import evaluate
+
+        rc = evaluate.main(
+            _evaluate(eval_folders, "--out", str(tmp_path / "r"), "--cache-dir", str(ro / "c"))
+        )
+        assert rc == 2 and "read-only file system" in one_error_line(capsys.readouterr().err)
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+def test_evaluate_names_different_image_sizes(eval_folders, tmp_path, capsys):
+    from tools import evaluate
+
+    out = tmp_path / "report"
+    assert evaluate.main(_evaluate(eval_folders, "--out", str(out), "--cache", "none", syn="big")) == 0
+    err = capsys.readouterr().err
+    assert "warning: REAL images are 64x64 px, SYN 96x96 px" in err
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["real"]["sizes"] == {"64x64": 4} and report["syn"]["sizes"] == {"96x96": 4}
+    assert "4 images of 96x96 px" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("tool", ["sample", "sample_4k"])
+def test_sampling_out_under_a_file_stops_before_loading(tool, tmp_path, capsys):
+    regular = tmp_path / "a_file"
+    regular.write_text("x")
+    source = ["--embeddings" if tool == "sample" else "--grid", _embeddings(tmp_path / "e.npy")]
+    argv = ["--model", NOT_A_MODEL, *source, "--out", str(regular / "out"), "--device", "cpu"]
+    rc, err = _tool(tool, argv, capsys)
+    assert (
+        rc == 2
+        and f"--out {regular / 'out'}: a component of the path is a regular file" in one_error_line(err)
+    )
