@@ -444,5 +444,7 @@ def feature_cache(args: argparse.Namespace):
     if args.no_cache:
         return None
     root = args.cache_dir or default_feature_cache_dir()
-    check_writable(root, "--cache-dir")  # before the encoders load and embed, not when the first entry is saved
+    check_writable(
+        root, "--cache-dir"
+    )  # before the encoders load and embed, not when the first entry is saved
     return FeatureCache(root)

@@ -468,3 +468,78 @@ def test_sampling_out_under_a_file_stops_before_loading(tool, tmp_path, capsys):
         rc == 2
         and f"--out {regular / 'out'}: a component of the path is a regular file" in one_error_line(err)
     )
+
+
+#################################################################################
+#              5. The app on the network: a login, or a warning                 #
+#################################################################################
+
+
+@pytest.fixture
+def launched(monkeypatch) -> dict:
+    """gr.Blocks.launch replaced: records the Blocks and the launch arguments instead of serving."""
+    import gradio as gr
+
+    seen: dict = {}
+
+    def launch(self, *args, **kwargs):
+        seen.update(kwargs, blocks=self)
+
+    monkeypatch.setattr(gr.Blocks, "launch", launch)
+    return seen
+
+
+def _page_warning(blocks) -> str | None:
+    for block in blocks.blocks.values():
+        if getattr(block, "elem_id", None) == "exposure-warning":
+            return block.value
+    return None
+
+
+def test_app_on_every_interface_without_login_warns_in_terminal_and_page(
+    t64, tiny_vae_dir, tiny_uni_dir, tmp_path, launched, capsys
+):
+    import socket
+
+    from tools.app import main
+
+    with socket.socket() as probe:  # a free port (nothing listens: launch is replaced)
+        probe.bind(("", 0))
+        port = str(probe.getsockname()[1])
+    models = ["--model", str(t64), "--vae", str(tiny_vae_dir), "--uni", str(tiny_uni_dir), "--device", "cpu"]
+    assert run_cli(main, [*models, "--host", "0.0.0.0", "--port", port]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --host 0.0.0.0 serves this app to the network without a login" in err
+    assert launched["auth"] is None and "--auth USER:PASS" in _page_warning(launched["blocks"])
+    # the variant: logins from a file (and --auth) go to Gradio's auth; no warning then
+    import argparse
+
+    from tools.app import exposure_warning, read_auth
+
+    logins = tmp_path / "logins"
+    logins.write_text("ana:s3cret\nbo:pw:with:colons\n")
+    auth = read_auth(argparse.Namespace(auth="cy:x", auth_file=str(logins)))
+    assert auth == [("cy", "x"), ("ana", "s3cret"), ("bo", "pw:with:colons")]
+    assert exposure_warning("0.0.0.0", auth) is None and exposure_warning("::1", None) is None
+    assert exposure_warning("gpu-node-3", None) is not None
+
+
+def test_app_bad_login_or_busy_port_is_one_line_before_loading(tmp_path, launched, capsys):
+    import socket
+
+    from tools.app import main
+
+    rc = run_cli(main, ["--model", NOT_A_MODEL, "--host", "0.0.0.0", "--auth", "ana"])
+    assert rc == 2 and "--auth: expected USER:PASS" in one_error_line(capsys.readouterr().err)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc = run_cli(main, ["--model", NOT_A_MODEL, "--port", str(port)])
+    line = one_error_line(capsys.readouterr().err)
+    assert (
+        rc == 2
+        and f"--port {port}: cannot listen on 127.0.0.1:{port}" in line
+        and "pass another --port" in line
+    )
+    assert "GRADIO_SERVER_PORT" not in line and not launched
