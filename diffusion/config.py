@@ -186,13 +186,23 @@ def config_changes(saved_text: str, cfg: Config) -> dict[str, tuple]:
 
 def check_resume_changes(saved_text: str, cfg: Config, checkpoint: str | Path) -> dict[str, tuple]:
     """The config changes of a resumed run, when every one may change (RESUME_CHANGEABLE); else one ValueError
-    naming the first key that may not."""
+    naming every key that may not."""
     changes = config_changes(saved_text, cfg)
-    for key, (old, new) in changes.items():
-        if not any(key == k or key.startswith(k + ".") for k in RESUME_CHANGEABLE):
-            raise ValueError(
-                f"resume from {checkpoint}: config key {key} is {old!r} there and {new!r} now, and cannot change "
-                "when a run resumes (changeable: optimizer.lr, max_steps, logging/saving/validation intervals, "
-                "data locations); use another --work-dir, with --load-from to start from these weights"
-            )
+    refused = {
+        key: change
+        for key, change in changes.items()
+        if not any(key == k or key.startswith(k + ".") for k in RESUME_CHANGEABLE)
+    }
+    if len(refused) == 1:
+        ((key, (old, new)),) = refused.items()
+        what = f"config key {key} is {old!r} there and {new!r} now, and cannot"
+    elif refused:  # a changed model: every key at once (num_layers and its width, say), not one per attempt
+        keys = ", ".join(f"{key} ({old!r} there, {new!r} now)" for key, (old, new) in refused.items())
+        what = f"config keys {keys} cannot"
+    if refused:
+        raise ValueError(
+            f"resume from {checkpoint}: {what} change when a run resumes (changeable: optimizer.lr, max_steps, "
+            "logging/saving/validation intervals, data locations); use another --work-dir, with --load-from to "
+            "start from these weights"
+        )
     return changes

@@ -55,7 +55,7 @@ from ..atomic import atomic_path
 from ..checkpoints import latest_checkpoint
 from ..config import check_resume_changes
 from ..lock import FolderLock, release_held
-from .checkpoint import CheckpointManager, restore_training_state, save_training_state
+from .checkpoint import CheckpointManager, restore_training_state, save_training_state, saved_config
 from .ema import EMA
 from .optim import build_lr_scheduler, build_optimizer, rescale_lr
 from .signals import StopRequest, parse_duration
@@ -424,15 +424,20 @@ class Run:
         return 0
 
 
-def apply_resume_changes(saved_config: str | None, cfg, resume: Path, optimizer, lr_scheduler) -> None:
-    """A resumed run runs the config it is given, never silently the checkpoint's: each changed key that may
-    change (RESUME_CHANGEABLE) is logged, a new `optimizer.lr` goes into the optimizer and the LR schedule, any
-    other change is one error line (before config.py is rewritten)."""
+def resume_changes(saved_config: str | None, cfg, resume: Path) -> dict[str, tuple]:
+    """A resumed run runs the config it is given, never silently the checkpoint's: the changed keys that may
+    change (RESUME_CHANGEABLE), each logged; any other change is one error line naming every such key (before
+    anything is restored and before config.py is rewritten)."""
     if saved_config is None:  # a checkpoint from before configs were saved in it
-        return
+        return {}
     changes = check_resume_changes(saved_config, cfg, resume)
     for key, (old, new) in changes.items():
         log.warning("resume: config %s changed from %r to %r; the run continues with %r", key, old, new, new)
+    return changes
+
+
+def apply_resume_changes(changes: dict[str, tuple], optimizer, lr_scheduler) -> None:
+    """After the restore: a new `optimizer.lr` goes into the optimizer and the LR schedule."""
     if "optimizer.lr" in changes:
         old, new = changes["optimizer.lr"]
         rescale_lr(optimizer, lr_scheduler, old, new)
@@ -472,15 +477,23 @@ def start_run(
     counters = {**({"nonfinite_total": 0} if guard else {}), **(counters or {})}
     state = dict(step=0, epoch=0, batch_in_epoch=0, **counters)
     if resume is not None:
-        saved = restore_training_state(
-            manager, resume, state, lr_scheduler, {generator_name: generator}, ema=ema
-        )
+        # The configs are compared before anything is restored: a changed model is one line naming its keys,
+        # not a load_state_dict error listing hundreds of parameter names.
+        changes = resume_changes(saved_config(resume), cfg, resume)
+        restore_training_state(manager, resume, state, lr_scheduler, {generator_name: generator}, ema=ema)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, state["step"], state["epoch"],
                  state["batch_in_epoch"])  # fmt: skip
-        apply_resume_changes(saved.get("config"), cfg, resume, optimizer, lr_scheduler)
+        apply_resume_changes(changes, optimizer, lr_scheduler)
     if accelerator.is_main_process:
         env = environment(accelerator)
         env.update(total_steps=total_steps, resumed_from=str(resume or ""), **(info or {}))
-        save_run_info(work_dir, cfg.pretty_text, env)
+        kept = save_run_info(work_dir, cfg.pretty_text, env)
+        if kept is not None:
+            log.warning(
+                "%s was edited by hand since the last run wrote it; a run's settings come from the command (config "
+                "file and --cfg-options), so it now records this run's config again; the edited file is kept as %s",
+                work_dir / "config.py",
+                kept,
+            )
     return Run(accelerator, cfg, work_dir, prepared, unwrapped, optimizer, lr_scheduler, ema, ema_module,
                generator, generator_name, state, manager, resume, total_steps, guard)  # fmt: skip

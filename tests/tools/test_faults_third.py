@@ -543,3 +543,46 @@ def test_app_bad_login_or_busy_port_is_one_line_before_loading(tmp_path, launche
         and "pass another --port" in line
     )
     assert "GRADIO_SERVER_PORT" not in line and not launched
+
+
+#################################################################################
+#        6. Resume: configs compared before restoring; hand edits reported      #
+#################################################################################
+
+TINY = "configs/tiny/pixcell_tiny_256.py"
+
+
+def _train_pixcell(work: Path, data: Path, *options: str) -> int:
+    from train_scripts.train_pixcell import cli
+
+    argv = [TINY, "--work-dir", str(work), "--data-root", str(data), "--report-to", "none"]
+    return cli([*argv, "--cfg-options", "lr_schedule.warmup_steps=0", "save_every_steps=1", *options])
+
+
+def test_resume_with_another_model_size_is_one_line_naming_the_keys(real_features, tmp_path, capsys):
+    work = tmp_path / "work"
+    assert _train_pixcell(work, real_features, "max_steps=1") == 0
+    capsys.readouterr()
+    before = (work / "config.py").read_text()
+    assert _train_pixcell(work, real_features, "max_steps=2", "model_overrides.num_layers=3") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "config key model_overrides.num_layers is None there and 3 now, and cannot change" in line
+    assert "state_dict" not in line and "size mismatch" not in line and len(line) < 400
+    # the variant: several keys at once are all named, in one line
+    assert _train_pixcell(work, real_features, "max_steps=2", "model_overrides.num_layers=3", "seed=7") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "config keys model_overrides.num_layers (None there, 3 now), seed (0 there, 7 now) cannot" in line
+    assert (work / "config.py").read_text() == before
+
+
+def test_a_hand_edited_config_py_is_reported_and_kept(real_features, tmp_path, capsys):
+    work = tmp_path / "work"
+    assert _train_pixcell(work, real_features, "max_steps=1") == 0
+    edited = (work / "config.py").read_text() + "\ntrain_batch_size = 64  # my edit\n"
+    (work / "config.py").write_text(edited)
+    assert _train_pixcell(work, real_features, "max_steps=2") == 0
+    log = (work / "train.log").read_text()
+    assert f"{work / 'config.py'} was edited by hand since the last run wrote it" in log
+    assert (work / "config.py.edited").read_text() == edited
+    assert "my edit" not in (work / "config.py").read_text()  # config.py records what ran
+    assert "edited by hand" in capsys.readouterr().err
