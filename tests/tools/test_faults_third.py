@@ -586,3 +586,60 @@ def test_a_hand_edited_config_py_is_reported_and_kept(real_features, tmp_path, c
     assert (work / "config.py.edited").read_text() == edited
     assert "my edit" not in (work / "config.py").read_text()  # config.py records what ran
     assert "edited by hand" in capsys.readouterr().err
+
+
+#################################################################################
+#              7. Configs of the wrong types: one line naming the key           #
+#################################################################################
+
+
+@pytest.fixture(scope="module")
+def mistyped(t64, tmp_path_factory) -> Path:
+    """The tiny model with `"num_layers": "two"` in its config.json (valid JSON, wrong type)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("mistyped") / "model"
+    shutil.copytree(t64, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "num_layers": "two"}))
+    return out
+
+
+@pytest.mark.parametrize("tool", ["convert_checkpoint", "sample"])
+def test_config_json_of_the_wrong_type_is_one_line(tool, mistyped, tiny_vae_dir, tmp_path, capsys):
+    if tool == "convert_checkpoint":
+        argv = [str(mistyped), str(tmp_path / "out.pth")]
+    else:
+        argv = [
+            "--model",
+            str(mistyped),
+            "--vae",
+            str(tiny_vae_dir),
+            "--embeddings",
+            _embeddings(tmp_path / "e.npy"),
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+        ]
+    rc, err = _tool(tool, argv, capsys)
+    line = one_error_line(err)
+    assert rc == 2 and f"{mistyped}: config.json: config key num_layers is 'two' (str), expected int" in line
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_python_config_values_of_the_wrong_type_are_one_line():
+    from diffusion.config import build_model_from_config, load_config, parse_cfg_options
+
+    with pytest.raises(ValueError, match=r"config key train_batch_size is '64' \(str\), expected int"):
+        load_config(TINY, parse_cfg_options(["train_batch_size='64'"]))
+    with pytest.raises(ValueError, match=r"config key validation.every_steps is 2.5 \(float\), expected int"):
+        load_config(TINY, parse_cfg_options(["validation.every_steps=2.5"]))
+    cfg = load_config(TINY, parse_cfg_options(["model_overrides.num_layers='two'"]))
+    with pytest.raises(
+        ValueError, match="config model_overrides: config key num_layers is 'two' .str., expected int"
+    ):
+        build_model_from_config(cfg)
+    assert (
+        load_config(TINY, parse_cfg_options(["optimizer.lr=1"])).optimizer.lr == 1
+    )  # an int for a float: fine
