@@ -525,9 +525,9 @@ def sample_patches(
         decoded = check_images(
             images[rows], [names[i] for i in rows], "decoded image", cond[rows], stop_or_skip(skip)
         )
-        for i, arr in zip(rows, to_uint8(images[rows])):
+        for i, good, arr in zip(rows, decoded, to_uint8(images[rows])):
             spec, ld = ok[i]
-            if decoded[rows.index(i)] and not out.done(spec):  # (done: another part of a half-finished batch)
+            if good and not out.done(spec):  # (done: another part of a half-finished batch)
                 real = ld.image if (settings.write_real and spec.has_real) else None
                 out.write_pair(spec.name, arr, real)
                 made += 1

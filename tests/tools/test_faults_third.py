@@ -205,7 +205,7 @@ NOT_A_MODEL = "/nonexistent/model"  # a range error must come before the model i
         ("sample", ["--vae-batch", "0"], "--vae-batch 0: expected >= 1"),
         ("sample", ["--jpeg-quality", "0"], "--jpeg-quality 0: expected >= 1"),
         ("sample_4k", ["--steps", "5000"], "--steps 5000: dpm-solver takes at most 999"),
-        ("sample_4k", ["--window-batch", "0"], "--window-batch 0: expected >= 1"),
+        ("sample_4k", ["--vae-batch", "0"], "--vae-batch 0: expected >= 1"),
         ("augment", ["--steps", "1000"], "--steps 1000: dpm-solver takes at most 999"),
     ],
 )
