@@ -14,6 +14,10 @@ Tabs:
                     trained UNI prior (train_scripts/train_prior.py), per label when it was trained with labels
   Virtual staining  only with --stain / --stain-published: an H&E 1024 px image -> the chosen IHC stain
 
+The app listens on 127.0.0.1 (this machine only): reach it from elsewhere through an SSH tunnel, or listen on the
+network (--host 0.0.0.0) with a login, --auth USER:PASS or --auth-file FILE (Gradio's auth); without one it warns
+in the terminal and on the page (docs/app.md).
+
 Every model is loaded before the server starts, so a missing or gated one is one `error:` line (exit 2). The
 queue runs one generation at a time (two browser tabs wait their turn); bad uploads get a message on the page.
 Same model flags as tools/sample.py (--model, --vae, --uni); with none of them, the app serves `make demo`'s
