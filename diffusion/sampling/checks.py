@@ -3,7 +3,7 @@
 A sampler pushed past its schedule, a huge guidance scale or an extreme value in a condition gives NaN or Inf
 latents; the VAE decodes them, `clamp` keeps NaN, and the uint8 cast turns NaN into 0: an all-black PNG, written
 and recorded as done, exit 0, kept by every rerun. So latents and decoded images are checked per image: finite,
-and not all one value (a collapsed image, black or white or grey). A failed image is one line naming it and the
+and not collapsed (latents all one value, a decoded image all black). A failed image is one line naming it and the
 likely cause, and is never written.
 """
 
@@ -28,13 +28,16 @@ class UnusableImage(ValueError):
         self.condition_fault = condition_fault
 
 
-def row_problem(x: Tensor) -> str | None:
-    """What is wrong with one image or latent (C, h, w), or None when it is usable."""
+def row_problem(x: Tensor, decoded: bool = False) -> str | None:
+    """What is wrong with one latent or decoded image (C, h, w) in [0, 1], or None when it is usable.
+
+    Latents are never all one value. A decoded image is clamped to [0, 1], so a blank background tile may
+    legitimately come out all white (1.0); all black (0) is never tissue: that is the collapse it flags."""
     x = x.detach().float()
     if not torch.isfinite(x).all():
         return "came out with NaN or Inf values"
     low, high = x.min().item(), x.max().item()
-    if low == high:
+    if low == high and (not decoded or high == 0.0):
         return f"came out all one value ({low:g})"
     return None
 
@@ -64,7 +67,7 @@ def check_images(
     condition, else the settings), or goes to `on_unusable` (a long run's skip counter), which may raise it."""
     usable = []
     for i, name in enumerate(names):
-        problem = row_problem(x[i])
+        problem = row_problem(x[i], decoded=what != "latents")
         usable.append(problem is None)
         if problem is None:
             continue
