@@ -150,6 +150,7 @@ def test_collapsed_images_are_unusable():
     x[1] = 1.0  # all white: a blank background tile may decode so; constant latents never are usable
     assert check_images(x, ["a", "b", "c"], "decoded image") == [True, True, True]
     assert check_images(x, ["a", "b", "c"], "latents", on_unusable=seen.append) == [True, False, True]
+    x[1] = 0.0
     cond = torch.zeros(3, 1, C)
     cond[1, 0, 0] = float("inf")
     with pytest.raises(UnusableImage, match="likely cause: its condition holds NaN or Inf") as info:
