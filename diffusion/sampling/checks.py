@@ -3,7 +3,7 @@
 A sampler pushed past its schedule, a huge guidance scale or an extreme value in a condition gives NaN or Inf
 latents; the VAE decodes them, `clamp` keeps NaN, and the uint8 cast turns NaN into 0: an all-black PNG, written
 and recorded as done, exit 0, kept by every rerun. So latents and decoded images are checked per image: finite,
-and not collapsed (latents all one value, a decoded image all black). A failed image is one line naming it and the
+and not collapsed (a decoded image all black). A failed image is one line naming it and the
 likely cause, and is never written.
 """
 
@@ -20,7 +20,7 @@ CONDITION_LIMIT = 1e4
 
 
 class UnusableImage(ValueError):
-    """A generated image that holds NaN/Inf or is all one value; its message names the image and the likely
+    """A generated image that holds NaN/Inf or is all black; its message names the image and the likely
     cause. `condition_fault`: the image's own condition is damaged (other images of the run may be fine)."""
 
     def __init__(self, message: str, condition_fault: bool = False):
@@ -31,14 +31,14 @@ class UnusableImage(ValueError):
 def row_problem(x: Tensor, decoded: bool = False) -> str | None:
     """What is wrong with one latent or decoded image (C, h, w) in [0, 1], or None when it is usable.
 
-    Latents are never all one value. A decoded image is clamped to [0, 1], so a blank background tile may
-    legitimately come out all white (1.0); all black (0) is never tissue: that is the collapse it flags."""
+    Latents must be finite (a step callback may legitimately set them, even to zeros). A decoded image must be
+    finite and not all black: the VAE clamps to [0, 1], so a blank background tile may come out all white, but
+    an image all 0 is never tissue; it is what NaN latents used to become."""
     x = x.detach().float()
     if not torch.isfinite(x).all():
         return "came out with NaN or Inf values"
-    low, high = x.min().item(), x.max().item()
-    if low == high and (not decoded or high == 0.0):
-        return f"came out all one value ({low:g})"
+    if decoded and x.max().item() == 0.0:
+        return "came out all black (every value 0)"
     return None
 
 
