@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import USER_ERRORS, describe_error
+from .training.signals import INTERRUPT_STATUS, interrupt_line
 
 FLAGS = {
     "allow_negative_guidance": "--allow-negative-guidance",
@@ -44,6 +45,7 @@ FLAGS = {
     "crop": "--crop",
     "lora": "--lora",
     "lora_scale": "--lora-scale",
+    "cache_dir": "--cache-dir",
 }
 
 
@@ -59,13 +61,17 @@ def error_line(err: BaseException) -> str:
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run a tool's main; bad input (ValueError, missing files, unavailable weights) is one line, exit 2."""
+    """Run a tool's main; bad input (ValueError, missing files, unavailable weights) is one line, exit 2; Ctrl-C
+    is one line, exit 130."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(main(argv) or 0)
     except USER_ERRORS as err:
         print(error_line(err), file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C: one line, no traceback (a trainer saved first: signals.py)
+        print(interrupt_line(err), file=sys.stderr)
+        return INTERRUPT_STATUS
 
 
 def run_with_default_model(module: str, model: str, argv: Sequence[str] | None) -> int:

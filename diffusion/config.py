@@ -14,6 +14,7 @@ from pathlib import Path
 from mmengine.config import Config
 
 from .geometry import UNI_TILE, VAE_FACTOR, resolve_norm
+from .model.config_types import check_config_types
 from .model.pixcell_transformer import PixCellTransformer2DModel, build_pixcell
 
 # The shipped configs: `configs/` beside the packages, in a checkout and in an installed wheel alike (pyproject.toml
@@ -37,6 +38,33 @@ def _check_keys(cfg: dict, schema: dict, where: str, source: str) -> None:
             )
         if isinstance(value, dict) and isinstance(schema[key], dict) and key not in _OPEN_DICTS:
             _check_keys(value, schema[key], f"{where}{key}.", source)
+        expected = _scalar_type(schema[key])
+        if expected is not None and not _fits_scalar(value, expected):
+            raise ValueError(
+                f"{source}: config key {where}{key} is {value!r} ({type(value).__name__}), expected "
+                f"{expected.__name__} (as its default {schema[key]!r})"
+            )
+
+
+def _scalar_type(default: object) -> type | None:
+    """The type a key's schema default fixes: bool, int, float, str, or a sequence; None for None (any value)
+    and dicts (checked key by key)."""
+    for kind in (bool, int, float, str):
+        if type(default) is kind:
+            return kind
+    return list if isinstance(default, list | tuple) else None
+
+
+def _fits_scalar(value: object, expected: type) -> bool:
+    if value is None:  # None means "unset" in many keys (base_model: the trainer's default source)
+        return True
+    if expected is float:  # an int where a float is expected is fine (lr=1)
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is list:
+        return isinstance(value, list | tuple)
+    return isinstance(value, expected)
 
 
 def parse_cfg_options(items: list[str]) -> dict:
@@ -152,6 +180,8 @@ def resolve_latent_norm(cfg: Config) -> tuple[float, float]:
 
 def build_model_from_config(cfg: Config) -> PixCellTransformer2DModel:
     """The transformer a config trains; checks that its size and token count fit `resolution`."""
+    # model_overrides is an open dict: the model's constructor types are its schema
+    check_config_types(PixCellTransformer2DModel, dict(cfg.model_overrides), "config model_overrides")
     model = build_pixcell(cfg.model, **dict(cfg.model_overrides))
     c = model.config
     px = c.sample_size * VAE_FACTOR
@@ -216,13 +246,23 @@ def check_resume_changes(
     saved_text: str, config: Mapping[str, object], checkpoint: str | Path, also: tuple[str, ...] = ()
 ) -> dict[str, tuple]:
     """The config changes of a resumed run, when every one may change (RESUME_CHANGEABLE, plus `also`); else one
-    ValueError naming the first key that may not."""
+    ValueError naming every key that may not."""
     changes = config_changes(saved_text, config)
-    for key, (old, new) in changes.items():
-        if not any(key == k or key.startswith(k + ".") for k in (*RESUME_CHANGEABLE, *also)):
-            raise ValueError(
-                f"resume from {checkpoint}: config key {key} is {old!r} there and {new!r} now, and cannot change "
-                "when a run resumes (changeable: optimizer.lr, max_steps, logging/saving/validation intervals, "
-                "data locations); use another --work-dir, with --load-from to start from these weights"
-            )
+    refused = {
+        key: change
+        for key, change in changes.items()
+        if not any(key == k or key.startswith(k + ".") for k in (*RESUME_CHANGEABLE, *also))
+    }
+    if len(refused) == 1:
+        ((key, (old, new)),) = refused.items()
+        what = f"config key {key} is {old!r} there and {new!r} now, and cannot"
+    elif refused:  # a changed model: every key at once (num_layers and its width, say), not one per attempt
+        keys = ", ".join(f"{key} ({old!r} there, {new!r} now)" for key, (old, new) in refused.items())
+        what = f"config keys {keys} cannot"
+    if refused:
+        raise ValueError(
+            f"resume from {checkpoint}: {what} change when a run resumes (changeable: optimizer.lr, max_steps, "
+            "logging/saving/validation intervals, data locations); use another --work-dir, with --load-from to "
+            "start from these weights"
+        )
     return changes

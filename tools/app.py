@@ -14,6 +14,10 @@ Tabs:
                     trained UNI prior (train_scripts/train_prior.py), per label when it was trained with labels
   Virtual staining  only with --stain / --stain-published: an H&E 1024 px image -> the chosen IHC stain
 
+The app listens on 127.0.0.1 (this machine only): reach it from elsewhere through an SSH tunnel, or listen on the
+network (--host 0.0.0.0) with a login, --auth USER:PASS or --auth-file FILE (Gradio's auth); without one it warns
+in the terminal and on the page (docs/app.md).
+
 Every model is loaded before the server starts, so a missing or gated one is one `error:` line (exit 2). The
 queue runs one generation at a time (two browser tabs wait their turn); bad uploads get a message on the page.
 Same model flags as tools/sample.py (--model, --vae, --uni); with none of them, the app serves `make demo`'s
@@ -112,8 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (GPU)")
     srv = p.add_argument_group("server")
-    srv.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
+    srv.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to listen on (default: this machine only; 0.0.0.0: every interface, with --auth)",
+    )
     srv.add_argument("--port", type=int, default=7860)
+    srv.add_argument("--auth", metavar="USER:PASS", help="require this login (Gradio's auth)")
+    srv.add_argument(
+        "--auth-file", help="logins, one USER:PASS a line (kept out of the process list and shell history)"
+    )
     srv.add_argument("--max-variants", type=int, default=8, help="most variants per request")
     srv.add_argument("--queue-size", type=int, default=16, help="most requests waiting in the queue")
     return p
@@ -709,10 +721,81 @@ def reference_free_tab(ctx: AppContext) -> None:
                  "reference_free")  # fmt: skip
 
 
-def build_app(ctx: AppContext):
-    """The Gradio Blocks; tabs exist only for what was loaded."""
+#################################################################################
+#                               Network exposure                                #
+#################################################################################
+
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def read_auth(args: argparse.Namespace) -> list[tuple[str, str]] | None:
+    """--auth USER:PASS and the lines of --auth-file as Gradio's auth list; None when neither is given."""
+    given: list[tuple[str, str]] = []
+    entries = [("--auth", args.auth)] if args.auth else []
+    if args.auth_file:
+        path = Path(args.auth_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--auth-file {path}: no such file")
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        entries += [(f"--auth-file {path} line {i + 1}", line) for i, line in enumerate(lines) if line]
+        if not lines or not any(lines):
+            raise ValueError(f"--auth-file {path}: no USER:PASS line inside")
+    for where, text in entries:
+        user, sep, password = text.partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"{where}: expected USER:PASS (a user name and a password, neither empty)")
+        given.append((user, password))
+    return given or None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to a public interface
+        return False
+
+
+def exposure_warning(host: str, auth: list[tuple[str, str]] | None) -> str | None:
+    """The warning of an app bound to the network without a login (terminal and page), else None."""
+    if auth or is_loopback(host):
+        return None
+    return (
+        f"--host {host} serves this app to the network without a login: anyone who reaches this port can run "
+        "the gated UNI2-h and PixCell weights on this machine. Pass --auth USER:PASS (or --auth-file), or keep "
+        "the default --host 127.0.0.1 and reach it through an SSH tunnel (docs/app.md)."
+    )
+
+
+def check_port(host: str, port: int) -> None:
+    """--port free on --host, before any model loads (Gradio's own message names GRADIO_SERVER_PORT)."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port {port}: expected 1..65535")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is free
+        try:
+            sock.bind((host if host != "0.0.0.0" else "", port))
+        except OSError as err:
+            raise ValueError(
+                f"--port {port}: cannot listen on {host}:{port} ({err.strerror or err}); another program (another "
+                "app?) uses it: pass another --port"
+            ) from None
+
+
+def build_app(ctx: AppContext, warning: str | None = None):
+    """The Gradio Blocks; tabs exist only for what was loaded. `warning`: shown above everything (the app is
+    open to the network without a login)."""
     # analytics_enabled=False: no usage statistics and no version check sent to gradio.app (offline sites).
     with gr.Blocks(title="PixCell", analytics_enabled=False, delete_cache=(3600, 3600)) as blocks:
+        if warning:
+            gr.Markdown(f"**Warning.** {warning}", elem_id="exposure-warning")
         gr.Markdown(header(ctx), elem_id="header")
         with gr.Tabs():
             with gr.Tab("Variants", id="variants"):
@@ -728,15 +811,22 @@ def build_app(ctx: AppContext):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The server's settings before any model loads: logins, a free port, and a warning when open to the network.
+    auth = read_auth(args)
+    check_port(args.host, args.port)
+    warning = exposure_warning(args.host, auth)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     ctx = load_context(args)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests
-    blocks = build_app(ctx)
+    blocks = build_app(ctx, warning)
     # One model run at a time (the events' concurrency_id "model"); other requests wait, up to --queue-size.
     blocks.queue(max_size=args.queue_size)
     print(f"PixCell app: http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     blocks.launch(
         server_name=args.host,
         server_port=args.port,
+        auth=auth,
         show_error=True,  # an unexpected error shows its one-line message, never a traceback
         theme=gr.themes.Default(font=FONTS, font_mono=MONO),
         allowed_paths=[str(ctx.out_root)],

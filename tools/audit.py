@@ -32,7 +32,8 @@ from diffusion.audit.search import BACKENDS
 from diffusion.command import resolve_device, run_cli
 from diffusion.metrics.cache import open_feature_cache
 from diffusion.metrics.encoders import load_feature_encoder, parse_encoder_spec
-from tools.cli import DTYPES, add_feature_args
+from diffusion.writable import check_writable
+from tools.cli import DTYPES, add_feature_args, check_numeric_args
 
 
 def image_set(
@@ -66,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fail-on-copies", action="store_true", help="exit status 1 when any image is flagged")
     add_feature_args(p)
     args = p.parse_args(argv)
+    check_numeric_args(args)  # before any encoder loads: ranges, and where the report goes
+    check_writable(args.out, "--out")
 
     if args.k < 1 or not 0 < args.pixel_threshold <= 1:
         raise ValueError(

@@ -12,6 +12,7 @@ import torch
 
 from diffusion.encoders import SD35_VAE_ID, UNI2H_HUB_ID
 from diffusion.geometry import DTYPES
+from diffusion.writable import check_writable
 
 if TYPE_CHECKING:  # the sampling stack is imported by the tools that sample, not by every tool
     from diffusion.sampling.loading import PipelineSources
@@ -93,13 +94,60 @@ def add_sampler_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# Each numeric flag and the library parameter whose range it takes (diffusion/sampling/limits.py).
+NUMERIC_FLAGS = {
+    "steps": "num_inference_steps",
+    "guidance": "guidance_scale",
+    "batch": "batch_size",
+    "batch_size": "batch_size",
+    "vae_batch": "vae_batch",
+    "window_batch": "window_batch",
+    "workers": "workers",
+    "num_workers": "workers",
+    "max_skips": "max_skips",
+    "jpeg_quality": "jpeg_quality",
+    "n_images": "n_images",
+    "prior_steps": "prior_steps",
+    "prior_guidance": "prior_guidance",
+    "stride": "stride",
+    "decode_stride": "decode_stride",
+    "sigma": "sigma",
+    "lora_scale": "lora_scale",
+    "controlnet_scale": "controlnet_scale",
+}
+
+
+def check_numeric_args(args: argparse.Namespace) -> None:
+    """Every numeric flag a tool has, in range (`limits.check_limits`), before any model loads: one line naming
+    the flag. --steps is bounded by what the sampler takes: --sampler, else the one recorded beside the model."""
+    from diffusion.model.student import read_sampling_defaults
+    from diffusion.sampling.limits import check_limits
+
+    sampler = getattr(args, "sampler", None)
+    if sampler is None and getattr(args, "model", None):
+        # The sampler recorded beside the weights (a JSON file, no loading), else DPM-Solver++: the default of
+        # every model but a student without sampling.json, whose LCM takes fewer steps (checked after loading).
+        sampler = read_sampling_defaults(args.model).get("sampler", "dpm-solver")
+    for attr, param in NUMERIC_FLAGS.items():
+        value = getattr(args, attr, None)
+        if value is None:
+            continue
+        try:
+            check_limits(
+                {param: value},
+                sampler,
+                getattr(args, "allow_negative_guidance", False),
+            )
+        except ValueError as err:
+            raise ValueError(str(err).replace(f"`{param}`", f"--{attr.replace('_', '-')}")) from None
+    check_sampler_args(args)
+
+
 def check_sampler_args(args: argparse.Namespace) -> None:
-    """One-line errors for sampler flags that argparse cannot check, before any model loads (the library checks
-    steps and guidance again where every sampling path resolves them: `resolve_sampling`)."""
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps {args.steps}: expected >= 1")
-    if args.guidance_interval is not None:
-        low, high = args.guidance_interval
+    """--guidance-interval, which argparse cannot check, before any model loads."""
+    interval = getattr(args, "guidance_interval", None)
+    if interval is not None:
+        low, high = interval
         if not 0 <= low <= high <= 1000:  # NaN fails too
             raise ValueError(f"--guidance-interval {low} {high}: expected 0 <= LOW <= HIGH <= 1000")
 
@@ -126,8 +174,13 @@ def add_output_args(parser: argparse.ArgumentParser, real: bool = True) -> None:
 
 
 def pipeline_sources(args: argparse.Namespace) -> PipelineSources:
-    """The pipeline the model, LoRA, ControlNet, sampler and runtime flags ask for."""
+    """The pipeline the model, LoRA, ControlNet, sampler and runtime flags ask for. Every numeric flag is checked
+    first, and --out writable: a range error or a read-only output folder costs no model loading."""
     from diffusion.sampling.loading import PipelineSources
+
+    check_numeric_args(args)
+    if getattr(args, "out", None):
+        check_writable(args.out, "--out")
 
     return PipelineSources(
         model=args.model,
@@ -146,7 +199,7 @@ def sample_settings(
 ) -> SampleSettings:
     """SampleSettings from the sampler, runtime and output flags, with steps and guidance resolved once for
     `pipe` (flags given, else the defaults recorded beside its weights, else the published ones)."""
-    check_sampler_args(args)
+    check_numeric_args(args)
     if batch < 1:
         raise ValueError(f"--batch {batch}: expected >= 1")
     from diffusion.sampling.runner import SampleSettings

@@ -20,8 +20,11 @@ import os
 import sys
 from collections.abc import Sequence
 
+from diffusion.command import error_line, run_cli
+from diffusion.errors import USER_ERRORS
 from diffusion.metrics.encoders import FEATURE_ENCODERS, parse_encoder_spec
 from diffusion.metrics.evaluation import CACHE_MODES, DTYPES, MORPHOLOGY, evaluate, resolve_plan
+from tools.cli import check_numeric_args
 
 __all__ = ["evaluate", "main", "build_parser"]
 
@@ -105,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0, or 2 with `error: ...` on bad input)."""
     args = build_parser().parse_args(argv)
     try:
+        check_numeric_args(args)
         specs = encoder_specs(args.encoders, args.encoder)
         if args.metrics:
             metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -128,8 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             progress=not args.no_progress,
         )
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:  # an unwritable --out or --cache-dir is an OSError: one line too
+        print(error_line(err), file=sys.stderr)
         return 2
     for name, value in report["metrics"].items():
         print(f"{name:>16s}  {value:.6g}")
@@ -140,4 +144,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

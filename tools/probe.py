@@ -25,7 +25,8 @@ from diffusion.command import resolve_device, run_cli
 from diffusion.metrics.cache import open_feature_cache
 from diffusion.metrics.encoders import load_feature_encoder, parse_encoder_spec
 from diffusion.metrics.probe import labelled_features, report_figure, report_markdown, run_probe
-from tools.cli import DTYPES, add_feature_args
+from diffusion.writable import check_writable
+from tools.cli import DTYPES, add_feature_args, check_numeric_args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seeds the training subsets and the bootstrap")
     add_feature_args(p)
     args = p.parse_args(argv)
+    check_numeric_args(args)  # before any encoder loads: ranges, and where the report goes
+    check_writable(args.out, "--out")
 
     specs = [parse_encoder_spec(e) for e in args.encoder]
     names = [s.name for s in specs]

@@ -19,6 +19,7 @@ import numpy as np
 from diffusion.atomic import atomic_path
 from diffusion.metrics.features import FeatureExtractor
 from diffusion.metrics.images import ImageFolder
+from diffusion.writable import check_writable
 
 CACHE_VERSION = 1  # bump when the feature computation changes in a way the fingerprint cannot see
 CACHE_ENV = "PIXCELL_EVAL_CACHE"
@@ -82,5 +83,10 @@ class FeatureCache:
 
 
 def open_feature_cache(cache_dir: str | Path | None, enabled: bool = True) -> FeatureCache | None:
-    """The cache a tool asks for: `cache_dir` (default `default_feature_cache_dir()`), or None when disabled."""
-    return FeatureCache(cache_dir or default_feature_cache_dir()) if enabled else None
+    """The cache a tool asks for: `cache_dir` (default `default_feature_cache_dir()`), or None when disabled. Its
+    folder is checked writable here, before the encoders load and embed, not when the first entry is saved."""
+    if not enabled:
+        return None
+    root = cache_dir or default_feature_cache_dir()
+    check_writable(root, "`cache_dir`")
+    return FeatureCache(root)

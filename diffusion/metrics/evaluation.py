@@ -33,7 +33,8 @@ from diffusion.metrics.distances import (
 )
 from diffusion.metrics.encoders import FEATURE_ENCODERS, EncoderSpec, load_feature_encoder, parse_encoder_spec
 from diffusion.metrics.features import FeatureExtractor, embed_images
-from diffusion.metrics.images import ImageFolder, check_paired, content_hash, list_images
+from diffusion.metrics.images import ImageFolder, check_paired, content_hash, image_sizes, list_images
+from diffusion.writable import check_writable
 
 DEFAULT_ENCODERS = ("uni2",)
 MORPHOLOGY = "morphology"  # the encoder-free metric (diffusion.metrics.morphology)
@@ -134,6 +135,11 @@ def evaluate(
         raise ValueError(f"--cache {cache}: expected one of {', '.join(CACHE_MODES)}")
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"--batch-size {batch_size} / --num-workers {num_workers}: expected >= 1 / >= 0")
+    # Where the report and the cache go must be writable now, not after every feature has been computed.
+    if out is not None:
+        check_writable(out, "--out")
+    if cache != "none":
+        check_writable(cache_dir or default_feature_cache_dir(), "--cache-dir")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     want_morphology = metrics is not None and MORPHOLOGY in metrics
     if want_morphology:
@@ -157,6 +163,7 @@ def evaluate(
         if spec is not None and _looks_local(spec.source) and not Path(spec.source).expanduser().exists():
             raise FileNotFoundError(f"--encoder {spec.name}={spec.source}: no such file or folder")
     hashes = {f.role: content_hash(f, progress) for f in (real_folder, syn_folder)}
+    sizes = {f.role: image_sizes(f) for f in (real_folder, syn_folder)}
     feature_cache = FeatureCache(cache_dir or default_feature_cache_dir())
 
     results: dict[str, float] = {}
@@ -165,6 +172,13 @@ def evaluate(
     enc_info: dict[str, dict] = {}
     cache_hits: dict[str, dict[str, bool]] = {}
     warnings: list[str] = []
+    if set(sizes["REAL"]) != set(
+        sizes["SYN"]
+    ):  # each encoder resizes to its input: a silent apples-to-oranges
+        warnings.append(
+            f"REAL images are {', '.join(sizes['REAL'])} px, SYN {', '.join(sizes['SYN'])} px: every metric compares "
+            "them after each is resized to the encoder's input size; generate (or crop) at the REAL size"
+        )
     for enc, spec in needed.items():
         if spec is None:
             from diffusion.metrics.inception import load_inception
@@ -224,8 +238,8 @@ def evaluate(
         "metrics": {n: results[n] for n in names},
         "cosine": cosine,
         "encoders": enc_info,
-        "real": _folder_info(real_folder, hashes["REAL"]),
-        "syn": _folder_info(syn_folder, hashes["SYN"]),
+        "real": _folder_info(real_folder, hashes["REAL"], sizes["REAL"]),
+        "syn": _folder_info(syn_folder, hashes["SYN"], sizes["SYN"]),
         "settings": {
             "device": str(device),
             "dtype": dtype,
@@ -274,8 +288,8 @@ def _looks_local(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or "/" in source and not source.startswith("hf-hub:")
 
 
-def _folder_info(folder: ImageFolder, folder_hash: str) -> dict:
-    return {"path": str(folder.root), "num_images": len(folder), "content_hash": folder_hash}
+def _folder_info(folder: ImageFolder, folder_hash: str, sizes: dict[str, int]) -> dict:
+    return {"path": str(folder.root), "num_images": len(folder), "content_hash": folder_hash, "sizes": sizes}
 
 
 def _versions() -> dict[str, str]:

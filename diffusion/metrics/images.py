@@ -76,6 +76,19 @@ def check_paired(real: ImageFolder, syn: ImageFolder, metric: str) -> None:
     )
 
 
+def image_sizes(folder: ImageFolder) -> dict[str, int]:
+    """How many images of each size ("WxH" -> count, most common first), from the file headers (no decoding)."""
+    counts: dict[str, int] = {}
+    for path in folder.files:
+        try:
+            with Image.open(path) as im:
+                size = f"{im.width}x{im.height}"
+        except (OSError, ValueError):
+            size = "unreadable"  # the embedding step names the file
+        counts[size] = counts.get(size, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def content_hash(folder: ImageFolder, progress: bool = True) -> str:
     """Hash of every image's key and bytes: changes when any image is added, removed, renamed or edited."""
     total = hashlib.blake2b(digest_size=16)

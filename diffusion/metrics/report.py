@@ -22,6 +22,16 @@ _DESCRIPTIONS = {
 }
 
 
+def _sizes(folder: dict) -> str:
+    """' of 256x256 px' (or ' of 256x256 (90), 512x512 (10) px'); '' for a report written before sizes were."""
+    sizes = folder.get("sizes") or {}
+    if not sizes:
+        return ""
+    if len(sizes) == 1:
+        return f" of {next(iter(sizes))} px"
+    return " of " + ", ".join(f"{k} ({v})" for k, v in sizes.items()) + " px"
+
+
 def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     """Write the report files into `out_dir`; returns their paths by kind."""
     out = Path(out_dir)
@@ -58,8 +68,8 @@ def render_markdown(report: dict) -> str:
     lines = [
         "# PixCell evaluation",
         "",
-        f"- REAL: `{real['path']}` ({real['num_images']} images, content hash `{real['content_hash'][:12]}`)",
-        f"- SYN: `{syn['path']}` ({syn['num_images']} images, content hash `{syn['content_hash'][:12]}`)",
+        f"- REAL: `{real['path']}` ({real['num_images']} images{_sizes(real)}, content hash `{real['content_hash'][:12]}`)",
+        f"- SYN: `{syn['path']}` ({syn['num_images']} images{_sizes(syn)}, content hash `{syn['content_hash'][:12]}`)",
         "",
         "| Metric | Value | What | Features |",
         "|---|---:|---|---|",

@@ -30,6 +30,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormSingle
 from torch import Tensor, nn
 
+from .config_types import ConfigTypeError, check_config_types
+
 #################################################################################
 #                             Sin-cos position helpers                          #
 #################################################################################
@@ -150,9 +152,15 @@ class PixCellModelMixin:
         if kwargs.get("subfolder"):
             name += f" (subfolder {kwargs['subfolder']})"
         try:
+            # config.json's values against the constructor's types first: `"num_layers": "two"` is one line, not
+            # a TypeError inside the constructor
+            config = cls.load_config(pretrained_model_name_or_path, subfolder=kwargs.get("subfolder"))
+            check_config_types(cls, config, f"{name}: config.json")
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, output_loading_info=True, **kwargs
             )
+        except ConfigTypeError:
+            raise
         except ValueError as err:  # shape mismatch inside diffusers' loader
             raise ValueError(
                 f"{name}: does not match its config ({str(err).splitlines()[0][:300]})"

@@ -37,6 +37,7 @@ from PIL import Image
 from ..data.features import PACKED_DIRNAME, PackedReader, SampleError, load_npy, npy_feature_paths
 from ..data.index import INDEX_RELPATH, index_lengths, key_size, resolve_keys
 from ..geometry import IMAGE_SUFFIXES, crop_token_indices
+from .checks import CONDITION_LIMIT
 
 __all__ = ["SampleError"]  # re-exported: the data module's "skip and count this one" error
 
@@ -131,6 +132,9 @@ def as_token_grid(
     tokens = np.asarray(array, dtype=np.float32)
     if not np.isfinite(tokens).all():
         raise SampleError(f"{where}: contains NaN or Inf values")
+    peak = float(np.abs(tokens).max(initial=0.0))
+    if peak > CONDITION_LIMIT:  # finite, but its image would come out black (checks.py)
+        raise SampleError(f"{where}: holds values up to {peak:.3g}; UNI2-h embeddings are of order 1-10")
     return tokens
 
 

@@ -76,5 +76,5 @@ def default_batching(
 ) -> tuple[int, int]:
     """(batch, workers) for patch sampling: by default 64/T images on GPU, 8/T on CPU; 4 workers on GPU."""
     cuda = device.type == "cuda"
-    chosen = batch or max(1, (64 if cuda else 8) // tokens)
+    chosen = batch if batch is not None else max(1, (64 if cuda else 8) // tokens)
     return chosen, workers if workers is not None else (4 if cuda else 0)

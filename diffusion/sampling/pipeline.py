@@ -40,6 +40,7 @@ from ..model.loading import load_transformer
 from ..model.lora import add_lora, has_lora, load_lora_weights, merge_lora, read_lora_file, set_lora_scale
 from ..model.pixcell_transformer import PixCellTransformer2DModel
 from ..model.student import read_sampling_defaults
+from .checks import check_images, condition_problem
 from .hub import (
     check_pipeline_class,
     refuse_diffusers_loading,
@@ -213,6 +214,10 @@ class PixCellPipeline(DiffusionPipeline):
         if uni.ndim == 2:  # a single image's tokens
             uni = uni.unsqueeze(0)
         self.transformer.check_condition(uni)
+        for i, row in enumerate(uni):  # finite but extreme: its image would come out black
+            problem = condition_problem(row)
+            if problem is not None:
+                raise ValueError(f"uni_embeds: row {i}: {problem.removeprefix('its condition ')}")
         return uni
 
     def check_size(self, height: int | None, width: int | None, tokens: int) -> None:
@@ -357,6 +362,8 @@ class PixCellPipeline(DiffusionPipeline):
         strength: float = 1.0,  # SDEdit: the fraction of the steps run from the noised image (1: from noise)
         mask_image: Tensor | np.ndarray | Sequence[Image.Image] | None = None,  # (B, 1, H, W), 1 = regenerate
         mask_feather: int = 2,  # latent px over which the mask's border is blended
+        # NaN/Inf or collapsed latents/images raise UnusableImage (False: the caller checks)
+        check_output: bool = True,
     ) -> ImagePipelineOutput | tuple:
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
@@ -423,6 +430,9 @@ class PixCellPipeline(DiffusionPipeline):
             on_step=on_step,
             start=start,
         )
+        names = [f"image {i}" for i in range(batch)]
+        if check_output:
+            check_images(x, names, "latents", uni)
         if output_type == "latent":
             images = x
         else:
@@ -431,6 +441,8 @@ class PixCellPipeline(DiffusionPipeline):
                 mask_image is not None and image is not None
             ):  # inpainting: the kept pixels are the image's own
                 images = self.composite(images, image, mask_image, mask_feather, k)
+            if check_output:
+                check_images(images, names, "decoded image", uni)
             if output_type == "np":
                 images = images.permute(0, 2, 3, 1).cpu().numpy()
             elif output_type == "pil":

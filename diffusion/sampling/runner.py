@@ -40,6 +40,7 @@ from ..atomic import atomic_path
 from ..encoders import decode_latents, to_uint8, vae_scale_factor
 from ..geometry import tokens_side
 from ..lock import FolderLock
+from .checks import UnusableImage, check_images
 from .conditions import ConditionSource, FolderSource, Loaded, SampleError, Spec, name_seed
 from .dense_conditions import default_dense_stride, dense_layout, dense_window_conditions
 from .large_image import (
@@ -52,6 +53,7 @@ from .large_image import (
     region_layout,
     window_layout,
 )
+from .limits import check_limits
 from .pipeline import PixCellPipeline
 from .samplers import SamplingOptions
 
@@ -81,6 +83,18 @@ class SampleSettings:
     max_skips: int = 100  # stop when more conditions than this could not be read
     progress: bool = True
 
+    def __post_init__(self) -> None:  # a 0 batch used to be replaced by the default without a word
+        # (steps and guidance were checked where `sampling` was resolved: samplers.resolve_sampling)
+        check_limits(
+            {
+                "batch_size": self.batch_size,
+                "vae_batch": self.vae_batch,
+                "workers": self.workers,
+                "max_skips": self.max_skips,
+                "jpeg_quality": self.jpeg_quality,
+            }
+        )
+
 
 @dataclass
 class RegionSettings:
@@ -92,6 +106,16 @@ class RegionSettings:
     decode_stride: int | None = None  # latent px between decoded windows; None: half a window
     sigma: float = 0.3  # Gaussian blending window over [-1, 1]; the published script used 0.8
     window_batch: int | None = None  # windows per forward (x2 with guidance); None: all on GPU, 8 on CPU
+
+    def __post_init__(self) -> None:
+        check_limits(
+            {
+                "stride": self.stride,
+                "decode_stride": self.decode_stride,
+                "sigma": self.sigma,
+                "window_batch": self.window_batch,
+            }
+        )
 
 
 def model_reference(source: str | Path | torch.nn.Module) -> str:
@@ -242,6 +266,18 @@ class SkipCounter:
                 f"more than {self.limit} conditions could not be used (last: {message}); fix the data or raise "
                 "`max_skips`"
             )
+
+
+def stop_or_skip(skip: SkipCounter) -> Callable[[UnusableImage], None]:
+    """What a long run does with an unusable image (NaN/Inf or all one value): skip it, logged and counted, when its
+    own condition is damaged; stop at once otherwise (the steps, guidance or model: every image would fail)."""
+
+    def handle(err: UnusableImage) -> None:
+        if not err.condition_fault:
+            raise err
+        skip(str(err))
+
+    return handle
 
 
 def _process_state(device: torch.device):
@@ -432,7 +468,7 @@ def sample_patches(
     log.info("process %d/%d: %d images to make", state.process_index, state.num_processes, n_todo)
 
     device = pipe._execution_device
-    vae_batch = Chunker(settings.vae_batch or bs, "VAE batch")
+    vae_batch = Chunker(bs if settings.vae_batch is None else settings.vae_batch, "VAE batch")
     bar = tqdm(
         total=n_todo, desc="sampling", unit="img", disable=not (settings.progress and state.is_main_process)
     )
@@ -465,10 +501,18 @@ def sample_patches(
             latents=latents.to(device),
             output_type="latent",
             progress=False,
+            check_output=False,  # checked here, per image: a damaged condition skips its image only
         ).images
+        names = [spec.name for spec, _ in ok]
+        usable = check_images(x, names, "latents", cond, stop_or_skip(skip))
         images = decode_batched(pipe.vae, x, vae_batch)
-        for (spec, ld), arr in zip(ok, to_uint8(images)):
-            if not out.done(spec):  # another part of a half-finished batch
+        rows = [i for i, u in enumerate(usable) if u]
+        decoded = check_images(
+            images[rows], [names[i] for i in rows], "decoded image", cond[rows], stop_or_skip(skip)
+        )
+        for i, good, arr in zip(rows, decoded, to_uint8(images[rows])):
+            spec, ld = ok[i]
+            if good and not out.done(spec):  # (done: another part of a half-finished batch)
                 real = ld.image if (settings.write_real and spec.has_real) else None
                 out.write_pair(spec.name, arr, real)
                 made += 1
@@ -555,8 +599,10 @@ def sample_regions(
     state, out = run.state, run.out
 
     device = pipe._execution_device
-    wb = Chunker(region.window_batch or default_window_batch(device), "window batch")
-    vb = Chunker(settings.vae_batch or default_vae_batch(device), "VAE batch")
+    wb = Chunker(
+        default_window_batch(device) if region.window_batch is None else region.window_batch, "window batch"
+    )
+    vb = Chunker(default_vae_batch(device) if settings.vae_batch is None else settings.vae_batch, "VAE batch")
     mine = [i for i in range(len(specs)) if i % state.num_processes == state.process_index]
     todo = [[i] for i in mine if not out.done(specs[i])]
     skip = SkipCounter(settings.max_skips)
@@ -593,7 +639,12 @@ def sample_regions(
             transformer, grid, stride=stride if conds is None else dense_stride, options=settings.sampling,
             latents=noise, generator=gens[0], window_batch=wb, progress=show, window_conds=conds,
         )  # fmt: skip
+        condition = grid.reshape(1, gh * gw, -1)
+        if not check_images(latents, [spec.name], "latents", condition, stop_or_skip(skip))[0]:
+            continue
         image = decode_region(pipe.vae, latents, window, decode_stride, region.sigma, vb, progress=show)
+        if not check_images(image, [spec.name], "decoded image", condition, stop_or_skip(skip))[0]:
+            continue
         real = loaded.image if (settings.write_real and spec.has_real) else None
         out.write_pair(spec.name, to_uint8(image)[0], real)
         made += 1

@@ -23,7 +23,6 @@ unconditional pass.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,6 +39,8 @@ from diffusers import (
 )
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from .limits import check_guidance, check_steps
 
 if TYPE_CHECKING:
     from ..model.pixcell_transformer import PixCellTransformer2DModel
@@ -155,16 +156,10 @@ def resolve_sampling(
         guidance = recorded.get("guidance")
     if steps is None and recorded.get("sampler") == sampler:
         steps = recorded.get("steps")
-    if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
-        raise ValueError(f"`num_inference_steps` {steps}: expected a whole number >= 1")
+    if steps is not None:
+        check_steps(steps, sampler)  # at most what the sampler takes on the schedule (limits.MAX_STEPS)
     w = DEFAULT_GUIDANCE.get(tokens, 1.5) if guidance is None else float(guidance)
-    if not math.isfinite(w):
-        raise ValueError(f"`guidance_scale` {w}: expected a finite number (1 = conditional only)")
-    if w < 0 and not allow_negative_guidance:
-        raise ValueError(
-            f"`guidance_scale` {w:g}: a negative scale pushes samples away from their condition; pass "
-            "`allow_negative_guidance` if that is meant"
-        )
+    check_guidance(w, allow_negative_guidance)
     interval = None
     if guidance_interval is not None:
         low, high = (float(v) for v in guidance_interval)

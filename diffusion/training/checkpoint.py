@@ -261,6 +261,13 @@ def save_training_state(
     return manager.save(step, train_state, rank_state, ema=ema, portable=portable)
 
 
+def saved_config(path: str | Path) -> str | None:
+    """The resolved config text a checkpoint was saved with (None for checkpoints from before configs were saved),
+    read without restoring anything: a resume compares it with the command's config first."""
+    state = torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=False)
+    return state.get("config")
+
+
 def restore_training_state(
     manager: CheckpointManager,
     path: str | Path,

@@ -59,7 +59,7 @@ from ..atomic import atomic_path
 from ..checkpoints import latest_checkpoint
 from ..config import check_resume_changes
 from ..lock import FolderLock, release_held
-from .checkpoint import CheckpointManager, restore_training_state, save_training_state
+from .checkpoint import CheckpointManager, restore_training_state, save_training_state, saved_config
 from .ema import EMA
 from .fsdp import FSDPSettings, ShardedTrainingState, is_distributed, local, shard_model
 from .optim import build_lr_scheduler, build_optimizer, rescale_lr
@@ -421,9 +421,10 @@ class Run:
     def loop(self, save: Callable[[int], object], time_limit: str | float | None = None, desc: str = "train"):
         """The TrainLoop of this run; `save(step)` writes a checkpoint (`self.save`, or the trainer's, which adds
         portable weights); `time_limit` as `--time-limit` takes it (3:55:00, 4h, seconds)."""
-        return TrainLoop(self.accelerator, self.work_dir, self.settings, save, self.total_steps, self.state["step"],
+        self.train_loop = TrainLoop(self.accelerator, self.work_dir, self.settings, save, self.total_steps, self.state["step"],
                          resumed=self.resume is not None, time_limit=parse_duration(time_limit), desc=desc,
                          guard=self.guard)  # fmt: skip
+        return self.train_loop
 
     def optimizer_step(
         self,
@@ -450,43 +451,55 @@ class Run:
         return self.state["step"]
 
     def finish(self) -> int:
-        """The last line of a trainer: the log line of a finished run, and accelerate's end. -> exit status 0."""
+        """The last line of a trainer: the log line of a finished run, and accelerate's end. -> exit status 0; after
+        Ctrl-C (saved like SIGTERM) a KeyboardInterrupt naming the checkpoint, which `run_cli` turns into one line
+        and status 130."""
         if self.state["step"] >= self.total_steps:
             log.info("done: %d steps; checkpoints in %s", self.state["step"], self.manager.root)
         self.accelerator.end_training()
+        loop = getattr(self, "train_loop", None)
+        if (
+            loop is not None and loop.stop.signal_name == "SIGINT"
+        ):  # Ctrl-C: saved like SIGTERM, then status 130
+            raise KeyboardInterrupt(
+                f"stopped at step {self.state['step']}; the latest checkpoint is {latest_checkpoint(self.work_dir)}"
+            )
         return 0
 
 
 def same_global_batch(
-    saved_config: str, config: Mapping[str, object], resume: Path, num_processes: int
+    saved_text: str, config: Mapping[str, object], resume: Path, num_processes: int
 ) -> bool:
     """Whether train_batch_size changed with the process count so that the global batch stays (a run resumed on
     another number of processes or nodes: the sampler then deals out the same global batches)."""
     from .checkpoint import read_meta
 
-    old, new = Config.fromstring(saved_config, ".py").get("train_batch_size"), config.get("train_batch_size")
+    old, new = Config.fromstring(saved_text, ".py").get("train_batch_size"), config.get("train_batch_size")
     if not isinstance(old, int) or not isinstance(new, int):  # a trainer without this key
         return False
     return old * read_meta(resume)["world_size"] == new * num_processes
 
 
-def apply_resume_changes(
-    saved_config: str | None,
-    config: Mapping[str, object],
-    resume: Path,
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler: LRScheduler,
-    num_processes: int = 1,
-) -> None:
-    """A resumed run runs the config it is given, never silently the checkpoint's: each changed key that may
-    change (RESUME_CHANGEABLE) is logged, a new `optimizer.lr` goes into the optimizer and the LR schedule, any
-    other change is one error line (before config.py is rewritten)."""
-    if saved_config is None:  # a checkpoint from before configs were saved in it
-        return
-    also = ("train_batch_size",) if same_global_batch(saved_config, config, resume, num_processes) else ()
-    changes = check_resume_changes(saved_config, config, resume, also)
+def resume_changes(
+    saved_text: str | None, config: Mapping[str, object], resume: Path, num_processes: int = 1
+) -> dict[str, tuple]:
+    """A resumed run runs the config it is given, never silently the checkpoint's: the changed keys that may
+    change (RESUME_CHANGEABLE, and the per-process batch when the global batch stays), each logged; any other
+    change is one error line naming every such key (before anything is restored and before config.py is
+    rewritten)."""
+    if saved_text is None:  # a checkpoint from before configs were saved in it
+        return {}
+    also = ("train_batch_size",) if same_global_batch(saved_text, config, resume, num_processes) else ()
+    changes = check_resume_changes(saved_text, config, resume, also)
     for key, (old, new) in changes.items():
         log.warning("resume: config %s changed from %r to %r; the run continues with %r", key, old, new, new)
+    return changes
+
+
+def apply_resume_changes(
+    changes: dict[str, tuple], optimizer: torch.optim.Optimizer, lr_scheduler: LRScheduler
+) -> None:
+    """After the restore: a new `optimizer.lr` goes into the optimizer and the LR schedule."""
     if "optimizer.lr" in changes:
         old, new = changes["optimizer.lr"]
         rescale_lr(optimizer, lr_scheduler, old, new)
@@ -534,17 +547,23 @@ def start_run(
     counters = {**({"nonfinite_total": 0} if guard else {}), **(counters or {})}
     state = dict(step=0, epoch=0, batch_in_epoch=0, **counters)
     if resume is not None:
-        saved = restore_training_state(
-            manager, resume, state, lr_scheduler, {generator_name: generator}, ema=ema
-        )
+        # The configs are compared before anything is restored: a changed model is one line naming its keys,
+        # not a load_state_dict error listing hundreds of parameter names.
+        changes = resume_changes(saved_config(resume), settings.config, resume, accelerator.num_processes)
+        restore_training_state(manager, resume, state, lr_scheduler, {generator_name: generator}, ema=ema)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, state["step"], state["epoch"],
                  state["batch_in_epoch"])  # fmt: skip
-        apply_resume_changes(
-            saved.get("config"), settings.config, resume, optimizer, lr_scheduler, accelerator.num_processes
-        )
+        apply_resume_changes(changes, optimizer, lr_scheduler)
     if accelerator.is_main_process:
         env = environment(accelerator)
         env.update(total_steps=total_steps, resumed_from=str(resume or ""), **(info or {}))
-        save_run_info(work_dir, settings.config_text, env)
+        kept = save_run_info(work_dir, settings.config_text, env)
+        if kept is not None:
+            log.warning(
+                "%s was edited by hand since the last run wrote it; a run's settings come from the command (config "
+                "file and --cfg-options), so it now records this run's config again; the edited file is kept as %s",
+                work_dir / "config.py",
+                kept,
+            )
     return Run(accelerator, settings, work_dir, prepared, unwrapped, optimizer, lr_scheduler, ema, ema_module,
                generator, generator_name, state, manager, resume, total_steps, guard)  # fmt: skip

@@ -1,4 +1,5 @@
-"""Stop cleanly when the cluster asks: SIGTERM / SIGUSR1 (SLURM pre-emption, `--signal=USR1@120`) or a wall-time limit.
+"""Stop cleanly when the cluster or the user asks: SIGTERM / SIGUSR1 (SLURM pre-emption, `--signal=USR1@120`), Ctrl-C
+(SIGINT), or a wall-time limit.
 
 The handler only sets a flag; the training loop polls `should_stop(accelerator)` once per optimizer step, which
 agrees over all processes (one tiny all-reduce), so every rank stops at the same step, saves one checkpoint
@@ -21,7 +22,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pixcell.train")
 
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+# Ctrl-C (SIGINT) stops a run like SIGTERM: a checkpoint, then exit status 130 (`INTERRUPT_STATUS`) and one line.
+# A second Ctrl-C while that checkpoint is being written stops at once (KeyboardInterrupt; the checkpoint is
+# written to a temporary name, so the earlier ones stay whole).
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+INTERRUPT_STATUS = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
+
+
+def interrupt_line(err: BaseException) -> str:
+    """The one line of a command stopped by Ctrl-C (every tool and trainer, through tools.cli.run_cli): what was
+    kept (the KeyboardInterrupt's message, when the code that stopped says), and how to continue."""
+    kept = str(err) or "every file already written is whole"
+    return f"interrupted (Ctrl-C): {kept}; run the same command again to continue"
 
 
 def parse_duration(text: str | float | int | None) -> float | None:
@@ -65,7 +77,10 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:  # async-signal context: only set a flag
-        self.signal_name = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait for the checkpoint
+        self.signal_name = name
 
     def local_reason(self) -> str | None:
         if self.signal_name:

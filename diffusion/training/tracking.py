@@ -6,6 +6,7 @@ Only the main process writes; the others get a tracker whose methods do nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -152,10 +153,35 @@ def environment(accelerator: Accelerator | None = None, argv: list[str] | None =
     return info
 
 
-def save_run_info(work_dir: str | Path, config_text: str, env: dict) -> None:
-    """`<work_dir>/config.py` (the resolved config) and `<work_dir>/env.json`, written atomically."""
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def hand_edited_config(work_dir: str | Path) -> Path | None:
+    """`<work_dir>/config.py` when it differs from what the last run wrote there (its hash is in env.json), i.e.
+    when it was edited by hand; else None (also for work dirs written before the hash was recorded)."""
+    config, env = Path(work_dir) / "config.py", Path(work_dir) / "env.json"
+    try:
+        written = json.loads(env.read_text()).get("config_sha256")
+        text = config.read_text()
+    except (OSError, ValueError):
+        return None
+    return config if written and _sha256(text) != written else None
+
+
+def save_run_info(work_dir: str | Path, config_text: str, env: dict) -> Path | None:
+    """`<work_dir>/config.py` (the resolved config, what runs) and `<work_dir>/env.json` (with config.py's hash),
+    written atomically. A config.py edited by hand since the last run wrote it is kept as `config.py.edited`
+    (the settings come from the command line, never from this record) -> that copy, or None."""
     work_dir = Path(work_dir)
+    kept = None
+    edited = hand_edited_config(work_dir)
+    if edited is not None:
+        kept = edited.with_name("config.py.edited")
+        with atomic_path(kept) as tmp:
+            tmp.write_text(edited.read_text())
     with atomic_path(work_dir / "config.py") as tmp:
         tmp.write_text(config_text)
     with atomic_path(work_dir / "env.json") as tmp:
-        tmp.write_text(json.dumps(env, indent=2, default=str))
+        tmp.write_text(json.dumps({**env, "config_sha256": _sha256(config_text)}, indent=2, default=str))
+    return kept
