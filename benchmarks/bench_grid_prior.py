@@ -115,19 +115,22 @@ def main(argv: list[str] | None = None) -> int:
     grids = [real]
     if args.augment:
         grids = [np.ascontiguousarray(np.rot90(g, k)) for g in (real, real[::-1]) for k in range(4)]
-    runs = [("per-token prior", per_token, "multidiffusion")]
+    rows, cols = real.shape[:2]
+    runs = [("per-token prior", per_token, "multidiffusion", rows, cols)]
     priors = {}
     for m in args.windows:
         windows = np.concatenate([grid_windows(g, m) for g in grids])
         priors[m] = train_prior(windows, m, args.steps, 128, 1)
-        runs += [(f"{m} x {m} prior, {k}", priors[m], k) for k in ("multidiffusion", "shifted", "outpaint")]
+        runs += [
+            (f"{m} x {m} prior, {k}", priors[m], k, rows, cols)
+            for k in ("multidiffusion", "shifted", "outpaint")
+        ]
+        # A layout the prior never saw whole: does the coherence hold beyond the slide's own 11 x 8 tokens?
+        runs.append((f"{m} x {m} prior, multidiffusion, 24 x 24 grid", priors[m], "multidiffusion", 24, 24))
     samples = {}
-    rows, cols = real.shape[:2]
-    for name, prior, method in runs:
+    for name, prior, method, h, w in runs:
         grids = [
-            sample_grid(
-                prior, rows, cols, steps=30, method=method, generator=torch.Generator().manual_seed(s)
-            )
+            sample_grid(prior, h, w, steps=30, method=method, generator=torch.Generator().manual_seed(s))
             for s in range(args.seeds)
         ]
         scores = [coherence(g, center) for g in grids]
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         samples[name] = grids[0]
     ref = table["real token grid"]["neighbour_cosine"]
     print(
-        f"{rows} x {cols} token grids, {args.seeds} seeds; grid priors trained {args.steps} steps"
+        f"{rows} x {cols} token grids (unless named), {args.seeds} seeds; grid priors trained {args.steps} steps"
         f"{' on the 8 rotations and flips' if args.augment else ''}\n"
     )
     print("| grid | neighbour cosine | vs real | single samples | autocorrelation at 1, 2, 4, 8 tokens |")
