@@ -5,9 +5,12 @@ per-token prior (neighbour cosine, autocorrelation at 1-8 tokens), and the figur
 
 CPU, minutes: the real grid is the demo slide's (cmu_small_region.svs, 11 x 8 tiles of 256 px at 20x) through a
 tiny UNI stand-in with random features (`build_tiny_uni(init_values=None)`; features that differ between tiles);
-a 16-token prior (width 128, 1 block) is trained on its 4 x 4 windows and a 1-token prior on its tokens, then
-grids of the real one's size are sampled (8 seeds) by each method of `diffusion.prior.grid.sample_grid`. Tokens are
-centred by the real grid's mean before the cosines (see diffusion/prior/grid.py).
+a 1-token prior is trained on its tokens, a 16-token prior (4 x 4, PixCell-1024's window) and a 36-token prior
+(6 x 6, about the slide's coherence length; width 128, 1 block each) on its m x m windows, then grids of the real
+one's size are sampled (8 seeds) by each method of `diffusion.prior.grid.sample_grid`. Tokens are centred by the
+real grid's mean before the cosines (see diffusion/prior/grid.py). `--augment` trains the grid priors on the 8
+rotations and flips of the slide's grid too (8 x the windows; tissue has no orientation): a prior that can fit
+its few windows less closely.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 
 
-def train_prior(windows: np.ndarray, m: int, steps: int, width: int, depth: int):
+def train_prior(windows: np.ndarray, m: int, steps: int, width: int, depth: int, batch: int = 40):
     from diffusion.flow import flow_matching_loss
     from diffusion.prior.model import UNIPrior
 
@@ -35,8 +38,8 @@ def train_prior(windows: np.ndarray, m: int, steps: int, width: int, depth: int)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 5e-3, total_steps=steps)
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
-        batch = x1[torch.randint(0, len(x1), (40,), generator=gen)]
-        loss = flow_matching_loss(prior, torch.randn(batch.shape, generator=gen), batch, generator=gen)
+        x = x1[torch.randint(0, len(x1), (batch,), generator=gen)]
+        loss = flow_matching_loss(prior, torch.randn(x.shape, generator=gen), x, generator=gen)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -95,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     from diffusion.standins import build_tiny_uni
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=900, help="training steps of the 16-token prior")
+    p.add_argument("--steps", type=int, default=900, help="training steps of the grid priors")
+    p.add_argument("--windows", type=int, nargs="+", default=[4, 6], help="window sides m of the grid priors")
+    p.add_argument("--augment", action="store_true", help="train on the grid's 8 rotations and flips too")
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--figure", type=Path, default=None, help="write the figure here (PNG)")
     args = p.parse_args(argv)
@@ -107,42 +112,58 @@ def main(argv: list[str] | None = None) -> int:
     center = real.reshape(-1, real.shape[2]).mean(0)
     table = {"real token grid": coherence(real, center)}
     per_token = train_prior(grid_windows(real, 1), 1, 150, 64, 2)
-    grid_prior = train_prior(grid_windows(real, 4), 4, args.steps, 128, 1)
-    runs = [("per-token prior", per_token, "multidiffusion")]
-    runs += [(f"grid prior, {m}", grid_prior, m) for m in ("multidiffusion", "shifted", "outpaint")]
-    samples = {}
+    grids = [real]
+    if args.augment:
+        grids = [np.ascontiguousarray(np.rot90(g, k)) for g in (real, real[::-1]) for k in range(4)]
     rows, cols = real.shape[:2]
-    for name, prior, method in runs:
+    runs = [("per-token prior", per_token, "multidiffusion", rows, cols)]
+    priors = {}
+    for m in args.windows:
+        windows = np.concatenate([grid_windows(g, m) for g in grids])
+        priors[m] = train_prior(windows, m, args.steps, 128, 1)
+        runs += [
+            (f"{m} x {m} prior, {k}", priors[m], k, rows, cols)
+            for k in ("multidiffusion", "shifted", "outpaint")
+        ]
+        # A layout the prior never saw whole: does the coherence hold beyond the slide's own 11 x 8 tokens?
+        runs.append((f"{m} x {m} prior, multidiffusion, 24 x 24 grid", priors[m], "multidiffusion", 24, 24))
+    samples = {}
+    for name, prior, method, h, w in runs:
         grids = [
-            sample_grid(
-                prior, rows, cols, steps=30, method=method, generator=torch.Generator().manual_seed(s)
-            )
+            sample_grid(prior, h, w, steps=30, method=method, generator=torch.Generator().manual_seed(s))
             for s in range(args.seeds)
         ]
         scores = [coherence(g, center) for g in grids]
         table[name] = {
             "neighbour_cosine": float(np.mean([s["neighbour_cosine"] for s in scores])),
+            "range": (min(s["neighbour_cosine"] for s in scores), max(s["neighbour_cosine"] for s in scores)),
             "autocorrelation": list(np.mean([s["autocorrelation"] for s in scores], axis=0)),
         }
         samples[name] = grids[0]
     ref = table["real token grid"]["neighbour_cosine"]
-    print(f"{rows} x {cols} token grids, {args.seeds} seeds; 16-token prior trained {args.steps} steps\n")
-    print("| grid | neighbour cosine | vs real | autocorrelation at 1, 2, 4, 8 tokens |")
-    print("| --- | --- | --- | --- |")
+    print(
+        f"{rows} x {cols} token grids (unless named), {args.seeds} seeds; grid priors trained {args.steps} steps"
+        f"{' on the 8 rotations and flips' if args.augment else ''}\n"
+    )
+    print("| grid | neighbour cosine | vs real | single samples | autocorrelation at 1, 2, 4, 8 tokens |")
+    print("| --- | --- | --- | --- | --- |")
     for name, res in table.items():
         ac = res["autocorrelation"]
         gap = res["neighbour_cosine"] / ref - 1
+        lo, hi = res.get("range", (res["neighbour_cosine"],) * 2)
         print(
-            f"| {name} | {res['neighbour_cosine']:.3f} | {gap:+.0%} | {ac[0]:.2f}, {ac[1]:.2f}, {ac[3]:.2f}, {ac[7]:.2f} |"
+            f"| {name} | {res['neighbour_cosine']:.3f} | {gap:+.0%} | {lo:.2f}-{hi:.2f} "
+            f"| {ac[0]:.2f}, {ac[1]:.2f}, {ac[3]:.2f}, {ac[7]:.2f} |"
         )
     if args.figure:
+        m = max(priors)
         big = sample_grid(
-            grid_prior, 16, 16, steps=30, method="outpaint", generator=torch.Generator().manual_seed(0)
+            priors[m], 16, 16, steps=30, method="outpaint", generator=torch.Generator().manual_seed(0)
         )
         samples = {
             "per-token prior": samples["per-token prior"],
-            "grid prior, outpaint": samples["grid prior, outpaint"],
-            "grid prior 16 x 16": big,
+            f"{m} x {m} prior, multidiffusion": samples[f"{m} x {m} prior, multidiffusion"],
+            f"{m} x {m} prior, 16 x 16 grid": big,
         }
         figure(args.figure, slide_path, real, samples, table)
         print(f"\nfigure: {args.figure}")

@@ -14,6 +14,14 @@ is coherent across window borders as the prior is within a window. With a one-to
 do not overlap and the tokens are drawn independently: that is today's per-token prior, the baseline the
 coherence measures below tell apart.
 
+The window of the grid prior need not be the PixCell model's (the whole-slide tool cuts the grid into PixCell's
+own windows afterwards), and it should span the tissue's coherence length: overlapping windows only pass on what
+each window decides, so regions come out about a window wide. On the demo slide (one tissue region in background,
+autocorrelation about 0.14 out to 7 tokens) a 4 x 4 prior makes a patchwork of 4-token regions, about 22% below
+the slide's neighbour cosine whichever of the three methods stitches it; a 6 x 6 prior reaches it (docs/wsi.md).
+Any square m works here (`UNIPrior(num_tokens=m * m)`); its training windows come from slide grids
+(`grid_windows`) or from parent patches of at least m x 256 px.
+
 Coherence (computed on tokens centred by a reference mean, e.g. the real slide's, so that the component all
 tokens share does not make every pair look alike; holes are skipped):
 

@@ -1,9 +1,11 @@
-"""The grid prior: a 16-token UNI prior run by sliding windows over a token grid of any size, against the demo
-slide's real grid and against today's per-token prior, by neighbour cosine and autocorrelation.
+"""The grid prior: a UNI prior of m x m tokens run by sliding windows over a token grid of any size, against the
+demo slide's real grid and against today's per-token prior, by neighbour cosine and autocorrelation.
 
-The prior is trained here for a few hundred steps on the 4 x 4 windows of the real slide's grid (tiny UNI with
-random features; ~10 s). Measured with a longer run (benchmarks/bench_grid_prior.py): real 0.64, grid prior
-0.49-0.51, per-token prior 0.00; the test checks the order and gaps that a short run reaches reliably."""
+The window is matched to the slide's coherence length: the slide is one tissue region in background, correlated
+over 5-7 tokens, and a 4 x 4 prior makes a patchwork of window-sized regions (about 22% below the real neighbour
+cosine, benchmarks/bench_grid_prior.py), so the prior here is 6 x 6, trained 400 steps on the 18 windows of the
+real slide's grid (tiny UNI with random features). Measured: 0.58 against the real 0.64 (-10%, 8 seeds; -1% after
+900 steps), the per-token prior 0.00; the test asserts the issue's target, within 20%, over 6 seeds."""
 
 from __future__ import annotations
 
@@ -55,11 +57,11 @@ def test_grid_prior_is_coherent_where_the_per_token_prior_is_not(real_slide, tmp
     target = coherence(real, center)
     assert target["neighbour_cosine"] > 0.5  # the slide's neighbours are alike (one tissue, one background)
     per_token = train_prior(grid_windows(real, 1), 1, 150, 64, 2)
-    grid_prior = train_prior(grid_windows(real, 4), 4, 400, 128, 1)
+    grid_prior = train_prior(grid_windows(real, 6), 6, 400, 128, 1)
     scores = {}
     for name, prior in (("per-token", per_token), ("grid", grid_prior)):
         grids = [
-            sample_grid(prior, 11, 8, steps=30, generator=torch.Generator().manual_seed(s)) for s in range(4)
+            sample_grid(prior, 11, 8, steps=30, generator=torch.Generator().manual_seed(s)) for s in range(6)
         ]
         assert grids[0].shape == real.shape and np.isfinite(grids[0]).all()
         scores[name] = [coherence(g, center) for g in grids]
@@ -69,7 +71,8 @@ def test_grid_prior_is_coherent_where_the_per_token_prior_is_not(real_slide, tmp
     }
     lag1 = {k: np.mean([s["autocorrelation"][0] for s in v]) for k, v in scores.items()}
     assert gap["per-token"] > 0.8 and abs(lag1["per-token"]) < 0.1  # independent tokens: no coherence at all
-    assert gap["grid"] < 0.6 and lag1["grid"] > 0.15, (gap, lag1)  # the grid prior is well on the way
+    # The issue's target: the grid prior's whole grids within 20% of the slide's neighbour cosine (mean of 6 seeds).
+    assert gap["grid"] < 0.2 and lag1["grid"] > 0.3, (gap, lag1)
     # Any size, not only whole windows: a 13 x 6 grid (windows flush with the edges), the outpainting order too.
     odd = sample_grid(
         grid_prior, 13, 6, steps=5, method="outpaint", generator=torch.Generator().manual_seed(0)
