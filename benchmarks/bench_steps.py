@@ -117,15 +117,25 @@ def run_row(
         b = min(a + batch, len(cond))
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in range(a, b)]  # per-image SDE/LCM noise
         start = time.perf_counter()
-        x = pipe(cond[a:b].to(device), guidance_scale=guidance, num_inference_steps=steps, generator=gens,
-                 latents=noise[a:b].to(device), output_type="latent", progress=False).images  # fmt: skip
+        x = pipe(
+            cond[a:b].to(device),
+            guidance_scale=guidance,
+            num_inference_steps=steps,
+            generator=gens,
+            latents=noise[a:b].to(device),
+            output_type="latent",
+            progress=False,
+        ).images
         t_denoise += time.perf_counter() - start
         start = time.perf_counter()
         images.append(decode_latents(pipe.vae, x).float().cpu())
         t_decode += time.perf_counter() - start
     n = len(cond)
-    timing = {"forwards_per_image": counter.rows / n, "latents_per_s": n / t_denoise,
-              "images_per_s": n / (t_denoise + t_decode)}  # fmt: skip
+    timing = {
+        "forwards_per_image": counter.rows / n,
+        "latents_per_s": n / t_denoise,
+        "images_per_s": n / (t_denoise + t_decode),
+    }
     return timing, torch.cat(images)
 
 
@@ -136,9 +146,11 @@ def markdown(rows: list[Row]) -> str:
     )
     lines = [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r.model} | {r.sampler} | {r.steps} | {r.guidance:g} | {r.forwards_per_image:g} | "
-                     f"{r.latents_per_s:.1f} | {r.images_per_s:.1f} | {r.fd:.2f} ({r.fd_low:.2f}-{r.fd_high:.2f}) | "
-                     f"{r.morph:.2f} ({r.morph_low:.2f}-{r.morph_high:.2f}) |")  # fmt: skip
+        lines.append(
+            f"| {r.model} | {r.sampler} | {r.steps} | {r.guidance:g} | {r.forwards_per_image:g} | "
+            f"{r.latents_per_s:.1f} | {r.images_per_s:.1f} | {r.fd:.2f} ({r.fd_low:.2f}-{r.fd_high:.2f}) | "
+            f"{r.morph:.2f} ({r.morph_low:.2f}-{r.morph_high:.2f}) |"
+        )
     return "\n".join(lines)
 
 
@@ -202,21 +214,38 @@ def main(argv: list[str] | None = None) -> int:
         pipe = pipes[kind]
         pipe.set_sampler(sampler)
         guidance = pipe.sampling_options(steps, args.guidance).guidance
-        timing, images = run_row(pipe, counters[kind], tokens, noise, range(args.seeds), steps, guidance,
-                                 args.batch, device)  # fmt: skip
+        timing, images = run_row(
+            pipe, counters[kind], tokens, noise, range(args.seeds), steps, guidance, args.batch, device
+        )
         est = frechet_distance_bootstrap(embed(uni, images.to(device)), real_feats, n_boot=args.n_boot)
         pixels = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
         syn_morph = morphology_features(list(pixels), thresholds)
         morph = compare_features(real_morph, {"syn": syn_morph}, thresholds, n_boot=args.n_boot)[
             "syn"
         ].frechet
-        rows.append(Row(kind, sampler, steps, guidance, **timing, fd=est.value, fd_low=est.low, fd_high=est.high,
-                        fd_std=est.std, images=n_images, morph=morph.value, morph_low=morph.low,
-                        morph_high=morph.high))  # fmt: skip
+        rows.append(
+            Row(
+                kind,
+                sampler,
+                steps,
+                guidance,
+                **timing,
+                fd=est.value,
+                fd_low=est.low,
+                fd_high=est.high,
+                fd_std=est.std,
+                images=n_images,
+                morph=morph.value,
+                morph_low=morph.low,
+                morph_high=morph.high,
+            )
+        )
         r = rows[-1]
-        tqdm.write(f"{kind} {sampler} {steps}: FD {r.fd:.2f} [{r.fd_low:.2f}, {r.fd_high:.2f}], morphology "
-                   f"{r.morph:.2f} [{r.morph_low:.2f}, {r.morph_high:.2f}], "
-                   f"{r.forwards_per_image:g} fwd/img, {r.latents_per_s:.1f} latents/s, {r.images_per_s:.1f} img/s")  # fmt: skip
+        tqdm.write(
+            f"{kind} {sampler} {steps}: FD {r.fd:.2f} [{r.fd_low:.2f}, {r.fd_high:.2f}], morphology "
+            f"{r.morph:.2f} [{r.morph_low:.2f}, {r.morph_high:.2f}], "
+            f"{r.forwards_per_image:g} fwd/img, {r.latents_per_s:.1f} latents/s, {r.images_per_s:.1f} img/s"
+        )
 
     table = markdown(rows)
     device_name = (

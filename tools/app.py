@@ -655,8 +655,13 @@ def variants_tab(ctx: AppContext) -> None:
         # progress: Gradio shows the sampler's tqdm bar ("denoising k/steps") on the outputs
         return generate_variants(ctx, reference, source, n, sampler, steps, guidance, seed)
 
-    on_model_run(button, run, [reference, source, n, sampler, steps, guidance, seed], [gallery, files, status],
-                 "generate")  # fmt: skip
+    on_model_run(
+        button,
+        run,
+        [reference, source, n, sampler, steps, guidance, seed],
+        [gallery, files, status],
+        "generate",
+    )
 
 
 def staining_tab(ctx: AppContext) -> None:
@@ -717,8 +722,13 @@ def reference_free_tab(ctx: AppContext) -> None:
     def run(label, n, prior_guidance, steps, guidance, seed, progress=gr.Progress(track_tqdm=True)):
         return generate_reference_free(ctx, n, label, prior_guidance, steps, guidance, seed)
 
-    on_model_run(button, run, [label, n, prior_guidance, steps, guidance, seed], [gallery, files, status],
-                 "reference_free")  # fmt: skip
+    on_model_run(
+        button,
+        run,
+        [label, n, prior_guidance, steps, guidance, seed],
+        [gallery, files, status],
+        "reference_free",
+    )
 
 
 #################################################################################

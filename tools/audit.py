@@ -56,8 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--reference-keys", nargs="+", help="index datasets of the held-out images")
     p.add_argument("--data-root", help="patches folder of an index (default: the index's root)")
     p.add_argument("--out", required=True, help="report folder: audit.json, report.md, report.png")
-    p.add_argument("--encoder", action="append", default=[], metavar="NAME=SOURCE[,opt=value]",
-                   help="encoder(s) for candidates (repeatable; default uni2), as in tools/evaluate.py")  # fmt: skip
+    p.add_argument(
+        "--encoder",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE[,opt=value]",
+        help="encoder(s) for candidates (repeatable; default uni2), as in tools/evaluate.py",
+    )
     p.add_argument("--k", type=int, default=3, help="candidates per image and encoder for the pixel check")
     p.add_argument(
         "--pixel-threshold", type=float, default=0.8, help="NCC at or above which an image is a copy"
@@ -87,8 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     loaders = [lambda spec=spec: load_feature_encoder(spec, device, dtype) for spec in specs]
-    settings = AuditSettings(k=args.k, pixel_threshold=args.pixel_threshold, max_shift=args.max_shift,
-                             backend=args.search)  # fmt: skip
+    settings = AuditSettings(
+        k=args.k, pixel_threshold=args.pixel_threshold, max_shift=args.max_shift, backend=args.search
+    )
     cache = open_feature_cache(args.cache_dir, not args.no_cache)
     result = audit(
         train, synthetic, reference, loaders, settings, cache, args.batch_size, args.num_workers, progress
@@ -106,8 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with atomic_path(out / "report.png") as tmp:
         report_figure(result, train, synthetic, tmp)
     s = result["summary"]
-    print(f"{s['flagged']} of {s['n_synthetic']} synthetic images flagged as copies, {s['suspect']} suspect; "
-          f"report: {out / 'report.md'}")  # fmt: skip
+    print(
+        f"{s['flagged']} of {s['n_synthetic']} synthetic images flagged as copies, {s['suspect']} suspect; "
+        f"report: {out / 'report.md'}"
+    )
     for w in s["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     return 1 if args.fail_on_copies and s["flagged"] else 0

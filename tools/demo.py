@@ -218,8 +218,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     slide_path = Path(demo.stage("slide", slide)["info"]["slide"])
 
     def tiles() -> dict:
-        demo.run("tools.extract_patches", str(slide_path), "--out", str(patches), "--dataset", "cmu",
-                 "--group", "demo", "--patch-size", "256", "--min-tissue", "0.3")  # fmt: skip
+        demo.run(
+            "tools.extract_patches",
+            str(slide_path),
+            "--out",
+            str(patches),
+            "--dataset",
+            "cmu",
+            "--group",
+            "demo",
+            "--patch-size",
+            "256",
+            "--min-tissue",
+            "0.3",
+        )
         demo.run("tools.build_index", "--root", str(patches))
         info = split_index(patches, heldout_fraction=0.2)
         from diffusion.data.index import default_index_file, read_index, write_index
@@ -247,14 +259,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.stage("encoders", encoders)
 
     def features() -> None:
-        demo.run("tools.extract_features", "--root", str(patches), "--vae", str(vae_dir), "--uni", str(uni_dir),
-                 "--device", "cpu", "--batch-size", "8", "--num-workers", "0")  # fmt: skip
+        demo.run(
+            "tools.extract_features",
+            "--root",
+            str(patches),
+            "--vae",
+            str(vae_dir),
+            "--uni",
+            str(uni_dir),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "8",
+            "--num-workers",
+            "0",
+        )
 
     demo.stage("features", features)
 
     def train() -> None:
-        demo.run("train_scripts.train_pixcell", CONFIG, "--work-dir", str(work), "--data-root", str(patches),
-                 "--cfg-options", f"max_steps={args.train_steps}", f"validation.vae={vae_dir}")  # fmt: skip
+        demo.run(
+            "train_scripts.train_pixcell",
+            CONFIG,
+            "--work-dir",
+            str(work),
+            "--data-root",
+            str(patches),
+            "--cfg-options",
+            f"max_steps={args.train_steps}",
+            f"validation.vae={vae_dir}",
+        )
         # vae_shift/vae_scale: the stand-in VAE's, as tools.extract_features recorded them beside the features
 
     demo.stage("train", train)
@@ -277,9 +311,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return samples / name if seed == 0 else samples / "seeds" / name / f"seed{seed}"
 
     def sample() -> None:
-        common = ["--vae", str(vae_dir), "--uni", str(uni_dir), "--index",
-                  str(patches / "metadata" / "patch_names_all.hdf5"), "--keys", HELDOUT_KEY,
-                  "--device", "cpu", "--dtype", "fp32", "--steps", str(args.sample_steps)]  # fmt: skip
+        common = [
+            "--vae",
+            str(vae_dir),
+            "--uni",
+            str(uni_dir),
+            "--index",
+            str(patches / "metadata" / "patch_names_all.hdf5"),
+            "--keys",
+            HELDOUT_KEY,
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--steps",
+            str(args.sample_steps),
+        ]
         models = {"trained": work, "untrained": out / "untrained_transformer"}
         for name, model in models.items():
             extra = [] if name == "trained" else ["--no-real"]
@@ -297,8 +344,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # More seeds per held-out condition: every distance of the report over several samples per condition.
         for seed in range(1, args.seeds):
             for name, model in models.items():
-                demo.run("tools.sample", "--model", str(model), "--out", str(seed_dir(name, seed)), "--no-real",
-                         *common, "--seed", str(seed))  # fmt: skip
+                demo.run(
+                    "tools.sample",
+                    "--model",
+                    str(model),
+                    "--out",
+                    str(seed_dir(name, seed)),
+                    "--no-real",
+                    *common,
+                    "--seed",
+                    str(seed),
+                )
 
     demo.stage("sample", sample)
 
@@ -306,8 +362,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         real = samples / "trained" / "real"
         results = {}
         for name in ("trained", "untrained"):
-            demo.run("tools.evaluate", str(real), str(samples / name / "syn"), "--encoder", f"uni2={uni_dir}",
-                     "--metrics", "fd_uni2,cos_uni2", "--device", "cpu", "--out", str(out / "eval" / name))  # fmt: skip
+            demo.run(
+                "tools.evaluate",
+                str(real),
+                str(samples / name / "syn"),
+                "--encoder",
+                f"uni2={uni_dir}",
+                "--metrics",
+                "fd_uni2,cos_uni2",
+                "--device",
+                "cpu",
+                "--out",
+                str(out / "eval" / name),
+            )
             results[name] = json.loads((out / "eval" / name / "metrics.json").read_text())["metrics"]
         runs = {n: [seed_dir(n, s) / "syn" for s in range(args.seeds)] for n in ("trained", "untrained")}
         atomic_write_bytes(
@@ -318,9 +385,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = demo.stage("evaluate", evaluate)["info"]
 
     def large() -> None:
-        demo.run("tools.sample_4k", "--model", str(work), "--vae", str(vae_dir), "--uni", str(uni_dir),
-                 "--image", str(out / "large_region_real.png"), "--out", str(out / "large"), "--stride",
-                 str(LARGE_STRIDE), "--device", "cpu", "--dtype", "fp32", "--steps", str(args.sample_steps))  # fmt: skip
+        demo.run(
+            "tools.sample_4k",
+            "--model",
+            str(work),
+            "--vae",
+            str(vae_dir),
+            "--uni",
+            str(uni_dir),
+            "--image",
+            str(out / "large_region_real.png"),
+            "--out",
+            str(out / "large"),
+            "--stride",
+            str(LARGE_STRIDE),
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--steps",
+            str(args.sample_steps),
+        )
 
     def large_stage() -> None:
         from diffusion.demo.report import write_large_reference
@@ -338,26 +423,83 @@ def main(argv: Sequence[str] | None = None) -> int:
         index = read_index(default_index_file(patches), [TRAIN_KEY, HELDOUT_KEY])
         shutil.rmtree(labelled, ignore_errors=True)  # rewritten whole: the rule decides every file
         labels = label_tiles([patches / n for names in index.values() for n in names], labelled)
-        demo.run("tools.augment", str(labelled / "train"), "--model", str(work), "--vae", str(vae_dir), "--uni",
-                 str(uni_dir), "--per-image", str(args.aug_per_image), "--out", str(aug_out), "--device", "cpu",
-                 "--dtype", "fp32", "--steps", str(args.sample_steps), "--batch", "16")  # fmt: skip
+        demo.run(
+            "tools.augment",
+            str(labelled / "train"),
+            "--model",
+            str(work),
+            "--vae",
+            str(vae_dir),
+            "--uni",
+            str(uni_dir),
+            "--per-image",
+            str(args.aug_per_image),
+            "--out",
+            str(aug_out),
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--steps",
+            str(args.sample_steps),
+            "--batch",
+            "16",
+        )
         return labels
 
     demo.stage("augment", augment)
 
     def probe() -> dict:
-        demo.run("tools.probe", "--train", str(labelled / "train"), "--test", str(labelled / "test"), "--synthetic",
-                 str(aug_out), "--encoder", f"uni2={uni_dir}", "--fractions", "0.25", "0.5", "1", "--seeds", "5",
-                 "--num-workers", "0", "--cache-dir", str(out / "eval" / "cache"), "--out", str(out / "eval" / "probe"))  # fmt: skip
+        demo.run(
+            "tools.probe",
+            "--train",
+            str(labelled / "train"),
+            "--test",
+            str(labelled / "test"),
+            "--synthetic",
+            str(aug_out),
+            "--encoder",
+            f"uni2={uni_dir}",
+            "--fractions",
+            "0.25",
+            "0.5",
+            "1",
+            "--seeds",
+            "5",
+            "--num-workers",
+            "0",
+            "--cache-dir",
+            str(out / "eval" / "cache"),
+            "--out",
+            str(out / "eval" / "probe"),
+        )
         return json.loads((out / "eval" / "probe" / "metrics.json").read_text())["encoders"]["uni2"]
 
     demo.stage("probe", probe)
 
     def audit() -> dict:
         index = str(patches / "metadata" / "patch_names_all.hdf5")
-        demo.run("tools.audit", "--train", index, "--train-keys", TRAIN_KEY, "--synthetic", str(aug_out),
-                 "--reference", index, "--reference-keys", HELDOUT_KEY, "--encoder", f"uni2={uni_dir}",
-                 "--num-workers", "0", "--cache-dir", str(out / "eval" / "cache"), "--out", str(out / "eval" / "audit"))  # fmt: skip
+        demo.run(
+            "tools.audit",
+            "--train",
+            index,
+            "--train-keys",
+            TRAIN_KEY,
+            "--synthetic",
+            str(aug_out),
+            "--reference",
+            index,
+            "--reference-keys",
+            HELDOUT_KEY,
+            "--encoder",
+            f"uni2={uni_dir}",
+            "--num-workers",
+            "0",
+            "--cache-dir",
+            str(out / "eval" / "cache"),
+            "--out",
+            str(out / "eval" / "audit"),
+        )
         return json.loads((out / "eval" / "audit" / "audit.json").read_text())["summary"]
 
     demo.stage("audit", audit)
@@ -365,8 +507,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     def prior_stage() -> dict:
         from diffusion.demo.prior import run_prior_stage
 
-        return run_prior_stage(demo.run, out, patches, work, vae_dir, uni_dir, TRAIN_KEY, HELDOUT_KEY,
-                               args.sample_steps, args.prior_seeds)  # fmt: skip
+        return run_prior_stage(
+            demo.run,
+            out,
+            patches,
+            work,
+            vae_dir,
+            uni_dir,
+            TRAIN_KEY,
+            HELDOUT_KEY,
+            args.sample_steps,
+            args.prior_seeds,
+        )
 
     prior = demo.stage("prior", prior_stage)["info"]
 
@@ -392,24 +544,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.distill:
 
         def distill() -> None:
-            demo.run("train_scripts.train_distill", "configs/distill/demo_256.py", "--teacher", str(work),
-                     "--data-root", str(patches), "--work-dir", str(out / "distill"), "--cfg-options",
-                     f"max_steps={args.distill_steps}", f"validation.vae={vae_dir}")  # fmt: skip
+            demo.run(
+                "train_scripts.train_distill",
+                "configs/distill/demo_256.py",
+                "--teacher",
+                str(work),
+                "--data-root",
+                str(patches),
+                "--work-dir",
+                str(out / "distill"),
+                "--cfg-options",
+                f"max_steps={args.distill_steps}",
+                f"validation.vae={vae_dir}",
+            )
 
         demo.stage("distill", distill)
 
         def steps() -> None:
-            demo.run("benchmarks.bench_steps", "--teacher", str(work), "--student", str(out / "distill" / "student"),
-                     "--vae", str(vae_dir), "--uni", str(uni_dir), "--index",
-                     str(patches / "metadata" / "patch_names_all.hdf5"), "--keys", HELDOUT_KEY, "--seeds",
-                     str(args.bench_seeds), "--device", "cpu", "--out", str(out / "steps"))  # fmt: skip
+            demo.run(
+                "benchmarks.bench_steps",
+                "--teacher",
+                str(work),
+                "--student",
+                str(out / "distill" / "student"),
+                "--vae",
+                str(vae_dir),
+                "--uni",
+                str(uni_dir),
+                "--index",
+                str(patches / "metadata" / "patch_names_all.hdf5"),
+                "--keys",
+                HELDOUT_KEY,
+                "--seeds",
+                str(args.bench_seeds),
+                "--device",
+                "cpu",
+                "--out",
+                str(out / "steps"),
+            )
 
         demo.stage("steps", steps)
 
     from diffusion.demo.report import write_report
 
-    report = write_report(out, split=split, metrics=metrics, commands=demo.commands, done_dir=demo.done_dir,
-                          prior=prior)  # fmt: skip
+    report = write_report(
+        out, split=split, metrics=metrics, commands=demo.commands, done_dir=demo.done_dir, prior=prior
+    )
     print(f"[demo] report: {report} and {out / 'report.png'}")
     return 0
 

@@ -36,9 +36,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--synthetic", nargs="+", default=[], help="labelled synthetic folders (tools/augment.py OUT)"
     )
-    p.add_argument("--encoder", action="append", required=True, metavar="NAME=SOURCE[,opt=value]",
-                   help="frozen encoder (repeatable): a preset (uni2, hoptimus0, virchow2) or NAME=SOURCE as in "
-                   "tools/evaluate.py")  # fmt: skip
+    p.add_argument(
+        "--encoder",
+        action="append",
+        required=True,
+        metavar="NAME=SOURCE[,opt=value]",
+        help="frozen encoder (repeatable): a preset (uni2, hoptimus0, virchow2) or NAME=SOURCE as in "
+        "tools/evaluate.py",
+    )
     p.add_argument(
         "--fractions", type=float, nargs="+", default=[1.0], help="fractions of --train to probe at"
     )
@@ -88,11 +93,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "encoders": encoders,
         "encoder_info": info,
         "settings": {
-            "train": args.train, "test": args.test, "synthetic": dict(zip(syn_names, args.synthetic)),
-            "classes": first["classes"], "fractions": args.fractions, "seeds": args.seeds, "n_boot": args.n_boot,
-            "C": args.c, "seed": args.seed, **counts,
+            "train": args.train,
+            "test": args.test,
+            "synthetic": dict(zip(syn_names, args.synthetic)),
+            "classes": first["classes"],
+            "fractions": args.fractions,
+            "seeds": args.seeds,
+            "n_boot": args.n_boot,
+            "C": args.c,
+            "seed": args.seed,
+            **counts,
         },
-    }  # fmt: skip
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "metrics.json", json.dumps(report, indent=1).encode())
@@ -102,8 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for enc, res in encoders.items():
         for c in res["comparisons"]:
             g = c["f1_gain"]
-            print(f"{enc} {c['synthetic']} @ {c['fraction']:g}: F1 gain {g['value']:+.3f} "
-                  f"[{g['low']:+.3f}, {g['high']:+.3f}], p = {c['p_f1']:.3g}")  # fmt: skip
+            print(
+                f"{enc} {c['synthetic']} @ {c['fraction']:g}: F1 gain {g['value']:+.3f} "
+                f"[{g['low']:+.3f}, {g['high']:+.3f}], p = {c['p_f1']:.3g}"
+            )
     print(f"report: {out / 'report.md'}")
     return 0
 

@@ -104,10 +104,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--region SLIDE_DIR ROW COL: ROW and COL are patch grid indices (integers)"
         ) from None
     source = RegionSource(
-        m, tile, t.caption_channels,
-        images=args.image, grids=args.grid, dataset_regions=regions,
-        data_root=args.data_root, features_root=args.features_root, region_size=args.region_size,
-    )  # fmt: skip
+        m,
+        tile,
+        t.caption_channels,
+        images=args.image,
+        grids=args.grid,
+        dataset_regions=regions,
+        data_root=args.data_root,
+        features_root=args.features_root,
+        region_size=args.region_size,
+    )
     uni = load_uni_encoder(args.uni, device, args.dtype, t.caption_channels) if args.image else None
     settings = sample_settings(args, pipe, 1, args.workers if args.workers is not None else 0)
     region = RegionSettings(args.stride, args.decode_stride, args.sigma, args.window_batch)

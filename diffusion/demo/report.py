@@ -14,8 +14,22 @@ from PIL import Image, ImageDraw
 from diffusion.atomic import atomic_path, atomic_write_bytes
 from diffusion.demo.report_quality import morphology_html, morphology_panel, seams_html
 
-STAGES = ("slide", "patches", "encoders", "features", "train", "untrained", "sample", "evaluate", "large", "augment",
-          "probe", "audit", "prior", "quality")  # fmt: skip
+STAGES = (
+    "slide",
+    "patches",
+    "encoders",
+    "features",
+    "train",
+    "untrained",
+    "sample",
+    "evaluate",
+    "large",
+    "augment",
+    "probe",
+    "audit",
+    "prior",
+    "quality",
+)
 
 
 def write_large_reference(slide_path: Path, out: Path, size: int) -> Path:
@@ -159,9 +173,11 @@ def _seeds_html(out: Path) -> str:
     rows = ""
     for name, d in seeds.items():
         fd, per, cos = d["fd_pooled"], d["fd_per_seed"], np.array(d["cos_per_seed"])
-        rows += (f"<tr><td>{html.escape(name)}</td><td>{fd['value']:.1f} [{fd['low']:.1f}, {fd['high']:.1f}]</td>"
-                 f"<td>{min(per):.1f} &ndash; {max(per):.1f}</td><td>{cos.mean():.3f} &plusmn; {cos.std():.3f}</td>"
-                 f"<td>{d['n_real']} / {d['n_syn']}</td></tr>")  # fmt: skip
+        rows += (
+            f"<tr><td>{html.escape(name)}</td><td>{fd['value']:.1f} [{fd['low']:.1f}, {fd['high']:.1f}]</td>"
+            f"<td>{min(per):.1f} &ndash; {max(per):.1f}</td><td>{cos.mean():.3f} &plusmn; {cos.std():.3f}</td>"
+            f"<td>{d['n_real']} / {d['n_syn']}</td></tr>"
+        )
     n_seeds = len(next(iter(seeds.values()))["fd_per_seed"])
     return (
         f"<h3>Over {n_seeds} seeds per held-out condition</h3><p>The same distances with every sample: FD of all "
@@ -229,9 +245,11 @@ def _audit_html(out: Path) -> str:
     sl = s.get("slide_level") or {}
     slide = ""
     if sl.get("reference"):
-        slide = (f"<p>Slide level: the demo has {sl['n_train_slides']} slide, so every nearest neighbour is from the "
-                 "image's own slide; with many slides, tools/audit.py compares that rate for synthetic and held-out "
-                 "images.</p>")  # fmt: skip
+        slide = (
+            f"<p>Slide level: the demo has {sl['n_train_slides']} slide, so every nearest neighbour is from the "
+            "image's own slide; with many slides, tools/audit.py compares that rate for synthetic and held-out "
+            "images.</p>"
+        )
     figure = out / "eval" / "audit" / "report.png"
     return f"""<h2>Memorisation audit (tools/audit.py)</h2>
 <p>The {s["n_synthetic"]} synthetic variants (conditioned on training tiles: the likeliest to copy them) against the
@@ -260,8 +278,10 @@ def _prior_html(out: Path, prior: dict | None) -> str:
     samples = out / "samples_prior"
     step = prior["seeds_per_condition"]  # the conditional set holds each held-out tile's images side by side
     columns = [("held-out real", [Image.open(p) for p in sorted((samples / "real").glob("*.png"))[:8]])]
-    columns += [(name, [Image.open(p) for p in sorted((samples / name / "syn").glob("*.png"))[::step][:8]])
-                for name in ("conditional", "prior", "null")]  # fmt: skip
+    columns += [
+        (name, [Image.open(p) for p in sorted((samples / name / "syn").glob("*.png"))[::step][:8]])
+        for name in ("conditional", "prior", "null")
+    ]
     grid = _labelled_grid(columns)
     with atomic_path(samples / "grid.png") as tmp:  # the same figure as a file (docs/prior.md shows it)
         grid.save(tmp, format="PNG")

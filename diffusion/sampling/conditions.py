@@ -273,11 +273,25 @@ class IndexSource(ConditionSource):
     def _patch_specs(self, rel: str, key: str | None, position: int | None, side: int) -> list[Spec]:
         stem = os.path.splitext(rel)[0]
         return [
-            Spec(name, rel, y, x, self.m, self.m, True,
-                 {"type": "index", "key": key, "position": position, "patch": rel,
-                  "crop": [y * self.tile, x * self.tile], "size": self.m * self.tile})
+            Spec(
+                name,
+                rel,
+                y,
+                x,
+                self.m,
+                self.m,
+                True,
+                {
+                    "type": "index",
+                    "key": key,
+                    "position": position,
+                    "patch": rel,
+                    "crop": [y * self.tile, x * self.tile],
+                    "size": self.m * self.tile,
+                },
+            )
             for name, y, x in crop_names(stem, (side, side), self.m, self.tile)
-        ]  # fmt: skip
+        ]
 
     def specs(self, skipped: list[str] | None = None) -> list[Spec]:
         if self.patches is not None:
@@ -409,8 +423,12 @@ class FolderSource(ConditionSource):
                         "image size; crop or tile your images first)"
                     )
                 for name, y, x in crop_names(stem, (h // px, w // px), self.m, px):
-                    src = {"type": "image", "file": str(self.files[stem]), "crop": [y * px, x * px],
-                           "size": self.m * px}  # fmt: skip
+                    src = {
+                        "type": "image",
+                        "file": str(self.files[stem]),
+                        "crop": [y * px, x * px],
+                        "size": self.m * px,
+                    }
                     out.append(Spec(name, stem, y, x, self.m, self.m, True, src))
             except SampleError as err:
                 if skipped is None:
@@ -548,8 +566,11 @@ class RegionSource(ConditionSource):
         for p in map(Path, grids):
             for name, g in token_grids(p, channels, regions=True).items():
                 self.token_grids[name] = g
-                self._add(name, (g.shape[0] * tile, g.shape[1] * tile), {"type": "grid", "file": str(p),
-                          "entry": name})  # fmt: skip
+                self._add(
+                    name,
+                    (g.shape[0] * tile, g.shape[1] * tile),
+                    {"type": "grid", "file": str(p), "entry": name},
+                )
         if dataset_regions:
             if data_root is None:
                 raise ValueError("`dataset_regions` needs `data_root` (the patches folder)")

@@ -129,9 +129,15 @@ def model_reference(source: str | Path | torch.nn.Module) -> str:
     path = Path(source)
     if not path.exists():
         return str(source)  # a hub id
-    files = [path] if path.is_file() else sorted(
-        f for f in path.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
-    )  # fmt: skip
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(
+            f
+            for f in path.rglob("*")
+            if f.is_file() and f.suffix in (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+        )
+    )
     h = hashlib.sha256()
     for f in files:
         h.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
@@ -382,9 +388,15 @@ def _open_run(
     if state.is_main_process:
         out.clean_temporaries()
     state.wait_for_everyone()
-    meta = {"sampler": o.sampler, "steps": o.steps, "guidance": o.guidance, "model": model_ref,
-            "guidance_interval": info["guidance_interval"], "dtype": settings.dtype,
-            **(extra if extra_in_manifest else {})}  # fmt: skip
+    meta = {
+        "sampler": o.sampler,
+        "steps": o.steps,
+        "guidance": o.guidance,
+        "model": model_ref,
+        "guidance_interval": info["guidance_interval"],
+        "dtype": settings.dtype,
+        **(extra if extra_in_manifest else {}),
+    }
     return _Run(state, out, meta, lock)
 
 
@@ -448,8 +460,11 @@ def sample_patches(
     if control is not None:
         for spec in specs:  # every mask before any sampling: one line naming the first missing one
             control.mask_for(spec.name)
-        extra_info |= {"controlnet": control.controlnet_ref, "controlnet_scale": control.scale,
-                       "masks": str(control.mask_dir)}  # fmt: skip
+        extra_info |= {
+            "controlnet": control.controlnet_ref,
+            "controlnet_scale": control.scale,
+            "masks": str(control.mask_dir),
+        }
     size = transformer.config.sample_size
     run = _open_run(pipe, out_dir, settings, model_ref, vae_ref, extra_info, syn_dir=syn_dir)
     state, out = run.state, run.out
@@ -462,9 +477,13 @@ def sample_patches(
     if state.is_main_process:
         log.info(
             "%d images from %s (%d batches of %d over %d process(es)); %d already done",
-            len(specs), source.describe(), len(batches), bs, state.num_processes,
+            len(specs),
+            source.describe(),
+            len(batches),
+            bs,
+            state.num_processes,
             sum(out.done(s) for s in specs),
-        )  # fmt: skip
+        )
     log.info("process %d/%d: %d images to make", state.process_index, state.num_processes, n_todo)
 
     device = pipe._execution_device
@@ -491,8 +510,10 @@ def sample_patches(
         latents, gens = initial_noise(seeds, (transformer.config.in_channels, size, size))
         masks = {}
         if control is not None:
-            masks = {"mask": [control.mask_for(spec.name) for spec, _ in ok],
-                     "controlnet_conditioning_scale": control.scale}  # fmt: skip
+            masks = {
+                "mask": [control.mask_for(spec.name) for spec, _ in ok],
+                "controlnet_conditioning_scale": control.scale,
+            }
         x = pipe(
             cond.to(device),
             **masks,
@@ -608,8 +629,9 @@ def sample_regions(
     skip = SkipCounter(settings.max_skips)
     made = 0
     show = settings.progress and state.is_main_process
-    for batch in tqdm(_loader(source, specs, todo, settings.workers), total=len(todo), desc="regions",
-                      disable=not show):  # fmt: skip
+    for batch in tqdm(
+        _loader(source, specs, todo, settings.workers), total=len(todo), desc="regions", disable=not show
+    ):
         ((spec, loaded, error),) = batch
         if error is not None:
             skip(error)
@@ -636,9 +658,16 @@ def sample_regions(
             (transformer.config.in_channels, gh * layout_tile, gw * layout_tile),
         )
         latents = denoise_region(
-            transformer, grid, stride=stride if conds is None else dense_stride, options=settings.sampling,
-            latents=noise, generator=gens[0], window_batch=wb, progress=show, window_conds=conds,
-        )  # fmt: skip
+            transformer,
+            grid,
+            stride=stride if conds is None else dense_stride,
+            options=settings.sampling,
+            latents=noise,
+            generator=gens[0],
+            window_batch=wb,
+            progress=show,
+            window_conds=conds,
+        )
         condition = grid.reshape(1, gh * gw, -1)
         if not check_images(latents, [spec.name], "latents", condition, stop_or_skip(skip))[0]:
             continue

@@ -223,8 +223,10 @@ class CheckpointManager:
         elif meta["world_size"] != acc.num_processes:
             log.warning(
                 "%s was saved by %d process(es), resuming on %d: the run continues, but not bit-for-bit",
-                path, meta["world_size"], acc.num_processes,
-            )  # fmt: skip
+                path,
+                meta["world_size"],
+                acc.num_processes,
+            )
         acc.load_state(str(path))
         if self.shards is not None:
             self.shards.load(path / SHARDS_DIR)

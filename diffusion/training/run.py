@@ -282,8 +282,12 @@ class TrainLoop:
         and saving it would prune a good one, so none is written until a step succeeds again."""
         if self.guard is None or self.guard.in_a_row == 0:
             return False
-        log.warning("step %d: not saving a checkpoint during %d non-finite steps in a row (the last one is %s)",
-                    step, self.guard.in_a_row, latest_checkpoint(self.work_dir) or "none")  # fmt: skip
+        log.warning(
+            "step %d: not saving a checkpoint during %d non-finite steps in a row (the last one is %s)",
+            step,
+            self.guard.in_a_row,
+            latest_checkpoint(self.work_dir) or "none",
+        )
         return True
 
     def save_and_stop(self, reason: str, step: int) -> None:
@@ -400,8 +404,16 @@ class Run:
                 f"step {step}: the weights hold NaN or Inf, not saving them; the last checkpoint is "
                 f"{latest_checkpoint(self.work_dir) or 'none'}; lower optimizer.lr or check the data, then resume"
             )
-        return save_training_state(self.manager, step, self.state, self.lr_scheduler, self.settings.config_text,
-                                   {self.generator_name: self.generator}, ema=self.ema, portable=portable)  # fmt: skip
+        return save_training_state(
+            self.manager,
+            step,
+            self.state,
+            self.lr_scheduler,
+            self.settings.config_text,
+            {self.generator_name: self.generator},
+            ema=self.ema,
+            portable=portable,
+        )
 
     def next_batches(self, stream: Iterator, accum: int) -> list | None:
         """This step's `accum` micro-batches from `stream`, or None when one of them had no loadable sample on any
@@ -421,9 +433,18 @@ class Run:
     def loop(self, save: Callable[[int], object], time_limit: str | float | None = None, desc: str = "train"):
         """The TrainLoop of this run; `save(step)` writes a checkpoint (`self.save`, or the trainer's, which adds
         portable weights); `time_limit` as `--time-limit` takes it (3:55:00, 4h, seconds)."""
-        self.train_loop = TrainLoop(self.accelerator, self.work_dir, self.settings, save, self.total_steps, self.state["step"],
-                         resumed=self.resume is not None, time_limit=parse_duration(time_limit), desc=desc,
-                         guard=self.guard)  # fmt: skip
+        self.train_loop = TrainLoop(
+            self.accelerator,
+            self.work_dir,
+            self.settings,
+            save,
+            self.total_steps,
+            self.state["step"],
+            resumed=self.resume is not None,
+            time_limit=parse_duration(time_limit),
+            desc=desc,
+            guard=self.guard,
+        )
         return self.train_loop
 
     def optimizer_step(
@@ -503,8 +524,11 @@ def apply_resume_changes(
     if "optimizer.lr" in changes:
         old, new = changes["optimizer.lr"]
         rescale_lr(optimizer, lr_scheduler, old, new)
-        log.warning("resume: learning rate now %.3g at step %d", optimizer.param_groups[0]["lr"],
-                    lr_scheduler.last_epoch)  # fmt: skip
+        log.warning(
+            "resume: learning rate now %.3g at step %d",
+            optimizer.param_groups[0]["lr"],
+            lr_scheduler.last_epoch,
+        )
 
 
 def start_run(
@@ -551,8 +575,13 @@ def start_run(
         # not a load_state_dict error listing hundreds of parameter names.
         changes = resume_changes(saved_config(resume), settings.config, resume, accelerator.num_processes)
         restore_training_state(manager, resume, state, lr_scheduler, {generator_name: generator}, ema=ema)
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, state["step"], state["epoch"],
-                 state["batch_in_epoch"])  # fmt: skip
+        log.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            resume,
+            state["step"],
+            state["epoch"],
+            state["batch_in_epoch"],
+        )
         apply_resume_changes(changes, optimizer, lr_scheduler)
     if accelerator.is_main_process:
         env = environment(accelerator)
@@ -565,5 +594,21 @@ def start_run(
                 work_dir / "config.py",
                 kept,
             )
-    return Run(accelerator, settings, work_dir, prepared, unwrapped, optimizer, lr_scheduler, ema, ema_module,
-               generator, generator_name, state, manager, resume, total_steps, guard)  # fmt: skip
+    return Run(
+        accelerator,
+        settings,
+        work_dir,
+        prepared,
+        unwrapped,
+        optimizer,
+        lr_scheduler,
+        ema,
+        ema_module,
+        generator,
+        generator_name,
+        state,
+        manager,
+        resume,
+        total_steps,
+        guard,
+    )
