@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -546,7 +546,7 @@ def header(ctx: AppContext) -> str:
     return "\n\n".join(lines)
 
 
-def reference_picker(tiles: SlideTiles | None, size: int, prefix: str, status):
+def reference_picker(tiles: SlideTiles | None, size: int, prefix: str, status: gr.Markdown):
     """Two columns (inside a Row): the slide thumbnail, when there is a slide, and the upload with the chosen
     reference; a click or an upload sets the reference. Returns the (reference, source) components; messages
     go to `status` (created unrendered by the caller, who places it)."""
@@ -600,7 +600,9 @@ def tab_defaults(pipe: PixCellPipeline) -> tuple[str, int, float]:
     return o.sampler, o.steps, o.guidance
 
 
-def on_model_run(button, fn, inputs: list, outputs: list, api_name: str) -> None:
+def on_model_run(
+    button: gr.Button, fn: Callable[..., object], inputs: list, outputs: list, api_name: str
+) -> None:
     """A button that runs a model: every such event shares the concurrency group "model", so the whole app makes
     one model run at a time (the others wait in the queue); `api_name` is its endpoint in the Gradio API."""
     button.click(
@@ -651,7 +653,16 @@ def variants_tab(ctx: AppContext) -> None:
     )
     sampler.change(lambda s: DEFAULT_STEPS[s], sampler, steps, api_name=False, concurrency_limit=None)
 
-    def run(reference, source, n, sampler, steps, guidance, seed, progress=gr.Progress(track_tqdm=True)):
+    def run(
+        reference: np.ndarray | None,
+        source: str | None,
+        n: float,
+        sampler: str,
+        steps: float,
+        guidance: float,
+        seed: float,
+        progress: gr.Progress = gr.Progress(track_tqdm=True),
+    ) -> tuple:
         # progress: Gradio shows the sampler's tqdm bar ("denoising k/steps") on the outputs
         return generate_variants(ctx, reference, source, n, sampler, steps, guidance, seed)
 
@@ -685,7 +696,15 @@ def staining_tab(ctx: AppContext) -> None:
             output = gr.Image(label="Virtual stain", format="png", interactive=False, elem_id="stain-output")
             files = gr.File(label="Download", file_count="multiple", elem_id="stain-files")
 
-    def run(reference, source, target, steps, guidance, seed, progress=gr.Progress(track_tqdm=True)):
+    def run(
+        reference: np.ndarray | None,
+        source: str | None,
+        target: str,
+        steps: float,
+        guidance: float,
+        seed: float,
+        progress: gr.Progress = gr.Progress(track_tqdm=True),
+    ) -> tuple:
         return stain_image(ctx, reference, source, target, steps, guidance, seed)
 
     on_model_run(
@@ -719,7 +738,15 @@ def reference_free_tab(ctx: AppContext) -> None:
     gallery = gr.Gallery(label="Reference-free images", columns=4, format="png", elem_id="free-gallery")
     files = gr.File(label="Download: PNG (settings inside) + settings.json", file_count="multiple")
 
-    def run(label, n, prior_guidance, steps, guidance, seed, progress=gr.Progress(track_tqdm=True)):
+    def run(
+        label: str | None,
+        n: float,
+        prior_guidance: float,
+        steps: float,
+        guidance: float,
+        seed: float,
+        progress: gr.Progress = gr.Progress(track_tqdm=True),
+    ) -> tuple:
         return generate_reference_free(ctx, n, label, prior_guidance, steps, guidance, seed)
 
     on_model_run(

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import html
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 SHOWN = ("nuclei_density", "nuclear_fraction", "edge_density", "eosin_haematoxylin", "texture")
 UNI_NAMES = {"trained": "trained", "untrained": "untrained"}  # morphology set -> seeds.json entry
@@ -71,7 +75,7 @@ def seams_html(seams: dict | None) -> str:
     )
 
 
-def morphology_panel(ax, morph: dict, seeds: dict) -> None:
+def morphology_panel(ax: Axes, morph: dict, seeds: dict) -> None:
     """Bars of morphology FD per set with their intervals, the stand-in UNI FD as text on top where known."""
     names = list(morph["sets"])
     values = [morph["sets"][n]["fd"]["value"] for n in names]

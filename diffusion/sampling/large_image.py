@@ -38,10 +38,16 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+    from ..model.pixcell_transformer import PixCellTransformer2DModel
 
 from ..encoders import decode_latents, vae_scale_factor
 from ..geometry import tokens_side
@@ -239,7 +245,7 @@ def windowed_eps_fn(
 #################################################################################
 
 
-def default_stride(transformer) -> int:
+def default_stride(transformer: PixCellTransformer2DModel) -> int:
     """Half a window, rounded down to whole UNI tiles (64 latent px for PixCell-1024); one tile at least, so a
     one-token model (window = one tile) steps window by window."""
     window = transformer.config.sample_size
@@ -247,7 +253,9 @@ def default_stride(transformer) -> int:
     return max(tile, window // 2 // tile * tile)
 
 
-def region_layout(transformer, grid_shape: tuple[int, int], stride: int | None) -> WindowLayout:
+def region_layout(
+    transformer: PixCellTransformer2DModel, grid_shape: tuple[int, int], stride: int | None
+) -> WindowLayout:
     """The layout for a (Gh, Gw) token grid and this transformer (window = its sample_size; stride None: half a
     window, `default_stride`)."""
     window = transformer.config.sample_size
@@ -259,7 +267,7 @@ def region_layout(transformer, grid_shape: tuple[int, int], stride: int | None) 
 
 @torch.no_grad()
 def denoise_region(
-    transformer,
+    transformer: PixCellTransformer2DModel,
     grid: Tensor,  # (Gh, Gw, C) UNI tokens of the region, row-major tiles
     stride: int | None = None,  # latent px between windows; None: half a window (64 for PixCell-1024)
     sampler: str = "dpm-solver",
@@ -343,7 +351,7 @@ def gaussian_window(size: int, sigma: float = 0.8, device: torch.device | str = 
 
 @torch.no_grad()
 def decode_region(
-    vae,
+    vae: AutoencoderKL,
     latents: Tensor,  # (1, 16, H, W) model-space latents
     window: int = 128,  # latent px per decoded window
     stride: int = 64,  # latent px between decoded windows

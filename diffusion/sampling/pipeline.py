@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -62,12 +62,20 @@ from .samplers import (
 )
 
 log = logging.getLogger("pixcell.pipeline")
+# Images the editing paths take: (B, C, H, W) tensors in [0, 1], uint8 arrays, or PIL images
+ImageLike = Tensor | np.ndarray | Sequence[Image.Image]
 
 
 class PixCellPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "transformer->vae"
 
-    def __init__(self, transformer: PixCellTransformer2DModel, vae, scheduler, defaults: dict | None = None):
+    def __init__(
+        self,
+        transformer: PixCellTransformer2DModel,
+        vae: AutoencoderKL,
+        scheduler: SchedulerMixin,
+        defaults: dict | None = None,
+    ):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
         # Sampling defaults recorded beside the weights (a distilled student's sampling.json): sampler, steps,
@@ -140,7 +148,7 @@ class PixCellPipeline(DiffusionPipeline):
             self.scheduler = saved
 
     @classmethod
-    def extract_init_dict(cls, config_dict, **kwargs):
+    def extract_init_dict(cls, config_dict: dict, **kwargs: object) -> None:
         """Reached only through `diffusers.DiffusionPipeline.from_pretrained(snapshot)` (our loaders never read
         model_index.json this way): stop there with one line, before diffusers imports the snapshot's code."""
         raise refuse_diffusers_loading(cls)
@@ -259,9 +267,9 @@ class PixCellPipeline(DiffusionPipeline):
 
     def prepare_edit(
         self,
-        image,
+        image: ImageLike | None,
         strength: float,
-        mask_image,
+        mask_image: ImageLike | None,
         feather: int,
         noise: Tensor,  # (B, 16, h, w) the initial noise
         steps: int,
@@ -299,7 +307,9 @@ class PixCellPipeline(DiffusionPipeline):
 
         return x, start, blend
 
-    def composite(self, decoded: Tensor, image, mask_image, feather: int, per_prompt: int) -> Tensor:
+    def composite(
+        self, decoded: Tensor, image: ImageLike, mask_image: ImageLike, feather: int, per_prompt: int
+    ) -> Tensor:
         """Inpainting's output: the decoded images inside the (feathered) mask, the input image outside, blended
         over the mask's ramp (the latent mask upsampled to pixels)."""
         from .editing import latent_mask
@@ -313,7 +323,7 @@ class PixCellPipeline(DiffusionPipeline):
         return mask * decoded + (1 - mask) * pixels
 
     @staticmethod
-    def as_pixels(images, channels: int) -> Tensor:
+    def as_pixels(images: ImageLike, channels: int) -> Tensor:
         """Images (PIL list, (B, H, W, C) uint8 array, or (B, C, H, W) tensor in [0, 1]) -> (B, C, H, W) float."""
         if isinstance(images, Image.Image):
             images = [images]

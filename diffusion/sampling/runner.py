@@ -29,12 +29,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+    from ..encoders import UNIEncoder
+    from ..model.pixcell_transformer import PixCellTransformer2DModel
 
 from ..atomic import atomic_path
 from ..encoders import decode_latents, to_uint8, vae_scale_factor
@@ -311,7 +318,9 @@ class _Loads(torch.utils.data.Dataset):
             return self.specs[i], None, str(err)
 
 
-def _loader(source, specs, batches, workers) -> torch.utils.data.DataLoader:
+def _loader(
+    source: ConditionSource, specs: Sequence[Spec], batches: Sequence[Sequence[int]], workers: int
+) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
         _Loads(source, specs), batch_sampler=batches, num_workers=workers, collate_fn=list
     )
@@ -327,7 +336,7 @@ def as_images(arrays: Sequence[np.ndarray]) -> Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
-def decode_batched(vae, latents: Tensor, chunker: Chunker) -> Tensor:
+def decode_batched(vae: AutoencoderKL, latents: Tensor, chunker: Chunker) -> Tensor:
     """(B, 16, h, w) model latents -> (B, 3, 8h, 8w) images in [0, 1], decoded `chunker.size` at a time."""
     out: list[Tensor] = []
     chunker.run(len(latents), lambda a, b: out.append(decode_latents(vae, latents[a:b])))
@@ -440,7 +449,7 @@ def sample_patches(
     settings: SampleSettings,
     model_ref: str,
     vae_ref: str,
-    uni=None,  # UNIEncoder, needed for FolderSource (tokens computed on the fly)
+    uni: UNIEncoder | None = None,  # needed for FolderSource (tokens computed on the fly)
     control: MaskControl | None = None,  # cell masks, with a PixCellControlNetPipeline
     syn_dir: str = "syn",  # synthetic images go to OUT/<syn_dir>/<name>.png
 ) -> dict:
@@ -574,7 +583,7 @@ def _rows(out: OutputFolder, specs: Sequence[Spec], seed: int, meta: dict) -> It
 #################################################################################
 
 
-def _region_latent(transformer, spec: Spec) -> tuple[int, int]:
+def _region_latent(transformer: PixCellTransformer2DModel, spec: Spec) -> tuple[int, int]:
     """A region's latent (height, width): its token rows and columns times the latent px per token."""
     tile = transformer.config.sample_size // tokens_side(transformer.config.caption_num_tokens)
     return spec.rows * tile, spec.cols * tile
@@ -588,7 +597,7 @@ def sample_regions(
     region: RegionSettings,
     model_ref: str,
     vae_ref: str,
-    uni=None,
+    uni: UNIEncoder | None = None,
 ) -> dict:
     """Generate each region of `source` by sliding-window denoising, then a blended tiled decode."""
     transformer = pipe.transformer

@@ -81,7 +81,7 @@ def add_resume_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-to", choices=list(REPORT_TO), default=None)
 
 
-def check_world_size(accelerator) -> None:
+def check_world_size(accelerator: Accelerator) -> None:
     """Every process the launcher started must be in accelerate's process group. Otherwise (e.g. `accelerate
     launch --use_fsdp` on a machine without GPUs, where accelerate falls back to one process each) N independent
     copies would train and write the same work dir."""
@@ -106,7 +106,7 @@ class _LogFile(logging.FileHandler):
         logging.getLogger().removeHandler(self)
 
 
-def setup_logging(accelerator, work_dir: Path) -> None:
+def setup_logging(accelerator: Accelerator, work_dir: Path) -> None:
     """INFO on the main process (console + <work_dir>/train.log), warnings only elsewhere; then a barrier, so
     the work dir exists for every process. `run_trainer` closes the log file. Checks the world size first."""
     check_world_size(accelerator)
@@ -140,7 +140,7 @@ def seeded_generator(device: torch.device, seed: int, rank: int) -> torch.Genera
     return torch.Generator(device=device).manual_seed(seed * 100_003 + rank)
 
 
-def is_sharded(accelerator) -> bool:
+def is_sharded(accelerator: Accelerator) -> bool:
     """Whether `accelerate launch` asked for a sharded run (FSDP or DeepSpeed) rather than DDP or one process."""
     from accelerate.utils import DistributedType
 
@@ -184,7 +184,7 @@ def run_trainer(main: Callable[[argparse.Namespace], int], args: argparse.Namesp
         root.setLevel(before[1])
 
 
-def any_process(accelerator, flag: bool) -> bool:
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
     """True if `flag` is true on any process (collective; every process calls it)."""
     if accelerator.num_processes == 1:
         return flag
@@ -241,7 +241,7 @@ class TrainLoop:
 
     def __init__(
         self,
-        accelerator,
+        accelerator: Accelerator,
         work_dir: Path,
         settings: RunSettings,  # report_to, log_every_steps, save_every_steps, config (logged to the tracker)
         save: Callable[[int], object],  # writes checkpoint `step`; every process calls it
