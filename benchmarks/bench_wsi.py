@@ -32,30 +32,9 @@ H100_WINDOW_SECONDS = 38.72 / (49 * 20)
 
 
 def build_models(root: Path) -> tuple[Path, Path]:
-    import torch
-    from diffusers import AutoencoderKL
+    from diffusion.standins import save_wsi_models
 
-    from diffusion.model.pixcell_transformer import build_pixcell
-
-    torch.manual_seed(0)
-    model = build_pixcell("PixCell-tiny-128-T16", caption_channels=96).eval()
-    for p in model.parameters():
-        p.data.normal_(0, 0.02)
-    model.save_pretrained(root / "model")
-    AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(2, 2, 2, 2),
-        layers_per_block=0,
-        latent_channels=16,
-        norm_num_groups=1,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        mid_block_add_attention=False,
-    ).save_pretrained(root / "vae")
-    return root / "model", root / "vae"
+    return save_wsi_models(root)
 
 
 def run_size(size: int, root: Path, model: Path, vae: Path, steps: int) -> dict:

@@ -7,6 +7,7 @@ nothing: a test that uses them checks plumbing, shapes and invariants, not image
 
     build_tiny_uni            UNI2-h-shaped timm ViT (SwiGLU, registers), 96-d features, saved like UNI2-h
     build_tiny_vae            16-channel f8 AutoencoderKL with SD3.5's shift/scale, a diffusers folder
+    build_micro_vae, build_tiny_t16, save_wsi_models   the smallest VAE and a 16-token model, for whole slides
     build_tiny_timm_encoder   a 1-block timm ViT in the Hub's timm layout (stands in for H-optimus-0, Virchow2)
     build_tiny_inception      a TorchScript net with the interface of clean-fid's inception-2015-12-05.pt
     build_tiny_transformer    PixCell-tiny-128-T16 for the tiny UNI (96-d), non-zero random weights
@@ -24,6 +25,7 @@ import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -36,6 +38,9 @@ from .metrics.inception import INCEPTION_DIM, INCEPTION_FILE
 from .model.pixcell_transformer import build_pixcell
 from .sampling.large_image import WindowLayout
 from .sampling.samplers import guided_prediction
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 TINY_PRESET = "PixCell-tiny-128-T16"  # 16 UNI tokens -> 128 px images
 TINY_UNI_DIM = 96  # build_tiny_uni's feature size (int(96 * 5.33334) is even, as SwiGLUPacked needs)
@@ -269,3 +274,42 @@ def reference_eps_fn(
         return total / count
 
     return eps_fn
+
+
+def build_micro_vae(seed: int = 0) -> AutoencoderKL:
+    """The smallest f8, 16-channel `AutoencoderKL` (2 channels per block, no mid attention, SD3.5's shift/scale):
+    a whole slide decodes in seconds on one CPU thread. For the whole-slide tests and benchmark only."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(2, 2, 2, 2),
+        layers_per_block=0,
+        latent_channels=16,
+        norm_num_groups=1,
+        scaling_factor=SD35_LATENT_SCALE,
+        shift_factor=SD35_LATENT_SHIFT,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+    ).eval()
+
+
+def build_tiny_t16(channels: int = 96, seed: int = 0) -> torch.nn.Module:
+    """A tiny 1024-style PixCell (4 x 4 UNI tokens of `channels` per 128 px window, 32 px per token), weights
+    drawn N(0, 0.02) so that its output is not zero. For the whole-slide tests and benchmark only."""
+    torch.manual_seed(seed)
+    model = build_pixcell("PixCell-tiny-128-T16", caption_channels=channels).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    return model
+
+
+def save_wsi_models(root: str | Path, channels: int = 96) -> tuple[Path, Path]:
+    """`build_tiny_t16` and `build_micro_vae` saved as the tools load them -> (model folder, VAE folder)."""
+    root = Path(root)
+    build_tiny_t16(channels).save_pretrained(root / "model")
+    build_micro_vae().save_pretrained(root / "vae")
+    return root / "model", root / "vae"

@@ -10,12 +10,10 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-from diffusers import AutoencoderKL
 from PIL import Image
 
 from diffusion.command import run_cli
-from diffusion.model.pixcell_transformer import build_pixcell
+from diffusion.standins import save_wsi_models
 from tools.sample_wsi import main
 
 C = 96
@@ -26,24 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def models(tmp_path_factory):
     """A tiny T16 model (32 px per token) and the smallest f8 VAE, saved as the tool loads them."""
     root = tmp_path_factory.mktemp("wsi_models")
-    torch.manual_seed(0)
-    model = build_pixcell("PixCell-tiny-128-T16", caption_channels=C).eval()
-    for p in model.parameters():
-        p.data.normal_(0, 0.02)
-    model.save_pretrained(root / "model")
-    AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(2, 2, 2, 2),
-        layers_per_block=0,
-        latent_channels=16,
-        norm_num_groups=1,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        mid_block_add_attention=False,
-    ).save_pretrained(root / "vae")
+    save_wsi_models(root, C)
     return root
 
 

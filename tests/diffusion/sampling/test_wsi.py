@@ -11,13 +11,12 @@ import time
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
 
-from diffusion.model.pixcell_transformer import build_pixcell
 from diffusion.sampling.disk import DiskArray
 from diffusion.sampling.large_image import denoise_region
 from diffusion.sampling.pyramid import write_pyramid
 from diffusion.sampling.wsi import WSIRun, WSISettings, prepare_work, ramp_weights
+from diffusion.standins import build_micro_vae, build_tiny_t16
 
 C = 96
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,30 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def t16():
     """A tiny 1024-style model: 4 x 4 tokens per window of 16 latent px (128 px, 32 px per token)."""
-    torch.manual_seed(0)
-    model = build_pixcell("PixCell-tiny-128-T16", caption_channels=C).eval()
-    for p in model.parameters():
-        p.data.normal_(0, 0.02)
-    return model
-
-
-def micro_vae() -> AutoencoderKL:
-    """The smallest f8, 16-channel AutoencoderKL (2 channels per block, no mid attention): a whole slide decodes
-    in seconds on one CPU thread."""
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(2, 2, 2, 2),
-        layers_per_block=0,
-        latent_channels=16,
-        norm_num_groups=1,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        mid_block_add_attention=False,
-    ).eval()
+    return build_tiny_t16(C)
 
 
 def grid_of(rows: int, cols: int, seed: int = 1) -> np.ndarray:
@@ -78,7 +54,7 @@ def pixels(run: WSIRun) -> np.ndarray:
 
 def test_bands_equal_the_in_memory_sliding_window_update(t16, tmp_path):
     grid = grid_of(8, 12)
-    run = make_run(tmp_path / "w", t16, micro_vae(), grid)
+    run = make_run(tmp_path / "w", t16, build_micro_vae(), grid)
     run.run(tmp_path / "w" / "slide.tif")
     final = torch.from_numpy(run.x[run.steps % 2].read(0, run.height)).permute(2, 0, 1)[None]
     noise = run._noise(0, run.height).permute(2, 0, 1)[None]
@@ -114,7 +90,7 @@ def _wait_for(path, timeout: float = 120.0) -> None:
 
 
 def test_kill_9_and_rerun_give_the_same_pixels_and_processes_share_the_bands(t16, tmp_path):
-    vae, grid = micro_vae(), grid_of(12, 8)
+    vae, grid = build_micro_vae(), grid_of(12, 8)
     whole = make_run(tmp_path / "whole", t16, vae, grid, steps=4)
     whole.run(tmp_path / "whole.tif")
     # A real process, killed with SIGKILL in the middle of step 2, then the same run again here.
@@ -155,7 +131,7 @@ def test_a_grid_edit_changes_only_the_windows_it_touches(t16, tmp_path):
     """Windows side by side (stride = window): an edited token changes its own window's latents only, and the
     pixels of the decode blocks that meet that window (each reaches `decode_margin` into its neighbours);
     everything else is identical, as the noise is seeded per tile."""
-    vae, grid = micro_vae(), grid_of(16, 16)
+    vae, grid = build_micro_vae(), grid_of(16, 16)
     edited = grid.copy()
     edited[5, 6] += 50.0  # token row 5, col 6: the window of tokens [4, 8) x [4, 8) = latent px [16, 32)^2
     runs = [
@@ -201,10 +177,10 @@ def test_pyramid_opens_in_openslide_and_tiffslide(tmp_path):
 
 def test_a_rerun_with_other_settings_is_refused(t16, tmp_path):
     grid = grid_of(4, 4)
-    make_run(tmp_path, t16, micro_vae(), grid)
+    make_run(tmp_path, t16, build_micro_vae(), grid)
     with pytest.raises(ValueError, match="holds a run with another seed"):
-        make_run(tmp_path, t16, micro_vae(), grid, seed=1)
+        make_run(tmp_path, t16, build_micro_vae(), grid, seed=1)
     with pytest.raises(ValueError, match="holds a run with another grid_sha256"):
-        make_run(tmp_path, t16, micro_vae(), grid + 1)
+        make_run(tmp_path, t16, build_micro_vae(), grid + 1)
     with pytest.raises(ValueError, match="cannot step a slide band by band"):
-        make_run(tmp_path / "e", t16, micro_vae(), grid, sampler="euler-ancestral")
+        make_run(tmp_path / "e", t16, build_micro_vae(), grid, sampler="euler-ancestral")
