@@ -28,6 +28,7 @@ from diffusion.data.features import (
     SampleError,
     load_npy,
     npy_feature_paths,
+    npy_feature_shapes,
     packed_shard_path,
     parse_shard,
     recorded_latent_norm,
@@ -35,26 +36,8 @@ from diffusion.data.features import (
     write_packed_meta,
 )
 from diffusion.data.index import default_index_file, key_size, read_index
-from diffusion.geometry import UNI_TILE, VAE_FACTOR, norm_record
+from diffusion.geometry import norm_record
 from tools.cli import add_failure_args, add_index_args
-
-
-def expected_shapes(features_root: Path, names: list[str], size: int) -> tuple[tuple, tuple]:
-    """Shapes of one key's features, from the first readable pair (channels and C are the encoders' choice)."""
-    g, lat = size // UNI_TILE, size // VAE_FACTOR
-    for name in names:
-        try:
-            vae = load_npy(npy_feature_paths(features_root, name)[0])
-            uni = load_npy(npy_feature_paths(features_root, name)[1])
-        except SampleError:
-            continue
-        uni_shape = (g * g, uni.shape[-1])
-        if vae.ndim == 3 and vae.shape[1:] == (lat, lat) and uni.size == g * g * uni.shape[-1]:
-            return tuple(vae.shape), uni_shape
-    raise ValueError(
-        f"no readable feature pair of {size} px patches under {features_root} "
-        f"(expected e.g. {npy_feature_paths(features_root, names[0])[0]})"
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         norm = norm_record(*recorded) if recorded is not None else {}  # carried over to the packed features
         for key, names in index.items():
             if names:
-                shapes[key] = expected_shapes(npy_root, names, key_size(key))
+                shapes[key] = npy_feature_shapes(npy_root, names, key_size(key))
                 write_packed_meta(
                     packed_root,
                     key,

@@ -28,28 +28,13 @@ from diffusion.data.features import (
     SampleError,
     load_npy,
     npy_feature_paths,
+    npy_feature_shapes,
     recorded_latent_norm,
 )
 from diffusion.data.index import default_index_file, key_size, read_index
 from diffusion.data.shards import SHARDS_DIRNAME, ShardWriter
-from diffusion.geometry import UNI_TILE, VAE_FACTOR, norm_record
+from diffusion.geometry import norm_record
 from tools.cli import add_failure_args, add_index_args
-
-
-def npy_shapes(features: Path, names: list[str], size: int) -> tuple[tuple, tuple]:
-    """(vae, uni) shapes of a key's npy features, from the first readable pair of the right latent size."""
-    g, lat = size // UNI_TILE, size // VAE_FACTOR
-    for name in names:
-        try:
-            vae, uni = (load_npy(p) for p in npy_feature_paths(features, name))
-        except SampleError:
-            continue
-        if vae.ndim == 3 and vae.shape[1:] == (lat, lat) and uni.size % (g * g) == 0:
-            return tuple(vae.shape), (g * g, uni.size // (g * g))
-    raise ValueError(
-        f"no readable feature pair of {size} px patches under {features} "
-        f"(expected e.g. {npy_feature_paths(features, names[0])[0]})"
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         size = sizes.pop()
         key, names = next((k, v) for k, v in index.items() if v)
         if args.format == "npy":
-            vae_shape, uni_shape = npy_shapes(features, names, size)
+            vae_shape, uni_shape = npy_feature_shapes(features, names, size)
         else:
             meta = PackedReader(features, key, len(names)).meta
             vae_shape, uni_shape = tuple(meta["vae_shape"]), tuple(meta["uni_shape"])

@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 
 from diffusion.atomic import atomic_path
-from diffusion.geometry import recorded_norm
+from diffusion.geometry import UNI_TILE, VAE_FACTOR, recorded_norm
 
 VAE_SUFFIX = "sd3_vae"
 UNI_SUFFIX = "uni"
@@ -389,3 +389,20 @@ class _OpenShard:
     uni: h5py.Dataset
     paths: list[str]
     valid: np.ndarray
+
+
+def npy_feature_shapes(features_root: Path, names: list[str], size: int) -> tuple[tuple, tuple]:
+    """(vae, uni) shapes of one index key's per-patch npy features, from the first readable pair of the right latent
+    size (the channel count and the UNI dim are the encoders' choice); the packing tools size their output by it."""
+    g, lat = size // UNI_TILE, size // VAE_FACTOR
+    for name in names:
+        try:
+            vae, uni = (load_npy(p) for p in npy_feature_paths(features_root, name))
+        except SampleError:
+            continue
+        if vae.ndim == 3 and vae.shape[1:] == (lat, lat) and uni.size == g * g * uni.shape[-1]:
+            return tuple(vae.shape), (g * g, uni.shape[-1])
+    raise ValueError(
+        f"no readable feature pair of {size} px patches under {features_root} "
+        f"(expected e.g. {npy_feature_paths(features_root, names[0])[0]})"
+    )
