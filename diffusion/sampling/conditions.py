@@ -16,7 +16,7 @@ into (gh/m) x (gw/m) crops, each one image: a 1024 px patch with its (16, 1536) 
 for PixCell-256 or one for PixCell-1024. Tokens are row-major over the tiles, as the published features are.
 
 Error messages name the parameters in backquotes (`n_images`); the command-line tools print them as their flags
-(tools/cli.py: FLAGS). Bad input: a path that does not exist, a file of the wrong shape, NaNs: one-line ValueError/FileNotFoundError at
+(diffusion/command.py: FLAGS). Bad input: a path that does not exist, a file of the wrong shape, NaNs: one-line ValueError/FileNotFoundError at
 once. Inside a long list (a missing or unreadable feature file, a truncated patch image), `load` raises
 `SampleError`, which the runner logs and counts as a skip (hard stop past a threshold).
 """

@@ -6,9 +6,9 @@ generator, the checkpoint manager and the checkpointed counters, restores them a
 run info; it returns a `Run`. `Run.loop` gives the `TrainLoop`, which owns the bookkeeping after each optimizer
 step (progress bar, tracker, log line, checkpoint on an interval and at the end) and the one stop protocol (a
 signal or the time limit, agreed over processes, checked at the top of each step: save and leave). `run_trainer`
-releases the lock and restores logging after a run; `tools.cli.run_cli` around it is the error-line entry point
+releases the lock and restores logging after a run; `diffusion.command.run_cli` around it is the error-line entry point
 of every trainer, as of every tool. A minimal trainer (the four real ones, `train_scripts/train_pixcell.py`,
-`train_scripts/train_controlnet.py`, `train_scripts/train_lora.py`, `virtual_staining/train_flow_mlp.py`, add
+`train_scripts/train_controlnet.py`, `train_scripts/train_lora.py`, `train_scripts/train_flow_mlp.py`, add
 validation, gradient accumulation and portable weights to the same lines):
 
     def main(args):
@@ -164,7 +164,7 @@ def launch(work_dir: Path, resume_from: str | None, mixed_precision: str = "no",
 
 
 def run_trainer(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """A trainer's run, inside the tools' one entry point (`tools.cli.run_cli`, which turns bad input into one
+    """A trainer's run, inside the tools' one entry point (`diffusion.command.run_cli`, which turns bad input into one
     `error:` line and exit status 2). Afterwards, however it ended, the work dir's lock is released and the logging
     set-up is as it was before (the run's log file closed): trainers are also run in-process, by tests, and must
     not log into each other's files or into a closed stream."""

@@ -30,7 +30,7 @@ INTERRUPT_STATUS = 130  # 128 + SIGINT: what a shell reports for a command stopp
 
 
 def interrupt_line(err: BaseException) -> str:
-    """The one line of a command stopped by Ctrl-C (every tool and trainer, through tools.cli.run_cli): what was
+    """The one line of a command stopped by Ctrl-C (every tool and trainer, through diffusion.command.run_cli): what was
     kept (the KeyboardInterrupt's message, when the code that stopped says), and how to continue."""
     kept = str(err) or "every file already written is whole"
     return f"interrupted (Ctrl-C): {kept}; run the same command again to continue"
