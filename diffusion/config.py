@@ -221,6 +221,8 @@ RESUME_CHANGEABLE = (
     # how the same run is laid out on other hardware (a sharded checkpoint loads on any sharding)
     "fsdp.strategy",
     "fsdp.reshard_after_forward",
+    # passed on to the restore, which refuses a change of the checkpoint format in one line of its own
+    "fsdp.enabled",
 )
 
 

@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 from tests.helpers.paths import REPO
+from tests.helpers.source import parse_file
 
 TESTS = REPO / "tests"
 # Only these stay at the top of tests/: the fixtures, this check, and repository-wide structure tests.
@@ -76,7 +77,7 @@ def test_no_test_module_imports_another():
     local = {p.stem for p in paths if p.parent.name != "helpers"} - {"conftest"}
     bad = []
     for path in paths:
-        for line, name in imported_modules(ast.parse(path.read_text(), str(path))):
+        for line, name in imported_modules(parse_file(path)):
             top = name.split(".")[0]
             shared = name == "tests.helpers" or name.startswith("tests.helpers.") or name == "conftest"
             if name.startswith(".") or (top == "tests" and not shared) or top in local:

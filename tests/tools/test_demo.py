@@ -95,5 +95,5 @@ def test_reduced_demo_writes_a_complete_report_and_reuses_its_stages(tmp_path, r
     start = time.perf_counter()
     assert demo(["--out", str(out), *REDUCED]) == 0
     rerun = capsys.readouterr().out
-    assert rerun.count("reused") == 13  # every stage, none recomputed
+    assert rerun.count("reused") == 14  # every stage (quality included), none recomputed
     assert time.perf_counter() - start < 60

@@ -10,6 +10,7 @@ import pytest
 from diffusion.command import FLAGS, flag_names, run_cli
 from diffusion.sampling.conditions import IndexSource, RegionSource
 from tests.helpers.paths import REPO
+from tests.helpers.source import parse_file
 
 
 # The demo's own helper modules (report, stand-in training, the slide download) are parts of the one demo tool.
@@ -37,7 +38,7 @@ def test_library_errors_name_parameters_and_tools_print_flags(tmp_path, capsys):
 
 def test_library_sampling_messages_name_no_flags():
     for path in (REPO / "diffusion" / "sampling").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(parse_file(path)):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
                 assert " --" not in node.value and not node.value.startswith("--"), (
                     f"{path.name}: {node.value!r}"
@@ -46,7 +47,7 @@ def test_library_sampling_messages_name_no_flags():
 
 def imported_tools(path: Path) -> set[str]:
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(parse_file(path)):
         if isinstance(node, ast.ImportFrom) and node.module == "tools":
             out |= {f"tools.{a.name}" for a in node.names}
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tools."):
