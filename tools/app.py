@@ -654,7 +654,7 @@ def variants_tab(ctx: AppContext) -> None:
     sampler.change(lambda s: DEFAULT_STEPS[s], sampler, steps, api_name=False, concurrency_limit=None)
 
     def run(
-        reference: np.ndarray | None,
+        reference: str | None,  # the file path of the chosen reference (gr.Image type filepath)
         source: str | None,
         n: float,
         sampler: str,
@@ -697,7 +697,7 @@ def staining_tab(ctx: AppContext) -> None:
             files = gr.File(label="Download", file_count="multiple", elem_id="stain-files")
 
     def run(
-        reference: np.ndarray | None,
+        reference: str | None,  # the file path of the chosen reference (gr.Image type filepath)
         source: str | None,
         target: str,
         steps: float,
