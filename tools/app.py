@@ -374,16 +374,37 @@ def generate_variants(
     steps: float,
     guidance: float,
     seed: float,
+    strength: float = 1.0,
+    mask: str | None = None,
 ) -> tuple[list[tuple[str, str]], list[str], str]:
-    """The Generate button: -> (gallery items (file, caption), download files, status)."""
+    """The Generate button: -> (gallery items (file, caption), download files, status). `strength` below 1
+    starts every variant from the noised reference (img2img, SDEdit); a `mask` file redraws only its white part
+    (inpainting; resized to the reference with nearest neighbours)."""
     if not reference:
         return [], [], "Pick a tile on the slide or upload an H&E patch first."
     try:
         n, steps, seed = int(n), int(steps), int(seed)
         check_guidance(guidance)
         ref = read_reference(reference, ctx.size, source or Path(reference).name)
+        keep = None
+        if mask:
+            try:
+                keep = Image.open(mask).convert("L").resize((ctx.size, ctx.size), Image.NEAREST)
+            except (OSError, Image.DecompressionBombError) as err:
+                raise ValueError(f"mask: not a readable image ({err})") from None
         with run_clock() as clock:
-            out = make_variants(ctx.pipe, ctx.uni, ref.image, n, sampler, steps, float(guidance), seed)
+            out = make_variants(
+                ctx.pipe,
+                ctx.uni,
+                ref.image,
+                n,
+                sampler,
+                steps,
+                float(guidance),
+                seed,
+                strength=float(strength),
+                mask=None if keep is None else np.asarray(keep),
+            )
     except ValueError as err:
         return [], [], problem(err)
     settings = {
@@ -393,6 +414,8 @@ def generate_variants(
         "sampler": out.sampler,
         "steps": out.steps,
         "guidance": out.guidance,
+        "strength": float(strength),
+        "inpainting_mask": bool(mask),
         "dtype": ctx.dtype,
         "device": ctx.device,
     }
@@ -637,6 +660,21 @@ def variants_tab(ctx: AppContext) -> None:
             seed = gr.Number(
                 ctx.seed, precision=0, label="Seed (variant i: seed + i)", elem_id="variants-seed"
             )
+            strength = gr.Slider(
+                0.05,
+                1,
+                value=1,
+                step=0.05,
+                label="Strength: 1 = from noise; lower keeps the reference's layout (img2img, SDEdit)",
+                elem_id="variants-strength",
+            )
+            mask = gr.Image(
+                type="filepath",
+                image_mode="L",
+                label="Inpainting mask (optional): white is redrawn, black keeps the reference",
+                elem_id="variants-mask",
+                height=160,
+            )
             button = gr.Button("Generate variants", variant="primary", elem_id="variants-generate")
             status.render()
     gallery = gr.Gallery(
@@ -661,15 +699,17 @@ def variants_tab(ctx: AppContext) -> None:
         steps: float,
         guidance: float,
         seed: float,
+        strength: float = 1.0,
+        mask: str | None = None,  # the file path of an uploaded mask
         progress: gr.Progress = gr.Progress(track_tqdm=True),
     ) -> tuple:
         # progress: Gradio shows the sampler's tqdm bar ("denoising k/steps") on the outputs
-        return generate_variants(ctx, reference, source, n, sampler, steps, guidance, seed)
+        return generate_variants(ctx, reference, source, n, sampler, steps, guidance, seed, strength, mask)
 
     on_model_run(
         button,
         run,
-        [reference, source, n, sampler, steps, guidance, seed],
+        [reference, source, n, sampler, steps, guidance, seed, strength, mask],
         [gallery, files, status],
         "generate",
     )

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from torch import Tensor
 
 from ..data.slides import TilingParams, open_slide, plan_slide, read_rgb, slide_mpp
 from ..encoders import UNIEncoder, to_uint8
@@ -195,6 +196,14 @@ def embed_reference(uni: UNIEncoder, images: torch.Tensor, size: int) -> torch.T
 
 
 @torch.no_grad()
+def _at_model_size(image: np.ndarray, px: int) -> Tensor:
+    """(S, S, C) uint8 -> (1, C, px, px) float in [0, 1]."""
+    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255
+    if pixels.shape[-1] != px:
+        pixels = F.interpolate(pixels, size=(px, px), mode="bilinear", antialias=True)
+    return pixels
+
+
 def make_variants(
     pipe: PixCellPipeline,
     uni: UNIEncoder,
@@ -205,8 +214,13 @@ def make_variants(
     guidance: float | None = None,  # None: the published default for the model (2.0 at 256 px, 1.2 at 1024)
     seed: int = 0,
     progress: bool = True,
+    strength: float = 1.0,  # img2img (SDEdit): below 1, each variant starts from the noised reference
+    mask: np.ndarray | None = None,  # inpainting: (S, S) uint8, 255 = redraw, 0 = keep the reference
 ) -> Variants:
-    """Sample `n` variants of `reference` conditioned on its UNI tokens; variant i has seed `seed + i`.
+    """Sample `n` variants of `reference` conditioned on its UNI tokens; variant i has seed `seed + i`. With
+    `strength` below 1 the variants start from the reference itself, noised to that fraction of the schedule
+    (SDEdit), so they keep its layout and redraw its detail. With a `mask` only its white part is redrawn and
+    the rest is the reference's own pixels (inpainting, blended at the border).
 
     Switches the pipeline's sampler when another is asked for (callers that share one pipeline run one
     request at a time: the app's queue does).
@@ -220,6 +234,8 @@ def make_variants(
         raise ValueError(f"n: expected at least 1 variant, got {n}")
     if steps is not None and steps < 1:
         raise ValueError(f"steps: expected >= 1, got {steps}")
+    if not 0 < strength <= 1:  # NaN fails too
+        raise ValueError(f"strength: expected 0 < strength <= 1, got {strength}")
     if sampler_name(pipe.scheduler) != sampler:
         pipe.set_sampler(sampler)
     options = resolve_sampling(sampler, steps, guidance, pipe.transformer.config.caption_num_tokens)
@@ -227,6 +243,18 @@ def make_variants(
     seeds = [seed + i for i in range(n)]
     cfg = pipe.transformer.config
     noise, gens = initial_noise(seeds, (cfg.in_channels, cfg.sample_size, cfg.sample_size))
+    edit: dict = {}
+    if mask is not None and mask.shape != (size, size):
+        raise ValueError(f"mask: expected a ({size}, {size}) image like the reference, got {mask.shape}")
+    if (
+        strength < 1 or mask is not None
+    ):  # at the model's image size (the tiny test models make smaller images)
+        edit = {
+            "image": _at_model_size(reference, pipe.image_size).expand(n, -1, -1, -1),
+            "strength": strength,
+        }
+    if mask is not None:
+        edit["mask_image"] = _at_model_size(mask[..., None], pipe.image_size).expand(n, -1, -1, -1)
     images = pipe(
         tokens.expand(n, -1, -1).cpu(),
         options=options,
@@ -234,6 +262,7 @@ def make_variants(
         latents=noise,
         output_type="pt",
         progress=progress,
+        **edit,
     ).images  # (N, 3, s, s) in [0, 1]
     syn = embed_reference(uni, images, size).cpu().numpy()  # (N, T, C)
     ref = tokens[0].cpu().numpy()

@@ -225,7 +225,7 @@ def read_variant(path: str) -> tuple[np.ndarray, dict]:
         return np.asarray(im.convert("RGB")), json.loads(im.text["pixcell"])
 
 
-def test_api_variants_seeds_cosine_and_downloads(client, files):
+def test_api_variants_seeds_cosine_and_downloads(client, files, tmp_path):
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 
@@ -260,6 +260,34 @@ def test_api_variants_seeds_cosine_and_downloads(client, files):
     )
     again, _ = read_variant(downloads[0])
     assert np.abs(again.astype(int) - images[1].astype(int)).max() <= 1
+    assert settings["strength"] == 1.0  # from noise, unless the strength slider says otherwise
+    # img2img: the same seed from the noised reference at strength 0.3, recorded in the settings
+    _, downloads, status = client.predict(
+        tile, "upload: tile.png", 1, "dpm-solver", 4, 2.0, 6, 0.3, api_name="/generate"
+    )
+    assert "1 variant(s)" in status and json.loads(Path(downloads[-1]).read_text())["strength"] == 0.3
+    assert not np.array_equal(read_variant(downloads[0])[0], again)
+    # inpainting: a mask whose left half is black keeps the reference there (256 px model: the tile itself)
+    half = np.zeros((256, 256), np.uint8)
+    half[:, 128:] = 255
+    Image.fromarray(half).save(tmp_path / "mask.png")
+    _, downloads, status = client.predict(
+        tile,
+        "upload: tile.png",
+        1,
+        "dpm-solver",
+        4,
+        2.0,
+        6,
+        1.0,
+        handle_file(str(tmp_path / "mask.png")),
+        api_name="/generate",
+    )
+    painted, _ = read_variant(downloads[0])
+    reference = np.asarray(Image.open(files["tile"]).convert("RGB"))
+    assert json.loads(Path(downloads[-1]).read_text())["inpainting_mask"] is True
+    assert np.abs(painted[:, :64].astype(int) - reference[:, :64]).max() <= 2  # kept, away from the border
+    assert np.abs(painted[:, 192:].astype(int) - reference[:, 192:]).mean() > 5  # redrawn
     # the sampler and guidance controls reach the sampler (and the settings record them)
     _, downloads, _ = client.predict(tile, "", 1, "ddim", 4, 0.0, 6, api_name="/generate")
     other, meta = read_variant(downloads[0])

@@ -138,3 +138,56 @@ def test_variants_of_a_1024_px_reference_use_its_16_tiles(parts, tiny_vae_dir):
     assert out.reference_tokens.shape == (16, C) and out.guidance == 1.2  # the published default at T = 16
     syn = embed_reference(uni, torch.from_numpy(out.images[0]).permute(2, 0, 1)[None], 1024)[0].numpy()
     assert np.isclose(out.cosine[0], paired_cosine(out.reference_tokens, syn).mean(), atol=2e-3)
+
+
+def test_variants_with_a_low_strength_keep_the_reference(parts):
+    """img2img (SDEdit): the lower the strength, the closer the variants stay to the reference's VAE round trip
+    (the same seeds at 0.1, 0.5 and 1, where 1 is drawn from noise); the strength is range-checked."""
+    from diffusion.encoders import decode_latents, encode_posterior, latents_to_model
+
+    pipe, uni = parts
+    ref = tissue(256, 256, seed=5)
+    pixels = torch.nn.functional.interpolate(
+        torch.from_numpy(ref).permute(2, 0, 1)[None].float() / 255,
+        size=(pipe.image_size,) * 2,
+        mode="bilinear",
+        antialias=True,
+    )
+    with torch.no_grad():
+        z = latents_to_model(encode_posterior(pipe.vae, pixels)[0], pipe.vae)
+        recon = decode_latents(pipe.vae, z)[0].permute(1, 2, 0).numpy() * 255
+
+    def distance(out: object) -> float:
+        return float(np.mean([np.abs(im.astype(float) - recon).mean() for im in out.images]))
+
+    d = {
+        s: distance(make_variants(pipe, uni, ref, n=2, steps=10, seed=3, progress=False, strength=s))
+        for s in (0.1, 0.5, 1.0)
+    }
+    # the tiny model's predictions are random, so even a short denoise moves far: only the ordering is its own
+    assert d[0.1] < d[0.5] < d[1.0] and d[0.1] < 0.8 * d[1.0]
+    kept = make_variants(pipe, uni, ref, n=2, steps=10, seed=3, progress=False, strength=0.1)
+    assert not np.array_equal(kept.images[0], kept.images[1])  # each variant still has its own noise
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="strength: expected 0 < strength <= 1"):
+            make_variants(pipe, uni, ref, n=1, steps=2, progress=False, strength=bad)
+
+
+def test_variants_with_a_mask_redraw_only_its_white_part(parts):
+    """Inpainting: outside the mask (left half black) every variant shows the reference's own pixels at the
+    model's size; inside (right half white) it is redrawn; a mask of another size is one line."""
+    pipe, uni = parts
+    ref = tissue(256, 256, seed=6)
+    mask = np.zeros((256, 256), np.uint8)
+    mask[:, 128:] = 255
+    out = make_variants(pipe, uni, ref, n=2, steps=4, seed=1, progress=False, mask=mask)
+    small = torch.nn.functional.interpolate(
+        torch.from_numpy(ref).permute(2, 0, 1)[None].float(), size=(64, 64), mode="bilinear", antialias=True
+    )[0].permute(1, 2, 0)
+    for image in out.images:
+        # the border is blended over the mask's feather (2 latent px each side: 16 px of these 64): look past it
+        kept = np.abs(image[:, :12].astype(float) - small[:, :12].numpy())
+        redrawn = np.abs(image[:, 52:].astype(float) - small[:, 52:].numpy())
+        assert kept.max() <= 2 and redrawn.mean() > 10 * max(kept.mean(), 0.1)
+    with pytest.raises(ValueError, match=r"mask: expected a \(256, 256\) image"):
+        make_variants(pipe, uni, ref, n=1, steps=2, progress=False, mask=mask[:128])
