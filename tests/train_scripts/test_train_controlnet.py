@@ -106,8 +106,9 @@ def test_exact_resume(tmp_path, straight_run, setup):
 
 def test_two_processes(tmp_path, setup):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    # the launcher as a module of this interpreter: no console script (whose shebang names one venv path)
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd = [*accelerate, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, *args(setup, tmp_path, "max_steps=2")]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -168,8 +168,9 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes_exactly(
 
 def test_two_processes_make_the_same_number_of_steps(tmp_path, real_features):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    # the launcher as a module of this interpreter: no console script (whose shebang names one venv path)
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd = [*accelerate, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, TINY, "--work-dir", str(tmp_path),
            "--data-root", str(real_features), "--report-to", "none", "--cfg-options", "max_steps=3"]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -32,13 +32,13 @@ def free_port() -> int:
 
 
 def start_nodes(work: Path, data: Path, port: int, steps: int) -> list[subprocess.Popen]:
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    # the launcher as a module of this interpreter: no console script (whose shebang names one venv path)
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     nodes = []
     for rank in (0, 1):
         cmd = [
-            accelerate,
-            "launch",
+            *accelerate,
             "--multi_gpu",
             "--num_machines",
             "2",

@@ -81,8 +81,18 @@ def runs(tmp_path_factory, real_features) -> Path:
     # A one-process run of the same global batch (4), for the 1 -> 2 reshard.
     assert train(out / "one", real_features, "fsdp.enabled=True", "train_batch_size=4", "max_steps=10") == 0
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    cmd = [torchrun, "--nproc_per_node", "2", DRIVER, str(real_features), str(out), str(out / "one")]
+    # torchrun as a module of this interpreter: no console script (whose shebang names one venv path)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        DRIVER,
+        str(real_features),
+        str(out),
+        str(out / "one"),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
